@@ -1,0 +1,239 @@
+"""``diffsim trace``: generate workload traces, describe them, and convert between formats.
+
+    diffsim trace poisson --rate 9 --duration 60 --seed 1 --out static.csv
+    diffsim trace gamma   --rate 9 --cv 3 --duration 60 --seed 1 --out bursty.csv
+    diffsim trace shape   --builtin diurnal --lo 12 --hi 32 --intervals 360 --seed 0 --out dynamic.csv
+    diffsim trace shape   --rates azure_hourly.txt --start 24 --intervals 120 --lo 4 --hi 30 --out az.csv
+    diffsim trace info    traces/dynamic.csv
+    diffsim trace convert artifact_trace.csv --out mine.csv --format diffsim
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from ..errors import DiffsimError
+
+WINDOWS_S = (1.0, 10.0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (np.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (np.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number >= 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of numpy.random.default_rng (default 0)")
+    p.add_argument(
+        "--prompt-ids",
+        nargs=2,
+        type=_nonnegative_int,
+        default=(1, 4999),
+        metavar=("FIRST", "LAST"),
+        help="prompt ids are drawn uniformly from FIRST..LAST inclusive (default 1 4999, as in the artifact)",
+    )
+    p.add_argument("--out", required=True, help="trace file to write")
+    p.add_argument(
+        "--format",
+        choices=("diffsim", "artifact"),
+        default="diffsim",
+        help="diffsim: header + arrival_s in seconds (default); artifact: arrival_ms,prompt_id lines",
+    )
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "trace",
+        help="generate, describe and convert workload traces",
+        description="Generate seeded workload traces, describe a trace, or convert between the artifact's "
+        "format and diffsim's. Formats: traces/README.md.",
+    )
+    sub = p.add_subparsers(dest="trace_command", metavar="ACTION", required=True)
+
+    g = sub.add_parser("poisson", help="constant-rate Poisson arrivals")
+    g.add_argument("--rate", type=_positive_float, required=True, help="mean arrival rate, queries per second")
+    g.add_argument("--duration", type=_positive_float, required=True, help="trace length, seconds")
+    _output_options(g)
+
+    g = sub.add_parser("gamma", help="bursty arrivals: Gamma inter-arrival times with a given cv")
+    g.add_argument("--rate", type=_positive_float, required=True, help="mean arrival rate, queries per second")
+    g.add_argument(
+        "--cv", type=_nonnegative_float, required=True, help="coefficient of variation of the gaps (1 = Poisson)"
+    )
+    g.add_argument("--duration", type=_positive_float, required=True, help="trace length, seconds")
+    _output_options(g)
+
+    g = sub.add_parser("shape", help="arrivals following a rate curve min-max scaled to [lo, hi] qps")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--builtin", help="a built-in curve: diurnal, ramp or step")
+    src.add_argument("--rates", metavar="FILE", help="a rate curve: one number per line, or a CSV column")
+    g.add_argument("--column", help="with --rates: the CSV column, by header name or 1-based number")
+    g.add_argument(
+        "--start", type=_nonnegative_int, default=0, help="with --rates: first interval of the file to use (0-based)"
+    )
+    g.add_argument(
+        "--intervals",
+        type=_positive_int,
+        help="number of intervals: the built-in curve is sampled at this many points (default 360); "
+        "with --rates, how many of the file's intervals to use from --start (default: all)",
+    )
+    g.add_argument("--interval-s", type=_positive_float, default=1.0, help="seconds per interval (default 1)")
+    g.add_argument("--lo", type=_nonnegative_float, required=True, help="rate of the curve's minimum, qps")
+    g.add_argument("--hi", type=_nonnegative_float, required=True, help="rate of the curve's maximum, qps")
+    _output_options(g)
+
+    g = sub.add_parser("info", help="count, duration, mean and peak rates, prompt-id range")
+    g.add_argument("file", help="trace file (a path, or the name of a shipped trace such as dynamic.csv)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    g = sub.add_parser("convert", help="rewrite a trace in the other format")
+    g.add_argument("file", help="trace file to read (either format)")
+    g.add_argument("--out", required=True, help="trace file to write")
+    g.add_argument(
+        "--format", choices=("diffsim", "artifact"), default="diffsim", help="output format (default diffsim)"
+    )
+    g.add_argument(
+        "--drop-prompts",
+        action="store_true",
+        help="allow writing the artifact format from a trace with prompt texts or seeds (they are left out)",
+    )
+
+
+def _shape_rates(args) -> np.ndarray:
+    from ..traces import builtin_shape, read_rates
+
+    if args.builtin is not None:
+        if args.column is not None or args.start:
+            raise DiffsimError("--column and --start apply to --rates FILE, not to --builtin")
+        return builtin_shape(args.builtin, args.intervals or 360)
+    rates = read_rates(args.rates, column=args.column)
+    stop = len(rates) if args.intervals is None else args.start + args.intervals
+    if args.start >= len(rates) or stop > len(rates):
+        raise DiffsimError(
+            f"{args.rates}: has {len(rates)} intervals; --start {args.start} --intervals "
+            f"{args.intervals or len(rates) - args.start} asks for intervals {args.start}..{stop - 1}"
+        )
+    return rates[args.start : stop]
+
+
+def _generate(args):
+    from ..traces import gamma_trace, poisson_trace, shape_trace
+
+    ids = tuple(args.prompt_ids)
+    if args.trace_command == "poisson":
+        return poisson_trace(args.rate, args.duration, seed=args.seed, prompt_ids=ids)
+    if args.trace_command == "gamma":
+        return gamma_trace(args.rate, args.cv, args.duration, seed=args.seed, prompt_ids=ids)
+    if args.lo > args.hi:
+        raise DiffsimError(f"--lo {args.lo:g} is above --hi {args.hi:g}")
+    return shape_trace(_shape_rates(args), args.lo, args.hi, interval_s=args.interval_s, seed=args.seed, prompt_ids=ids)
+
+
+def describe(trace) -> dict:
+    """The figures ``diffsim trace info`` prints."""
+    from ..traces import window_counts
+
+    info = {
+        "source": trace.source,
+        "requests": len(trace),
+        "duration_s": round(trace.duration_s, 6),
+        "mean_rate_qps": round(trace.mean_rate_qps, 4),
+        "has_prompts": trace.prompt is not None,
+        "has_seeds": trace.seed is not None,
+        "prompt_id_min": int(trace.prompt_id.min()),
+        "prompt_id_max": int(trace.prompt_id.max()),
+        "distinct_prompt_ids": int(len(np.unique(trace.prompt_id))),
+    }
+    for w in WINDOWS_S:
+        counts = window_counts(trace, w)
+        info[f"windows_{w:g}s"] = {
+            "mean_qps": round(float(counts.mean()) / w, 4),
+            "peak_qps": round(float(counts.max()) / w, 4),
+            "min_qps": round(float(counts.min()) / w, 4),
+        }
+    return info
+
+
+def _print_info(info: dict) -> None:
+    print(f"trace        {info['source']}")
+    print(f"requests     {info['requests']}")
+    print(f"duration     {info['duration_s']:.3f} s (time of the last arrival)")
+    print(f"mean rate    {info['mean_rate_qps']:.3f} qps")
+    for w in WINDOWS_S:
+        win = info[f"windows_{w:g}s"]
+        print(
+            f"{w:g} s windows".ljust(13)
+            + f"mean {win['mean_qps']:.3f} qps, peak {win['peak_qps']:.3f} qps, min {win['min_qps']:.3f} qps"
+        )
+    print(
+        f"prompt ids   {info['prompt_id_min']}..{info['prompt_id_max']} "
+        f"({info['distinct_prompt_ids']} distinct)"
+    )
+    yes_no = {True: "yes", False: "no"}
+    print(f"columns      prompt texts: {yes_no[info['has_prompts']]}, seeds: {yes_no[info['has_seeds']]}")
+
+
+def run(args) -> int:
+    from ..resources import resolve_trace
+    from ..traces import read_trace, write_trace
+
+    if args.trace_command in ("info", "convert"):
+        trace = read_trace(resolve_trace(args.file))
+        if args.trace_command == "info":
+            info = describe(trace)
+            if args.json:
+                print(json.dumps(info, indent=2))
+            else:
+                _print_info(info)
+            return 0
+        write_trace(trace, args.out, args.format, drop_extra=args.drop_prompts)
+        print(f"wrote {len(trace)} requests in the {args.format} format to {args.out}")
+        return 0
+
+    trace = _generate(args)
+    if not len(trace):
+        raise DiffsimError("the generated trace has no requests; raise the rate or the duration")
+    write_trace(trace, args.out, args.format)
+    print(
+        f"wrote {len(trace)} requests over {trace.duration_s:.1f} s "
+        f"(mean {trace.mean_rate_qps:.2f} qps) to {args.out}"
+    )
+    return 0
