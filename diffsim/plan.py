@@ -43,7 +43,7 @@ class Plan:
     feasible: bool
     reason: str = ""
     objective: str = "quality"
-    solve_ms: float = 0.0
+    solve_ms: float = field(default=0.0, compare=False)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property

@@ -1,0 +1,371 @@
+"""The MILP allocator: how many GPUs run each model, at which batch size, with which threshold.
+
+Solved with ``scipy.optimize.milp`` (HiGHS). The formulation, for the default ``cascade`` mode:
+
+Variables
+    ``y[s,b]``  binary, stage s (light/heavy) runs batch size b;
+    ``x[s,b]``  integer workers of stage s at batch size b (0 unless ``y[s,b]``);
+    ``z[k]``    binary, threshold candidate k is chosen.
+Constraints
+    one threshold:              sum_k z[k] = 1
+    one batch size per stage:   sum_b y[L,b] = 1;  sum_b y[H,b] <= 1, and >= sum of z[k] whose f(t_k) > 0
+    workers only where chosen:  y[s,b] <= x[s,b] <= M[s,b] * y[s,b]
+    GPUs:                       sum x <= G
+    light capacity:             sum_b cap[L,b] * x[L,b] >= D
+    heavy capacity:             sum_b cap[H,b] * x[H,b] >= D * sum_k f(t_k) z[k]
+    latency (SLO):              sum_b (lat[L,b] + qL) y[L,b] + sum_b (lat[H,b] + qH) y[H,b] <= SLO
+where ``cap[s,b] = b / lat[s,b]`` is one worker's throughput at batch b. Because each (stage, batch) pair
+has its own integer worker count, total capacity ``sum cap * x`` is linear and exact: there is no
+product of two variables and nothing is approximated. Light latency includes the discriminator.
+
+The objective is lexicographic — primary objective, then fewer GPUs, then lower latency — encoded exactly
+as ``rank[k] * (G + 2) + sum x + latency / L``: candidates are replaced by the integer rank of their
+primary value (``quality``: expected FID of the mix, ``FID(1 - f(t))``; ``max-threshold``: -t), GPUs are
+integers below ``G + 2`` and the normalised latency lies in [0, 1). Thresholds with equal f(t) are
+merged first (the lowest t for ``quality``, the highest for ``max-threshold``) so every rank is unique
+and the answer is fully determined.
+
+``split`` mode (Proteus, query-agnostic) uses the same model with a heavy *share* p instead of f(t):
+light capacity >= D (1 - p), heavy capacity >= D p, no discriminator, and each path alone must meet the
+SLO. ``light-only`` and ``heavy-only`` are split mode with p fixed at 0 or 1 (the Clipper baselines).
+
+When nothing meets the constraints the allocator does not raise: it returns the best-effort plan (all
+GPUs on the light model, threshold 0, the batch size of most throughput) with ``feasible=False`` and
+the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from .errors import DiffsimError
+from .plan import Plan, StagePlan
+from .profiles import Cascade
+
+Objective = Literal["quality", "max-threshold"]
+Mode = Literal["cascade", "split", "light-only", "heavy-only"]
+
+OBJECTIVES = ("quality", "max-threshold")
+MODES = ("cascade", "split", "light-only", "heavy-only")
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+DEFAULT_THRESHOLDS = tuple(round(i * 0.005, 3) for i in range(201))
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """Feasible batch sizes of one stage with their latency (s, queueing delay included) and capacity."""
+
+    batch_sizes: tuple[int, ...]
+    latency_s: tuple[float, ...]  # batch time only
+    path_s: tuple[float, ...]  # batch time + queueing delay
+    capacity: tuple[float, ...]  # per worker, queries/s
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    key: float  # threshold t (cascade) or heavy share p (split)
+    heavy_fraction: float  # fraction of demand that reaches the heavy stage
+    light_fraction: float  # fraction of demand that reaches the light stage
+    fid: float
+
+
+def allocate(
+    cascade: Cascade,
+    gpus: int,
+    demand_qps: float,
+    *,
+    queue_delay_s: tuple[float, float] = (0.0, 0.0),
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    thresholds: Optional[Sequence[float]] = None,
+    objective: Objective = "quality",
+    mode: Mode = "cascade",
+) -> Plan:
+    """Solve for the best plan; see the module docstring for the model."""
+    started = time.perf_counter()
+    _check_inputs(gpus, demand_qps, queue_delay_s, batch_sizes, objective, mode)
+    grid = tuple(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
+    if not grid or any(not 0 <= t <= 1 for t in grid):
+        raise DiffsimError("thresholds must be a non-empty list of values in [0, 1]")
+    q_light, q_heavy = queue_delay_s
+    use_disc = mode == "cascade"
+    light = _stage(cascade, "light", batch_sizes, q_light, use_disc)
+    heavy = _stage(cascade, "heavy", batch_sizes, q_heavy, False)
+    candidates = _candidates(cascade, grid, objective, mode)
+
+    plan = _solve(cascade, gpus, demand_qps, light, heavy, candidates, mode, objective, queue_delay_s)
+    if plan is None:
+        plan = _best_effort(cascade, gpus, demand_qps, light, heavy, candidates, mode, objective, queue_delay_s)
+    elapsed = (time.perf_counter() - started) * 1e3
+    return _with_solve_ms(plan, elapsed)
+
+
+def _check_inputs(gpus, demand_qps, queue_delay_s, batch_sizes, objective, mode) -> None:
+    if not isinstance(gpus, (int, np.integer)) or gpus < 0:
+        raise DiffsimError(f"gpus must be a non-negative integer, got {gpus!r}")
+    if not math.isfinite(demand_qps) or demand_qps < 0:
+        raise DiffsimError(f"demand must be a finite number >= 0 queries/s, got {demand_qps!r}")
+    if len(queue_delay_s) != 2 or any(not math.isfinite(q) or q < 0 for q in queue_delay_s):
+        raise DiffsimError(f"queue delays must be two numbers >= 0 seconds (light, heavy), got {queue_delay_s!r}")
+    if not batch_sizes or any(int(b) != b or b < 1 for b in batch_sizes):
+        raise DiffsimError(f"batch sizes must be integers >= 1, got {list(batch_sizes)!r}")
+    if objective not in OBJECTIVES:
+        raise DiffsimError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
+    if mode not in MODES:
+        raise DiffsimError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+
+
+def _stage(cascade: Cascade, role: str, batch_sizes, queue_delay: float, with_discriminator: bool) -> _Stage:
+    table = cascade.light if role == "light" else cascade.heavy
+    sizes, lats, paths, caps = [], [], [], []
+    for b in sorted(set(int(b) for b in batch_sizes)):
+        ms = table.latency_ms(b)
+        if ms is None:
+            continue
+        if with_discriminator:
+            d = cascade.discriminator.latency_ms(b)
+            if d is None:
+                continue
+            ms += d
+        lat = ms / 1e3
+        sizes.append(b)
+        lats.append(lat)
+        paths.append(lat + queue_delay)
+        caps.append(b / lat)
+    return _Stage(tuple(sizes), tuple(lats), tuple(paths), tuple(caps))
+
+
+def _candidates(cascade: Cascade, grid, objective: str, mode: str) -> list[_Candidate]:
+    """Threshold (or share) candidates, merged where they are indistinguishable, ordered best first."""
+    if mode == "cascade":
+        raw = [(t, cascade.deferral(t), 1.0, cascade.fid(1.0 - cascade.deferral(t))) for t in grid]
+    else:
+        shares = {"split": grid, "light-only": (0.0,), "heavy-only": (1.0,)}[mode]
+        raw = [(p, p, 1.0 - p, cascade.random_mix_fid(1.0 - p)) for p in shares]
+    # Merge candidates with the same heavy fraction: they need the same resources and give the same quality.
+    merged: dict[float, tuple] = {}
+    for key, h, l, fid in sorted(raw):
+        h = round(h, 12)
+        if h not in merged or objective == "max-threshold":
+            merged[h] = (key, h, l, fid)  # quality keeps the lowest key, max-threshold the highest
+    cands = [_Candidate(key, h, l, fid) for key, h, l, fid in merged.values()]
+    if objective == "quality":
+        cands.sort(key=lambda c: (round(c.fid, 9), c.heavy_fraction, c.key))
+    else:
+        cands.sort(key=lambda c: -c.key)
+    # A candidate ranked below another that sends no more traffic to either stage can never be chosen:
+    # whenever it is feasible, the better-ranked one is too. Keep only the frontier (exact, not a heuristic).
+    frontier: list[_Candidate] = []
+    for c in cands:
+        if all(c.heavy_fraction < f.heavy_fraction or c.light_fraction < f.light_fraction for f in frontier):
+            frontier.append(c)
+    return frontier
+
+
+def _solve(cascade, gpus, demand, light, heavy, cands, mode, objective, queue_delay_s) -> Optional[Plan]:
+    slo = cascade.slo_s
+    coupled = mode == "cascade"  # in cascade mode a deferred query pays both stages' latency
+    # Batch sizes that can meet the SLO at all.
+    light_ok = [i for i, p in enumerate(light.path_s) if p <= slo]
+    if coupled:
+        min_light = min((light.path_s[i] for i in light_ok), default=math.inf)
+        heavy_ok = [i for i, p in enumerate(heavy.path_s) if p + min_light <= slo]
+    else:
+        heavy_ok = [i for i, p in enumerate(heavy.path_s) if p <= slo]
+    if gpus == 0:
+        return None
+    # Candidates whose demand on a stage can never be met are dropped up front (keeps the MILP small).
+    max_light_cap = max((light.capacity[i] for i in light_ok), default=0.0) * gpus
+    max_heavy_cap = max((heavy.capacity[i] for i in heavy_ok), default=0.0) * gpus
+    eps = 1e-9
+    cands = [
+        c
+        for c in cands
+        if demand * c.light_fraction <= max_light_cap + eps
+        and demand * c.heavy_fraction <= max_heavy_cap + eps
+        and (c.light_fraction == 0 or light_ok)
+        and (c.heavy_fraction == 0 or heavy_ok)
+    ]
+    if not cands:
+        return None
+    max_lf = max(c.light_fraction for c in cands)
+    max_hf = max(c.heavy_fraction for c in cands)
+
+    def bound(stage: _Stage, i: int, frac: float) -> int:
+        need = math.ceil(demand * frac / stage.capacity[i] - 1e-9) if frac > 0 else 0
+        return max(1, min(gpus, need))
+
+    nl, nh, nk = len(light_ok), len(heavy_ok), len(cands)
+    # Variable layout: [yL (nl), xL (nl), yH (nh), xH (nh), z (nk)]
+    iyL, ixL, iyH, ixH, iz = 0, nl, 2 * nl, 2 * nl + nh, 2 * nl + 2 * nh
+    n = iz + nk
+    lb = np.zeros(n)
+    ub = np.ones(n)
+    for j, i in enumerate(light_ok):
+        ub[ixL + j] = bound(light, i, max_lf)
+    for j, i in enumerate(heavy_ok):
+        ub[ixH + j] = bound(heavy, i, max_hf)
+    integrality = np.ones(n)
+
+    rows, lo, hi = [], [], []
+
+    def add(coeffs: dict[int, float], low: float, high: float) -> None:
+        row = np.zeros(n)
+        for k, v in coeffs.items():
+            row[k] += v
+        rows.append(row)
+        lo.append(low)
+        hi.append(high)
+
+    add({iz + k: 1.0 for k in range(nk)}, 1, 1)
+    # Stage used iff its batch binary is set; it is needed iff the chosen candidate sends it traffic.
+    light_needed = {iz + k: -1.0 for k, c in enumerate(cands) if c.light_fraction > 0}
+    heavy_needed = {iz + k: -1.0 for k, c in enumerate(cands) if c.heavy_fraction > 0}
+    add({**{iyL + j: 1.0 for j in range(nl)}, **light_needed}, 0, 0 if not coupled else np.inf)
+    add({iyL + j: 1.0 for j in range(nl)}, 0 if not coupled else 1, 1)
+    add({**{iyH + j: 1.0 for j in range(nh)}, **heavy_needed}, 0, np.inf)
+    add({iyH + j: 1.0 for j in range(nh)}, 0, 1)
+    for j in range(nl):
+        add({ixL + j: 1.0, iyL + j: -1.0}, 0, np.inf)
+        add({ixL + j: 1.0, iyL + j: -ub[ixL + j]}, -np.inf, 0)
+    for j in range(nh):
+        add({ixH + j: 1.0, iyH + j: -1.0}, 0, np.inf)
+        add({ixH + j: 1.0, iyH + j: -ub[ixH + j]}, -np.inf, 0)
+    add({**{ixL + j: 1.0 for j in range(nl)}, **{ixH + j: 1.0 for j in range(nh)}}, 0, gpus)
+    add(
+        {**{ixL + j: light.capacity[i] for j, i in enumerate(light_ok)},
+         **{iz + k: -demand * c.light_fraction for k, c in enumerate(cands)}},
+        0, np.inf,
+    )
+    add(
+        {**{ixH + j: heavy.capacity[i] for j, i in enumerate(heavy_ok)},
+         **{iz + k: -demand * c.heavy_fraction for k, c in enumerate(cands)}},
+        0, np.inf,
+    )
+    if coupled:
+        add(
+            {**{iyL + j: light.path_s[i] for j, i in enumerate(light_ok)},
+             **{iyH + j: heavy.path_s[i] for j, i in enumerate(heavy_ok)}},
+            -np.inf, slo,
+        )
+
+    # Lexicographic objective: rank, then GPUs, then latency (normalised into [0, 1)).
+    lat_norm = 2.0 * (slo + max(light.path_s + heavy.path_s, default=0.0)) + 1.0
+    c = np.zeros(n)
+    c[iz:iz + nk] = np.arange(nk) * (gpus + 2)
+    c[ixL:ixL + nl] = 1.0
+    c[ixH:ixH + nh] = 1.0
+    for j, i in enumerate(light_ok):
+        c[iyL + j] = light.latency_s[i] / lat_norm
+    for j, i in enumerate(heavy_ok):
+        c[iyH + j] = heavy.latency_s[i] / lat_norm
+
+    res = milp(
+        c,
+        integrality=integrality,
+        bounds=Bounds(lb, ub),
+        constraints=LinearConstraint(np.array(rows), np.array(lo), np.array(hi)),
+        options={"mip_rel_gap": 0.0, "presolve": True},
+    )
+    if res.status != 0 or res.x is None:
+        return None
+    x = np.round(res.x).astype(int)
+    k = int(np.argmax(x[iz:iz + nk]))
+    cand = cands[k]
+    light_plan = _stage_plan(cascade, "light", light, light_ok, x[iyL:iyL + nl], x[ixL:ixL + nl])
+    heavy_plan = _stage_plan(cascade, "heavy", heavy, heavy_ok, x[iyH:iyH + nh], x[ixH:ixH + nh])
+    return _plan(cascade, gpus, demand, light_plan, heavy_plan, cand, mode, objective, queue_delay_s, True, "")
+
+
+def _stage_plan(cascade: Cascade, role: str, stage: _Stage, ok: list[int], y, x) -> StagePlan:
+    model = cascade.light_model if role == "light" else cascade.heavy_model
+    chosen = [j for j in range(len(ok)) if y[j] == 1]
+    if not chosen:
+        return StagePlan(role, model, 0, 0, 0.0, 0.0)
+    j = chosen[0]
+    i = ok[j]
+    workers = int(x[j])
+    return StagePlan(role, model, workers, stage.batch_sizes[i], stage.latency_s[i], workers * stage.capacity[i])
+
+
+def _plan(cascade, gpus, demand, light_plan, heavy_plan, cand, mode, objective, queue_delay_s, feasible, reason) -> Plan:
+    q_light, q_heavy = queue_delay_s
+    light_path = light_plan.latency_s + q_light if light_plan.workers else 0.0
+    heavy_path = heavy_plan.latency_s + q_heavy if heavy_plan.workers else 0.0
+    if mode == "cascade":
+        latency = light_path + (heavy_path if cand.heavy_fraction > 0 else 0.0)
+        threshold, light_share = cand.key, 1.0
+    else:
+        latency = max(light_path, heavy_path)
+        threshold, light_share = 0.0, cand.light_fraction
+    return Plan(
+        cascade=cascade.name,
+        mode="cascade" if mode == "cascade" else "split",
+        stages=(light_plan, heavy_plan),
+        threshold=threshold,
+        light_share=light_share,
+        deferral_fraction=cand.heavy_fraction,
+        expected_fid=cand.fid,
+        predicted_latency_s=latency,
+        demand_qps=demand,
+        gpus=gpus,
+        feasible=feasible,
+        reason=reason,
+        objective=objective,
+    )
+
+
+def _best_effort(cascade, gpus, demand, light, heavy, cands, mode, objective, queue_delay_s) -> Plan:
+    """All GPUs on the light model, nothing deferred, the batch size of most throughput within the SLO."""
+    slo = cascade.slo_s
+    heavy_only = mode == "heavy-only"
+    stage = heavy if heavy_only else light
+    role = "heavy" if heavy_only else "light"
+    fits = [i for i, p in enumerate(stage.path_s) if p <= slo]
+    if fits:
+        i = max(fits, key=lambda i: (stage.capacity[i], -stage.batch_sizes[i]))
+    elif stage.batch_sizes:
+        i = min(range(len(stage.batch_sizes)), key=lambda i: stage.path_s[i])
+    else:
+        i = None
+    if i is None:
+        sp = StagePlan(role, cascade.light_model if role == "light" else cascade.heavy_model, 0, 0, 0.0, 0.0)
+        reason = f"no allowed batch size of the {role} model has a latency in the profile"
+    else:
+        sp = StagePlan(role, cascade.light_model if role == "light" else cascade.heavy_model,
+                       gpus, stage.batch_sizes[i], stage.latency_s[i], gpus * stage.capacity[i])
+        reason = _why(cascade, gpus, demand, light, heavy, mode, stage, role, fits, sp)
+    empty_role = "light" if heavy_only else "heavy"
+    empty = StagePlan(empty_role, cascade.heavy_model if empty_role == "heavy" else cascade.light_model, 0, 0, 0.0, 0.0)
+    stages = (empty, sp) if heavy_only else (sp, empty)
+    if mode == "cascade":
+        cand = _Candidate(0.0, 0.0, 1.0, cascade.fid(1.0))
+    elif heavy_only:
+        cand = _Candidate(1.0, 1.0, 0.0, cascade.random_mix_fid(0.0))
+    else:
+        cand = _Candidate(0.0, 0.0, 1.0, cascade.random_mix_fid(1.0))
+    return _plan(cascade, gpus, demand, stages[0], stages[1], cand, mode, objective, queue_delay_s, False, reason)
+
+
+def _why(cascade, gpus, demand, light, heavy, mode, stage, role, fits, sp) -> str:
+    if gpus == 0:
+        return "no GPUs to allocate"
+    if not fits:
+        best = min(stage.path_s)
+        return (f"no batch size of the {role} model meets the {cascade.slo_s:g} s SLO "
+                f"(fastest: {best:.3f} s with queueing)")
+    if demand > sp.capacity_qps:
+        return (f"demand {demand:.2f} qps exceeds the {role} model's capacity on {gpus} GPUs "
+                f"({sp.capacity_qps:.2f} qps at batch {sp.batch_size})")
+    return "no threshold on the grid lets the heavy stage keep up within the GPU and latency limits"
+
+
+def _with_solve_ms(plan: Plan, ms: float) -> Plan:
+    from dataclasses import replace
+
+    return replace(plan, solve_ms=ms)

@@ -1,0 +1,254 @@
+"""Serving policies: given the demand estimate and queueing delays, which plan to run.
+
+All policies are pure (no clock, no I/O) and go through the one allocator:
+
+* ``diffserve``       — the MILP with the quality objective (minimise the expected FID of the mix);
+* ``diffserve-maxt``  — the MILP with the DiffServe paper's objective (maximise the threshold);
+* ``static``          — a fixed cascade plan (the paper's static plans, scaled to the GPU count);
+* ``clipper-light``   — every GPU on the light model, batch 1, nothing deferred;
+* ``clipper-heavy``   — every GPU on the heavy model, batch 1;
+* ``proteus``         — query-agnostic: the MILP splits GPUs between the two models and queries are split
+  in proportion to capacity, no discriminator.
+
+The allocator returns the fewest GPUs that meet the constraints. A serving system should not leave the
+rest idle, so the MILP policies hand spare GPUs out afterwards (:func:`spread_spare_gpus`): each goes to
+the stage whose predicted utilisation is highest, which lowers queueing without changing the batch
+sizes, the threshold or any constraint the plan was chosen under.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Protocol, Sequence
+
+from .allocator import DEFAULT_BATCH_SIZES, allocate
+from .errors import DiffsimError
+from .plan import Plan, StagePlan
+from .profiles import Cascade
+
+POLICY_NAMES = ("diffserve", "diffserve-maxt", "static", "clipper-light", "clipper-heavy", "proteus")
+
+# The DiffServe paper's static plans for 16 A100 GPUs (shared/reference/diffserve_artifact.yaml, baselines).
+PAPER_STATIC_PLANS = {
+    "sdturbo-sdv15": {"threshold": 0.02, "light_workers": 4, "heavy_workers": 12, "light_batch": 16, "heavy_batch": 4},
+    "sdxs-sdv15": {"threshold": 0.12, "light_workers": 2, "heavy_workers": 14, "light_batch": 32, "heavy_batch": 4},
+    "sdxlltn-sdxl": {"threshold": 0.02, "light_workers": 9, "heavy_workers": 7, "light_batch": 4, "heavy_batch": 2},
+}
+PAPER_STATIC_GPUS = 16
+
+
+@dataclass(frozen=True)
+class PolicyInput:
+    demand_qps: float  # estimated demand (EWMA x head-room)
+    queue_delay_s: tuple[float, float]  # (light, heavy) Little's-law estimates
+    gpus: int
+
+
+class Policy(Protocol):
+    name: str
+
+    def plan(self, inp: PolicyInput) -> Plan: ...
+
+
+@dataclass(frozen=True)
+class StaticPlanSpec:
+    threshold: float
+    light_workers: int
+    heavy_workers: int
+    light_batch: int
+    heavy_batch: int
+    gpus: int = PAPER_STATIC_GPUS  # the GPU count the plan was written for; scaled to the actual count
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StaticPlanSpec":
+        known = {"threshold", "light_workers", "heavy_workers", "light_batch", "heavy_batch", "gpus"}
+        unknown = set(d) - known
+        if unknown:
+            raise DiffsimError(f"static plan: unknown field(s) {', '.join(sorted(unknown))}")
+        missing = known - {"gpus"} - set(d)
+        if missing:
+            raise DiffsimError(f"static plan: missing field(s) {', '.join(sorted(missing))}")
+        spec = cls(**d)
+        if not 0 <= spec.threshold <= 1:
+            raise DiffsimError("static plan: threshold must lie in [0, 1]")
+        if min(spec.light_workers, spec.heavy_workers) < 0 or spec.light_workers + spec.heavy_workers < 1:
+            raise DiffsimError("static plan: worker counts must be >= 0 and not both 0")
+        if min(spec.light_batch, spec.heavy_batch) < 1:
+            raise DiffsimError("static plan: batch sizes must be >= 1")
+        return spec
+
+
+def _stage(cascade: Cascade, role: str, workers: int, batch: int, with_disc: bool) -> StagePlan:
+    table = cascade.light if role == "light" else cascade.heavy
+    model = cascade.light_model if role == "light" else cascade.heavy_model
+    if workers == 0:
+        return StagePlan(role, model, 0, batch, 0.0, 0.0)
+    ms = table.latency_ms(batch)
+    if ms is None:
+        raise DiffsimError(f"no latency for {model} at batch size {batch} in the {cascade.gpu} profile")
+    if with_disc:
+        d = cascade.discriminator.latency_ms(batch)
+        if d is None:
+            raise DiffsimError(f"no discriminator latency at batch size {batch} in the {cascade.gpu} profile")
+        ms += d
+    lat = ms / 1e3
+    return StagePlan(role, model, workers, batch, lat, workers * batch / lat)
+
+
+def spread_spare_gpus(plan: Plan) -> Plan:
+    """Give GPUs the allocator left unused to the stage with the highest predicted utilisation."""
+    spare = plan.gpus - plan.gpus_used
+    if spare <= 0:
+        return plan
+    load = {
+        "light": plan.demand_qps * (1.0 if plan.mode == "cascade" else plan.light_share),
+        "heavy": plan.demand_qps * plan.deferral_fraction,
+    }
+    stages = {s.role: s for s in plan.stages}
+    used = [r for r in ("light", "heavy") if stages[r].workers > 0]
+    if not used:
+        return plan
+    workers = {r: stages[r].workers for r in used}
+    per_worker = {r: stages[r].capacity_qps / stages[r].workers for r in used}
+    for _ in range(spare):
+        # highest utilisation first; ties to the light stage (it sees every query in cascade mode)
+        role = max(used, key=lambda r: (load[r] / (workers[r] * per_worker[r]), r == "light"))
+        workers[role] += 1
+    new = tuple(
+        replace(s, workers=workers[s.role], capacity_qps=workers[s.role] * per_worker[s.role]) if s.role in workers else s
+        for s in plan.stages
+    )
+    return replace(plan, stages=new, extra={**plan.extra, "spare_gpus_assigned": spare})
+
+
+@dataclass
+class MilpPolicy:
+    """diffserve / diffserve-maxt / proteus: the allocator, then spare GPUs spread."""
+
+    name: str
+    cascade: Cascade
+    objective: str
+    mode: str
+    batch_sizes: tuple[int, ...]
+    thresholds: Optional[tuple[float, ...]] = None
+
+    def plan(self, inp: PolicyInput) -> Plan:
+        plan = allocate(
+            self.cascade,
+            inp.gpus,
+            inp.demand_qps,
+            queue_delay_s=inp.queue_delay_s,
+            batch_sizes=self.batch_sizes,
+            thresholds=self.thresholds,
+            objective=self.objective,
+            mode=self.mode,
+        )
+        return spread_spare_gpus(plan)
+
+
+@dataclass
+class FixedPolicy:
+    """static / clipper-light / clipper-heavy: the same plan at any demand (its feasibility is reported)."""
+
+    name: str
+    cascade: Cascade
+    mode: str  # "cascade" or "split"
+    threshold: float
+    light_share: float
+    light_fraction_of_gpus: Optional[float]  # None: use explicit worker counts
+    light_workers: int = 0
+    heavy_workers: int = 0
+    light_batch: int = 1
+    heavy_batch: int = 1
+    spec_gpus: int = PAPER_STATIC_GPUS
+
+    def _workers(self, gpus: int) -> tuple[int, int]:
+        if self.light_fraction_of_gpus is not None:
+            light = round(gpus * self.light_fraction_of_gpus)
+            return light, gpus - light
+        if gpus == self.spec_gpus:
+            return self.light_workers, self.heavy_workers
+        # Scale the plan to the actual GPU count, keeping its light:heavy ratio (at least one worker each).
+        total = self.light_workers + self.heavy_workers
+        light = round(gpus * self.light_workers / total)
+        if self.light_workers and gpus >= 1:
+            light = max(light, 1)
+        if self.heavy_workers and gpus >= 2:
+            light = min(light, gpus - 1)
+        return light, gpus - light
+
+    def plan(self, inp: PolicyInput) -> Plan:
+        c = self.cascade
+        nl, nh = self._workers(inp.gpus)
+        cascade_mode = self.mode == "cascade"
+        light = _stage(c, "light", nl, self.light_batch, cascade_mode)
+        heavy = _stage(c, "heavy", nh, self.heavy_batch, False)
+        if cascade_mode:
+            deferral = c.deferral(self.threshold)
+            fid = c.fid(1.0 - deferral)
+            light_load, heavy_load = inp.demand_qps, inp.demand_qps * deferral
+            latency = light.latency_s + inp.queue_delay_s[0] + (
+                heavy.latency_s + inp.queue_delay_s[1] if deferral > 0 else 0.0)
+        else:
+            deferral = 1.0 - self.light_share
+            fid = c.random_mix_fid(self.light_share)
+            light_load, heavy_load = inp.demand_qps * self.light_share, inp.demand_qps * deferral
+            latency = max(light.latency_s + inp.queue_delay_s[0] if nl else 0.0,
+                          heavy.latency_s + inp.queue_delay_s[1] if nh else 0.0)
+        problems = []
+        if light_load > light.capacity_qps + 1e-9:
+            problems.append(f"light capacity {light.capacity_qps:.2f} qps < load {light_load:.2f} qps")
+        if heavy_load > heavy.capacity_qps + 1e-9:
+            problems.append(f"heavy capacity {heavy.capacity_qps:.2f} qps < load {heavy_load:.2f} qps")
+        if latency > c.slo_s:
+            problems.append(f"predicted latency {latency:.2f} s > SLO {c.slo_s:g} s")
+        return Plan(
+            cascade=c.name,
+            mode="cascade" if cascade_mode else "split",
+            stages=(light, heavy),
+            threshold=self.threshold if cascade_mode else 0.0,
+            light_share=1.0 if cascade_mode else self.light_share,
+            deferral_fraction=deferral,
+            expected_fid=fid,
+            predicted_latency_s=latency,
+            demand_qps=inp.demand_qps,
+            gpus=inp.gpus,
+            feasible=not problems,
+            reason="; ".join(problems),
+            objective="fixed",
+        )
+
+
+def make_policy(
+    name: str,
+    cascade: Cascade,
+    *,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    static_plan: Optional[dict] = None,
+    thresholds: Optional[Sequence[float]] = None,
+) -> Policy:
+    """Build a policy by name. ``thresholds`` pins the MILP's threshold grid (for threshold sweeps)."""
+    bs = tuple(int(b) for b in batch_sizes)
+    th = None if thresholds is None else tuple(float(t) for t in thresholds)
+    if name == "diffserve":
+        return MilpPolicy(name, cascade, "quality", "cascade", bs, th)
+    if name == "diffserve-maxt":
+        return MilpPolicy(name, cascade, "max-threshold", "cascade", bs, th)
+    if name == "proteus":
+        return MilpPolicy(name, cascade, "quality", "split", bs, th)
+    if name == "clipper-light":
+        return FixedPolicy(name, cascade, "split", 0.0, 1.0, 1.0)
+    if name == "clipper-heavy":
+        return FixedPolicy(name, cascade, "split", 0.0, 0.0, 0.0)
+    if name == "static":
+        if static_plan is None:
+            if cascade.name not in PAPER_STATIC_PLANS:
+                raise DiffsimError(
+                    f"no static plan for cascade {cascade.name!r}: give one (threshold, light_workers, "
+                    "heavy_workers, light_batch, heavy_batch)")
+            static_plan = PAPER_STATIC_PLANS[cascade.name]
+        spec = StaticPlanSpec.from_dict(dict(static_plan))
+        threshold = spec.threshold if th is None else th[0]
+        return FixedPolicy(name, cascade, "cascade", threshold, 1.0, None, spec.light_workers,
+                           spec.heavy_workers, spec.light_batch, spec.heavy_batch, spec.gpus)
+    raise DiffsimError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
