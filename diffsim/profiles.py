@@ -239,6 +239,10 @@ def validation_message(path: Path | str, err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        msg = "missing required field"
+    elif first["type"] == "extra_forbidden":
+        msg = "unknown field (not permitted here)"
     return f"{path}: {loc}: {msg}"
 
 

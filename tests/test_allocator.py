@@ -1,0 +1,257 @@
+"""Allocator invariants, checked over random profiles, demands and GPU counts (hypothesis), and the MILP's
+optimum checked against a brute-force enumeration of every plan on small instances."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from diffsim.allocator import allocate
+from diffsim.errors import DiffsimError
+from diffsim.profiles import Cascade, DeferralCurve, FidCurve, LatencyTable, load_cascade
+
+GRID = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def latency_tables(draw, lo_ms: float, hi_ms: float):
+    sizes = draw(st.lists(st.sampled_from([1, 2, 4, 8]), min_size=1, max_size=4, unique=True).map(sorted))
+    base = draw(st.floats(lo_ms, hi_ms))
+    lat, cur = [], base
+    for _ in sizes:
+        lat.append(round(cur, 3))
+        cur *= draw(st.floats(1.05, 2.2))  # larger batches take longer, usually sub-linearly
+    return LatencyTable(batch_sizes=sizes, p50_ms=lat)
+
+
+@st.composite
+def cascades(draw):
+    f = sorted(draw(st.lists(st.floats(0, 1), min_size=5, max_size=5)))
+    f = [0.0] + [round(v, 4) for v in f]  # f(0) = 0: at threshold 0 nothing is deferred
+    fid = [round(v, 3) for v in draw(st.lists(st.floats(10, 40), min_size=5, max_size=5))]
+    return Cascade(
+        name="random",
+        slo_s=draw(st.floats(0.3, 8.0)),
+        light_model="light",
+        heavy_model="heavy",
+        light=draw(latency_tables(10, 600)),
+        heavy=draw(latency_tables(100, 4000)),
+        discriminator=draw(latency_tables(1, 40)),
+        deferral=DeferralCurve(t=list(GRID), f=f),
+        fid=FidCurve(r=[0, 0.25, 0.5, 0.75, 1.0], fid=fid),
+        fid_random=None,
+        gpu="test",
+    )
+
+
+def _stage_options(cascade: Cascade, role: str, with_disc: bool, batch_sizes):
+    table = cascade.light if role == "light" else cascade.heavy
+    out = []
+    for b in batch_sizes:
+        ms = table.latency_ms(b)
+        if ms is None:
+            continue
+        if with_disc:
+            d = cascade.discriminator.latency_ms(b)
+            if d is None:
+                continue
+            ms += d
+        out.append((b, ms / 1e3, b / (ms / 1e3)))
+    return out
+
+
+def brute_force(cascade: Cascade, gpus: int, demand: float, queue=(0.0, 0.0), objective="quality",
+                batch_sizes=(1, 2, 4, 8)):
+    """Enumerate every (threshold, batch sizes, worker counts) plan; return the lexicographic best key."""
+    ql, qh = queue
+    best = None
+    light_opts = _stage_options(cascade, "light", True, batch_sizes)
+    heavy_opts = _stage_options(cascade, "heavy", False, batch_sizes)
+    for t in GRID:
+        f = cascade.deferral(t)
+        primary = round(cascade.fid(1 - f), 9) if objective == "quality" else -t
+        for bl, latl, capl in light_opts:
+            if latl + ql > cascade.slo_s:
+                continue
+            for xl in range(1, gpus + 1):
+                if capl * xl < demand - 1e-9:
+                    continue
+                heavy_choices = [(None, 0.0, 0.0, 0)] if f == 0 else [
+                    (bh, lath, caph, xh) for bh, lath, caph in heavy_opts for xh in range(1, gpus + 1)]
+                for bh, lath, caph, xh in heavy_choices:
+                    if xl + xh > gpus:
+                        continue
+                    if f > 0 and caph * xh < demand * f - 1e-9:
+                        continue
+                    latency = latl + ql + (lath + qh if f > 0 else 0.0)
+                    if latency > cascade.slo_s + 1e-12:
+                        continue
+                    key = (primary, xl + xh, round(latl + lath, 9))
+                    if best is None or key < best:
+                        best = key
+    return best
+
+
+def plan_key(plan, objective):
+    primary = round(plan.expected_fid, 9) if objective == "quality" else -plan.threshold
+    lat = plan.light.latency_s + (plan.heavy.latency_s if plan.heavy.workers else 0.0)
+    return (primary, plan.gpus_used, round(lat, 9))
+
+
+@SETTINGS
+@given(cascade=cascades(), gpus=st.integers(0, 6), demand=st.floats(0, 30),
+       objective=st.sampled_from(["quality", "max-threshold"]),
+       ql=st.floats(0, 1), qh=st.floats(0, 1))
+def test_milp_matches_brute_force(cascade, gpus, demand, objective, ql, qh):
+    plan = allocate(cascade, gpus, demand, queue_delay_s=(ql, qh), batch_sizes=(1, 2, 4, 8),
+                    thresholds=GRID, objective=objective)
+    best = brute_force(cascade, gpus, demand, (ql, qh), objective)
+    assert plan.feasible == (best is not None)
+    if best is not None:
+        key = plan_key(plan, objective)
+        assert key[0] == pytest.approx(best[0], abs=1e-9)
+        assert key[1] == best[1]
+        assert key[2] == pytest.approx(best[2], abs=1e-9)
+
+
+@SETTINGS
+@given(cascade=cascades(), gpus=st.integers(0, 40), demand=st.floats(0, 200),
+       objective=st.sampled_from(["quality", "max-threshold"]),
+       mode=st.sampled_from(["cascade", "split", "light-only", "heavy-only"]),
+       ql=st.floats(0, 1), qh=st.floats(0, 1))
+def test_plan_invariants(cascade, gpus, demand, objective, mode, ql, qh):
+    plan = allocate(cascade, gpus, demand, queue_delay_s=(ql, qh), thresholds=GRID, objective=objective, mode=mode)
+    assert plan.gpus_used <= gpus
+    assert all(s.workers >= 0 for s in plan.stages)
+    assert plan.light.role == "light" and plan.heavy.role == "heavy"
+    if not plan.feasible:
+        assert plan.reason
+        return
+    assert not plan.reason
+    light_load = demand * (1.0 if plan.mode == "cascade" else plan.light_share)
+    heavy_load = demand * plan.deferral_fraction
+    assert plan.light.capacity_qps >= light_load - 1e-6
+    assert plan.heavy.capacity_qps >= heavy_load - 1e-6
+    assert plan.predicted_latency_s <= cascade.slo_s + 1e-9
+    for s in plan.stages:
+        if s.workers:
+            assert s.capacity_qps == pytest.approx(s.workers * s.batch_size / s.latency_s)
+    if plan.mode == "cascade":
+        assert plan.deferral_fraction == pytest.approx(cascade.deferral(plan.threshold))
+        assert plan.expected_fid == pytest.approx(cascade.fid(1 - plan.deferral_fraction))
+        assert plan.light.workers >= 1
+        # latency = light path (+ heavy path when something is deferred)
+        expect = plan.light.latency_s + ql + ((plan.heavy.latency_s + qh) if plan.deferral_fraction > 0 else 0)
+        assert plan.predicted_latency_s == pytest.approx(expect)
+    if mode == "light-only":
+        assert plan.heavy.workers == 0 and plan.light_share == 1.0
+    if mode == "heavy-only":
+        assert plan.light.workers == 0 and plan.light_share == 0.0
+
+
+def _objective(plan, objective):
+    return plan.expected_fid if objective == "quality" else -plan.threshold
+
+
+@SETTINGS
+@given(cascade=cascades(), gpus=st.integers(1, 30), extra=st.integers(1, 10), demand=st.floats(0, 100),
+       less=st.floats(0, 1), objective=st.sampled_from(["quality", "max-threshold"]))
+def test_more_gpus_or_less_demand_never_worse(cascade, gpus, extra, demand, less, objective):
+    base = allocate(cascade, gpus, demand, thresholds=GRID, objective=objective)
+    assume(base.feasible)
+    more = allocate(cascade, gpus + extra, demand, thresholds=GRID, objective=objective)
+    lower = allocate(cascade, gpus, demand * less, thresholds=GRID, objective=objective)
+    for other in (more, lower):
+        assert other.feasible
+        assert _objective(other, objective) <= _objective(base, objective) + 1e-9
+
+
+@SETTINGS
+@given(cascade=cascades(), gpus=st.integers(0, 20), demand=st.floats(0, 60),
+       mode=st.sampled_from(["cascade", "split"]))
+def test_same_input_same_plan(cascade, gpus, demand, mode):
+    a = allocate(cascade, gpus, demand, thresholds=GRID, mode=mode)
+    b = allocate(cascade, gpus, demand, thresholds=GRID, mode=mode)
+    assert a == b  # solve_ms is excluded from equality
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped A100 profile
+
+
+@pytest.fixture(scope="module")
+def turbo():
+    return load_cascade("sdturbo-sdv15", "profiles/a100.yaml", "profiles/cascades.yaml")
+
+
+@pytest.mark.parametrize("name", ["sdturbo-sdv15", "sdxs-sdv15", "sdxlltn-sdxl"])
+@pytest.mark.parametrize("objective", ["quality", "max-threshold"])
+def test_shipped_cascades_answer(name, objective):
+    cascade = load_cascade(name, "profiles/a100.yaml", "profiles/cascades.yaml")
+    plan = allocate(cascade, 16, 10.0, objective=objective)
+    assert plan.feasible
+    assert plan.gpus_used <= 16
+    assert plan.predicted_latency_s <= cascade.slo_s
+
+
+def test_quality_objective_is_not_max_threshold(turbo):
+    """The FID curve is U-shaped: at low load the best mix defers ~60%, not everything."""
+    q = allocate(turbo, 16, 4.0, objective="quality")
+    m = allocate(turbo, 16, 4.0, objective="max-threshold")
+    assert m.threshold == 1.0 and m.deferral_fraction == 1.0
+    assert 0.3 < 1 - q.deferral_fraction < 0.5  # light-served fraction near the FID minimum (r ~ 0.4)
+    assert q.expected_fid < m.expected_fid
+
+
+def test_infeasible_returns_best_effort(turbo):
+    plan = allocate(turbo, 2, 500.0)
+    assert not plan.feasible
+    assert "exceeds" in plan.reason
+    assert plan.threshold == 0.0 and plan.heavy.workers == 0
+    assert plan.light.workers == 2
+    # most throughput among batch sizes within the SLO: batches 16 and 32 tie at 20.25 qps per worker
+    # (0.77 + 0.02 s and 1.56 + 0.02 s); the tie goes to the smaller batch, which has the lower latency
+    assert plan.light.batch_size == 16
+
+
+def test_no_gpus(turbo):
+    plan = allocate(turbo, 0, 1.0)
+    assert not plan.feasible and plan.gpus_used == 0 and "no GPUs" in plan.reason
+
+
+def test_single_model_plans_from_the_same_code(turbo):
+    light = allocate(turbo, 16, 10.0, mode="light-only", batch_sizes=[1])
+    assert light.feasible and light.heavy.workers == 0 and light.light.batch_size == 1
+    assert light.expected_fid == pytest.approx(turbo.fid(1.0))
+    heavy = allocate(turbo, 16, 5.0, mode="heavy-only", batch_sizes=[1])
+    assert heavy.feasible and heavy.light.workers == 0 and heavy.heavy.batch_size == 1
+    assert heavy.expected_fid == pytest.approx(turbo.fid(0.0))
+
+
+def test_queue_delay_tightens_latency(turbo):
+    free = allocate(turbo, 16, 20.0)
+    tight = allocate(turbo, 16, 20.0, queue_delay_s=(1.0, 1.0))
+    assert tight.predicted_latency_s <= turbo.slo_s
+    assert tight.heavy.batch_size <= free.heavy.batch_size
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(gpus=-1, demand_qps=1.0),
+        dict(gpus=4, demand_qps=math.nan),
+        dict(gpus=4, demand_qps=-1.0),
+        dict(gpus=4, demand_qps=1.0, objective="fastest"),
+        dict(gpus=4, demand_qps=1.0, mode="all"),
+        dict(gpus=4, demand_qps=1.0, batch_sizes=[0]),
+        dict(gpus=4, demand_qps=1.0, thresholds=[1.5]),
+        dict(gpus=4, demand_qps=1.0, queue_delay_s=(-1.0, 0.0)),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(turbo, kwargs):
+    with pytest.raises(DiffsimError):
+        allocate(turbo, **kwargs)
