@@ -1,0 +1,102 @@
+"""Batch formation and the drop rule, from a worker's FIFO queue.
+
+Eager batching, as in the DiffServe testbed: an idle worker takes up to b queued queries at once and
+never waits to fill a batch -- unless a batching timeout is set, in which case it waits until b queries
+are queued or the oldest has waited ``timeout_s`` (:func:`batch_ready`).
+
+Drop rule, applied at dequeue: a query is dropped when ``(now - arrival) + batch service time`` exceeds
+``drop_factor x SLO`` (default 1.5): it could not finish in time anyway, and serving it would delay
+others. The service time a candidate is checked against is that of the batch it would run in if every
+query still queued behind it were kept (``min(b, taken + 1 + still queued)``); it only shrinks as queries
+are dropped, so a kept query was checked against a batch at least as large as the one it runs in.
+
+Queries waiting in a stage's backlog (a stage with no worker) are checked at each controller tick with
+:func:`expired`, against the time of a batch of one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Optional
+
+from .errors import DiffsimError
+from .plan import Role
+from .profiles import Cascade
+from .query import Query
+
+
+def service_time_s(cascade: Cascade, role: Role, batch_size: int, with_discriminator: bool) -> float:
+    """p50 time of one batch: the stage's model, plus the discriminator for a light batch in cascade mode."""
+    table = cascade.light if role == "light" else cascade.heavy
+    ms = table.latency_ms(batch_size)
+    if ms is None:
+        model = cascade.light_model if role == "light" else cascade.heavy_model
+        raise DiffsimError(f"the profile has no latency for {model} at batch size {batch_size}")
+    if with_discriminator:
+        d = cascade.discriminator.latency_ms(batch_size)
+        if d is None:
+            raise DiffsimError(f"the profile has no discriminator latency at batch size {batch_size}")
+        ms += d
+    return ms / 1e3
+
+
+class ServiceTimes:
+    """Cached :func:`service_time_s` lookups (one per (role, batch size, discriminator))."""
+
+    def __init__(self, cascade: Cascade):
+        self.cascade = cascade
+        self._cache: dict[tuple[str, int, bool], float] = {}
+
+    def __call__(self, role: Role, batch_size: int, with_discriminator: bool) -> float:
+        key = (role, batch_size, with_discriminator)
+        t = self._cache.get(key)
+        if t is None:
+            t = self._cache[key] = service_time_s(self.cascade, role, batch_size, with_discriminator)
+        return t
+
+
+def batch_ready(queue_length: int, oldest_enqueued_s: float, now: float, batch_size: int,
+                timeout_s: float) -> Optional[float]:
+    """None when a batch should start now, else the time to look again (batching timeout only)."""
+    if queue_length == 0:
+        raise ValueError("no batch can form from an empty queue")
+    if timeout_s <= 0 or queue_length >= batch_size:
+        return None
+    due = oldest_enqueued_s + timeout_s
+    return None if now >= due else due
+
+
+def form_batch(
+    queue: deque[Query],
+    now: float,
+    batch_size: int,
+    service_s: Callable[[int], float],
+    limit_s: float,
+) -> tuple[list[Query], list[Query]]:
+    """Take up to ``batch_size`` queries from the head of ``queue`` (mutated), dropping those that fail.
+
+    ``service_s(n)`` is the time of a batch of n; ``limit_s`` is drop_factor x SLO. Returns
+    ``(batch, dropped)`` in queue order; the caller marks the dropped ones and runs the batch.
+    Keeps going past drops until the batch is full or the queue is empty.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    batch: list[Query] = []
+    dropped: list[Query] = []
+    n = min(batch_size, len(queue))  # the batch if all still queued were kept
+    service = service_s(n) if n else 0.0
+    while queue and len(batch) < batch_size:
+        q = queue.popleft()
+        if (now - q.arrival_s) + service > limit_s:
+            dropped.append(q)
+            m = min(batch_size, len(batch) + len(queue))
+            if 0 < m < n:
+                n, service = m, service_s(m)
+        else:
+            batch.append(q)
+    return batch, dropped
+
+
+def expired(query: Query, now: float, min_service_s: float, limit_s: float) -> bool:
+    """Whether a query can no longer finish within the limit even if a batch of one started now."""
+    return (now - query.arrival_s) + min_service_s > limit_s

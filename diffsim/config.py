@@ -1,0 +1,254 @@
+"""Run configuration of the controller and the simulator, and the optional YAML config file.
+
+:class:`ControllerConfig` and :class:`SimConfig` are frozen dataclasses shared by ``diffsim simulate``
+and (for the controller part) ``diffsim serve``. Values are checked when the object is built; a bad
+value raises :class:`~diffsim.errors.InputError` naming the field.
+
+The config file (``diffsim simulate --config FILE``) is YAML with any of these keys, all optional::
+
+    gpu: a100                    # GPU profile name or path (relative paths: relative to the file)
+    cascades: cascades.yaml      # cascades file (default: the shipped profiles/cascades.yaml)
+    cascade: sdturbo-sdv15
+    trace: dynamic.csv           # read by the command, not by SimConfig
+    gpus: 16
+    policy: diffserve
+    seed: 0
+    routing: random              # or least-loaded
+    drop_factor: 1.5
+    batch_timeout_s: 0
+    swap_s: 0
+    batch_sizes: [1, 2, 4, 8, 16, 32]
+    confidences: conf.csv        # per-prompt confidences, CSV prompt_id,confidence
+    static_plan: {threshold: 0.02, light_workers: 4, heavy_workers: 12, light_batch: 16, heavy_batch: 4}
+    window_s: 10
+    controller: {tick_s: 1, replan_s: 5, ewma_alpha: 0.3226, ewma_window: 20, headroom: 1.05,
+                 initial_demand_qps: 10}
+
+:func:`read_config_file` validates the file and returns only the keys it gives (paths resolved), so a
+command can layer defaults < file < command-line flags and then call :func:`build_sim_config`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import InputError
+from .profiles import Cascade, load_cascade, validation_message
+from .resources import profiles_dir, resolve_profile
+from .routing import ROUTING_KINDS
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise InputError(f"config: {name}: must be a number > 0, got {value!r}")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise InputError(f"config: {name}: must be a number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """The control loop: tick period, re-plan period, demand estimator.
+
+    ``ewma_alpha`` and ``ewma_window``: the demand estimate is the bias-corrected EWMA (pandas
+    ``adjust=True``) of the last ``ewma_window`` one-tick arrival-rate samples, as in the DiffServe
+    artifact (com=2.1, i.e. alpha=1/3.1, over 20 samples). ``headroom`` multiplies it.
+
+    ``initial_demand_qps``: the demand the very first plan (at t=0, before any arrival was seen) is
+    made for; nothing of the trace is looked at in advance. Because that is a guess, the controller
+    re-plans at the first tick and every ``replan_s`` after it (see :mod:`diffsim.controller`).
+    """
+
+    tick_s: float = 1.0
+    replan_s: float = 5.0
+    ewma_alpha: float = 1 / 3.1
+    headroom: float = 1.05
+    ewma_window: int = 20
+    initial_demand_qps: float = 10.0
+
+    def __post_init__(self) -> None:
+        _positive("controller.tick_s", self.tick_s)
+        _positive("controller.replan_s", self.replan_s)
+        if not (isinstance(self.ewma_alpha, (int, float)) and 0 < self.ewma_alpha <= 1):
+            raise InputError(f"config: controller.ewma_alpha: must lie in (0, 1], got {self.ewma_alpha!r}")
+        _positive("controller.headroom", self.headroom)
+        if not isinstance(self.ewma_window, int) or self.ewma_window < 1:
+            raise InputError(f"config: controller.ewma_window: must be an integer >= 1, got {self.ewma_window!r}")
+        _non_negative("controller.initial_demand_qps", self.initial_demand_qps)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything one simulation run depends on (with the trace); same config + trace -> same result."""
+
+    cascade: Cascade
+    gpus: int = 16
+    policy: str = "diffserve"
+    seed: int = 0
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    routing: str = "random"  # or "least-loaded"
+    drop_factor: float = 1.5
+    batch_timeout_s: float = 0.0
+    swap_s: float = 0.0
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    confidences_path: Optional[Path] = None
+    static_plan: Optional[dict] = None
+    window_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or self.gpus < 1:
+            raise InputError(f"config: gpus: must be an integer >= 1, got {self.gpus!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise InputError(f"config: seed: must be an integer, got {self.seed!r}")
+        if self.routing not in ROUTING_KINDS:
+            raise InputError(f"config: routing: must be one of {', '.join(ROUTING_KINDS)}, got {self.routing!r}")
+        _positive("drop_factor", self.drop_factor)
+        _non_negative("batch_timeout_s", self.batch_timeout_s)
+        _non_negative("swap_s", self.swap_s)
+        _positive("window_s", self.window_s)
+        sizes = tuple(self.batch_sizes)
+        if not sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in sizes):
+            raise InputError(f"config: batch_sizes: must be integers >= 1, got {list(sizes)!r}")
+        object.__setattr__(self, "batch_sizes", tuple(sorted(set(sizes))))
+        if self.confidences_path is not None:
+            object.__setattr__(self, "confidences_path", Path(self.confidences_path))
+        if not isinstance(self.controller, ControllerConfig):
+            raise InputError("config: controller: must be a ControllerConfig")
+
+
+# ----------------------------------------------------------------------------------------------
+# The YAML config file
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ControllerSection(_Strict):
+    tick_s: Optional[float] = Field(default=None, gt=0)
+    replan_s: Optional[float] = Field(default=None, gt=0)
+    ewma_alpha: Optional[float] = Field(default=None, gt=0, le=1)
+    ewma_window: Optional[int] = Field(default=None, ge=1)
+    headroom: Optional[float] = Field(default=None, gt=0)
+    initial_demand_qps: Optional[float] = Field(default=None, ge=0)
+
+
+class ConfigFile(_Strict):
+    gpu: Optional[str] = None
+    cascades: Optional[str] = None
+    cascade: Optional[str] = None
+    trace: Optional[str] = None
+    gpus: Optional[int] = Field(default=None, ge=1)
+    policy: Optional[str] = None
+    seed: Optional[int] = None
+    routing: Optional[str] = None
+    drop_factor: Optional[float] = Field(default=None, gt=0)
+    batch_timeout_s: Optional[float] = Field(default=None, ge=0)
+    swap_s: Optional[float] = Field(default=None, ge=0)
+    batch_sizes: Optional[list[int]] = Field(default=None, min_length=1)
+    confidences: Optional[str] = None
+    static_plan: Optional[dict[str, Union[int, float]]] = None
+    window_s: Optional[float] = Field(default=None, gt=0)
+    controller: Optional[ControllerSection] = None
+
+
+_PATH_KEYS = ("cascades", "trace", "confidences")
+
+
+def read_config_file(path: Path | str) -> dict[str, Any]:
+    """The settings a config file gives (only those), validated; relative paths resolved against it.
+
+    ``gpu`` is resolved only when it names a file next to the config (``a100`` stays a profile name).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise InputError(f"{path}: {where}{getattr(e, 'problem', None) or 'invalid YAML'}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: (top level): expected a mapping of settings, got {type(data).__name__}")
+    try:
+        parsed = ConfigFile.model_validate(data)
+    except ValidationError as e:
+        raise InputError(validation_message(path, e)) from None
+    settings = parsed.model_dump(exclude_none=True)
+    if parsed.controller is not None:
+        settings["controller"] = parsed.controller.model_dump(exclude_none=True)
+    base = path.parent
+    for key in _PATH_KEYS:
+        if key in settings and not Path(settings[key]).is_absolute():
+            settings[key] = str(base / settings[key])
+    gpu = settings.get("gpu")
+    if gpu is not None and (gpu.endswith((".yaml", ".yml")) or "/" in gpu) and not Path(gpu).is_absolute():
+        settings["gpu"] = str(base / gpu)
+    try:
+        check_settings(settings)
+    except InputError as e:
+        raise InputError(f"{path}: {str(e).removeprefix('config: ')}") from None
+    return settings
+
+
+def check_settings(settings: dict[str, Any]) -> None:
+    """Checks that need more than the field types: known routing kind and policy name."""
+    routing = settings.get("routing")
+    if routing is not None and routing not in ROUTING_KINDS:
+        raise InputError(f"config: routing: must be one of {', '.join(ROUTING_KINDS)}, got {routing!r}")
+    policy = settings.get("policy")
+    if policy is not None:
+        try:
+            from .policies import POLICY_NAMES
+        except ImportError:  # policies not importable: make_policy checks the name later
+            return
+        if policy not in POLICY_NAMES:
+            raise InputError(f"config: policy: unknown policy {policy!r} (choose from {', '.join(POLICY_NAMES)})")
+
+
+def build_sim_config(settings: dict[str, Any]) -> SimConfig:
+    """A :class:`SimConfig` from merged settings (the keys of the config file; unknown keys are an error).
+
+    Defaults: GPU profile ``a100``, the shipped cascades file, cascade ``sdturbo-sdv15``. ``trace`` is
+    ignored here (the command reads it).
+    """
+    known = set(ConfigFile.model_fields)
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise InputError(f"config: {unknown[0]}: unknown setting")
+    check_settings(settings)
+    profile = resolve_profile(str(settings.get("gpu", "a100")))
+    cascades = settings.get("cascades") or str(profiles_dir() / "cascades.yaml")
+    cascade = load_cascade(settings.get("cascade", "sdturbo-sdv15"), profile, cascades)
+    ctrl_fields = {f.name for f in fields(ControllerConfig)}
+    ctrl = dict(settings.get("controller") or {})
+    bad = sorted(set(ctrl) - ctrl_fields)
+    if bad:
+        raise InputError(f"config: controller.{bad[0]}: unknown setting")
+    if "ewma_window" in ctrl:
+        ctrl["ewma_window"] = int(ctrl["ewma_window"])
+    kwargs: dict[str, Any] = {"cascade": cascade, "controller": ControllerConfig(**ctrl)}
+    for key in ("gpus", "policy", "seed", "routing", "drop_factor", "batch_timeout_s", "swap_s", "window_s",
+                "static_plan"):
+        if key in settings:
+            kwargs[key] = settings[key]
+    if "batch_sizes" in settings:
+        kwargs["batch_sizes"] = tuple(int(b) for b in settings["batch_sizes"])
+    if "confidences" in settings:
+        kwargs["confidences_path"] = Path(settings["confidences"])
+    return SimConfig(**kwargs)

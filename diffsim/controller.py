@@ -1,0 +1,112 @@
+"""The control loop's decisions, without a clock: when to re-plan and with which inputs.
+
+A driver (the simulator or the server) calls :meth:`Controller.on_tick` once per tick (default 1 s) with
+what it measured over that tick. The controller
+
+* feeds the tick's arrival rate to the demand estimator (EWMA x head-room, :mod:`diffsim.demand`);
+* re-plans at the first tick and then whenever ``replan_s`` (default 5 s) has passed since the last
+  plan, asking the policy with ``PolicyInput(demand, queue_delay_s, gpus)``, where the per-stage queueing
+  delay is Little's law, W = L / lambda: the mean queue length over the ticks since the last plan
+  divided by the mean arrival rate into that stage over the same ticks (0 when nothing arrived).
+  Averaging over the re-plan period rather than taking one tick's snapshot matters: a stage that sees a
+  handful of arrivals per second gives a one-tick estimate that swings by seconds, and the allocator
+  would swing with it;
+* returns the plan to apply, or None.
+
+The initial plan (:meth:`Controller.initial_plan`, at the start, before any arrival) is made for
+``initial_demand_qps`` x head-room with no queueing delay; nothing of the trace is looked at ahead.
+Because that demand is a guess, the first re-plan comes at the first tick instead of after a whole
+re-plan period.
+
+A plan that runs no worker at all (``gpus_used == 0``, e.g. the policy had no GPU to give) is not
+applied: the previous plan stays, so queued work keeps being served.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from .config import ControllerConfig
+from .demand import DemandEstimator
+from .plan import Plan
+from .policies import PolicyInput
+
+
+def little_delay_s(queue_length: float, arrival_rate_qps: float) -> float:
+    """Little's law: the mean wait of a queue is its length over its arrival rate (0 with no arrivals)."""
+    if arrival_rate_qps <= 0:
+        return 0.0
+    return queue_length / arrival_rate_qps
+
+
+class Controller:
+    """Demand estimate and re-plan schedule around one policy (anything with ``plan(PolicyInput)``)."""
+
+    def __init__(self, policy, gpus: int, config: ControllerConfig = ControllerConfig()):
+        self.policy = policy
+        self.gpus = gpus
+        self.config = config
+        self.estimator = DemandEstimator(config.ewma_alpha, config.ewma_window, config.headroom)
+        self.plan: Optional[Plan] = None  # the plan in force
+        self.last_plan_s: Optional[float] = None
+        self.ticks = 0
+        self.rate_qps = 0.0  # arrival rate measured over the last tick
+        self.queue_delay_s: tuple[float, float] = (0.0, 0.0)  # the estimate the last re-plan used
+        self._window_ticks = 0  # ticks since the last plan, and sums over them:
+        self._queue_sum = [0.0, 0.0]  # queue length samples per stage
+        self._rate_sum = [0.0, 0.0]  # arrival rates per stage
+
+    @property
+    def demand_qps(self) -> float:
+        """Demand the next plan is made for: the EWMA estimate (or the initial guess) x head-room."""
+        return self.estimator.demand_qps(self.config.initial_demand_qps)
+
+    def initial_plan(self, now: float = 0.0) -> Plan:
+        """The plan to start with; always applied (even if it uses no worker)."""
+        plan = self._ask(self.demand_qps, (0.0, 0.0))
+        self.plan = plan
+        self.last_plan_s = now
+        return plan
+
+    def on_tick(
+        self,
+        now: float,
+        arrivals_in_tick: int,
+        queue_lengths_by_stage: Sequence[int],
+        stage_arrival_rates: Sequence[float],
+    ) -> Optional[Plan]:
+        """One tick: update the demand estimate; on a re-plan tick return the plan to apply."""
+        if self.plan is None:
+            raise RuntimeError("Controller.initial_plan() must be called before the first tick")
+        self.ticks += 1
+        self.rate_qps = arrivals_in_tick / self.config.tick_s
+        self.estimator.update(self.rate_qps)
+        self._window_ticks += 1
+        for i in (0, 1):
+            self._queue_sum[i] += queue_lengths_by_stage[i]
+            self._rate_sum[i] += stage_arrival_rates[i]
+        if not self.replan_due(now):
+            return None
+        self.last_plan_s = now
+        n = self._window_ticks
+        self.queue_delay_s = tuple(  # type: ignore[assignment]
+            little_delay_s(self._queue_sum[i] / n, self._rate_sum[i] / n) for i in (0, 1)
+        )
+        self._window_ticks = 0
+        self._queue_sum = [0.0, 0.0]
+        self._rate_sum = [0.0, 0.0]
+        plan = self._ask(self.demand_qps, self.queue_delay_s)
+        if plan.gpus_used == 0:
+            return None
+        self.plan = plan
+        return plan
+
+    def replan_due(self, now: float) -> bool:
+        """True at the first tick, then once ``replan_s`` has passed since the last plan."""
+        if self.ticks == 1:
+            return True
+        # A small tolerance so that float tick times (k * tick_s) hit the period exactly.
+        return now - self.last_plan_s >= self.config.replan_s - 1e-6 * self.config.tick_s
+
+    def _ask(self, demand_qps: float, queue_delay_s: tuple[float, float]) -> Plan:
+        return self.policy.plan(PolicyInput(demand_qps=demand_qps, queue_delay_s=queue_delay_s, gpus=self.gpus))

@@ -1,0 +1,283 @@
+"""The cluster's query state, without a clock: queues, roles, batches, deferrals, drops.
+
+Both drivers hold one :class:`Dispatcher` and only tell it what happened and when:
+
+* a query arrived -> :meth:`Dispatcher.admit` (routes it; returns the worker to wake, if any);
+* a worker is free -> :meth:`Dispatcher.take_batch` (forms its next batch, applying the drop rule;
+  or says when to look again);
+* a batch finished -> :meth:`Dispatcher.complete_batch` (completes queries, or scores and defers them
+  to the heavy stage; returns the workers to wake);
+* a controller tick -> :meth:`Dispatcher.expire_backlog` and :meth:`Dispatcher.tick_stats`;
+* a new plan -> :meth:`Dispatcher.apply_plan` (role changes with re-routing of queued work).
+
+The rules themselves live in :mod:`diffsim.routing`, :mod:`diffsim.batching` and :mod:`diffsim.roles`;
+this class composes them and keeps the per-query records (:class:`~diffsim.query.Query`) up to date.
+Queries for a stage that has no worker wait in that stage's backlog (FIFO) until one exists, and are
+dropped from it once they could no longer finish in time -- never lost.
+
+Every query ends in exactly one outcome (``Query.finish`` refuses a second one); :attr:`finished`
+counts them so a driver knows when all its queries are done.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .batching import ServiceTimes, batch_ready, expired, form_batch
+from .confidence import Confidences
+from .plan import Plan, Role
+from .profiles import Cascade
+from .query import Query
+from .roles import assign_roles, needs_swap, switched
+from .routing import Router, defers, first_stage
+
+STAGES: tuple[Role, Role] = ("light", "heavy")
+
+
+@dataclass(slots=True)
+class Batch:
+    """One batch a worker runs: decided at its start under the plan in force then."""
+
+    worker: int
+    role: Role
+    queries: list[Query]
+    batch_size: int  # the plan's batch size for the stage (the batch may hold fewer)
+    start_s: float
+    service_s: float
+    with_discriminator: bool  # light batch in cascade mode: score and maybe defer
+    threshold: float
+
+
+class _Loads:
+    """loads[w] = queued + in-flight queries of worker w (read by least-loaded routing)."""
+
+    __slots__ = ("queues", "inflight")
+
+    def __init__(self, queues: list[deque], inflight: list[int]):
+        self.queues = queues
+        self.inflight = inflight
+
+    def __getitem__(self, w: int) -> int:
+        return len(self.queues[w]) + self.inflight[w]
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        cascade: Cascade,
+        gpus: int,
+        *,
+        router: Router,
+        confidences: Confidences,
+        seed: int = 0,
+        drop_factor: float = 1.5,
+        batch_timeout_s: float = 0.0,
+        swap_s: float = 0.0,
+    ):
+        self.cascade = cascade
+        self.gpus = gpus
+        self.router = router
+        self.confidences = confidences
+        self.seed = seed
+        self.limit_s = drop_factor * cascade.slo_s
+        self.batch_timeout_s = batch_timeout_s
+        self.swap_s = swap_s
+        self.service = ServiceTimes(cascade)
+        self.plan: Optional[Plan] = None
+        # role -> (batch size, with discriminator, service time of a batch of n for n = 0..batch size)
+        self._stage_settings: dict[str, tuple[int, bool, list[float]]] = {}
+        self.roles: list[Optional[Role]] = [None] * gpus
+        self.loaded: list[Optional[Role]] = [None] * gpus  # the model each worker holds
+        self.queues: list[deque[Query]] = [deque() for _ in range(gpus)]
+        self.inflight = [0] * gpus
+        self.busy_s = [0.0] * gpus
+        self.ready_at = [0.0] * gpus  # serves nothing before (model swap)
+        self.swap_pending = [False] * gpus  # swap starts when the running batch ends
+        self.stage_workers: dict[str, list[int]] = {"light": [], "heavy": []}
+        self.backlog: dict[str, deque[Query]] = {"light": deque(), "heavy": deque()}
+        self.finished = 0
+        self._loads = _Loads(self.queues, self.inflight)
+        self._tick_arrivals = 0
+        self._tick_stage = {"light": 0, "heavy": 0}
+        # Debug hook: called as on_enqueue(worker, query, now) whenever a query enters a worker queue.
+        self.on_enqueue: Optional[Callable[[int, Query, float], None]] = None
+
+    # -- arrivals and routing -----------------------------------------------------------------
+
+    def admit(self, query: Query, now: float) -> Optional[int]:
+        """A new query: route it to its first stage. Returns the worker that got it (None: backlog)."""
+        self._tick_arrivals += 1
+        return self._enter_stage(query, first_stage(self.plan, query.id, self.seed), now)
+
+    def _enter_stage(self, query: Query, role: Role, now: float) -> Optional[int]:
+        self._tick_stage[role] += 1
+        query.enqueued_s = now
+        return self._place(query, role, now)
+
+    def _place(self, query: Query, role: Role, now: float) -> Optional[int]:
+        workers = self.stage_workers[role]
+        if not workers:
+            self.backlog[role].append(query)
+            return None
+        w = self.router.choose(workers, self._loads)
+        self.queues[w].append(query)
+        if self.on_enqueue is not None:
+            self.on_enqueue(w, query, now)
+        return w
+
+    # -- batches --------------------------------------------------------------------------------
+
+    def take_batch(self, worker: int, now: float) -> tuple[Optional[Batch], Optional[float]]:
+        """The worker's next batch, or ``(None, retry_at)``: look again at ``retry_at`` (swap or
+        batching timeout) or, when it is None, once new work arrives. Drops are applied here."""
+        role = self.roles[worker]
+        queue = self.queues[worker]
+        if role is None or not queue:
+            return None, None
+        if now < self.ready_at[worker]:
+            return None, self.ready_at[worker]
+        b, with_disc, times = self._stage_settings[role]
+        if self.batch_timeout_s > 0:
+            retry = batch_ready(len(queue), queue[0].enqueued_s, now, b, self.batch_timeout_s)
+            if retry is not None:
+                return None, retry
+        batch, dropped = form_batch(queue, now, b, times.__getitem__, self.limit_s)
+        if dropped:
+            for q in dropped:
+                q.finish("dropped", now)
+            self.finished += len(dropped)
+        if not batch:
+            return None, None
+        n = len(batch)
+        service_s = times[n]
+        for q in batch:
+            q.queue_s += now - q.enqueued_s
+            q.service_s += service_s
+            q.stages.append(role)
+            q.batch_sizes.append(n)
+        self.inflight[worker] = n
+        return Batch(worker, role, batch, b, now, service_s, with_disc, self.plan.threshold), None
+
+    def complete_batch(self, batch: Batch, now: float) -> list[int]:
+        """A batch ended: complete its queries, or defer low-confidence ones. Returns workers to wake."""
+        w = batch.worker
+        self.inflight[w] = 0
+        self.busy_s[w] += batch.service_s
+        if self.swap_pending[w]:
+            self._start_swap(w, now)
+        woken: list[int] = []
+        if batch.with_discriminator:
+            confidence_of = self.confidences.of
+            threshold = batch.threshold
+            for q in batch.queries:
+                c = q.confidence = confidence_of(q.prompt_id)
+                if defers(c, threshold):
+                    q.deferred = True
+                    target = self._enter_stage(q, "heavy", now)
+                    if target is not None:
+                        woken.append(target)
+                else:
+                    q.finish("completed", now, "light")
+                    self.finished += 1
+        else:
+            role = batch.role
+            for q in batch.queries:
+                q.finish("completed", now, role)
+            self.finished += len(batch.queries)
+        return woken
+
+    # -- plans and roles ------------------------------------------------------------------------
+
+    def apply_plan(self, plan: Plan, now: float, *, preloaded: bool = False) -> None:
+        """Switch to ``plan``: assign roles with the fewest switches, re-route the queued work of
+        switching workers, and move backlog to stages that now have workers.
+
+        ``preloaded``: the workers already hold the models of their new roles (the start of a run).
+        """
+        if plan.gpus_used > self.gpus:
+            raise ValueError(f"the plan uses {plan.gpus_used} workers but there are {self.gpus}")
+        old = list(self.roles)
+        new = assign_roles(old, plan.light.workers, plan.heavy.workers)
+        self.plan = plan
+        self._stage_settings = {}
+        for role in STAGES:
+            b = max(1, plan.stage(role).batch_size)
+            with_disc = role == "light" and plan.mode == "cascade"
+            times = [0.0]  # a stage without workers never forms a batch
+            if plan.stage(role).workers:
+                times += [self.service(role, n, with_disc) for n in range(1, b + 1)]
+            self._stage_settings[role] = (b, with_disc, times)
+        moved: list[tuple[Query, Role]] = []
+        for w in switched(old, new):
+            if old[w] is not None:
+                moved.extend((q, old[w]) for q in self.queues[w])
+                self.queues[w].clear()
+            self.roles[w] = new[w]
+            if preloaded:
+                self.loaded[w] = new[w]
+                self.swap_pending[w] = False
+            elif needs_swap(self.loaded[w], new[w]):
+                if self.inflight[w]:
+                    self.swap_pending[w] = True
+                else:
+                    self._start_swap(w, now)
+            else:
+                self.swap_pending[w] = False
+        self.stage_workers = {role: [w for w, r in enumerate(self.roles) if r == role] for role in STAGES}
+        for q, role in moved:
+            self._place(q, role, now)
+        for role in STAGES:
+            backlog = self.backlog[role]
+            if backlog and self.stage_workers[role]:
+                self.backlog[role] = deque()
+                for q in backlog:
+                    self._place(q, role, now)
+
+    def _start_swap(self, worker: int, now: float) -> None:
+        self.swap_pending[worker] = False
+        self.loaded[worker] = self.roles[worker]
+        self.ready_at[worker] = now + self.swap_s
+
+    # -- controller inputs ----------------------------------------------------------------------
+
+    def expire_backlog(self, now: float) -> int:
+        """Drop backlog queries that could no longer finish in time; returns how many."""
+        count = 0
+        for role in STAGES:
+            backlog = self.backlog[role]
+            if not backlog:
+                continue
+            with_disc = role == "light" and self.plan.mode == "cascade"
+            min_service = self.service(role, 1, with_disc)
+            keep: deque[Query] = deque()
+            for q in backlog:
+                if expired(q, now, min_service, self.limit_s):
+                    q.finish("dropped", now)
+                    count += 1
+                else:
+                    keep.append(q)
+            self.backlog[role] = keep
+        self.finished += count
+        return count
+
+    def holding(self) -> int:
+        """Queries queued, in backlog or running: those not yet ended that the dispatcher holds."""
+        return sum(len(q) for q in self.queues) + sum(self.inflight) + sum(len(b) for b in self.backlog.values())
+
+    def queue_lengths(self) -> tuple[int, int]:
+        """Queued (not running) queries per stage, (light, heavy), backlog included."""
+        return tuple(  # type: ignore[return-value]
+            sum(len(self.queues[w]) for w in self.stage_workers[role]) + len(self.backlog[role])
+            for role in STAGES
+        )
+
+    def tick_stats(self) -> tuple[int, tuple[int, int], tuple[int, int]]:
+        """Since the last call: new arrivals, and queries entering each stage (light, heavy); plus the
+        current queue lengths per stage. Resets the counters."""
+        arrivals = self._tick_arrivals
+        stage = (self._tick_stage["light"], self._tick_stage["heavy"])
+        self._tick_arrivals = 0
+        self._tick_stage = {"light": 0, "heavy": 0}
+        return arrivals, self.queue_lengths(), stage

@@ -1,0 +1,99 @@
+"""Batch formation from a FIFO queue, the drop rule, the batching timeout, service times."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sim_helpers import a100_cascade
+
+from diffsim.batching import ServiceTimes, batch_ready, expired, form_batch, service_time_s
+from diffsim.errors import DiffsimError
+from diffsim.query import Query
+
+
+def q(i, arrival):
+    return Query(id=i, prompt_id=i, arrival_s=arrival, slo_s=5.0)
+
+
+def test_service_time_from_profile():
+    c = a100_cascade()
+    assert service_time_s(c, "light", 1, False) == pytest.approx(0.100)
+    assert service_time_s(c, "light", 16, True) == pytest.approx(0.770 + 0.020)
+    assert service_time_s(c, "heavy", 4, False) == pytest.approx(3.680)
+    assert service_time_s(c, "heavy", 3, False) == pytest.approx((2.160 + 3.680) / 2)  # interpolated
+    with pytest.raises(DiffsimError):
+        service_time_s(c, "light", 64, False)
+    times = ServiceTimes(c)
+    assert times("heavy", 4, False) == pytest.approx(3.680)
+
+
+def test_eager_takes_what_is_there_up_to_b():
+    queue = deque(q(i, 0.0) for i in range(3))
+    batch, dropped = form_batch(queue, 1.0, 8, lambda n: 0.1 * n, 7.5)
+    assert [x.id for x in batch] == [0, 1, 2] and not dropped and not queue
+    queue = deque(q(i, 0.0) for i in range(10))
+    batch, dropped = form_batch(queue, 1.0, 4, lambda n: 0.1 * n, 7.5)
+    assert [x.id for x in batch] == [0, 1, 2, 3] and [x.id for x in queue] == [4, 5, 6, 7, 8, 9]
+
+
+def test_drop_rule_elapsed_plus_service_over_limit():
+    # limit 7.5 s; batch of 2 takes 1.0 s. At now=7: query 0 (arrived 0) has 7 + 1 > 7.5 -> dropped;
+    # query 1 (arrived 6.6): 0.4 + 1.0 <= 7.5 -> kept. Query 2 arrived 6.4: 0.6 + service(2) ok.
+    queue = deque([q(0, 0.0), q(1, 6.6), q(2, 6.4)])
+    batch, dropped = form_batch(queue, 7.0, 2, lambda n: 0.5 * n, 7.5)
+    assert [x.id for x in dropped] == [0]
+    assert [x.id for x in batch] == [1, 2]
+    assert not queue
+
+
+def test_drops_keep_going_until_batch_full():
+    queue = deque([q(0, 0.0), q(1, 0.1), q(2, 9.0), q(3, 9.1), q(4, 9.2)])
+    batch, dropped = form_batch(queue, 10.0, 2, lambda n: 1.0, 7.5)
+    assert [x.id for x in dropped] == [0, 1]
+    assert [x.id for x in batch] == [2, 3]
+    assert [x.id for x in queue] == [4]
+
+
+def test_batch_checked_against_size_it_would_have():
+    # Service: 1 s for one, 3 s for two. limit 5. Query 0 waited 3 s: with a batch of 2 (3 + 3 > 5)
+    # it is dropped; the remaining single query then runs alone.
+    queue = deque([q(0, 0.0), q(1, 2.9)])
+    batch, dropped = form_batch(queue, 3.0, 2, lambda n: {1: 1.0, 2: 3.0}[n], 5.0)
+    assert [x.id for x in dropped] == [0] and [x.id for x in batch] == [1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0, 20), min_size=0, max_size=30), st.integers(1, 8), st.floats(0, 25))
+def test_form_batch_properties(arrivals, b, now):
+    arrivals = sorted(arrivals)
+    queue = deque(q(i, a) for i, a in enumerate(arrivals))
+    service = lambda n: 0.2 + 0.1 * n  # noqa: E731
+    batch, dropped = form_batch(queue, now, b, service, 7.5)
+    assert len(batch) <= b
+    taken = batch + dropped
+    # FIFO: batch, dropped and what remains partition the queue, in order.
+    assert sorted(x.id for x in taken) == list(range(len(taken)))
+    assert [x.id for x in queue] == list(range(len(taken), len(arrivals)))
+    assert [x.id for x in batch] == sorted(x.id for x in batch)
+    for x in batch:
+        assert (now - x.arrival_s) + service(len(batch)) <= 7.5 + 1e-12
+    for x in dropped:
+        assert (now - x.arrival_s) + service(1) > 7.5 - 1e-12 or (now - x.arrival_s) + service(b) > 7.5
+    assert len(batch) == b or not queue
+
+
+def test_batch_ready_with_and_without_timeout():
+    assert batch_ready(1, 0.0, 0.0, 8, 0.0) is None  # eager
+    assert batch_ready(8, 0.0, 0.0, 8, 0.5) is None  # full
+    assert batch_ready(3, 1.0, 1.2, 8, 0.5) == pytest.approx(1.5)  # wait for the oldest's timeout
+    assert batch_ready(3, 1.0, 1.5, 8, 0.5) is None
+    with pytest.raises(ValueError):
+        batch_ready(0, 0.0, 0.0, 8, 0.5)
+
+
+def test_expired():
+    assert expired(q(0, 0.0), 7.0, 0.6, 7.5)
+    assert not expired(q(0, 0.0), 6.8, 0.6, 7.5)

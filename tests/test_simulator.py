@@ -1,0 +1,293 @@
+"""The SimPy driver and the dispatcher behind it: golden cases, invariants (hypothesis), determinism."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sim_helpers import FixedPolicy, ScriptedPolicy, a100_cascade, fixed_plan
+
+from diffsim.batching import service_time_s
+from diffsim.config import ControllerConfig, SimConfig
+from diffsim.errors import InputError
+from diffsim.simulator import simulate
+from diffsim.traces import Trace
+
+CASCADE = a100_cascade()
+LIGHT1 = 0.100  # sd-turbo, batch of 1
+DISC = 0.020
+HEAVY1 = 1.780  # sd-v1.5, batch of 1
+LIMIT = 1.5 * CASCADE.slo_s
+EPS = 1e-9
+
+
+def trace_of(arrivals, prompt_ids=None) -> Trace:
+    arrivals = np.asarray(arrivals, dtype=float)
+    ids = np.arange(1, len(arrivals) + 1) if prompt_ids is None else np.asarray(prompt_ids)
+    return Trace(arrival_s=arrivals, prompt_id=ids)
+
+
+def run(plan_or_policy, arrivals, *, gpus=16, prompt_ids=None, hooks=False, **cfg):
+    policy = plan_or_policy if hasattr(plan_or_policy, "plan") else FixedPolicy(plan_or_policy)
+    config = SimConfig(cascade=cfg.pop("cascade", CASCADE), gpus=gpus, **cfg)
+    trace = arrivals if isinstance(arrivals, Trace) else trace_of(arrivals, prompt_ids)
+    if not hooks:
+        return simulate(config, trace, policy=policy)
+    batches, enqueues = [], []
+    result = simulate(
+        config, trace, policy=policy,
+        on_batch=lambda b: batches.append((b, [q.id for q in b.queries], [len(q.stages) - 1 for q in b.queries])),
+        on_enqueue=lambda w, q, now: enqueues.append((w, (q.id, len(q.stages)), now)),
+    )
+    return result, batches, enqueues
+
+
+def confidence_above(threshold, n):
+    """Prompt ids whose sampled confidence (seed 0) is >= threshold, and ones below it."""
+    from diffsim.confidence import Confidences
+
+    conf = Confidences.from_curve(CASCADE.deferral, 0)
+    above = [p for p in range(1, 5000) if conf.of(p) >= threshold][:n]
+    below = [p for p in range(1, 5000) if conf.of(p) < threshold][:n]
+    return above, below
+
+
+# -- golden cases -----------------------------------------------------------------------------------
+
+
+def test_cascade_light_and_deferred_latency():
+    above, below = confidence_above(0.3, 1)
+    plan = fixed_plan(CASCADE, 1, 1, 1, 1, threshold=0.3)
+    r = run(plan, [0.5, 3.0], gpus=2, prompt_ids=[above[0], below[0]])
+    light, deferred = r.queries
+    assert (light.outcome, light.served_by, light.deferred) == ("completed", "light", False)
+    assert light.latency_s == pytest.approx(LIGHT1 + DISC)
+    assert (deferred.outcome, deferred.served_by, deferred.deferred) == ("completed", "heavy", True)
+    assert deferred.latency_s == pytest.approx(LIGHT1 + DISC + HEAVY1)
+    assert deferred.stages == ["light", "heavy"] and deferred.batch_sizes == [1, 1]
+    assert deferred.confidence < 0.3 <= light.confidence
+    assert r.duration_s == pytest.approx(3.0 + LIGHT1 + DISC + HEAVY1)
+    assert sum(r.worker_busy_s) == pytest.approx(2 * (LIGHT1 + DISC) + HEAVY1)
+    assert r.plans[0][0] == 0.0 and r.plans[0][1] is plan
+    assert [t for t, _ in r.plans] == [0.0, 1.0]  # re-plan at the first tick; run ends before t=6
+    assert [t for t, _, _ in r.demand] == [1.0, 2.0, 3.0, 4.0]
+    assert r.demand[0][1] == 1.0 and r.demand[1][1] == 0.0 and r.demand[2][1] == 1.0
+    assert r.events > 0 and r.wall_s > 0
+
+
+def test_split_mode_sends_light_share_without_discriminator():
+    plan = fixed_plan(CASCADE, 4, 12, 1, 1, mode="split", light_share=0.3)
+    r = run(plan, np.arange(400) * 0.5, prompt_ids=np.arange(400) % 50 + 1)
+    served = Counter(q.served_by for q in r.queries)
+    assert served["light"] / 400 == pytest.approx(0.3, abs=0.06)
+    assert all(q.confidence is None and not q.deferred for q in r.queries)
+    for q in r.queries:
+        assert q.service_s == pytest.approx(LIGHT1 if q.served_by == "light" else HEAVY1)
+
+
+def test_batch_forms_from_simultaneous_arrivals():
+    plan = fixed_plan(CASCADE, 1, 0, 4, 1, threshold=0.0)
+    r = run(plan, [1.0] * 6, gpus=1)
+    assert [q.batch_sizes for q in r.queries] == [[4]] * 4 + [[2]] * 2
+    t4 = service_time_s(CASCADE, "light", 4, True)
+    t2 = service_time_s(CASCADE, "light", 2, True)
+    assert [q.latency_s for q in r.queries] == pytest.approx([t4] * 4 + [t4 + t2] * 2)
+
+
+def test_batch_timeout_waits_to_fill():
+    plan = fixed_plan(CASCADE, 1, 0, 4, 1, threshold=0.0)
+    r = run(plan, [1.0, 1.1, 1.2, 2.0], gpus=1, batch_timeout_s=0.5)
+    # The first three wait until the oldest has waited 0.5 s, then run together; the fourth alone.
+    t3 = service_time_s(CASCADE, "light", 3, True)
+    assert [q.batch_sizes for q in r.queries] == [[3], [3], [3], [1]]
+    assert r.queries[0].finished_s == pytest.approx(1.5 + t3)
+
+
+def test_drop_rule_under_overload():
+    plan = fixed_plan(CASCADE, 0, 1, 1, 1, mode="split", light_share=0.0)
+    r = run(plan, [0.0] * 6, gpus=1)  # six heavy queries, one heavy worker at batch 1 (1.78 s each)
+    outcomes = [q.outcome for q in r.queries]
+    # Served back to back: the 5th would start at 7.12 s and end after 7.5 s -> dropped, and so the 6th.
+    assert outcomes == ["completed"] * 4 + ["dropped"] * 2
+    assert r.queries[4].finished_s == pytest.approx(4 * HEAVY1)
+    for q in r.queries:
+        if q.outcome == "completed":
+            assert q.latency_s <= LIMIT + EPS
+
+
+def test_backlog_waits_for_workers_then_expires():
+    # No heavy worker at first: deferred queries wait in the heavy backlog; at t=1 a heavy worker
+    # appears and takes them. Later deferrals with no heavy worker expire from the backlog.
+    above, below = confidence_above(0.5, 3)
+    no_heavy = fixed_plan(CASCADE, 1, 0, 1, 1, threshold=0.5)
+    with_heavy = fixed_plan(CASCADE, 1, 1, 1, 1, threshold=0.5)
+    policy = ScriptedPolicy([no_heavy, with_heavy, no_heavy])
+    r = run(policy, [0.1, 0.2, 7.0], gpus=2, prompt_ids=below[:3],
+            controller=ControllerConfig(tick_s=1.0, replan_s=5.0))
+    first, second, late = r.queries
+    assert first.outcome == second.outcome == "completed" and first.served_by == "heavy"
+    assert first.finished_s == pytest.approx(1.0 + HEAVY1)  # waited in the backlog until t=1
+    assert late.outcome == "dropped" and late.deferred
+    # Dropped at the first tick where even a batch of one could not finish within 1.5 x SLO.
+    assert late.finished_s - late.arrival_s + HEAVY1 > LIMIT
+    assert late.finished_s - 1.0 - late.arrival_s + HEAVY1 <= LIMIT
+
+
+def test_role_switch_keeps_queued_work_and_swap_time():
+    # 2 heavy workers, a burst of heavy work; then the plan moves one of them to light.
+    heavy2 = fixed_plan(CASCADE, 0, 2, 1, 1, mode="split", light_share=0.0)
+    heavy1 = fixed_plan(CASCADE, 1, 1, 1, 1, mode="split", light_share=0.0)
+    policy = ScriptedPolicy([heavy2, heavy1])
+    r, batches, enqueues = run(policy, [0.0] * 6, gpus=2, hooks=True, swap_s=0.3, seed=3)
+    assert all(q.outcome in ("completed", "dropped") for q in r.queries)
+    assert r.plans[1][0] == 1.0
+    after = [b for b, _, _ in batches if b.start_s > 1.0]
+    assert after and {b.worker for b in after} == {0}  # worker 1 went light: only worker 0 serves heavy
+    moved = {key for w, key, t in enqueues if t == 1.0}
+    assert moved  # worker 1's queued queries were re-routed at the switch, not lost
+    assert all(w == 0 for w, key, t in enqueues if t == 1.0)
+
+
+def test_swap_time_delays_a_switching_worker():
+    light = fixed_plan(CASCADE, 1, 0, 1, 1, threshold=0.0)
+    heavy = fixed_plan(CASCADE, 0, 1, 1, 1, mode="split", light_share=0.0)
+    r = run(ScriptedPolicy([light, heavy]), [0.0, 1.5], gpus=1, swap_s=2.0)
+    a, b = r.queries
+    assert a.served_by == "light" and a.latency_s == pytest.approx(LIGHT1 + DISC)
+    # The worker switched to heavy at t=1 and cannot serve before t=3.
+    assert b.served_by == "heavy" and b.finished_s == pytest.approx(3.0 + HEAVY1)
+
+
+def test_least_loaded_routing_spreads_a_burst():
+    plan = fixed_plan(CASCADE, 4, 0, 1, 1, threshold=0.0)
+    r, batches, _ = run(plan, [0.0] * 8, gpus=4, routing="least-loaded", hooks=True)
+    per_worker = Counter(b.worker for b, _, _ in batches)
+    assert per_worker == {0: 2, 1: 2, 2: 2, 3: 2}
+
+
+def test_deferral_fraction_follows_the_curve():
+    t = 0.1
+    plan = fixed_plan(CASCADE, 6, 10, 1, 1, threshold=t)
+    n = 4000
+    r = run(plan, np.arange(n) * 0.2, prompt_ids=np.arange(1, n + 1))
+    scored = [q for q in r.queries if q.confidence is not None]
+    assert len(scored) == n  # the light stage has ample capacity: everyone is scored
+    frac = sum(q.deferred for q in scored) / n
+    assert frac == pytest.approx(CASCADE.deferral(t), abs=0.025)
+
+
+def test_confidences_from_csv(tmp_path):
+    path = tmp_path / "conf.csv"
+    path.write_text("prompt_id,confidence\n1,0.9\n2,0.01\n")
+    plan = fixed_plan(CASCADE, 1, 1, 1, 1, threshold=0.05)
+    r = run(plan, [0.0, 0.5], gpus=2, prompt_ids=[1, 2], confidences_path=path)
+    assert [q.served_by for q in r.queries] == ["light", "heavy"]
+    with pytest.raises(InputError, match="prompt id 3"):
+        run(plan, [0.0], gpus=2, prompt_ids=[3], confidences_path=path)
+
+
+def test_empty_trace_and_progress(capsys):
+    plan = fixed_plan(CASCADE, 1, 1, 1, 1)
+    r = run(plan, [], gpus=2)
+    assert r.queries == [] and r.duration_s == 0.0 and len(r.plans) == 1
+    config = SimConfig(cascade=CASCADE, gpus=2)
+    r = simulate(config, trace_of([0.0, 2.5]), policy=FixedPolicy(plan), progress=True)
+    assert len(r.queries) == 2
+    assert capsys.readouterr().out == ""  # the bar goes to stderr
+
+
+# -- invariants on random small scenarios -----------------------------------------------------------
+
+
+@st.composite
+def scenarios(draw):
+    gpus = draw(st.integers(1, 6))
+    n = draw(st.integers(1, 60))
+    horizon = draw(st.floats(0.5, 30))
+    arrivals = sorted(draw(st.lists(st.floats(0, horizon), min_size=n, max_size=n)))
+    prompt_ids = draw(st.lists(st.integers(1, 300), min_size=n, max_size=n))
+    plans = []
+    for _ in range(draw(st.integers(1, 4))):
+        light = draw(st.integers(0, gpus))
+        heavy = draw(st.integers(0, gpus - light))
+        b1 = draw(st.sampled_from([1, 2, 4, 8]))
+        b2 = draw(st.sampled_from([1, 2, 4]))
+        if draw(st.booleans()):
+            plans.append(fixed_plan(CASCADE, light, heavy, b1, b2, threshold=draw(st.sampled_from([0, 0.02, 0.2, 1]))))
+        else:
+            share = draw(st.sampled_from([0.0, 0.4, 1.0]))
+            plans.append(fixed_plan(CASCADE, light, heavy, b1, b2, mode="split", light_share=share))
+    extra = dict(
+        seed=draw(st.integers(0, 3)),
+        routing=draw(st.sampled_from(["random", "least-loaded"])),
+        swap_s=draw(st.sampled_from([0.0, 0.5])),
+        batch_timeout_s=draw(st.sampled_from([0.0, 0.2])),
+        controller=ControllerConfig(replan_s=draw(st.sampled_from([1.0, 2.0, 5.0]))),
+    )
+    return gpus, arrivals, prompt_ids, plans, extra
+
+
+def check_invariants(r, batches, enqueues, n):
+    queries = r.queries
+    # Every arrival ends exactly once (Query.finish refuses a second outcome).
+    assert len(queries) == n and [q.id for q in queries] == list(range(n))
+    assert all(q.outcome in ("completed", "dropped") for q in queries)
+    for q in queries:
+        if q.outcome == "completed":
+            assert q.latency_s >= q.service_s - EPS
+            assert q.latency_s == pytest.approx(q.queue_s + q.service_s, abs=1e-6)
+            assert q.latency_s <= LIMIT + EPS  # the drop rule: never started a batch it could not finish
+            assert q.served_by == q.stages[-1]
+        assert q.finished_s >= q.arrival_s
+    # Batches never exceed the plan's batch size; queries in a batch had been queued at that worker.
+    for b, ids, _ in batches:
+        assert 1 <= len(ids) <= b.batch_size
+    # Per-worker FIFO: each worker starts queries in the order they were routed to it.
+    order = defaultdict(dict)  # worker -> (query id, stage index) -> position of its latest routing there
+    for i, (w, key, _) in enumerate(enqueues):
+        order[w][key] = i
+    for w in order:
+        started = [order[w][(qid, stage)] for b, ids, stages in batches if b.worker == w
+                   for qid, stage in zip(ids, stages)]
+        assert started == sorted(started)
+    assert max(r.worker_busy_s) <= r.duration_s + EPS
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_invariants_with_scripted_plans(scenario):
+    gpus, arrivals, prompt_ids, plans, extra = scenario
+    r, batches, enqueues = run(ScriptedPolicy(plans), arrivals, gpus=gpus, prompt_ids=prompt_ids, hooks=True, **extra)
+    check_invariants(r, batches, enqueues, len(arrivals))
+    # Same config and seed: identical per-query records, plans and demand.
+    r2 = run(ScriptedPolicy(plans), arrivals, gpus=gpus, prompt_ids=prompt_ids, **extra)
+    assert r2.queries == r.queries
+    assert r2.plans == r.plans and r2.demand == r.demand and r2.worker_busy_s == r.worker_busy_s
+
+
+def real_policy_names():
+    try:
+        from diffsim.policies import POLICY_NAMES
+    except ImportError:
+        return []
+    return list(POLICY_NAMES)
+
+
+@pytest.mark.parametrize("policy", real_policy_names())
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 8), st.integers(0, 2**16), st.floats(1, 30))
+def test_invariants_with_real_policies(policy, gpus, seed, rate):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 150))
+    arrivals = np.sort(rng.uniform(0, n / rate, n))
+    config = SimConfig(cascade=CASCADE, gpus=gpus, policy=policy, seed=seed % 5)
+    batches, enqueues = [], []
+    r = simulate(
+        config, trace_of(arrivals, rng.integers(1, 5000, n)),
+        on_batch=lambda b: batches.append((b, [q.id for q in b.queries], [len(q.stages) - 1 for q in b.queries])),
+        on_enqueue=lambda w, q, now: enqueues.append((w, (q.id, len(q.stages)), now)),
+    )
+    check_invariants(r, batches, enqueues, n)
