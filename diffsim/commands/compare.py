@@ -1,0 +1,174 @@
+"""``diffsim compare``: the same trace under several policies (and sweep points), side by side.
+
+Each run is one ``diffsim simulate`` with the scenario's seed; runs go to parallel processes
+(``--jobs``, default min(CPUs, runs)) and the results do not depend on the number of jobs.
+``--sweep-gpus 8,16,32`` repeats every policy at each GPU count; ``--sweep-thresholds 0,0.05,...``
+pins the threshold at each value (the allocator still picks workers and batch sizes).
+
+Writes into ``--out``: ``comparison.csv`` (a row per run, byte-stable), ``comparison.json`` (the
+scenario and every run's full summary, wall_s included), ``comparison.png`` (FID against
+SLO-violation ratio, a point per run), ``sweep_gpus.png`` / ``sweep_thresholds.png`` for sweeps, and
+``runs/<policy>_g<gpus>[_t<threshold>]/`` with each run's summary.json and timeseries.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .. import metrics
+from ..comparison import COMPARISON_COLUMNS, RunSpec, Scenario, default_jobs, format_table, run_all
+from ..errors import DiffsimError
+from .simulate import add_scenario_arguments, load_scenario, scenario_settings
+
+DEFAULT_POLICIES = "diffserve,clipper-light,clipper-heavy,static,proteus"
+DEFAULT_OUT = "out/compare"
+THRESHOLD_POLICIES = ("diffserve", "diffserve-maxt", "static")  # the cascade policies: a threshold to pin
+CONSOLE_COLUMNS = (  # "threshold" (the pinned one) is added for threshold sweeps
+    "policy",
+    "gpus",
+    "slo_violation_ratio",
+    "mean_fid",
+    "latency_p50_s",
+    "latency_p99_s",
+    "light_fraction",
+    "dropped",
+    "late",
+    "gpu_utilization",
+    "threshold_mean",
+)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="simulate several policies on one trace and compare them",
+        description=(
+            "Simulate the same trace under several policies (and GPU-count or threshold sweeps) in "
+            "parallel processes. Writes comparison.csv, comparison.json, comparison.png, sweep plots and "
+            "runs/<run>/ (summary.json, timeseries.csv). Results do not depend on --jobs; only wall_s in "
+            "comparison.json and runs/*/summary.json varies between identical runs."
+        ),
+    )
+    add_scenario_arguments(p)
+    p.add_argument("--gpus", type=int, metavar="N", help="number of GPUs (default 16; see --sweep-gpus)")
+    p.add_argument("--policies", default=DEFAULT_POLICIES, metavar="P,P,...", help=f"policies (default {DEFAULT_POLICIES})")
+    p.add_argument("--sweep-gpus", metavar="N,N,...", help="run every policy at each of these GPU counts")
+    p.add_argument("--sweep-thresholds", metavar="T,T,...", help="run every policy with the threshold pinned at each value")
+    p.add_argument("--jobs", type=int, metavar="N", help="parallel processes (default min(CPUs, runs))")
+    p.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+
+
+def _list(text: str, kind, flag: str) -> list:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise DiffsimError(f"{flag}: give at least one value")
+    try:
+        values = [kind(s) for s in items]
+    except ValueError:
+        raise DiffsimError(f"{flag}: {text!r} is not a comma-separated list of {kind.__name__} values") from None
+    if len(set(values)) != len(values):
+        raise DiffsimError(f"{flag}: {text!r} repeats a value")
+    return values
+
+
+def build_specs(args: argparse.Namespace, policies: list[str], gpus: int) -> list[RunSpec]:
+    gpu_counts = _list(args.sweep_gpus, int, "--sweep-gpus") if args.sweep_gpus else [gpus]
+    if any(g < 1 for g in gpu_counts):
+        raise DiffsimError(f"--sweep-gpus: GPU counts must be >= 1, got {args.sweep_gpus!r}")
+    thresholds: list = [None]
+    if args.sweep_thresholds:
+        thresholds = _list(args.sweep_thresholds, float, "--sweep-thresholds")
+        if any(not 0 <= t <= 1 for t in thresholds):
+            raise DiffsimError(f"--sweep-thresholds: thresholds must lie in [0, 1], got {args.sweep_thresholds!r}")
+        other = [p for p in policies if p not in THRESHOLD_POLICIES]
+        if other:
+            raise DiffsimError(
+                f"--sweep-thresholds: policy {other[0]!r} has no confidence threshold "
+                f"(threshold sweeps take {', '.join(THRESHOLD_POLICIES)})"
+            )
+    return [RunSpec(p, g, t) for p in policies for g in gpu_counts for t in thresholds]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..policies import POLICY_NAMES
+
+    policies = _list(args.policies, str, "--policies")
+    for name in policies:
+        if name not in POLICY_NAMES:
+            raise DiffsimError(f"--policies: unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
+    if args.jobs is not None and args.jobs < 1:
+        raise DiffsimError(f"--jobs: must be >= 1, got {args.jobs}")
+    settings = scenario_settings(args, ("gpus",))
+    settings.pop("policy", None)  # --policies decides
+    config, trace, trace_name = load_scenario(settings)
+    specs = build_specs(args, policies, config.gpus)
+    scenario = Scenario(config=config, trace=trace, trace_name=trace_name, window_s=config.window_s)
+    jobs = args.jobs or default_jobs(len(specs))
+
+    done = [0]
+
+    def report(result) -> None:
+        done[0] += 1
+        s = result.summary
+        print(
+            f"[{done[0]}/{len(specs)}] {result.spec.name}: violations {100 * (s['slo_violation_ratio'] or 0):.2f}%, "
+            f"FID {s['mean_fid'] if s['mean_fid'] is None else round(s['mean_fid'], 2)} ({s['wall_s']:.1f} s)",
+            file=sys.stderr,
+        )
+
+    results = run_all(scenario, specs, jobs, on_done=report)
+
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DiffsimError(f"{out}: cannot create the output folder: {e.strerror or e}") from None
+    rows = [r.table_row() for r in results]
+    metrics.write_csv(out / "comparison.csv", rows, COMPARISON_COLUMNS)
+    metrics.dump_json(
+        out / "comparison.json",
+        {
+            "scenario": {
+                "cascade": config.cascade.name,
+                "gpu": config.cascade.gpu,
+                "trace": trace_name,
+                "seed": config.seed,
+                "routing": config.routing,
+                "window_s": config.window_s,
+            },
+            "runs": rows,
+        },
+    )
+    for r in results:
+        metrics.write_outputs(out / "runs" / r.spec.name, r.summary, r.rows, plot=False)
+    written = [out / "comparison.csv", out / "comparison.json", out / "runs"]
+    if not args.no_plot:
+        written += _plots(out, rows, args, config)
+
+    if args.json:
+        print(json.dumps(metrics.rounded(rows), sort_keys=True, indent=2))
+    else:
+        columns = CONSOLE_COLUMNS
+        if args.sweep_thresholds:
+            columns = columns[:2] + ("threshold",) + columns[2:]
+        print(format_table(rows, columns))
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _plots(out: Path, rows: list[dict], args: argparse.Namespace, config) -> list[Path]:
+    from ..plot import plot_comparison, plot_sweep
+
+    varying = [k for k, flag in (("gpus", args.sweep_gpus), ("threshold", args.sweep_thresholds)) if flag]
+    title = f"{config.cascade.name} on {config.cascade.gpu}: FID against SLO violations (lower-left is better)"
+    paths = [out / "comparison.png"]
+    plot_comparison(rows, paths[0], title=title, varying=varying)
+    for key, label, name in (("gpus", "GPUs", "sweep_gpus.png"), ("threshold", "pinned threshold", "sweep_thresholds.png")):
+        if key in varying:
+            paths.append(out / name)
+            plot_sweep(rows, key, paths[-1], x_label=label, title=f"{config.cascade.name}: sweep over {label}",
+                       series=[k for k in varying if k != key])
+    return paths

@@ -1,0 +1,197 @@
+"""``diffsim simulate`` end to end: golden counts on tiny traces, determinism, defaults, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from diffsim import cli
+from diffsim.profiles import load_cascade
+from diffsim.resources import profiles_dir, resolve_profile
+
+# A100 profile (profiles/a100.yaml): batch of 1 takes sd-turbo 100 ms, sd-v1.5 1780 ms, discriminator 20 ms.
+LIGHT_S, HEAVY_S, DISC_S = 0.100, 1.780, 0.020
+ARRIVALS = (0.5, 3.5, 6.5, 9.5, 12.5)  # 3 s apart: every query finds idle workers and runs in a batch of 1
+
+
+@pytest.fixture(scope="module")
+def cascade():
+    return load_cascade("sdturbo-sdv15", resolve_profile("a100"), profiles_dir() / "cascades.yaml")
+
+
+@pytest.fixture
+def sparse_trace(tmp_path) -> Path:
+    path = tmp_path / "sparse.csv"
+    lines = ["# five queries, 3 s apart", "arrival_s,prompt_id"] + [f"{t},{i + 1}" for i, t in enumerate(ARRIVALS)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def simulate(tmp_path, *args) -> tuple[int, dict, Path]:
+    out = tmp_path / "out"
+    rc = cli.main(["simulate", "--out", str(out), "--quiet", "--no-plot", *map(str, args)])
+    summary = json.loads((out / "summary.json").read_text()) if rc == 0 else {}
+    return rc, summary, out
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize(
+    "policy, latency_s, light_served, fid",
+    [
+        ("clipper-light", LIGHT_S, 5, 22.77),  # all light, no discriminator; random-mix FID at r = 1
+        ("clipper-heavy", HEAVY_S, 0, 18.55),  # all heavy; FID at r = 0
+    ],
+)
+def test_golden_single_model_policies(tmp_path, sparse_trace, policy, latency_s, light_served, fid):
+    rc, s, out = simulate(tmp_path, "--trace", sparse_trace, "--policy", policy)
+    assert rc == 0
+    assert (s["requests"], s["completed"], s["late"], s["dropped"], s["violations"]) == (5, 5, 0, 0, 0)
+    assert s["slo_violation_ratio"] == 0.0
+    assert s["light_served"] == light_served
+    assert s["fid_source"] == "random-mix"
+    assert s["mean_fid"] == pytest.approx(fid)
+    assert s["latency_p50_s"] == pytest.approx(latency_s, abs=1e-6)
+    assert s["latency_p99_s"] == pytest.approx(latency_s, abs=1e-6)
+    rows = read_csv(out / "queries.csv")
+    assert [float(r["arrival_s"]) for r in rows] == list(ARRIVALS)
+    assert all(r["batch_sizes"] == "1" for r in rows)
+    assert all(float(r["latency_s"]) == pytest.approx(latency_s, abs=1e-6) for r in rows)
+    # Busy time is exactly the five batches.
+    assert s["worker_busy_s"] == pytest.approx(5 * latency_s, abs=1e-6)
+
+
+def test_golden_cascade(tmp_path, sparse_trace, cascade):
+    rc, s, out = simulate(tmp_path, "--trace", sparse_trace, "--policy", "diffserve")
+    assert rc == 0
+    assert (s["requests"], s["completed"], s["late"], s["dropped"]) == (5, 5, 0, 0)
+    assert s["fid_source"] == "cascade"
+    rows = read_csv(out / "queries.csv")
+    light = [r for r in rows if r["served_by"] == "light"]
+    heavy = [r for r in rows if r["served_by"] == "heavy"]
+    assert len(light) + len(heavy) == 5 and len(light) == s["light_served"]
+    # Served light: sd-turbo + discriminator; deferred: that, then sd-v1.5, each in a batch of 1.
+    for r in light:
+        assert float(r["latency_s"]) == pytest.approx(LIGHT_S + DISC_S, abs=1e-6)
+        assert r["deferred"] == "false"
+    for r in heavy:
+        assert float(r["latency_s"]) == pytest.approx(LIGHT_S + DISC_S + HEAVY_S, abs=1e-6)
+        assert r["deferred"] == "true" and r["stages"] == "light+heavy"
+    assert s["mean_fid"] == pytest.approx(cascade.fid(len(light) / 5))
+    assert s["worker_busy_s"] == pytest.approx(5 * (LIGHT_S + DISC_S) + len(heavy) * HEAVY_S, abs=1e-6)
+
+
+def test_outputs_are_byte_identical_across_runs(tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        rc = cli.main(["simulate", "--trace", "static.csv", "--gpus", "8", "--out", str(out), "--quiet", "--window-s", "5"])
+        assert rc == 0
+        outs.append(out)
+    a, b = outs
+    names = sorted(p.name for p in a.iterdir())
+    assert names == ["plans.csv", "queries.csv", "summary.json", "timeline.png", "timeseries.csv"]
+    for name in names:
+        if name != "summary.json":
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    sa.pop("wall_s"), sb.pop("wall_s")
+    assert sa == sb
+    # Every byte but the wall_s line is the same.
+    strip = lambda d: [l for l in (d / "summary.json").read_text().splitlines() if '"wall_s"' not in l]
+    assert strip(a) == strip(b)
+    assert sa["requests"] == 544 and sa["seed"] == 0 and sa["gpus"] == 8
+
+
+def test_seed_changes_the_run(tmp_path):
+    rc0, s0, _ = simulate(tmp_path / "s0", "--trace", "static.csv", "--seed", "0")
+    rc1, s1, _ = simulate(tmp_path / "s1", "--trace", "static.csv", "--seed", "1")
+    assert rc0 == rc1 == 0
+    assert s0["requests"] == s1["requests"]
+    assert (s0["light_served"], s0["latency_p50_s"]) != (s1["light_served"], s1["latency_p50_s"])
+
+
+def test_no_arguments_runs_the_default_scenario(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["simulate", "--quiet"]) == 0
+    out = tmp_path / "out" / "simulate"
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["cascade"], s["gpu"], s["gpus"], s["policy"], s["seed"]) == ("sdturbo-sdv15", "a100", 16, "diffserve", 0)
+    assert s["trace"] == "dynamic.csv"
+    assert s["requests"] == 6689
+    assert s["completed"] + s["dropped"] + s["failed"] + s["rejected"] + s["unfinished"] == s["requests"]
+    assert (out / "timeline.png").read_bytes().startswith(b"\x89PNG")
+    rows = read_csv(out / "timeseries.csv")
+    assert sum(int(r["arrivals"]) for r in rows) == s["requests"]
+    printed = capsys.readouterr().out
+    assert "SLO violations" in printed and "FID of served mix" in printed
+
+
+def test_config_file_and_flag_override(tmp_path, sparse_trace):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"trace: {sparse_trace.name}\npolicy: clipper-heavy\ngpus: 4\nseed: 3\n")
+    rc, s, _ = simulate(tmp_path, "--config", config)
+    assert rc == 0 and (s["policy"], s["gpus"], s["seed"], s["requests"]) == ("clipper-heavy", 4, 3, 5)
+    rc, s, _ = simulate(tmp_path, "--config", config, "--policy", "clipper-light", "--gpus", "2")
+    assert rc == 0 and (s["policy"], s["gpus"], s["seed"]) == ("clipper-light", 2, 3)
+
+
+def test_json_output(tmp_path, sparse_trace, capsys):
+    rc = cli.main(["simulate", "--trace", str(sparse_trace), "--out", str(tmp_path), "--quiet", "--no-plot", "--json"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "summary.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--trace", "no/such/trace.csv"], "no/such/trace.csv"),
+        (["--policy", "nope"], "nope"),
+        (["--cascade", "nope"], "nope"),
+        (["--gpu", "h900"], "h900"),
+        (["--gpus", "0"], "gpus"),
+        (["--window-s", "0"], "window_s"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, sparse_trace, capsys, args, needle):
+    if args[0] != "--trace":
+        args = ["--trace", str(sparse_trace), *args]
+    rc = cli.main(["simulate", "--out", str(tmp_path / "out"), "--quiet", *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("diffsim simulate: error:")
+    assert needle in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("gpus: [16\n", "line"),  # YAML syntax error
+        ("gpus: 16\ncolour: blue\n", "colour"),  # unknown key
+        ("gpus: many\n", "gpus"),
+        ("- a\n- b\n", "top level"),
+    ],
+)
+def test_malformed_config_exits_2(tmp_path, capsys, text, needle):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    rc = cli.main(["simulate", "--config", str(config), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "bad.yaml" in err and needle in err
+
+
+def test_malformed_trace_names_the_line(tmp_path, capsys):
+    trace = tmp_path / "bad.csv"
+    trace.write_text("arrival_s,prompt_id\n0.5,1\nsoon,2\n")
+    rc = cli.main(["simulate", "--trace", str(trace), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "line 3" in err

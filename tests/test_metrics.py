@@ -1,0 +1,271 @@
+"""Metrics from hand-built query records: exact counts, ratios, percentiles, FID, windows, files."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diffsim import metrics
+from diffsim.plan import Plan, StagePlan
+from diffsim.profiles import load_cascade
+from diffsim.query import Query
+from diffsim.resources import profiles_dir, resolve_profile
+
+SLO = 5.0
+
+
+@pytest.fixture(scope="module")
+def cascade():
+    return load_cascade("sdturbo-sdv15", resolve_profile("a100"), profiles_dir() / "cascades.yaml")
+
+
+def make_plan(mode="cascade", light=(4, 16), heavy=(12, 4), threshold=0.02, light_share=1.0, feasible=True) -> Plan:
+    return Plan(
+        cascade="sdturbo-sdv15",
+        mode=mode,
+        stages=(
+            StagePlan("light", "sd-turbo", light[0], light[1], 0.79, 80.0),
+            StagePlan("heavy", "sd-v1.5", heavy[0], heavy[1], 3.68, 13.0),
+        ),
+        threshold=threshold,
+        light_share=light_share,
+        deferral_fraction=0.26,
+        expected_fid=17.0,
+        predicted_latency_s=4.5,
+        demand_qps=20.0,
+        gpus=16,
+        feasible=feasible,
+    )
+
+
+def q(i, arrival, outcome="completed", latency=1.0, served_by="light", deferred=False, confidence=None):
+    query = Query(id=i, prompt_id=i, arrival_s=arrival, slo_s=SLO, confidence=confidence)
+    query.deferred = deferred
+    if outcome is not None:
+        query.finish(outcome, arrival + latency, served_by=served_by if outcome == "completed" else None)
+    return query
+
+
+def summarize(queries, plans, cascade, duration=100.0, busy=(50.0, 30.0)):
+    return metrics.summarize(
+        queries, plans, cascade=cascade, gpus=2, worker_busy_s=list(busy), duration_s=duration, wall_s=0.5
+    )
+
+
+def test_counts_ratios_and_percentiles(cascade):
+    queries = [
+        q(0, 0.0, latency=1.0),
+        q(1, 1.0, latency=2.0),
+        q(2, 2.0, latency=6.0, served_by="heavy", deferred=True),  # late
+        q(3, 3.0, latency=4.0, served_by="heavy", deferred=True),
+        q(4, 4.0, outcome="dropped", latency=7.5),
+        q(5, 5.0, outcome="failed", latency=0.1),
+        q(6, 6.0, outcome="rejected", latency=0.0),
+        q(7, 7.0, outcome=None),  # never ended
+    ]
+    s = summarize(queries, [(0.0, make_plan())], cascade)
+    assert s["requests"] == 8
+    assert (s["completed"], s["late"], s["on_time"]) == (4, 1, 3)
+    assert (s["dropped"], s["failed"], s["rejected"], s["unfinished"]) == (1, 1, 1, 1)
+    assert s["violations"] == 5  # 1 late + 4 not completed
+    assert s["slo_violation_ratio"] == pytest.approx(5 / 8)
+    assert s["light_served"] == 2 and s["light_fraction"] == pytest.approx(0.5)
+    assert s["deferred"] == 2 and s["deferral_fraction"] == pytest.approx(2 / 8)
+    assert s["latency_p50_s"] == pytest.approx(3.0)  # median of 1, 2, 4, 6
+    assert s["latency_p99_s"] == pytest.approx(np.percentile([1, 2, 4, 6], 99))
+    assert s["latency_max_s"] == pytest.approx(6.0)
+    assert s["latency_mean_s"] == pytest.approx(13 / 4)
+    assert s["gpu_utilization"] == pytest.approx(80.0 / (2 * 100.0))
+    assert s["throughput_qps"] == pytest.approx(4 / 100)
+    assert s["goodput_qps"] == pytest.approx(3 / 100)
+    assert s["wall_s"] == 0.5
+    assert s["cascade"] == "sdturbo-sdv15" and s["gpu"] == "a100" and s["slo_s"] == SLO
+
+
+def test_every_query_counted_once(cascade):
+    rng = np.random.default_rng(3)
+    outcomes = ["completed", "dropped", "failed", "rejected", None]
+    queries = [q(i, float(i) * 0.3, outcome=outcomes[rng.integers(5)], latency=float(rng.uniform(0, 9))) for i in range(200)]
+    s = summarize(queries, [(0.0, make_plan())], cascade)
+    parts = s["completed"] + s["dropped"] + s["failed"] + s["rejected"] + s["unfinished"]
+    assert parts == s["requests"] == 200
+    assert s["on_time"] + s["late"] == s["completed"]
+
+
+def test_fid_cascade_reads_the_curve_at_light_fraction(cascade):
+    # 4 of 10 completed served light -> r = 0.4 -> FID 16.79 on the sdturbo-sdv15 curve.
+    queries = [q(i, i, served_by="light" if i < 4 else "heavy") for i in range(10)]
+    s = summarize(queries, [(0.0, make_plan())], cascade)
+    assert s["fid_source"] == "cascade"
+    assert s["mean_fid"] == pytest.approx(16.79)
+    # Between table points the curve is interpolated: r = 0.25 -> halfway between 17.33 and 16.98.
+    queries = [q(i, i, served_by="light" if i < 1 else "heavy") for i in range(4)]
+    assert summarize(queries, [(0.0, make_plan())], cascade)["mean_fid"] == pytest.approx((17.33 + 16.98) / 2)
+
+
+def test_fid_split_uses_random_mix(cascade):
+    queries = [q(i, i, served_by="light" if i < 4 else "heavy") for i in range(10)]
+    s = summarize(queries, [(0.0, make_plan(mode="split", light_share=0.4))], cascade)
+    assert s["fid_source"] == "random-mix"
+    assert s["mean_fid"] == pytest.approx(cascade.random_mix_fid(0.4))
+    assert s["mean_fid"] == pytest.approx(18.55 + (22.77 - 18.55) * 0.4)  # the straight line (no table)
+
+
+def test_fid_mixed_modes_weighted_by_count(cascade):
+    plans = [(0.0, make_plan()), (10.0, make_plan(mode="split", light_share=1.0))]
+    queries = [q(i, float(i), served_by="light" if i % 2 else "heavy") for i in range(10)]  # cascade, r = 0.5
+    queries += [q(10 + i, 20.0 + i, served_by="light") for i in range(5)]  # split, r = 1
+    s = summarize(queries, plans, cascade)
+    assert s["fid_source"] == "mixed"
+    assert s["mean_fid"] == pytest.approx((10 * cascade.fid(0.5) + 5 * cascade.random_mix_fid(1.0)) / 15)
+
+
+def test_no_completions_gives_nulls(cascade):
+    s = summarize([q(0, 0.0, outcome="dropped")], [(0.0, make_plan())], cascade)
+    assert s["mean_fid"] is None and s["fid_source"] == "none"
+    assert s["latency_p50_s"] is None and s["light_fraction"] is None
+    assert s["slo_violation_ratio"] == 1.0
+    empty = summarize([], [], cascade, duration=0.0)
+    assert empty["requests"] == 0 and empty["slo_violation_ratio"] is None and empty["gpu_utilization"] is None
+
+
+def test_plan_counts_and_time_weighted_means(cascade):
+    plans = [
+        (0.0, make_plan(threshold=0.0, light=(16, 1), heavy=(0, 1))),
+        (5.0, make_plan(threshold=0.0, light=(16, 1), heavy=(0, 1))),  # same plan re-applied
+        (10.0, make_plan(threshold=0.1, light=(4, 16), heavy=(12, 4), feasible=False)),
+    ]
+    s = summarize([q(0, 0.0)], plans, cascade, duration=40.0)
+    assert s["plans_applied"] == 3
+    assert s["plan_changes"] == 1
+    assert s["infeasible_plans"] == 1
+    assert s["threshold_mean"] == pytest.approx(0.1 * 30 / 40)
+    assert s["light_workers_mean"] == pytest.approx((16 * 10 + 4 * 30) / 40)
+    assert s["heavy_workers_mean"] == pytest.approx(12 * 30 / 40)
+
+
+def test_timeseries_windows_and_assignment(cascade):
+    plans = [(0.0, make_plan(threshold=0.0)), (12.0, make_plan(threshold=0.05, light=(6, 8)))]
+    demand = [(1.0, 3.0, 3.5), (2.0, 5.0, 4.5), (11.0, 7.0, 6.0)]
+    queries = [
+        q(0, 1.0, latency=1.0),  # arrives w0, finishes w0
+        q(1, 8.0, latency=3.0, served_by="heavy"),  # arrives w0, finishes w1
+        q(2, 9.0, latency=6.0),  # arrives w0, late, finishes w1
+        q(3, 15.0, outcome="dropped", latency=7.0),  # w1, dropped (ends in w2)
+        q(4, 25.0, latency=0.5),  # w2
+    ]
+    rows = metrics.timeseries(queries, plans, demand, cascade=cascade, window_s=10.0)
+    assert [r["t_start_s"] for r in rows] == [0.0, 10.0, 20.0]
+    assert [r["arrivals"] for r in rows] == [3, 1, 1]
+    assert [r["completions"] for r in rows] == [1, 2, 1]
+    assert [r["violations"] for r in rows] == [1, 1, 0]
+    assert [r["late"] for r in rows] == [1, 0, 0]
+    assert [r["dropped"] for r in rows] == [0, 1, 0]
+    assert rows[0]["slo_violation_ratio"] == pytest.approx(1 / 3)
+    assert rows[0]["arrival_qps"] == pytest.approx(0.3)
+    assert rows[1]["throughput_qps"] == pytest.approx(0.2)
+    assert rows[0]["demand_estimate_qps"] == pytest.approx(4.0)
+    assert rows[0]["measured_qps"] == pytest.approx(4.0)
+    assert rows[1]["demand_estimate_qps"] == pytest.approx(6.0)
+    assert rows[2]["demand_estimate_qps"] is None
+    # Plan in force at each window's end.
+    assert [r["threshold"] for r in rows] == [0.0, 0.05, 0.05]
+    assert [r["light_workers"] for r in rows] == [4, 6, 6]
+    assert rows[1]["light_batch_size"] == 8 and rows[1]["heavy_batch_size"] == 4
+    # Window 1 served one light (q2) and one heavy (q1) image -> r = 0.5.
+    assert rows[1]["light_fraction"] == pytest.approx(0.5)
+    assert rows[1]["fid"] == pytest.approx(cascade.fid(0.5))
+    assert rows[0]["fid"] == pytest.approx(cascade.fid(1.0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 200),
+            st.sampled_from(["completed", "dropped", "failed", "rejected", None]),
+            st.floats(0, 20),
+            st.booleans(),
+        ),
+        max_size=60,
+    ),
+    st.sampled_from([1.0, 3.0, 10.0, 7.5]),
+)
+def test_timeseries_sums_match_summary(cascade, items, window_s):
+    queries = [q(i, a, outcome=o, latency=lat, served_by="light" if light else "heavy") for i, (a, o, lat, light) in enumerate(items)]
+    plans = [(0.0, make_plan())]
+    rows = metrics.timeseries(queries, plans, [], cascade=cascade, window_s=window_s)
+    s = summarize(queries, plans, cascade)
+    end = metrics.run_end_s(queries, plans, [])
+    # Windows are contiguous, start at 0 and cover the run.
+    assert rows[0]["t_start_s"] == 0.0
+    assert all(a["t_end_s"] == b["t_start_s"] for a, b in zip(rows, rows[1:]))
+    assert rows[-1]["t_end_s"] >= end
+    assert len(rows) == 1 or rows[-2]["t_end_s"] < end
+    assert sum(r["arrivals"] for r in rows) == s["requests"]
+    assert sum(r["completions"] for r in rows) == s["completed"]
+    assert sum(r["violations"] for r in rows) == s["violations"]
+    assert sum(r["dropped"] for r in rows) == s["dropped"]
+    assert sum(r["light_served"] for r in rows) == s["light_served"]
+
+
+def test_bad_window(cascade):
+    from diffsim.errors import DiffsimError
+
+    with pytest.raises(DiffsimError):
+        metrics.timeseries([], [], [], cascade=cascade, window_s=0)
+
+
+def test_write_outputs_is_stable_and_rounded(tmp_path, cascade):
+    queries = [q(i, i / 3, latency=1 / 3 + i / 7, served_by="light" if i % 3 else "heavy") for i in range(30)]
+    plans = [(0.0, make_plan())]
+    s = summarize(queries, plans, cascade)
+    rows = metrics.timeseries(queries, plans, [(1.0, 2.0, 2.1)], cascade=cascade, window_s=2.0)
+    a, b = tmp_path / "a", tmp_path / "b"
+    metrics.write_outputs(a, s, rows, plot=False)
+    metrics.write_outputs(b, s, rows, plot=False)
+    assert (a / "summary.json").read_bytes() == (b / "summary.json").read_bytes()
+    assert (a / "timeseries.csv").read_bytes() == (b / "timeseries.csv").read_bytes()
+    assert not (a / "timeline.png").exists()
+    text = (a / "summary.json").read_text()
+    data = json.loads(text)
+    assert list(data) == sorted(data)
+    assert data["latency_mean_s"] == round(s["latency_mean_s"], metrics.DIGITS)
+    with open(a / "timeseries.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == len(rows)
+    assert list(table[0]) == list(metrics.TIMESERIES_COLUMNS)
+    assert table[0]["plan_feasible"] == "true"
+    assert table[-1]["demand_estimate_qps"] == ""  # None -> empty cell
+
+
+def test_write_outputs_with_plot(tmp_path, cascade):
+    queries = [q(i, i * 0.5, latency=1.0 + (i % 5), served_by="light" if i % 3 else "heavy") for i in range(80)]
+    plans = [(0.0, make_plan()), (20.0, make_plan(threshold=0.08, light=(6, 8), heavy=(10, 2)))]
+    s = summarize(queries, plans, cascade)
+    rows = metrics.timeseries(queries, plans, [(t, 2.0, 2.1) for t in range(40)], cascade=cascade, window_s=5.0)
+    metrics.write_outputs(tmp_path / "a", s, rows)
+    metrics.write_outputs(tmp_path / "b", s, rows)
+    png = (tmp_path / "a" / "timeline.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert png == (tmp_path / "b" / "timeline.png").read_bytes()
+
+
+def test_query_rows(cascade):
+    rows = metrics.query_rows([q(0, 1.0, latency=2.0, confidence=0.4), q(1, 2.0, outcome=None)])
+    assert rows[0]["outcome"] == "completed" and rows[0]["latency_s"] == pytest.approx(2.0)
+    assert rows[1]["outcome"] == "unfinished" and rows[1]["latency_s"] is None
+
+
+def test_rounded():
+    assert metrics.rounded({"a": 1 / 3, "b": [float("nan"), -0.0000001], "c": True, "d": np.int64(3)}) == {
+        "a": round(1 / 3, metrics.DIGITS),
+        "b": [None, 0.0],
+        "c": True,
+        "d": 3,
+    }
