@@ -85,22 +85,34 @@ def allocate(
     thresholds: Optional[Sequence[float]] = None,
     objective: Objective = "quality",
     mode: Mode = "cascade",
+    batch_wait: float = 0.0,
+    max_utilization: float = 1.0,
 ) -> Plan:
-    """Solve for the best plan; see the module docstring for the model."""
+    """Solve for the best plan; see the module docstring for the model.
+
+    ``batch_wait`` counts, per stage, that fraction of one batch time as waiting for the batch in flight
+    (eager batching: a query that arrives while its worker is busy waits for that batch first). 0 is the
+    DiffServe paper's model (batch time + queueing delay); 1 is the worst case.
+    """
     started = time.perf_counter()
     _check_inputs(gpus, demand_qps, queue_delay_s, batch_sizes, objective, mode)
+    if not 0 < max_utilization <= 1:
+        raise DiffsimError(f"max_utilization must lie in (0, 1], got {max_utilization!r}")
+    if not 0 <= batch_wait <= 1:
+        raise DiffsimError(f"batch_wait must lie in [0, 1], got {batch_wait!r}")
     grid = tuple(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
     if not grid or any(not 0 <= t <= 1 for t in grid):
         raise DiffsimError("thresholds must be a non-empty list of values in [0, 1]")
     q_light, q_heavy = queue_delay_s
     use_disc = mode == "cascade"
-    light = _stage(cascade, "light", batch_sizes, q_light, use_disc)
-    heavy = _stage(cascade, "heavy", batch_sizes, q_heavy, False)
+    light = _stage(cascade, "light", batch_sizes, q_light, use_disc, batch_wait, max_utilization)
+    heavy = _stage(cascade, "heavy", batch_sizes, q_heavy, False, batch_wait, max_utilization)
     candidates = _candidates(cascade, grid, objective, mode)
 
-    plan = _solve(cascade, gpus, demand_qps, light, heavy, candidates, mode, objective, queue_delay_s)
+    waits = (batch_wait, queue_delay_s)
+    plan = _solve(cascade, gpus, demand_qps, light, heavy, candidates, mode, objective, waits)
     if plan is None:
-        plan = _best_effort(cascade, gpus, demand_qps, light, heavy, candidates, mode, objective, queue_delay_s)
+        plan = _best_effort(cascade, gpus, demand_qps, light, heavy, candidates, mode, objective, waits)
     elapsed = (time.perf_counter() - started) * 1e3
     return _with_solve_ms(plan, elapsed)
 
@@ -120,7 +132,8 @@ def _check_inputs(gpus, demand_qps, queue_delay_s, batch_sizes, objective, mode)
         raise DiffsimError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
 
 
-def _stage(cascade: Cascade, role: str, batch_sizes, queue_delay: float, with_discriminator: bool) -> _Stage:
+def _stage(cascade: Cascade, role: str, batch_sizes, queue_delay: float, with_discriminator: bool,
+           batch_wait: float, max_utilization: float) -> _Stage:
     table = cascade.light if role == "light" else cascade.heavy
     sizes, lats, paths, caps = [], [], [], []
     for b in sorted(set(int(b) for b in batch_sizes)):
@@ -135,8 +148,8 @@ def _stage(cascade: Cascade, role: str, batch_sizes, queue_delay: float, with_di
         lat = ms / 1e3
         sizes.append(b)
         lats.append(lat)
-        paths.append(lat + queue_delay)
-        caps.append(b / lat)
+        paths.append(lat * (1.0 + batch_wait) + queue_delay)
+        caps.append(b / lat * max_utilization)  # usable capacity: planned load stays below the cap
     return _Stage(tuple(sizes), tuple(lats), tuple(paths), tuple(caps))
 
 
@@ -167,7 +180,7 @@ def _candidates(cascade: Cascade, grid, objective: str, mode: str) -> list[_Cand
     return frontier
 
 
-def _solve(cascade, gpus, demand, light, heavy, cands, mode, objective, queue_delay_s) -> Optional[Plan]:
+def _solve(cascade, gpus, demand, light, heavy, cands, mode, objective, waits) -> Optional[Plan]:
     slo = cascade.slo_s
     coupled = mode == "cascade"  # in cascade mode a deferred query pays both stages' latency
     # Batch sizes that can meet the SLO at all.
@@ -279,7 +292,7 @@ def _solve(cascade, gpus, demand, light, heavy, cands, mode, objective, queue_de
     cand = cands[k]
     light_plan = _stage_plan(cascade, "light", light, light_ok, x[iyL:iyL + nl], x[ixL:ixL + nl])
     heavy_plan = _stage_plan(cascade, "heavy", heavy, heavy_ok, x[iyH:iyH + nh], x[ixH:ixH + nh])
-    return _plan(cascade, gpus, demand, light_plan, heavy_plan, cand, mode, objective, queue_delay_s, True, "")
+    return _plan(cascade, gpus, demand, light_plan, heavy_plan, cand, mode, objective, waits, True, "")
 
 
 def _stage_plan(cascade: Cascade, role: str, stage: _Stage, ok: list[int], y, x) -> StagePlan:
@@ -290,13 +303,14 @@ def _stage_plan(cascade: Cascade, role: str, stage: _Stage, ok: list[int], y, x)
     j = chosen[0]
     i = ok[j]
     workers = int(x[j])
-    return StagePlan(role, model, workers, stage.batch_sizes[i], stage.latency_s[i], workers * stage.capacity[i])
+    b, lat = stage.batch_sizes[i], stage.latency_s[i]
+    return StagePlan(role, model, workers, b, lat, workers * b / lat)
 
 
-def _plan(cascade, gpus, demand, light_plan, heavy_plan, cand, mode, objective, queue_delay_s, feasible, reason) -> Plan:
-    q_light, q_heavy = queue_delay_s
-    light_path = light_plan.latency_s + q_light if light_plan.workers else 0.0
-    heavy_path = heavy_plan.latency_s + q_heavy if heavy_plan.workers else 0.0
+def _plan(cascade, gpus, demand, light_plan, heavy_plan, cand, mode, objective, waits, feasible, reason) -> Plan:
+    batch_wait, (q_light, q_heavy) = waits
+    light_path = light_plan.latency_s * (1 + batch_wait) + q_light if light_plan.workers else 0.0
+    heavy_path = heavy_plan.latency_s * (1 + batch_wait) + q_heavy if heavy_plan.workers else 0.0
     if mode == "cascade":
         latency = light_path + (heavy_path if cand.heavy_fraction > 0 else 0.0)
         threshold, light_share = cand.key, 1.0
@@ -320,7 +334,7 @@ def _plan(cascade, gpus, demand, light_plan, heavy_plan, cand, mode, objective, 
     )
 
 
-def _best_effort(cascade, gpus, demand, light, heavy, cands, mode, objective, queue_delay_s) -> Plan:
+def _best_effort(cascade, gpus, demand, light, heavy, cands, mode, objective, waits) -> Plan:
     """All GPUs on the light model, nothing deferred, the batch size of most throughput within the SLO."""
     slo = cascade.slo_s
     heavy_only = mode == "heavy-only"
@@ -338,7 +352,8 @@ def _best_effort(cascade, gpus, demand, light, heavy, cands, mode, objective, qu
         reason = f"no allowed batch size of the {role} model has a latency in the profile"
     else:
         sp = StagePlan(role, cascade.light_model if role == "light" else cascade.heavy_model,
-                       gpus, stage.batch_sizes[i], stage.latency_s[i], gpus * stage.capacity[i])
+                       gpus, stage.batch_sizes[i], stage.latency_s[i],
+                       gpus * stage.batch_sizes[i] / stage.latency_s[i])
         reason = _why(cascade, gpus, demand, light, heavy, mode, stage, role, fits, sp)
     empty_role = "light" if heavy_only else "heavy"
     empty = StagePlan(empty_role, cascade.heavy_model if empty_role == "heavy" else cascade.light_model, 0, 0, 0.0, 0.0)
@@ -349,7 +364,7 @@ def _best_effort(cascade, gpus, demand, light, heavy, cands, mode, objective, qu
         cand = _Candidate(1.0, 1.0, 0.0, cascade.random_mix_fid(0.0))
     else:
         cand = _Candidate(0.0, 0.0, 1.0, cascade.random_mix_fid(1.0))
-    return _plan(cascade, gpus, demand, stages[0], stages[1], cand, mode, objective, queue_delay_s, False, reason)
+    return _plan(cascade, gpus, demand, stages[0], stages[1], cand, mode, objective, waits, False, reason)
 
 
 def _why(cascade, gpus, demand, light, heavy, mode, stage, role, fits, sp) -> str:

@@ -255,3 +255,21 @@ def test_queue_delay_tightens_latency(turbo):
 def test_bad_inputs_raise_clear_errors(turbo, kwargs):
     with pytest.raises(DiffsimError):
         allocate(turbo, **kwargs)
+
+
+@SETTINGS
+@given(cascade=cascades(), gpus=st.integers(1, 30), demand=st.floats(0, 100), rho=st.floats(0.3, 1.0),
+       wait=st.floats(0, 1), ql=st.floats(0, 1), qh=st.floats(0, 1))
+def test_utilization_cap_and_batch_wait_hold(cascade, gpus, demand, rho, wait, ql, qh):
+    plan = allocate(cascade, gpus, demand, queue_delay_s=(ql, qh), thresholds=GRID, max_utilization=rho,
+                    batch_wait=wait)
+    assume(plan.feasible)
+    assert plan.light.capacity_qps * rho >= demand - 1e-6
+    assert plan.heavy.capacity_qps * rho >= demand * plan.deferral_fraction - 1e-6
+    heavy = (plan.heavy.latency_s * (1 + wait) + qh) if plan.deferral_fraction > 0 else 0.0
+    expect = plan.light.latency_s * (1 + wait) + ql + heavy
+    assert plan.predicted_latency_s == pytest.approx(expect)
+    assert plan.predicted_latency_s <= cascade.slo_s + 1e-9
+    # a looser cap never makes the objective worse
+    loose = allocate(cascade, gpus, demand, queue_delay_s=(ql, qh), thresholds=GRID, batch_wait=wait)
+    assert loose.feasible and loose.expected_fid <= plan.expected_fid + 1e-9

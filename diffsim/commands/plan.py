@@ -26,6 +26,11 @@ def add_parser(sub) -> None:
     p.add_argument("--queue-delay-s", default="0,0", metavar="L,H",
                    help="queueing delay estimates of the light and heavy stage, seconds (default: 0,0)")
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="allowed batch sizes (default: %(default)s)")
+    p.add_argument("--max-utilization", type=float, default=None,
+                   help="plan each stage to at most this fraction of its capacity "
+                        "(default: the serving policies' 0.8; 1 is the paper's capacity >= demand)")
+    p.add_argument("--batch-wait", type=float, default=0.0,
+                   help="fraction of a batch time counted as waiting for the batch in flight (default 0, as the paper)")
     p.add_argument("--thresholds", default=None,
                    help="threshold grid, comma-separated (default: 0, 0.005, ..., 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -40,6 +45,7 @@ def _floats(text: str, what: str) -> list[float]:
 
 def run(args: argparse.Namespace) -> int:
     from ..allocator import allocate
+    from ..policies import DEFAULT_MAX_UTILIZATION
     from ..profiles import load_cascade
     from ..resources import profiles_dir, resolve_profile
 
@@ -61,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         thresholds=thresholds,
         objective=args.objective,
         mode=args.mode,
+        max_utilization=DEFAULT_MAX_UTILIZATION if args.max_utilization is None else args.max_utilization,
+        batch_wait=args.batch_wait,
     )
     if args.json:
         print(json.dumps(plan.to_dict(), sort_keys=True))
