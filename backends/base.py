@@ -1,0 +1,270 @@
+"""The executor: what a serving worker runs. Load one model (and the discriminator), generate a batch,
+score a batch, report memory, unload.
+
+The interface is narrow and takes and returns plain data (prompt strings, integer seeds, PIL images or
+PNG bytes, numpy arrays, a small memory record), and an executor shares no mutable state with its caller,
+so a worker can later host it in another process or on another machine without changing the policy code.
+
+:class:`PipelineExecutor` is the one implementation: the ``cuda`` and ``cpu-tiny`` backends
+(:mod:`backends.cuda`, :mod:`backends.cpu_tiny`) are this class with a different spec size, dtype and device.
+Seeding: image i of a batch is generated from its own ``torch.Generator`` seeded with ``seeds[i]``, so an
+image depends on its prompt and seed, not on the other prompts it was batched with (up to the last bits of
+batched arithmetic).
+"""
+
+from __future__ import annotations
+
+import abc
+import gc
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+
+from diffsim.errors import DiffsimError
+
+from .specs import ModelSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import PIL.Image
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    """Memory in use by the executor's device.
+
+    On CUDA: bytes allocated by PyTorch on the device now, and the peak since the last
+    :meth:`Executor.reset_peak_memory` (``torch.cuda.memory_allocated`` / ``max_memory_allocated``; reserved
+    bytes of the caching allocator are higher). On CPU: the resident set size of the whole process, and no
+    peak (``peak_bytes`` None): RSS is shared by everything in the process and its peak cannot be reset.
+    """
+
+    device: str
+    kind: str  # "cuda-allocated" or "process-rss"
+    in_use_bytes: int
+    peak_bytes: Optional[int]
+
+
+class Executor(abc.ABC):
+    """One model (plus the discriminator) on one device, for one worker."""
+
+    backend: str
+    model: str
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Build the pipeline and the discriminator. Idempotent."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list["PIL.Image.Image"]:
+        """One batch: image i for ``prompts[i]`` from seed ``seeds[i]``."""
+
+    @abc.abstractmethod
+    def score(self, images: Sequence["PIL.Image.Image"]) -> np.ndarray:
+        """The discriminator's confidence P(real) per image, float in [0, 1]."""
+
+    @abc.abstractmethod
+    def unload(self) -> None:
+        """Free the models and their device memory. ``load`` may be called again afterwards."""
+
+    @abc.abstractmethod
+    def memory(self) -> MemoryUsage: ...
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak-memory window (no-op where there is no resettable peak)."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (no-op on CPU), so a wall-clock timer around a call is honest."""
+
+    @property
+    def loaded(self) -> bool:
+        return False
+
+    def generate_png(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[bytes]:
+        """:meth:`generate`, with each image encoded as PNG bytes (for a worker in another process)."""
+        return [to_png(img) for img in self.generate(prompts, seeds)]
+
+    def __enter__(self) -> "Executor":
+        self.load()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unload()
+
+
+def to_png(image: "PIL.Image.Image") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def from_png(data: bytes) -> "PIL.Image.Image":
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def process_rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc/self/statm``; 0 where unavailable)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class PipelineExecutor(Executor):
+    """A diffusers pipeline plus the discriminator, on one device in one dtype.
+
+    ``weights``: "random", "hub", a hub id or a pipeline directory (see :mod:`backends.pipelines`).
+    ``discriminator``: build and load the discriminator (``discriminator_weights`` None = seeded random head,
+    fine for profiling; a ``.safetensors`` file otherwise). ``compile_unet``: wrap the UNet in
+    ``torch.compile(mode="reduce-overhead")`` (opt-in; its first calls compile and are slow).
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        backend: str,
+        weights: str | Path = "random",
+        device: str = "cpu",
+        dtype: str = "fp32",
+        discriminator: bool = True,
+        discriminator_weights: str | Path | None = None,
+        discriminator_arch: str | None = None,
+        discriminator_image_size: int | None = None,
+        discriminator_dtype: str | None = None,
+        compile_unet: bool = False,
+        seed: int = 0,
+    ):
+        from .pipelines import parse_weights
+
+        self.spec = spec
+        self.backend = backend
+        self.model = spec.name
+        self.weights = parse_weights(weights, spec)  # fails early on a bad source, before any loading
+        self.device = device
+        self.dtype = dtype
+        self.want_discriminator = discriminator
+        self.discriminator_weights = discriminator_weights
+        self.discriminator_arch = discriminator_arch
+        self.discriminator_image_size = discriminator_image_size
+        self.discriminator_dtype = discriminator_dtype
+        self.compile_unet = compile_unet
+        self.seed = seed
+        self._pipe = None
+        self._discriminator = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return self._pipe is not None
+
+    def load(self) -> None:
+        if self._pipe is not None:
+            return
+        from .pipelines import build_pipeline
+
+        pipe = build_pipeline(self.spec, self.weights, device=self.device, dtype=self.dtype, seed=self.seed)
+        if self.compile_unet:
+            import torch
+
+            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")
+        if self.want_discriminator:
+            self._discriminator = self._build_discriminator()
+        self._pipe = pipe
+
+    def _build_discriminator(self):
+        try:
+            from .discriminator import build_discriminator
+        except ImportError as e:
+            raise DiffsimError(f"the discriminator is unavailable: cannot import backends.discriminator ({e})")
+        return build_discriminator(
+            self.discriminator_arch,
+            weights=self.discriminator_weights,
+            device=self.device,
+            dtype=self.discriminator_dtype,
+            image_size=self.discriminator_image_size,
+        )
+
+    def unload(self) -> None:
+        self._pipe = None
+        self._discriminator = None
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    # -- work --------------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list["PIL.Image.Image"]:
+        prompts, seeds = list(prompts), list(seeds)
+        if len(prompts) != len(seeds):
+            raise DiffsimError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+        if any(not isinstance(p, str) for p in prompts):
+            raise DiffsimError("generate: every prompt must be a string")
+        if not prompts:
+            return []
+        self.load()
+        import torch
+
+        spec = self.spec
+        generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        with torch.inference_mode():
+            out = self._pipe(
+                prompt=prompts,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                height=spec.resolution,
+                width=spec.resolution,
+                generator=generators,
+                output_type="pil",
+            )
+        return list(out.images)
+
+    def score(self, images: Sequence["PIL.Image.Image"]) -> np.ndarray:
+        images = list(images)
+        if not images:
+            return np.zeros(0, dtype=np.float64)
+        self.load()
+        if self._discriminator is None:
+            raise DiffsimError(f"executor for {self.model} was built without a discriminator")
+        return np.asarray(self._discriminator.score(images), dtype=np.float64)
+
+    # -- device ------------------------------------------------------------------------------------
+
+    def memory(self) -> MemoryUsage:
+        if self.device.startswith("cuda"):
+            import torch
+
+            return MemoryUsage(
+                device=self.device,
+                kind="cuda-allocated",
+                in_use_bytes=int(torch.cuda.memory_allocated(self.device)),
+                peak_bytes=int(torch.cuda.max_memory_allocated(self.device)),
+            )
+        return MemoryUsage(device=self.device, kind="process-rss", in_use_bytes=process_rss_bytes(), peak_bytes=None)
+
+    def reset_peak_memory(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def synchronize(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(model={self.model!r}, weights={self.weights.describe()!r}, "
+                f"device={self.device!r}, dtype={self.dtype!r})")

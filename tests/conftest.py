@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny diffusion pipelines saved to disk, and the ``cuda`` marker's skip rule.
+
+torch is imported only inside fixtures and hooks that need it, so tests of the torch-free core never load it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if cuda_items and not _cuda_available():
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+        for item in cuda_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def torch_one_thread():
+    """torch on one CPU thread: the CI machines have two cores shared by everything."""
+    import torch
+
+    torch.set_num_threads(1)
+    return torch
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory, torch_one_thread):
+    """``tiny_pipeline_dir(model)`` -> a directory holding that model's tiny random-weight pipeline, written
+    by ``save_pretrained`` (built once per session and model). Load it with
+    ``make_executor("cpu-tiny", model, weights=str(path))``."""
+    from backends.pipelines import build_pipeline
+    from backends.specs import get_spec
+
+    built: dict[str, Path] = {}
+
+    def get(model: str = "sd-turbo") -> Path:
+        if model not in built:
+            path = tmp_path_factory.mktemp(f"tiny-{model}")
+            build_pipeline(get_spec(model, "tiny"), "random").save_pretrained(path)
+            built[model] = path
+        return built[model]
+
+    return get
