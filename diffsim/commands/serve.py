@@ -1,0 +1,149 @@
+"""``diffsim serve``: serve a cascade over an OpenAI-style HTTP API, with the simulator's policies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import DiffsimError
+
+DEFAULT_PORT = 8000
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a cascade over HTTP (OpenAI-style /v1/images/generations) on real workers",
+        description=(
+            "Serve a diffusion cascade for real: one worker per GPU (cpu-tiny: per CPU slot), the controller "
+            "re-plans from the measured arrival rate, the light model's images are scored by the "
+            "discriminator and low-confidence ones go on to the heavy model. Routes: POST "
+            "/v1/images/generations, GET /v1/plan, GET /metrics, GET /healthz. SIGTERM drains in-flight "
+            "work and exits 0."
+        ),
+    )
+    p.add_argument("--backend", required=True, choices=("cuda", "cpu-tiny"), help="executors: cuda or cpu-tiny")
+    p.add_argument("--cascade", required=True, metavar="C", help="cascade name, e.g. sdturbo-sdv15")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="workers: one per GPU (default: every visible GPU; cpu-tiny: 1 CPU slot)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
+    p.add_argument("--policy", default="diffserve", metavar="P", help="policy (default diffserve)")
+    p.add_argument("--static-plan", metavar="JSON",
+                   help='plan for --policy static, e.g. \'{"threshold": 0.2, "light_workers": 1, '
+                   '"heavy_workers": 1, "light_batch": 4, "heavy_batch": 2}\' (default: the paper\'s, scaled)')
+    p.add_argument("--gpu-profile", metavar="a100|PATH|measure",
+                   help="latency profile the allocator plans with (default: measure on cpu-tiny, a100 on cuda)")
+    p.add_argument("--save-profile", metavar="PATH", help="write the profile the server plans with (YAML)")
+    p.add_argument("--cascades", metavar="FILE", help="cascades file (default: the shipped profiles/cascades.yaml)")
+    p.add_argument("--weights", nargs="+", default=["random"], metavar="SRC",
+                   help="model weights: random (default), hub, a folder of per-model pipeline directories, "
+                   "NAME=SOURCE pairs, or two sources (light, then heavy)")
+    p.add_argument("--discriminator-weights", metavar="FILE", help="discriminator .safetensors (default: random head)")
+    p.add_argument("--discriminator-arch", metavar="NAME", help="timm EfficientNet name (default efficientnetv2_s)")
+    p.add_argument("--swap", action="store_true",
+                   help="keep one model resident per worker, loading the other on a role change "
+                   "(default: both resident, as in the paper)")
+    p.add_argument("--slo-s", type=float, metavar="S", help="override the cascade's SLO (seconds)")
+    p.add_argument("--drop-factor", type=float, default=1.5,
+                   help="drop / reject when a query cannot finish within this x SLO (default 1.5)")
+    p.add_argument("--no-admission", action="store_true", help="queue every request (no 429 at the door)")
+    p.add_argument("--batch-sizes", metavar="LIST", help="batch sizes the policy may use (default: 1,2,4 on "
+                   "cpu-tiny, 1,2,4,8,16,32 on cuda)")
+    p.add_argument("--routing", choices=("random", "least-loaded"), default="least-loaded",
+                   help="worker choice within a stage (default least-loaded; random is the paper's)")
+    p.add_argument("--max-utilization", type=float, default=0.8, metavar="U",
+                   help="plan each stage to at most this fraction of its capacity (default 0.8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the router and of image seeds (default 0)")
+    p.add_argument("--max-n", type=int, default=8, help="most images per request (default 8)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def options_from_args(args: argparse.Namespace):
+    from ..server import ServeOptions
+
+    gpus = args.gpus
+    if gpus is None:
+        gpus = _visible_gpus() if args.backend == "cuda" else 1
+    static_plan = None
+    if args.static_plan:
+        try:
+            static_plan = json.loads(args.static_plan)
+        except json.JSONDecodeError as e:
+            raise DiffsimError(f"--static-plan: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(static_plan, dict):
+            raise DiffsimError("--static-plan: expected a JSON object")
+    sizes = None
+    if args.batch_sizes:
+        try:
+            sizes = tuple(int(x) for x in args.batch_sizes.split(",") if x.strip())
+        except ValueError:
+            raise DiffsimError(f"--batch-sizes: expected comma-separated integers, got {args.batch_sizes!r}") from None
+    if args.max_n < 1:
+        raise DiffsimError(f"--max-n: must be >= 1, got {args.max_n}")
+    return ServeOptions(
+        backend=args.backend, cascade=args.cascade, gpus=gpus, policy=args.policy, gpu_profile=args.gpu_profile,
+        cascades=args.cascades, weights=tuple(args.weights), discriminator_weights=args.discriminator_weights,
+        discriminator_arch=args.discriminator_arch, swap=args.swap, slo_s=args.slo_s,
+        drop_factor=args.drop_factor, batch_sizes=sizes, static_plan=static_plan, routing=args.routing,
+        max_utilization=args.max_utilization, seed=args.seed, admission=not args.no_admission, save_profile=args.save_profile,
+    )
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise DiffsimError("backend cuda: no CUDA device is available; use --backend cpu-tiny")
+    return n
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+    import sys
+
+    from ..server import bind_socket, check_options, serve
+    from ..server.http import HttpSettings
+
+    options = options_from_args(args)
+    check_options(options)  # before loading anything: names, files, numbers
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from ..server import cascade_models
+
+    light, heavy, _ = cascade_models(options)
+    image_size = _image_size(options.backend, light, heavy)
+    settings = HttpSettings(api_key=args.api_key, max_n=args.max_n, image_size=image_size, seed=args.seed)
+    sock = bind_socket(args.host, args.port)
+
+    def ready(url: str) -> None:
+        print(f"diffsim serve: {options.cascade} on {options.gpus} {options.backend} worker(s), "
+              f"listening on {url}", flush=True)
+
+    # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler makes that
+    # a clean exit (status 0) after the drain instead of death by SIGTERM.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    asyncio.run(serve(options, settings, sock, on_ready=ready,
+                      log_level="info" if args.log_level == "debug" else "warning"))
+    print("diffsim serve: drained and stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _image_size(backend: str, light: str, heavy: str):
+    """'WxH' when both models make images of one size (what a request's ``size`` must say)."""
+    from backends.specs import get_spec
+
+    size = "tiny" if backend == "cpu-tiny" else "full"
+    res = {get_spec(light, size).resolution, get_spec(heavy, size).resolution}
+    if len(res) != 1:
+        return None
+    r = res.pop()
+    return f"{r}x{r}"

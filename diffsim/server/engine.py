@@ -1,0 +1,502 @@
+"""The wall-clock driver: the simulator's rules, run by asyncio against real workers.
+
+Everything that decides lives in the pure layer and is shared with ``diffsim simulate``:
+:class:`~diffsim.dispatcher.Dispatcher` (routing, FIFO queues, eager batching, the drop rule, deferral,
+role switches), :class:`~diffsim.controller.Controller` (demand EWMA, Little's-law queueing delays,
+re-plan period) and the policy/allocator. This module only tells them what happened and when, exactly
+as :mod:`diffsim.simulator` does, with three differences that come from running for real:
+
+* a batch's time is measured, not looked up: the worker runs it (:mod:`diffsim.server.worker`) and the
+  measured time replaces the profile's in the query records and the workers' busy time;
+* the confidence that decides deferral is the discriminator's score of the actual light image, handed
+  to the dispatcher through :class:`MeasuredConfidences` (the server's prompt ids are its query ids);
+* new queries pass the admission rule (:mod:`diffsim.admission`) first, and an executor that raises
+  fails only its own batch's queries (outcome ``failed``).
+
+Tasks on the event loop: one per worker (take a batch, run it, hand it back; sleep until woken), and the
+controller (every ``tick_s``: expire backlog, feed the controller, apply the plan it returns). Every
+admitted query resolves its future exactly once, with its final outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..admission import Decision, StageLoad, batch_size_for_new, decide, queue_wait_s
+from ..config import DEFAULT_BATCH_SIZES, ControllerConfig
+from ..policies import DEFAULT_MAX_UTILIZATION
+from ..controller import Controller
+from ..dispatcher import STAGES, Batch, Dispatcher
+from ..errors import DiffsimError
+from ..plan import Plan
+from ..profiles import Cascade
+from ..query import Query
+from ..routing import Router, first_stage
+from .worker import BatchJob, WorkerHandle
+
+log = logging.getLogger("diffsim.server")
+
+HISTORY = 10_000  # plans and demand samples kept for /v1/plan and the metrics
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs; the policy-side fields mean what they mean in :class:`~diffsim.config.SimConfig`."""
+
+    cascade: Cascade
+    gpus: int
+    policy: str = "diffserve"
+    static_plan: Optional[dict] = None
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    routing: str = "least-loaded"
+    drop_factor: float = 1.5
+    batch_timeout_s: float = 0.0
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    seed: int = 0
+    max_utilization: float = DEFAULT_MAX_UTILIZATION
+    batch_wait: float = 0.0
+    swap: bool = False  # one model resident per worker; a role change loads the other one
+    swap_s: float = 0.0  # expected model-load time (the dispatcher keeps a swapping worker idle that long)
+    admission: bool = True  # apply the admission rule (429 instead of queueing a hopeless query)
+
+    def __post_init__(self) -> None:
+        if self.gpus < 1:
+            raise DiffsimError(f"gpus: must be >= 1, got {self.gpus}")
+        if not self.drop_factor > 0:
+            raise DiffsimError(f"drop factor: must be > 0, got {self.drop_factor}")
+
+
+class Rejected(Exception):
+    """Refused by the admission rule (HTTP 429)."""
+
+    def __init__(self, decision: Decision):
+        super().__init__(
+            f"the server cannot finish this request within its deadline (predicted "
+            f"{decision.predicted_completion_s - decision.deadline_s:+.1f} s past it); retry later"
+        )
+        self.decision = decision
+
+
+class Unavailable(Exception):
+    """The engine is draining or stopped (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class QueryAnswer:
+    """A query's final state, handed to whoever submitted it."""
+
+    query: Query
+    png: Optional[bytes]  # the served image (completed only)
+    model: Optional[str]  # the model that made it
+
+
+class MeasuredConfidences:
+    """The dispatcher's confidence source for a real run: the discriminator's scores of the light images
+    just generated, keyed by prompt id (= query id in the server), each read once."""
+
+    def __init__(self) -> None:
+        self.scores: dict[int, float] = {}
+
+    def of(self, key: int) -> float:
+        return self.scores.pop(key)
+
+
+class Engine:
+    """Queues, workers and the control loop of one server. All methods run on one event loop."""
+
+    def __init__(self, config: EngineConfig, workers: Sequence[WorkerHandle], *, policy=None,
+                 clock: Callable[[], float] = time.monotonic):
+        if len(workers) != config.gpus:
+            raise DiffsimError(f"{len(workers)} workers for {config.gpus} GPUs")
+        self.config = config
+        self.cascade = config.cascade
+        self.workers = list(workers)
+        if policy is None:
+            from ..policies import policy_for
+
+            policy = policy_for(config)
+        self.policy = policy
+        self.confidences = MeasuredConfidences()
+        self.dispatcher = Dispatcher(
+            config.cascade,
+            config.gpus,
+            router=Router(config.routing, np.random.default_rng(config.seed)),
+            confidences=self.confidences,  # type: ignore[arg-type]
+            seed=config.seed,
+            drop_factor=config.drop_factor,
+            batch_timeout_s=config.batch_timeout_s,
+            swap_s=config.swap_s if config.swap else 0.0,
+        )
+        self.controller = Controller(policy, config.gpus, config.controller)
+        self._clock = clock
+        self._t0: Optional[float] = None
+        self.plans: collections.deque[tuple[float, Plan]] = collections.deque(maxlen=HISTORY)
+        self.plan_id = 0
+        self.demand: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=HISTORY)
+        self._next_id = 0
+        self._pending: dict[int, tuple[Query, asyncio.Future]] = {}
+        self._images: dict[int, tuple[bytes, str]] = {}  # query id -> (latest image, its model)
+        self._settled = 0
+        self._batch_end = [0.0] * config.gpus  # predicted end of each worker's running batch
+        self._wake: list[asyncio.Event] = []
+        self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
+        self._idle = asyncio.Event()  # set whenever nothing is pending
+        self._idle.set()
+        self.draining = False
+        self.started = False
+        self.stopped = False
+        # Counters (the HTTP layer and Prometheus read them).
+        self.outcomes = {"completed": 0, "dropped": 0, "failed": 0, "rejected": 0}
+        self.late = 0
+        self.violations = 0
+        self.batches = {"light": 0, "heavy": 0}
+        self.failed_batches = 0
+        # Observers: on_query(query) when a query ends; on_batch(role, size, run_s, failed) after a batch.
+        self.on_query: list[Callable[[Query], None]] = []
+        self.on_batch: list[Callable[[str, int, float, bool], None]] = []
+
+    # -- clock ------------------------------------------------------------------------------------------
+
+    @property
+    def now(self) -> float:
+        """Seconds since the engine started (the simulator's t)."""
+        return 0.0 if self._t0 is None else self._clock() - self._t0
+
+    # -- life cycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the initial plan's models, then start the worker loops and the controller."""
+        if self.started:
+            return
+        plan0 = self.controller.initial_plan(0.0)
+        self.dispatcher.apply_plan(plan0, 0.0, preloaded=True)
+        await asyncio.gather(*(w.start(role) for w, role in zip(self.workers, self.dispatcher.roles)))
+        self._t0 = self._clock()
+        self.plans.append((0.0, plan0))
+        self.plan_id = 1
+        self._wake = [asyncio.Event() for _ in self.workers]
+        self._tasks = [asyncio.create_task(self._worker_loop(w), name=f"diffsim-worker-{w}")
+                       for w in range(len(self.workers))]
+        self._tasks.append(asyncio.create_task(self._control_loop(), name="diffsim-controller"))
+        self.started = True
+        log.info("engine started: %d workers, plan %s", len(self.workers), _plan_text(plan0))
+
+    async def drain(self, timeout_s: Optional[float] = None) -> bool:
+        """Stop admitting and wait until every admitted query has its outcome; False on timeout."""
+        self.draining = True
+        if timeout_s is None:
+            timeout_s = self.default_drain_s()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def default_drain_s(self) -> float:
+        """Long enough for every queued query to finish or be dropped: the drop limit plus the slowest
+        batch the profile knows."""
+        c = self.cascade
+        slowest = max(v for v in c.heavy.p50_ms + c.light.p50_ms if v is not None) / 1e3
+        return self.config.drop_factor * c.slo_s + 2 * slowest + 1.0
+
+    async def stop(self, drain_timeout_s: Optional[float] = None) -> None:
+        """Drain, stop the loops, answer anything still pending (failed: shut down), stop the workers."""
+        if self.stopped:
+            return
+        if self.started:
+            await self.drain(drain_timeout_s)
+        self.stopped = True
+        for task in self._tasks + list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        now = self.now
+        for qid, (q, fut) in list(self._pending.items()):
+            if q.outcome is None:
+                q.finish("failed", now, error="the server shut down before this query finished")
+                self._finish(qid, q, fut)
+        self._pending.clear()
+        await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
+
+    # -- queries ----------------------------------------------------------------------------------------
+
+    async def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[QueryAnswer]:
+        """Admit one query per prompt (all or none) and wait for their outcomes.
+
+        Raises :class:`Rejected` when the admission rule refuses them and :class:`Unavailable` when the
+        engine is not serving.
+        """
+        if len(prompts) != len(seeds) or not prompts:
+            raise ValueError("give one seed per prompt, and at least one prompt")
+        if not self.started or self.draining or self.stopped:
+            raise Unavailable("the server is shutting down" if self.draining or self.stopped else "not started")
+        now = self.now
+        ids = list(range(self._next_id, self._next_id + len(prompts)))
+        self._next_id += len(prompts)
+        decision = self.admission(ids, now)
+        slo = self.cascade.slo_s
+        if not decision.accept:
+            for qid, prompt, seed in zip(ids, prompts, seeds):
+                q = Query(qid, qid, now, slo, prompt=prompt, seed=int(seed))
+                q.finish("rejected", now)
+                self._count(q)
+            raise Rejected(decision)
+        loop = asyncio.get_running_loop()
+        futures = []
+        for qid, prompt, seed in zip(ids, prompts, seeds):
+            q = Query(qid, qid, now, slo, prompt=prompt, seed=int(seed))
+            fut = loop.create_future()
+            self._pending[qid] = (q, fut)
+            futures.append(fut)
+            self._wake_worker(self.dispatcher.admit(q, now))
+        self._idle.clear()
+        return list(await asyncio.gather(*futures))
+
+    def admission(self, ids: Sequence[int], now: float) -> Decision:
+        """The admission rule for new queries with these ids, arriving now: the last one of each stage
+        is the one that would wait longest, so all are accepted iff every stage's last one is."""
+        accept = Decision(True, now, now + self.config.drop_factor * self.cascade.slo_s, 0.0)
+        if not self.config.admission:
+            return accept
+        d = self.dispatcher
+        plan = d.plan
+        queued = dict(zip(STAGES, d.queue_lengths()))
+        extra = {"light": 0, "heavy": 0}
+        for qid in ids:
+            extra[first_stage(plan, qid, self.config.seed)] += 1
+        worst = accept
+        for role in STAGES:
+            if not extra[role]:
+                continue
+            b = max(1, plan.stage(role).batch_size)
+            with_disc = role == "light" and plan.mode == "cascade"
+            load = StageLoad(len(d.stage_workers[role]), b, queued[role] + extra[role] - 1,
+                             self._busy_remaining_s(role, now))
+            wait = queue_wait_s(load, d.service(role, b, with_disc))
+            service = d.service(role, batch_size_for_new(load), with_disc)
+            decision = decide(now, now, wait, service, self.cascade.slo_s, self.config.drop_factor)
+            if not decision.accept:
+                return decision
+            if decision.predicted_completion_s > worst.predicted_completion_s:
+                worst = decision
+        return worst
+
+    def _busy_remaining_s(self, role: str, now: float) -> float:
+        """Until the stage's first worker can start a new batch (running batch or model swap)."""
+        d = self.dispatcher
+        best = float("inf")
+        for w in d.stage_workers[role]:
+            busy_until = max(self._batch_end[w] if d.inflight[w] else 0.0, d.ready_at[w])
+            best = min(best, max(0.0, busy_until - now))
+        return 0.0 if best == float("inf") else best
+
+    # -- settling outcomes ------------------------------------------------------------------------------
+
+    def _settle(self) -> None:
+        """Resolve the futures of queries the dispatcher has just finished (completed or dropped)."""
+        if self.dispatcher.finished == self._settled:
+            return
+        self._settled = self.dispatcher.finished
+        for qid, (q, fut) in list(self._pending.items()):
+            if q.outcome is not None:
+                del self._pending[qid]
+                self._finish(qid, q, fut)
+        if not self._pending:
+            self._idle.set()
+
+    def _finish(self, qid: int, q: Query, fut: asyncio.Future) -> None:
+        image = self._images.pop(qid, None)
+        png, model = (image if q.outcome == "completed" and image is not None else (None, None))
+        self._count(q)
+        if not fut.done():  # its waiter may have been cancelled (client gone); the outcome still counts
+            fut.set_result(QueryAnswer(q, png, model))
+
+    def _count(self, q: Query) -> None:
+        self.outcomes[q.outcome] += 1
+        self.late += q.late
+        self.violations += q.violation
+        for hook in self.on_query:
+            hook(q)
+
+    # -- workers ----------------------------------------------------------------------------------------
+
+    def _wake_worker(self, w: Optional[int]) -> None:
+        if w is not None and self._wake:
+            self._wake[w].set()
+
+    async def _worker_loop(self, w: int) -> None:
+        d = self.dispatcher
+        event = self._wake[w]
+        while True:
+            event.clear()
+            batch, retry_at = d.take_batch(w, self.now)
+            self._settle()  # the take may have dropped queries
+            if batch is None:
+                timeout = None if retry_at is None else max(0.0, retry_at - self.now)
+                try:
+                    await asyncio.wait_for(event.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            self._batch_end[w] = batch.start_s + batch.service_s
+            await self._run_batch(w, batch)
+            self._settle()
+
+    async def _run_batch(self, w: int, batch: Batch) -> None:
+        d = self.dispatcher
+        job = BatchJob(batch.role, tuple(q.prompt for q in batch.queries), tuple(q.seed for q in batch.queries),
+                       batch.with_discriminator)
+        started = self._clock()
+        try:
+            result = await self.workers[w].run(job)
+            if len(result.images_png) != len(batch.queries):
+                raise RuntimeError(f"{len(result.images_png)} images for a batch of {len(batch.queries)}")
+            if batch.with_discriminator and (result.confidences is None
+                                             or len(result.confidences) != len(batch.queries)):
+                raise RuntimeError("the light batch came back without a confidence per image")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any executor failure fails this batch only
+            self._fail_batch(batch, self._clock() - started, e)
+            return
+        now = self.now
+        model = self.cascade.light_model if batch.role == "light" else self.cascade.heavy_model
+        measured = result.run_s
+        for i, q in enumerate(batch.queries):
+            q.service_s += measured - batch.service_s  # the dispatcher booked the profile's time
+            self._images[q.id] = (result.images_png[i], model)
+            if batch.with_discriminator:
+                self.confidences.scores[q.prompt_id] = result.confidences[i]
+        size = len(batch.queries)
+        for target in d.complete_batch(replace(batch, service_s=measured), now):
+            self._wake_worker(target)
+        self.batches[batch.role] += 1
+        for hook in self.on_batch:
+            hook(batch.role, size, measured, False)
+
+    def _fail_batch(self, batch: Batch, run_s: float, error: BaseException) -> None:
+        """The executor raised: this batch's queries fail (with the error); the worker goes on serving."""
+        now = self.now
+        message = f"worker {batch.worker} failed running a {batch.role} batch: {type(error).__name__}: {error}"
+        log.error("%s", message)
+        d = self.dispatcher
+        # Hand back an empty batch: the dispatcher frees the worker (and starts a pending swap) without
+        # touching the queries, which end here as failed.
+        d.complete_batch(replace(batch, queries=[], service_s=run_s), now)
+        for q in batch.queries:
+            q.finish("failed", now, error=message)
+            self._images.pop(q.id, None)
+        d.finished += len(batch.queries)
+        self.failed_batches += 1
+        for hook in self.on_batch:
+            hook(batch.role, len(batch.queries), run_s, True)
+
+    # -- the controller ---------------------------------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        tick = self.config.controller.tick_s
+        d = self.dispatcher
+        k = 0
+        while True:
+            k += 1
+            await asyncio.sleep(max(0.0, k * tick - self.now))
+            now = self.now
+            d.expire_backlog(now)
+            self._settle()
+            arrivals, queue_lengths, stage = d.tick_stats()
+            try:
+                plan = await asyncio.to_thread(self.controller.on_tick, now, arrivals, queue_lengths,
+                                               (stage[0] / tick, stage[1] / tick))
+            except Exception as e:  # noqa: BLE001 - a policy failure keeps the plan in force
+                log.error("re-planning failed, keeping the current plan: %s: %s", type(e).__name__, e)
+                plan = None
+            self.demand.append((now, self.controller.rate_qps, self.controller.demand_qps))
+            if plan is not None:
+                self.apply_plan(plan)
+
+    def apply_plan(self, plan: Plan) -> None:
+        """Switch to ``plan`` now (the controller's plans come here; tests may call it directly)."""
+        now = self.now
+        d = self.dispatcher
+        old = list(d.roles)
+        d.apply_plan(plan, now)
+        self.plans.append((now, plan))
+        self.plan_id += 1
+        if self.config.swap:
+            for w, (before, after) in enumerate(zip(old, d.roles)):
+                if after is not None and before != after:
+                    self._spawn(self.workers[w].prepare(after), f"swap worker {w} to {after}")
+        for w in range(len(self.workers)):
+            self._wake_worker(w)
+        self._settle()
+
+    def _spawn(self, coro, what: str) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s failed: %s", what, t.exception())
+
+        task.add_done_callback(done)
+
+    # -- state for the HTTP layer -----------------------------------------------------------------------
+
+    @property
+    def plan(self) -> Optional[Plan]:
+        return self.dispatcher.plan
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def snapshot(self) -> dict:
+        """The plan in force and the live state, as plain JSON-able data (``GET /v1/plan``)."""
+        d = self.dispatcher
+        applied_s = self.plans[-1][0] if self.plans else 0.0
+        light_q, heavy_q = d.queue_lengths()
+        return {
+            "plan_id": self.plan_id,
+            "applied_s": applied_s,
+            "now_s": self.now,
+            "plan": d.plan.to_dict() if d.plan is not None else None,
+            "cascade": self.cascade.name,
+            "gpu": self.cascade.gpu,
+            "slo_s": self.cascade.slo_s,
+            "drop_factor": self.config.drop_factor,
+            "policy": getattr(self.policy, "name", self.config.policy),
+            "routing": self.config.routing,
+            "gpus": self.config.gpus,
+            "swap": self.config.swap,
+            "controller": {
+                "ticks": self.controller.ticks,
+                "rate_qps": self.controller.rate_qps,
+                "demand_qps": self.controller.demand_qps,
+                "queue_delay_s": list(self.controller.queue_delay_s),
+            },
+            "workers": {
+                "roles": list(d.roles),
+                "busy_s": list(d.busy_s),
+                "inflight": list(d.inflight),
+            },
+            "queues": {"light": light_q, "heavy": heavy_q},
+            "pending": len(self._pending),
+            "outcomes": dict(self.outcomes),
+            "late": self.late,
+            "violations": self.violations,
+            "draining": self.draining,
+        }
+
+
+def _plan_text(plan: Plan) -> str:
+    return (f"{plan.mode} t={plan.threshold:g} light {plan.light.workers}x b{plan.light.batch_size}, "
+            f"heavy {plan.heavy.workers}x b{plan.heavy.batch_size}"
+            + ("" if plan.feasible else f" (infeasible: {plan.reason})"))

@@ -1,0 +1,108 @@
+"""Prometheus metrics of one server, in a registry of its own (two servers in one process never mix).
+
+Counters are fed by the engine's hooks as queries end and batches finish; gauges (queues, workers,
+threshold, demand) are refreshed from the engine's state each time ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..query import Query
+from .engine import Engine
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    """The ``diffsim_*`` metrics of one engine."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter("diffsim_http_requests", "HTTP requests answered, by route and status code",
+                                     ["route", "code"], registry=r)
+        self.queries = Counter("diffsim_queries", "Queries (one per image) by final outcome: completed, dropped, "
+                               "failed, rejected", ["outcome"], registry=r)
+        self.violations = Counter("diffsim_slo_violations", "Queries that missed the SLO (late, or not served)",
+                                  registry=r)
+        self.late = Counter("diffsim_late", "Queries completed after the SLO", registry=r)
+        self.deferred = Counter("diffsim_deferred", "Queries deferred from the light to the heavy model",
+                                registry=r)
+        self.served = Counter("diffsim_served", "Completed queries by the stage that served them", ["stage"],
+                              registry=r)
+        self.latency = Histogram("diffsim_query_latency_seconds", "Arrival to answer of completed queries",
+                                 ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("diffsim_query_queue_seconds", "Time completed queries spent in queues",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("diffsim_batch_size", "Queries per batch run", ["stage"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_time = Histogram("diffsim_batch_seconds", "Measured time of one batch", ["stage"],
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.failed_batches = Counter("diffsim_failed_batches", "Batches whose executor raised", ["stage"],
+                                      registry=r)
+        self.queue_length = Gauge("diffsim_queue_length", "Queries waiting per stage (backlog included)",
+                                  ["stage"], registry=r)
+        self.workers = Gauge("diffsim_workers", "Workers per stage under the plan in force", ["stage"], registry=r)
+        self.batch_size_plan = Gauge("diffsim_plan_batch_size", "Batch size per stage under the plan in force",
+                                     ["stage"], registry=r)
+        self.threshold = Gauge("diffsim_threshold", "Confidence threshold of the plan in force", registry=r)
+        self.plan_feasible = Gauge("diffsim_plan_feasible", "1 when the plan in force meets its constraints",
+                                   registry=r)
+        self.plans = Gauge("diffsim_plans_applied", "Plans applied since start", registry=r)
+        self.demand = Gauge("diffsim_demand_qps", "Demand the controller plans for (EWMA x head-room)", registry=r)
+        self.arrival_rate = Gauge("diffsim_arrival_rate_qps", "Arrival rate measured over the last tick", registry=r)
+        self.pending = Gauge("diffsim_pending_queries", "Admitted queries without an outcome yet", registry=r)
+        self.busy = Gauge("diffsim_worker_busy_seconds", "Time each worker spent running batches", ["worker"],
+                          registry=r)
+        engine.on_query.append(self.query_ended)
+        engine.on_batch.append(self.batch_ended)
+
+    def query_ended(self, q: Query) -> None:
+        self.queries.labels(q.outcome).inc()
+        if q.violation:
+            self.violations.inc()
+        if q.late:
+            self.late.inc()
+        if q.deferred:
+            self.deferred.inc()
+        if q.outcome == "completed":
+            stage = q.served_by or "light"
+            self.served.labels(stage).inc()
+            self.latency.labels(stage).observe(q.latency_s)
+            self.queue_time.observe(q.queue_s)
+
+    def batch_ended(self, role: str, size: int, run_s: float, failed: bool) -> None:
+        if failed:
+            self.failed_batches.labels(role).inc()
+            return
+        self.batch_size.labels(role).observe(size)
+        self.batch_time.labels(role).observe(run_s)
+
+    def refresh(self) -> None:
+        e = self.engine
+        d = e.dispatcher
+        for stage, n in zip(("light", "heavy"), d.queue_lengths()):
+            self.queue_length.labels(stage).set(n)
+        plan = d.plan
+        if plan is not None:
+            for stage in ("light", "heavy"):
+                self.workers.labels(stage).set(plan.stage(stage).workers)
+                self.batch_size_plan.labels(stage).set(plan.stage(stage).batch_size)
+            self.threshold.set(plan.threshold)
+            self.plan_feasible.set(1 if plan.feasible else 0)
+        self.plans.set(e.plan_id)
+        self.demand.set(e.controller.demand_qps)
+        self.arrival_rate.set(e.controller.rate_qps)
+        self.pending.set(e.pending)
+        for w, busy in enumerate(d.busy_s):
+            self.busy.labels(str(w)).set(busy)
+
+    def render(self) -> bytes:
+        self.refresh()
+        return generate_latest(self.registry)

@@ -1,0 +1,210 @@
+"""One serving worker: the executors of one GPU (or CPU slot), run on a thread of their own.
+
+The engine talks to a worker only through :class:`WorkerHandle`: a few async calls that take and return
+plain data (:class:`BatchJob` in, :class:`BatchResult` out, strings and numbers otherwise). Nothing of
+the policy lives here, and nothing here is shared with the engine, so a worker can later run in another
+process or on another machine (a Ray actor with the same methods) without touching the policy code.
+The worker's FIFO queue and its batching are the engine's (:class:`diffsim.dispatcher.Dispatcher`);
+the worker runs exactly the batch it is handed.
+
+:class:`ThreadWorker` is the in-process implementation: one single-thread executor pool per worker, so
+its calls run one at a time in the order they were made (a model swap asked for before a batch happens
+before it). Both of the cascade's models are resident by default, as in the DiffServe testbed; with
+``swap=True`` at most one is loaded at a time: taking the other role unloads the current model before
+loading the new one, which keeps memory in bounds at the price of the load time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol, Sequence
+
+ROLES = ("light", "heavy")
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One batch for a worker: generate one image per prompt; score them when ``score`` is set."""
+
+    role: str  # "light" or "heavy"
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    score: bool  # run the discriminator on the images (light stage in cascade mode)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    images_png: tuple[bytes, ...]  # one PNG per prompt, in order
+    confidences: Optional[tuple[float, ...]]  # P(real) per image when scored
+    run_s: float  # wall time of the whole call in the worker (model swap included, if any)
+    swap_s: float = 0.0  # part of run_s spent loading a model
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    index: int
+    device: str
+    models: dict[str, str]  # role -> model name
+    loaded: tuple[str, ...]  # roles whose model is resident
+    load_s: dict[str, float] = field(default_factory=dict)  # role -> seconds its last load took
+
+
+class WorkerHandle(Protocol):
+    """What the engine needs from a worker; every argument and result is plain data."""
+
+    index: int
+
+    async def start(self, initial_role: Optional[str]) -> WorkerInfo: ...
+
+    async def prepare(self, role: str) -> WorkerInfo: ...
+
+    async def run(self, job: BatchJob) -> BatchResult: ...
+
+    async def stop(self) -> None: ...
+
+
+class ThreadWorker:
+    """Executors on one device, driven from a dedicated thread.
+
+    ``make_executor(role)`` returns a new, unloaded :class:`backends.base.Executor` for the role's model
+    (the light one with the discriminator). With ``swap=False`` both are loaded at start; with
+    ``swap=True`` only the initial role's model is, and :meth:`prepare` / :meth:`run` swap as needed.
+    """
+
+    def __init__(self, index: int, make_executor: Callable[[str], object], *, swap: bool = False,
+                 device: str = "cpu"):
+        self.index = index
+        self.swap = swap
+        self.device = device
+        self._make_executor = make_executor
+        self._executors: dict[str, object] = {}
+        self._models: dict[str, str] = {}
+        self._load_s: dict[str, float] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"diffsim-worker-{index}")
+
+    async def _call(self, fn, *args):
+        return await asyncio.wrap_future(self._pool.submit(fn, *args))
+
+    # -- calls (run on the worker's thread) ---------------------------------------------------------
+
+    def _executor(self, role: str):
+        ex = self._executors.get(role)
+        if ex is None:
+            ex = self._executors[role] = self._make_executor(role)
+            self._models[role] = str(getattr(ex, "model", role))
+        return ex
+
+    def _ensure(self, role: str) -> float:
+        """Make ``role``'s model resident (unloading the other one first in swap mode); seconds spent."""
+        ex = self._executor(role)
+        if getattr(ex, "loaded", False):
+            return 0.0
+        started = time.perf_counter()
+        if self.swap:
+            for other, other_ex in self._executors.items():
+                if other != role and getattr(other_ex, "loaded", False):
+                    other_ex.unload()
+        ex.load()
+        spent = time.perf_counter() - started
+        self._load_s[role] = spent
+        return spent
+
+    def _info(self) -> WorkerInfo:
+        loaded = tuple(r for r in ROLES if r in self._executors and getattr(self._executors[r], "loaded", False))
+        return WorkerInfo(self.index, self.device, dict(self._models), loaded, dict(self._load_s))
+
+    def _start(self, initial_role: Optional[str]) -> WorkerInfo:
+        for role in ROLES:
+            self._executor(role)  # builds (cheap) so that the model names are known
+        if self.swap:
+            if initial_role is not None:
+                self._ensure(initial_role)
+        else:
+            for role in ROLES:
+                self._ensure(role)
+        return self._info()
+
+    def _prepare(self, role: str) -> WorkerInfo:
+        self._ensure(role)
+        return self._info()
+
+    def _run(self, job: BatchJob) -> BatchResult:
+        from backends.base import to_png
+
+        started = time.perf_counter()
+        swap_s = self._ensure(job.role)
+        ex = self._executor(job.role)
+        images = ex.generate(list(job.prompts), list(job.seeds))
+        if len(images) != len(job.prompts):
+            raise RuntimeError(f"executor returned {len(images)} images for {len(job.prompts)} prompts")
+        confidences = None
+        if job.score:
+            scores = ex.score(images)
+            confidences = tuple(float(s) for s in scores)
+            if len(confidences) != len(images):
+                raise RuntimeError(f"discriminator returned {len(confidences)} scores for {len(images)} images")
+        ex.synchronize()
+        pngs = tuple(to_png(img) for img in images)
+        return BatchResult(pngs, confidences, time.perf_counter() - started, swap_s)
+
+    def _stop(self) -> None:
+        for ex in self._executors.values():
+            if getattr(ex, "loaded", False):
+                ex.unload()
+
+    def _measure(self, batch_sizes: Sequence[int], warmup: int, iters: int) -> dict:
+        """Batch latency of both models and the discriminator on this worker (see :func:`measure_profile`)."""
+        return measure_profile(self._executor, self._ensure, batch_sizes, warmup=warmup, iters=iters)
+
+    # -- the async interface -------------------------------------------------------------------------
+
+    async def start(self, initial_role: Optional[str] = None) -> WorkerInfo:
+        return await self._call(self._start, initial_role)
+
+    async def prepare(self, role: str) -> WorkerInfo:
+        return await self._call(self._prepare, role)
+
+    async def run(self, job: BatchJob) -> BatchResult:
+        return await self._call(self._run, job)
+
+    async def measure(self, batch_sizes: Sequence[int], warmup: int = 1, iters: int = 3) -> dict:
+        return await self._call(self._measure, tuple(batch_sizes), warmup, iters)
+
+    async def stop(self) -> None:
+        try:
+            await self._call(self._stop)
+        finally:
+            self._pool.shutdown(wait=False)
+
+
+def measure_profile(executor_of: Callable[[str], object], ensure: Callable[[str], float],
+                    batch_sizes: Sequence[int], *, warmup: int, iters: int) -> dict:
+    """Latency tables of the light model, the heavy model and the discriminator, measured the way
+    ``diffsim profile`` measures them (:mod:`diffsim.profiler`), on already built executors.
+
+    Returns ``{"models": {name: table}, "discriminator": table, "load_s": {role: s}}`` with tables in
+    the GPU-profile format. In swap mode measuring the heavy model unloads the light one, so the light
+    model is measured first and re-loaded at the end.
+    """
+    from ..profiler import Series, measure_batch, profile_discriminator, prompts_for
+
+    tables: dict[str, dict] = {}
+    load_s: dict[str, float] = {}
+    disc_table = None
+    for role in ROLES:
+        load_s[role] = ensure(role)
+        ex = executor_of(role)
+        series = Series(list(batch_sizes))
+        for b in batch_sizes:
+            prompts, seeds = prompts_for(b), list(range(b))
+            samples, peak = measure_batch(ex, lambda: ex.generate(prompts, seeds), warmup=warmup, iters=iters)
+            series.add(samples, peak)
+        tables[str(ex.model)] = series.to_table()
+        if role == "light":
+            disc_table = profile_discriminator(ex, batch_sizes, warmup=warmup, iters=iters,
+                                               progress=lambda line: None).to_table()
+    ensure("light")
+    return {"models": tables, "discriminator": disc_table, "load_s": load_s}

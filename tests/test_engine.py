@@ -1,0 +1,401 @@
+"""The wall-clock engine with fake workers (no torch): routing and deferral, role switches, the drop rule,
+admission, failing batches, and exactly one outcome per query."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from diffsim.config import ControllerConfig
+from diffsim.policies import make_policy
+from diffsim.profiles import GpuProfile, build_cascade, load_cascades
+from diffsim.resources import profiles_dir
+from diffsim.server.engine import Engine, EngineConfig, Rejected, Unavailable
+from diffsim.server.worker import BatchResult, ThreadWorker, WorkerInfo
+
+FAST_CONTROLLER = ControllerConfig(tick_s=0.05, replan_s=0.1)
+
+
+def fake_cascade(slo_s: float = 5.0, light_ms=(20, 30, 40), heavy_ms=(60, 80, 100), disc_ms=(2, 2, 2)):
+    """sdturbo-sdv15's curves with made-up latencies at batch sizes 1, 2, 4."""
+    table = lambda ms: {"batch_sizes": [1, 2, 4], "p50_ms": list(ms)}  # noqa: E731
+    profile = GpuProfile.model_validate({
+        "gpu": "fake",
+        "provenance": {"source": "test", "gpu": "fake", "date": "2024-01-01"},
+        "models": {"sd-turbo": table(light_ms), "sd-v1.5": table(heavy_ms)},
+        "discriminator": table(disc_ms),
+    })
+    cascades = load_cascades(profiles_dir() / "cascades.yaml")
+    return replace(build_cascade("sdturbo-sdv15", profile, cascades), slo_s=slo_s)
+
+
+def confidence_of_seed(seed: int) -> float:
+    return (seed % 100) / 100.0
+
+
+class FakeWorker:
+    """A worker that sleeps instead of generating; images are ``b"<role>:<prompt>"``, the confidence of
+    the image of seed s is (s mod 100) / 100; ``fail(job)`` makes a batch raise."""
+
+    def __init__(self, index: int, delay_s=None, fail=None):
+        self.index = index
+        self.delay_s = delay_s or {"light": 0.01, "heavy": 0.02}
+        self.fail = fail or (lambda job: False)
+        self.jobs = []
+        self.prepared = []
+
+    def _info(self):
+        return WorkerInfo(self.index, "fake", {"light": "sd-turbo", "heavy": "sd-v1.5"}, ("light", "heavy"))
+
+    async def start(self, initial_role=None):
+        return self._info()
+
+    async def prepare(self, role):
+        self.prepared.append(role)
+        return self._info()
+
+    async def run(self, job):
+        self.jobs.append(job)
+        delay = self.delay_s[job.role]
+        await asyncio.sleep(delay)
+        if self.fail(job):
+            raise RuntimeError("executor exploded")
+        confs = tuple(confidence_of_seed(s) for s in job.seeds) if job.score else None
+        return BatchResult(tuple(f"{job.role}:{p}".encode() for p in job.prompts), confs, delay)
+
+    async def stop(self):
+        pass
+
+
+def static(threshold, light=1, heavy=1, lb=4, hb=4):
+    return {"threshold": threshold, "light_workers": light, "heavy_workers": heavy, "light_batch": lb,
+            "heavy_batch": hb, "gpus": light + heavy}
+
+
+def make_engine(cascade=None, *, plan=None, policy="static", workers=None, gpus=None, **kw):
+    cascade = cascade or fake_cascade()
+    if gpus is None:
+        gpus = (plan["light_workers"] + plan["heavy_workers"]) if plan else 2
+    workers = workers or [FakeWorker(w) for w in range(gpus)]
+    config = EngineConfig(cascade=cascade, gpus=gpus, policy=policy, static_plan=plan, controller=FAST_CONTROLLER,
+                          batch_sizes=(1, 2, 4), **kw)
+    return Engine(config, workers)
+
+
+def run(coro, timeout=30):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def _serve(engine, prompts, seeds):
+    await engine.start()
+    try:
+        return await engine.generate(prompts, seeds)
+    finally:
+        await engine.stop()
+
+
+def test_low_confidence_is_deferred_to_heavy():
+    engine = make_engine(plan=static(0.5))
+    seeds = list(range(0, 100, 10))  # confidences 0.0, 0.1, ..., 0.9
+    answers = run(_serve(engine, [f"p{s}" for s in seeds], seeds))
+    assert [a.query.outcome for a in answers] == ["completed"] * len(seeds)
+    for a in answers:
+        q = a.query
+        assert q.confidence == pytest.approx(confidence_of_seed(q.seed))
+        assert q.deferred == (q.confidence < 0.5)
+        assert a.model == ("sd-v1.5" if q.deferred else "sd-turbo")
+        assert q.served_by == ("heavy" if q.deferred else "light")
+        assert a.png == f"{q.served_by}:{q.prompt}".encode()
+        assert q.stages == (["light", "heavy"] if q.deferred else ["light"])
+    assert engine.outcomes["completed"] == len(seeds)
+
+
+@pytest.mark.parametrize("threshold, deferred", [(0.0, False), (1.0, True)])
+def test_threshold_zero_defers_nothing_and_one_defers_everything(threshold, deferred):
+    engine = make_engine(plan=static(threshold))
+    answers = run(_serve(engine, ["a"] * 6, [1, 20, 40, 60, 80, 99]))
+    assert all(a.query.deferred is deferred for a in answers)
+    assert all(a.model == ("sd-v1.5" if deferred else "sd-turbo") for a in answers)
+    heavy_jobs = [j for w in engine.workers for j in w.jobs if j.role == "heavy"]
+    assert bool(heavy_jobs) is deferred
+
+
+def test_split_mode_sends_queries_straight_to_heavy_without_scoring():
+    engine = make_engine(policy="clipper-heavy", gpus=2)
+    answers = run(_serve(engine, ["a", "b", "c"], [1, 2, 3]))
+    assert all(a.model == "sd-v1.5" and a.query.confidence is None and not a.query.deferred for a in answers)
+    assert all(j.role == "heavy" and not j.score for w in engine.workers for j in w.jobs)
+
+
+def test_measured_batch_time_replaces_the_profiles():
+    workers = [FakeWorker(0, {"light": 0.05, "heavy": 0.05})]
+    engine = make_engine(plan=static(0.0, 1, 0), workers=workers)
+    [a] = run(_serve(engine, ["a"], [50]))
+    assert a.query.service_s == pytest.approx(0.05)  # not the profile's 20 + 2 ms
+    assert engine.dispatcher.busy_s[0] == pytest.approx(0.05)
+
+
+class SwitchablePolicy:
+    """A policy whose answer the test changes: the controller applies it at its next re-plan."""
+
+    name = "switchable"
+
+    def __init__(self, cascade, plan_spec):
+        self.cascade = cascade
+        self.set(plan_spec)
+
+    def set(self, plan_spec):
+        self.inner = make_policy("static", self.cascade, static_plan=plan_spec, batch_sizes=(1, 2, 4))
+
+    def plan(self, inp):
+        return self.inner.plan(inp)
+
+
+def test_controller_moves_workers_between_roles_and_loses_no_query():
+    async def scenario():
+        workers = [FakeWorker(w, {"light": 0.03, "heavy": 0.03}) for w in range(2)]
+        cascade = fake_cascade()
+        policy = SwitchablePolicy(cascade, static(0.0, 2, 0, lb=1))
+        config = EngineConfig(cascade=cascade, gpus=2, controller=FAST_CONTROLLER, batch_sizes=(1, 2, 4), swap=True,
+                              routing="random")
+        engine = Engine(config, workers, policy=policy)
+        await engine.start()
+        assert engine.dispatcher.roles == ["light", "light"]
+        pending = asyncio.gather(*(engine.generate([f"q{i}"], [i]) for i in range(12)))
+        await asyncio.sleep(0.05)  # some running, most queued on both workers
+        policy.set(static(1.0, 1, 1, lb=1, hb=1))
+        for _ in range(100):
+            if engine.dispatcher.roles == ["light", "heavy"]:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.dispatcher.roles == ["light", "heavy"]
+        await asyncio.sleep(0.01)
+        assert workers[1].prepared == ["heavy"]  # swap mode: the switching worker loads its new model
+        answers = [a for group in await pending for a in group]
+        await engine.stop()
+        return engine, workers, answers
+
+    engine, workers, answers = run(scenario())
+    assert len(answers) == 12 and all(a.query.outcome == "completed" for a in answers)
+    assert engine.outcomes["completed"] == 12
+    assert all(j.role == "light" for j in workers[0].jobs)
+    assert any(j.role == "heavy" for j in workers[1].jobs)
+    assert any(a.query.deferred for a in answers)  # queries that arrived before the switch were deferred too
+
+
+def test_queries_that_miss_their_deadline_in_the_queue_are_dropped():
+    # The profile says heavy takes 60 ms, but it takes 400 ms: queued heavy queries blow the
+    # 1.5 x 0.3 s = 0.45 s limit and are dropped at dequeue, each with an outcome.
+    cascade = fake_cascade(slo_s=0.3)
+    workers = [FakeWorker(0), FakeWorker(1, {"light": 0.01, "heavy": 0.4})]
+    engine = make_engine(cascade, plan=static(1.0, 1, 1, lb=4, hb=1), workers=workers)
+    answers = run(_serve(engine, ["a"] * 4, [1, 2, 3, 4]))
+    outcomes = [a.query.outcome for a in answers]
+    assert "dropped" in outcomes and "completed" in outcomes
+    for a in answers:
+        assert (a.png is None) == (a.query.outcome != "completed")
+    assert sum(engine.outcomes.values()) == 4
+    assert engine.outcomes["dropped"] == outcomes.count("dropped")
+
+
+def test_admission_rejects_when_the_queue_is_hopeless():
+    # light batch of 1 takes 100 + 2 ms by the profile; limit 1.5 x 0.3 s = 0.45 s: a handful fit.
+    cascade = fake_cascade(slo_s=0.3, light_ms=(100, 150, 200))
+    workers = [FakeWorker(0, {"light": 0.1, "heavy": 0.1})]
+
+    async def scenario():
+        engine = make_engine(cascade, plan=static(0.0, 1, 0, lb=1), workers=workers)
+        await engine.start()
+        results = await asyncio.gather(*(engine.generate([f"q{i}"], [i]) for i in range(10)),
+                                       return_exceptions=True)
+        await engine.stop()
+        return engine, results
+
+    engine, results = run(scenario())
+    rejected = [r for r in results if isinstance(r, Rejected)]
+    served = [r for r in results if not isinstance(r, BaseException)]
+    assert rejected and served and len(rejected) + len(served) == 10
+    assert all(r.decision.retry_after_s >= 1 for r in rejected)
+    assert engine.outcomes["rejected"] == len(rejected)
+    assert sum(engine.outcomes.values()) == 10
+
+
+def test_a_failing_batch_fails_only_its_queries():
+    boom = lambda job: "boom" in job.prompts  # noqa: E731
+    workers = [FakeWorker(0, fail=boom)]
+
+    async def scenario():
+        engine = make_engine(plan=static(0.0, 1, 0, lb=4), workers=workers)
+        await engine.start()
+        first = await engine.generate(["x", "boom", "y"], [1, 2, 3])  # one batch of 3
+        second = await engine.generate(["z"], [4])
+        await engine.stop()
+        return engine, first, second
+
+    engine, first, second = run(scenario())
+    assert [a.query.outcome for a in first] == ["failed"] * 3
+    assert all("executor exploded" in a.query.error and a.png is None for a in first)
+    assert second[0].query.outcome == "completed"
+    assert engine.failed_batches == 1 and engine.outcomes == {"completed": 1, "dropped": 0, "failed": 3,
+                                                              "rejected": 0}
+
+
+def test_every_query_gets_exactly_one_outcome_under_random_load():
+    rng = random.Random(7)
+
+    async def scenario(seed):
+        r = random.Random(seed)
+        cascade = fake_cascade(slo_s=r.choice([0.2, 0.5, 2.0]))
+        fail_every = r.choice([0, 3, 5])
+        counter = {"n": 0}
+
+        def fail(job):
+            counter["n"] += 1
+            return fail_every and counter["n"] % fail_every == 0
+
+        workers = [FakeWorker(w, {"light": r.uniform(0.005, 0.03), "heavy": r.uniform(0.01, 0.1)}, fail)
+                   for w in range(3)]
+        engine = make_engine(cascade, plan=static(r.random(), 1, 2, lb=r.choice([1, 2, 4]), hb=r.choice([1, 2, 4])),
+                             workers=workers)
+        await engine.start()
+        calls = []
+        sent = 0
+        for _ in range(25):
+            n = r.randint(1, 3)
+            sent += n
+            calls.append(asyncio.create_task(engine.generate([f"p{sent}"] * n, [r.randrange(100) for _ in range(n)])))
+            await asyncio.sleep(r.uniform(0, 0.01))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        await engine.stop()
+        return engine, results, sent
+
+    for seed in (rng.randrange(10**6) for _ in range(4)):
+        engine, results, sent = run(scenario(seed))
+        answered = 0
+        for r in results:
+            if isinstance(r, Rejected):
+                continue
+            assert not isinstance(r, BaseException), r
+            for a in r:
+                assert a.query.outcome in ("completed", "dropped", "failed")
+                answered += 1
+        assert sum(engine.outcomes.values()) == sent
+        assert engine.outcomes["completed"] + engine.outcomes["dropped"] + engine.outcomes["failed"] == answered
+        assert engine.pending == 0
+
+
+def test_stop_drains_admitted_work_and_refuses_new_work():
+    async def scenario():
+        engine = make_engine(plan=static(1.0))
+        await engine.start()
+        task = asyncio.create_task(engine.generate(["a", "b"], [1, 2]))
+        await asyncio.sleep(0)
+        await engine.stop()
+        answers = await task
+        with pytest.raises(Unavailable):
+            await engine.generate(["c"], [3])
+        return answers
+
+    answers = run(scenario())
+    assert [a.query.outcome for a in answers] == ["completed", "completed"]
+
+
+def test_controller_replans_on_the_wall_clock():
+    async def scenario():
+        engine = make_engine(plan=static(0.3))
+        await engine.start()
+        await asyncio.sleep(0.35)
+        snap = engine.snapshot()
+        await engine.stop()
+        return snap
+
+    snap = run(scenario())
+    assert snap["controller"]["ticks"] >= 3
+    assert snap["plan_id"] >= 3  # the initial plan, the first tick's, then every 0.1 s
+    assert snap["plan"]["threshold"] == 0.3
+
+
+# -- ThreadWorker with fake executors -------------------------------------------------------------
+
+
+class FakeExecutor:
+    """Stands in for a backends executor: tiny PIL images, confidence from the seed; counts residency."""
+
+    resident: dict = {}
+
+    def __init__(self, model: str, worker: int = 0, delay_s: float = 0.0, fail_prompt: str | None = None):
+        self.model = model
+        self.worker = worker
+        self.delay_s = delay_s
+        self.fail_prompt = fail_prompt
+        self.loaded = False
+        self.max_resident = 0
+
+    def load(self):
+        if not self.loaded:
+            self.loaded = True
+            FakeExecutor.resident[self.worker] = FakeExecutor.resident.get(self.worker, 0) + 1
+            self.max_resident = FakeExecutor.resident[self.worker]
+
+    def unload(self):
+        if self.loaded:
+            self.loaded = False
+            FakeExecutor.resident[self.worker] -= 1
+
+    def generate(self, prompts, seeds):
+        import time
+
+        from PIL import Image
+
+        if self.fail_prompt is not None and self.fail_prompt in prompts:
+            raise RuntimeError("executor exploded")
+        time.sleep(self.delay_s)
+        return [Image.new("RGB", (8, 8), (s % 256, 0, 0)) for s in seeds]
+
+    def score(self, images):
+        return np.array([im.getpixel((0, 0))[0] / 100.0 % 1.0 for im in images])
+
+    def synchronize(self):
+        pass
+
+
+def test_thread_worker_swap_keeps_one_model_resident():
+    made = {}
+
+    def factory(role):
+        made[role] = FakeExecutor("sd-turbo" if role == "light" else "sd-v1.5", worker=42)
+        return made[role]
+
+    from diffsim.server.worker import BatchJob
+
+    async def scenario():
+        w = ThreadWorker(0, factory, swap=True)
+        info = await w.start("light")
+        assert info.loaded == ("light",)
+        info = await w.prepare("heavy")
+        assert info.loaded == ("heavy",)
+        result = await w.run(BatchJob("light", ("a", "b"), (10, 20), True))
+        assert result.confidences == (0.1, 0.2) and len(result.images_png) == 2
+        assert result.images_png[0].startswith(b"\x89PNG")
+        info = await w.prepare("light")
+        await w.stop()
+        return info
+
+    info = run(scenario())
+    assert info.loaded == ("light",)
+    assert FakeExecutor.resident[42] == 0
+    assert max(e.max_resident for e in made.values()) == 1
+
+
+def test_thread_worker_without_swap_keeps_both_models():
+    async def scenario():
+        w = ThreadWorker(0, lambda role: FakeExecutor(role, worker=43), swap=False)
+        info = await w.start("light")
+        await w.stop()
+        return info
+
+    assert run(scenario()).loaded == ("light", "heavy")

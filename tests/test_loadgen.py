@@ -1,0 +1,142 @@
+"""``diffsim load`` against a real HTTP server whose workers run fake executors (no torch): outcomes,
+plan history, and reports with exactly the keys of ``diffsim simulate``."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from test_engine import FakeExecutor
+
+from diffsim import cli
+from diffsim.loadgen import _record, plan_from_dict, run_load, summary_and_rows
+from diffsim.policies import PolicyInput, make_policy
+from diffsim.server import BackgroundServer, ServeOptions
+from diffsim.server.http import HttpSettings
+from diffsim.traces import Trace, write_trace
+
+CASCADE = "sdturbo-sdv15"
+
+
+def write_profile(path: Path, light_ms=(20, 25, 30), heavy_ms=(40, 50, 60), disc_ms=(2, 2, 2)) -> Path:
+    table = lambda ms: {"batch_sizes": [1, 2, 4], "p50_ms": list(ms)}  # noqa: E731
+    path.write_text(yaml.safe_dump({
+        "gpu": "fake-gpu",
+        "provenance": {"source": "test", "gpu": "fake", "date": "2024-01-01"},
+        "models": {"sd-turbo": table(light_ms), "sd-v1.5": table(heavy_ms)},
+        "discriminator": table(disc_ms),
+    }))
+    return path
+
+
+def fake_server(tmp_path, *, plan, slo_s=5.0, delay_s=0.01, profile=None, **kw) -> BackgroundServer:
+    options = ServeOptions(
+        backend="cpu-tiny", cascade=CASCADE, gpus=plan["light_workers"] + plan["heavy_workers"], policy="static",
+        gpu_profile=str(profile or write_profile(tmp_path / "profile.yaml")), static_plan=plan, slo_s=slo_s,
+        batch_sizes=(1, 2, 4), **kw,
+    )
+    factory = lambda w, role, model: FakeExecutor(model, worker=1000 + w, delay_s=delay_s)  # noqa: E731
+    return BackgroundServer(options, HttpSettings(), executor_factory=factory)
+
+
+def small_trace(n=20, spacing_s=0.05) -> Trace:
+    return Trace(arrival_s=[i * spacing_s for i in range(n)], prompt_id=[1 + (7 * i) % 50 for i in range(n)])
+
+
+PLAN = {"threshold": 0.5, "light_workers": 1, "heavy_workers": 1, "light_batch": 4, "heavy_batch": 4}
+
+
+def test_load_writes_the_same_reports_as_simulate(tmp_path):
+    trace_path = tmp_path / "trace.csv"
+    write_trace(small_trace(), trace_path)
+    with fake_server(tmp_path, plan=PLAN) as server:
+        rc = cli.main(["load", "--url", server.url, "--trace", str(trace_path), "--out", str(tmp_path / "load"),
+                       "--no-plot", "--poll-s", "0.2", "--window-s", "0.5"])
+    assert rc == 0
+    rc = cli.main(["simulate", "--trace", str(trace_path), "--gpus", "2", "--out", str(tmp_path / "sim"), "--no-plot",
+                   "--quiet", "--window-s", "0.5"])
+    assert rc == 0
+    real = json.loads((tmp_path / "load" / "summary.json").read_text())
+    sim = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    assert sorted(real) == sorted(sim)
+    for name in ("timeseries.csv", "queries.csv", "plans.csv"):
+        with open(tmp_path / "load" / name) as a, open(tmp_path / "sim" / name) as b:
+            assert next(csv.reader(a)) == next(csv.reader(b)), name
+    assert real["requests"] == 20 and real["completed"] == 20 and real["unfinished"] == 0
+    assert real["policy"] == "static" and real["gpu"] == "fake-gpu" and real["slo_s"] == 5.0
+    assert real["plans_applied"] >= 1 and real["threshold_mean"] == 0.5
+    # deferral follows the threshold: the fake discriminator scores seed s as (s mod 100) / 100
+    with open(tmp_path / "load" / "queries.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 20
+    for row in rows:
+        assert (row["deferred"] == "true") == (float(row["confidence"]) < 0.5)
+        assert row["served_by"] == ("heavy" if row["deferred"] == "true" else "light")
+
+
+def test_rejections_and_drops_are_counted_once_each(tmp_path):
+    # The profile says a light batch takes 100 ms; SLO 0.2 s x 1.5: a burst of 30 cannot all be admitted.
+    profile = write_profile(tmp_path / "slow.yaml", light_ms=(100, 150, 200))
+    plan = {"threshold": 0.0, "light_workers": 1, "heavy_workers": 0, "light_batch": 1, "heavy_batch": 1}
+    with fake_server(tmp_path, plan=plan, slo_s=0.2, delay_s=0.1, profile=profile) as server:
+        result = asyncio.run(run_load(server.url, small_trace(30, 0.0), poll_s=0.2, timeout_s=30))
+    outcomes = [q.outcome for q in result.queries]
+    assert len(outcomes) == 30 and None not in outcomes
+    assert outcomes.count("rejected") == result.status_counts.get(429, 0) > 0
+    assert outcomes.count("completed") == result.status_counts.get(200, 0) > 0
+    assert sum(result.status_counts.values()) == 30
+    rejected = next(q for q in result.queries if q.outcome == "rejected")
+    assert "HTTP 429" in rejected.error
+    summary, rows = summary_and_rows(result, _cascade(), trace_name="burst")
+    assert summary["rejected"] == outcomes.count("rejected")
+    assert summary["violations"] >= summary["rejected"]
+    assert sum(r["arrivals"] for r in rows) == 30
+
+
+def _cascade():
+    from diffsim.profiles import load_cascade
+    from diffsim.resources import profiles_dir, resolve_profile
+
+    return load_cascade(CASCADE, resolve_profile("a100"), profiles_dir() / "cascades.yaml")
+
+
+def test_plan_round_trips_through_json():
+    policy = make_policy("diffserve", _cascade())
+    plan = policy.plan(PolicyInput(demand_qps=12.0, queue_delay_s=(0.1, 0.3), gpus=8))
+    again = plan_from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan
+
+
+class _Resp:
+    def __init__(self, status, body):
+        self.status_code = status
+        self._body = body
+        self.text = json.dumps(body)
+
+    def json(self):
+        return self._body
+
+
+@pytest.mark.parametrize("status, outcome", [(429, "rejected"), (503, "rejected"), (504, "dropped"),
+                                             (500, "failed"), (400, "failed")])
+def test_error_answers_map_to_outcomes(status, outcome):
+    from diffsim.query import Query
+
+    q = Query(0, 1, 0.0, 5.0)
+    _record(q, _Resp(status, {"error": {"message": "nope"}}), 1.0)
+    assert q.outcome == outcome and q.error == f"HTTP {status}: nope"
+
+
+def test_a_completed_answer_fills_the_record():
+    from diffsim.query import Query
+
+    q = Query(0, 1, 0.0, 0.5)
+    body = {"data": [{"b64_json": "", "model": "sd-v1.5", "served_by": "heavy", "confidence": 0.1,
+                      "deferred": True, "queue_ms": 100.0, "run_ms": 300.0, "total_ms": 700.0}]}
+    _record(q, _Resp(200, body), 0.7)
+    assert q.outcome == "completed" and q.late and q.served_by == "heavy" and q.deferred
+    assert q.stages == ["light", "heavy"] and q.queue_s == pytest.approx(0.1) and q.service_s == pytest.approx(0.3)

@@ -1,0 +1,282 @@
+"""``diffsim serve`` end to end over HTTP on the cpu-tiny backend (tiny random-weight models, 64x64 images,
+one torch thread), on 127.0.0.1 with ephemeral ports."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from diffsim import cli
+from diffsim.server import BackgroundServer, ServeOptions, default_executor_factory
+from diffsim.server.http import HttpSettings
+
+CASCADE = "sdturbo-sdv15"
+KEY = "sekret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+WEIGHTS = {"sd-turbo": "random", "sd-v1.5": "random"}
+
+
+def tiny_profile(path: Path) -> Path:
+    """Roughly what the tiny models take on one CPU thread (light + discriminator ~0.3 s, heavy ~3 s)."""
+    table = lambda ms: {"batch_sizes": [1, 2, 4], "p50_ms": list(ms)}  # noqa: E731
+    path.write_text(yaml.safe_dump({
+        "gpu": "cpu-tiny-test",
+        "provenance": {"source": "tests", "gpu": "cpu", "date": "2024-01-01"},
+        "models": {"sd-turbo": table([120, 150, 180]), "sd-v1.5": table([3000, 3200, 6000])},
+        "discriminator": table([160, 220, 430]),
+    }))
+    return path
+
+
+def plan(threshold, light, heavy, lb=4, hb=4):
+    return {"threshold": threshold, "light_workers": light, "heavy_workers": heavy, "light_batch": lb,
+            "heavy_batch": hb}
+
+
+class Exploding:
+    """A real executor that raises when a batch holds the prompt 'explode' (a worker failing mid-batch)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, prompts, seeds):
+        if "explode" in prompts:
+            raise RuntimeError("simulated executor crash")
+        return self.inner.generate(prompts, seeds)
+
+
+def start_server(tmp_path_factory, static_plan, *, slo_s=60.0, api_key=None, exploding=False) -> BackgroundServer:
+    profile = tiny_profile(tmp_path_factory.mktemp("profile") / "tiny.yaml")
+    options = ServeOptions(backend="cpu-tiny", cascade=CASCADE, gpus=static_plan["light_workers"] +
+                           static_plan["heavy_workers"], policy="static", static_plan=static_plan,
+                           gpu_profile=str(profile), slo_s=slo_s, batch_sizes=(1, 2, 4),
+                           discriminator_arch="test_efficientnet")
+    real = default_executor_factory(options, WEIGHTS)
+    factory = (lambda w, role, model: Exploding(real(w, role, model))) if exploding else real
+    server = BackgroundServer(options, HttpSettings(api_key=api_key, max_n=4, image_size="64x64"),
+                              executor_factory=factory)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def light_server(tmp_path_factory, torch_one_thread):
+    """Threshold 0, one light worker: nothing is deferred. API key required; 'explode' crashes a batch."""
+    server = start_server(tmp_path_factory, plan(0.0, 1, 0), api_key=KEY, exploding=True)
+    yield server
+    server.stop()
+
+
+def post(url, body, headers=AUTH, timeout=120.0):
+    return httpx.post(f"{url}/v1/images/generations", json=body, headers=headers, timeout=timeout)
+
+
+def decode_png(b64: str):
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(base64.b64decode(b64)))
+    img.load()
+    return img
+
+
+def check_item(item, threshold):
+    img = decode_png(item["b64_json"])
+    assert img.format == "PNG" and img.size == (64, 64)
+    assert 0.0 <= item["confidence"] <= 1.0
+    assert item["deferred"] == (item["confidence"] < threshold)
+    assert item["model"] == ("sd-v1.5" if item["deferred"] else "sd-turbo")
+    assert item["total_ms"] >= item["run_ms"] > 0 and item["queue_ms"] >= 0
+
+
+def test_concurrent_requests_are_all_answered_with_images(light_server):
+    bodies = [{"prompt": f"a photo of thing {i}", "seed": i} for i in range(5)] + [{"prompt": "two cats", "n": 2}]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: post(light_server.url, b), bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies)
+    for body, r in zip(bodies, responses):
+        data = r.json()["data"]
+        assert len(data) == body.get("n", 1) and isinstance(r.json()["created"], int)
+        for item in data:
+            check_item(item, 0.0)
+            assert not item["deferred"]
+    # the same prompt and seed give the same image
+    again = post(light_server.url, bodies[0]).json()["data"][0]
+    assert again["b64_json"] == responses[0].json()["data"][0]["b64_json"]
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ({"n": 1}, 400, "prompt: Field required"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": "x", "n": 0}, 400, "n:"),
+    ({"prompt": "x", "n": 9}, 400, "at most 4"),
+    ({"prompt": "x", "n": "many"}, 400, "n:"),
+    ({"prompt": "x", "response_format": "url"}, 400, "'url' is not supported"),
+    ({"prompt": "x", "size": "1024x1024"}, 400, "64x64"),
+    ({"prompt": "x", "seed": -1}, 400, "seed"),
+])
+def test_bad_requests_get_a_clear_openai_style_error(light_server, body, status, needle):
+    r = post(light_server.url, body)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert needle in err["message"] and err["type"] == "invalid_request_error" and err["code"]
+
+
+def test_invalid_json_and_auth(light_server):
+    r = httpx.post(f"{light_server.url}/v1/images/generations", content=b"{not json", headers={
+        **AUTH, "content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = post(light_server.url, {"prompt": "x"}, headers={})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = post(light_server.url, {"prompt": "x"}, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    assert httpx.get(f"{light_server.url}/healthz").status_code == 200  # health needs no key
+
+
+def test_a_crashing_batch_fails_only_its_requests(light_server):
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        bad = pool.submit(post, light_server.url, {"prompt": "explode"})
+        bad_r = bad.result()
+    assert bad_r.status_code == 500
+    err = bad_r.json()["error"]
+    assert err["code"] == "worker_failed" and "simulated executor crash" in err["message"]
+    ok = post(light_server.url, {"prompt": "still serving", "seed": 3})
+    assert ok.status_code == 200
+    check_item(ok.json()["data"][0], 0.0)
+
+
+def test_plan_health_and_metrics(light_server):
+    snap = httpx.get(f"{light_server.url}/v1/plan", headers=AUTH).json()
+    assert snap["cascade"] == CASCADE and snap["gpu"] == "cpu-tiny-test" and snap["policy"] == "static"
+    assert snap["plan"]["threshold"] == 0.0 and snap["plan"]["stages"][0]["workers"] == 1
+    health = httpx.get(f"{light_server.url}/healthz").json()
+    assert health["status"] == "ok"
+    text = httpx.get(f"{light_server.url}/metrics", headers=AUTH).text
+    for name in ("diffsim_queries_total", "diffsim_queue_length", "diffsim_batch_size_bucket", "diffsim_threshold",
+                 "diffsim_workers", "diffsim_query_latency_seconds_bucket", "diffsim_slo_violations_total"):
+        assert name in text, name
+    assert _metric(text, 'diffsim_workers{stage="light"}') == 1.0
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if line.startswith(name + " ") or (name.endswith("total") and line.startswith(name + "{")):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, name
+    return total
+
+
+def test_load_against_a_running_server_writes_simulate_reports(light_server, tmp_path):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("arrival_s,prompt_id\n" + "".join(f"{0.1 * i},{i + 1}\n" for i in range(6)))
+    out = tmp_path / "load"
+    rc = cli.main(["load", "--url", light_server.url, "--trace", str(trace), "--out", str(out), "--no-plot",
+                   "--api-key", KEY, "--poll-s", "0.2"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rc = cli.main(["simulate", "--trace", str(trace), "--gpus", "1", "--out", str(tmp_path / "sim"), "--no-plot",
+                   "--quiet"])
+    assert rc == 0
+    assert sorted(summary) == sorted(json.loads((tmp_path / "sim" / "summary.json").read_text()))
+    assert (out / "timeseries.csv").read_text().splitlines()[0] == \
+        (tmp_path / "sim" / "timeseries.csv").read_text().splitlines()[0]
+    assert summary["requests"] == 6 and summary["completed"] == 6 and summary["light_fraction"] == 1.0
+
+
+def test_threshold_one_defers_every_query(tmp_path_factory, torch_one_thread):
+    server = start_server(tmp_path_factory, plan(1.0, 1, 1, lb=4, hb=4))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            responses = list(pool.map(lambda i: post(server.url, {"prompt": f"p{i}", "seed": i}, headers={}),
+                                      range(3)))
+    finally:
+        server.stop()
+    assert [r.status_code for r in responses] == [200] * 3
+    for r in responses:
+        item = r.json()["data"][0]
+        check_item(item, 1.0)
+        assert item["deferred"] and item["model"] == "sd-v1.5"
+
+
+def test_overload_gets_429_with_retry_after_and_loses_nothing(tmp_path_factory, torch_one_thread):
+    # By the profile a light batch of one takes 0.28 s; 1.5 x 0.4 s leaves room for about two queued.
+    server = start_server(tmp_path_factory, plan(0.0, 1, 0, lb=1), slo_s=0.4)
+    n = 16
+    try:
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            responses = list(pool.map(lambda i: post(server.url, {"prompt": f"p{i}"}, headers={}), range(n)))
+        text = httpx.get(f"{server.url}/metrics").text
+    finally:
+        server.stop()
+    codes = [r.status_code for r in responses]
+    assert len(codes) == n and set(codes) <= {200, 429, 504}
+    assert 429 in codes and 200 in codes
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        elif r.status_code == 504:
+            assert r.json()["error"]["code"] == "deadline_exceeded"
+    assert _metric(text, "diffsim_queries_total") == n
+    assert _metric(text, 'diffsim_queries_total{outcome="rejected"}') == codes.count(429)
+    assert _metric(text, 'diffsim_queries_total{outcome="completed"}') == codes.count(200)
+    assert _metric(text, 'diffsim_queries_total{outcome="dropped"}') == codes.count(504)
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch + diffusers (~10-30 s)
+def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
+    profile = tiny_profile(tmp_path / "tiny.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "diffsim.cli", "serve", "--backend", "cpu-tiny", "--cascade", CASCADE,
+           "--port", "0", "--gpus", "1", "--policy", "clipper-light", "--gpu-profile", str(profile),
+           "--discriminator-arch", "test_efficientnet",
+           "--batch-sizes", "1,2,4", "--slo-s", "60", "--threads", "1", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            m = re.search(r"listening on (http://\S+)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, proc.stderr.read() if proc.poll() is not None else "no 'listening on' line"
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(post, url, {"prompt": f"p{i}", "n": 4}, {}) for i in range(2)]
+            for _ in range(400):  # wait until all 8 images are admitted and some still in flight
+                snap = httpx.get(f"{url}/v1/plan").json()
+                if snap["pending"] + snap["outcomes"]["completed"] == 8:
+                    break
+                time.sleep(0.02)
+            assert snap["pending"] > 0, "the requests finished before SIGTERM could be sent"
+            proc.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [r.status_code for r in responses] == [200, 200]
+    assert all(len(r.json()["data"]) == 4 for r in responses)
+    assert rc == 0, proc.stderr.read()
