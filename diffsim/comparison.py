@@ -82,15 +82,9 @@ def run_one(scenario: Scenario, spec: RunSpec) -> RunResult:
     config = replace(scenario.config, policy=spec.policy, gpus=spec.gpus)
     policy = None  # the simulator makes config.policy
     if spec.threshold is not None:
-        from .policies import make_policy
+        from .policies import policy_for
 
-        policy = make_policy(
-            spec.policy,
-            config.cascade,
-            batch_sizes=config.batch_sizes,
-            static_plan=config.static_plan,
-            thresholds=(spec.threshold,),
-        )
+        policy = policy_for(config, thresholds=(spec.threshold,))
     result = simulate(config, scenario.trace, progress=False, policy=policy)
     summary = summarize_result(result, scenario.trace_name)
     summary["threshold_pinned"] = spec.threshold

@@ -13,7 +13,9 @@ The config file (``diffsim simulate --config FILE``) is YAML with any of these k
     gpus: 16
     policy: diffserve
     seed: 0
-    routing: random              # or least-loaded
+    routing: least-loaded        # or random (the paper's uniform random choice)
+    max_utilization: 0.8         # plan each stage to at most this fraction of its capacity
+    batch_wait: 0                # fraction of a batch time counted as waiting for the batch in flight
     drop_factor: 1.5
     batch_timeout_s: 0
     swap_s: 0
@@ -39,6 +41,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InputError
+from .policies import DEFAULT_MAX_UTILIZATION
 from .profiles import Cascade, load_cascade, validation_message
 from .resources import profiles_dir, resolve_profile
 from .routing import ROUTING_KINDS
@@ -96,7 +99,7 @@ class SimConfig:
     policy: str = "diffserve"
     seed: int = 0
     controller: ControllerConfig = field(default_factory=ControllerConfig)
-    routing: str = "random"  # or "least-loaded"
+    routing: str = "least-loaded"  # or "random" (the paper's)
     drop_factor: float = 1.5
     batch_timeout_s: float = 0.0
     swap_s: float = 0.0
@@ -104,8 +107,14 @@ class SimConfig:
     confidences_path: Optional[Path] = None
     static_plan: Optional[dict] = None
     window_s: float = 10.0
+    max_utilization: float = DEFAULT_MAX_UTILIZATION  # plan stages to at most this fraction of capacity
+    batch_wait: float = 0.0  # fraction of a batch time counted as waiting for the batch in flight
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.max_utilization, (int, float)) and 0 < self.max_utilization <= 1):
+            raise InputError(f"config: max_utilization: must lie in (0, 1], got {self.max_utilization!r}")
+        if not (isinstance(self.batch_wait, (int, float)) and 0 <= self.batch_wait <= 1):
+            raise InputError(f"config: batch_wait: must lie in [0, 1], got {self.batch_wait!r}")
         if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or self.gpus < 1:
             raise InputError(f"config: gpus: must be an integer >= 1, got {self.gpus!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -159,6 +168,8 @@ class ConfigFile(_Strict):
     confidences: Optional[str] = None
     static_plan: Optional[dict[str, Union[int, float]]] = None
     window_s: Optional[float] = Field(default=None, gt=0)
+    max_utilization: Optional[float] = Field(default=None, gt=0, le=1)
+    batch_wait: Optional[float] = Field(default=None, ge=0, le=1)
     controller: Optional[ControllerSection] = None
 
 
@@ -244,7 +255,7 @@ def build_sim_config(settings: dict[str, Any]) -> SimConfig:
         ctrl["ewma_window"] = int(ctrl["ewma_window"])
     kwargs: dict[str, Any] = {"cascade": cascade, "controller": ControllerConfig(**ctrl)}
     for key in ("gpus", "policy", "seed", "routing", "drop_factor", "batch_timeout_s", "swap_s", "window_s",
-                "static_plan"):
+                "static_plan", "max_utilization", "batch_wait"):
         if key in settings:
             kwargs[key] = settings[key]
     if "batch_sizes" in settings:

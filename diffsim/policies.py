@@ -266,3 +266,16 @@ def make_policy(
         return FixedPolicy(name, cascade, "cascade", threshold, 1.0, None, spec.light_workers,
                            spec.heavy_workers, spec.light_batch, spec.heavy_batch, spec.gpus)
     raise DiffsimError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
+
+
+def policy_for(config, *, thresholds: Optional[Sequence[float]] = None) -> Policy:
+    """The policy a run config names (``SimConfig`` or the server's ``EngineConfig``: same fields)."""
+    return make_policy(
+        config.policy,
+        config.cascade,
+        batch_sizes=config.batch_sizes,
+        static_plan=config.static_plan,
+        thresholds=thresholds,
+        max_utilization=config.max_utilization,
+        batch_wait=config.batch_wait,
+    )

@@ -95,9 +95,9 @@ def simulate(
     started = time.perf_counter()
     cascade = config.cascade
     if policy is None:
-        from .policies import make_policy
+        from .policies import policy_for
 
-        policy = make_policy(config.policy, cascade, batch_sizes=config.batch_sizes, static_plan=config.static_plan)
+        policy = policy_for(config)
     timed = _TimedPolicy(policy)
     dispatcher = Dispatcher(
         cascade,

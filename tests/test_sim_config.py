@@ -15,9 +15,11 @@ def test_defaults_match_the_paper_testbed():
     c = ControllerConfig()
     assert (c.tick_s, c.replan_s, c.ewma_alpha, c.headroom, c.ewma_window) == (1.0, 5.0, 1 / 3.1, 1.05, 20)
     s = SimConfig(cascade=a100_cascade())
-    assert (s.gpus, s.policy, s.routing, s.drop_factor, s.swap_s, s.batch_timeout_s) == (
-        16, "diffserve", "random", 1.5, 0.0, 0.0)
+    assert (s.gpus, s.policy, s.drop_factor, s.swap_s, s.batch_timeout_s) == (16, "diffserve", 1.5, 0.0, 0.0)
     assert s.batch_sizes == (1, 2, 4, 8, 16, 32)
+    # Two deliberate departures from the paper (README, "Policy defaults"): least-loaded routing instead of
+    # uniform random, and stages planned to 80% of capacity instead of 100%.
+    assert (s.routing, s.max_utilization, s.batch_wait) == ("least-loaded", 0.8, 0.0)
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,12 @@ def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", metavar="a100|PATH", help="GPU latency profile: shipped name or YAML path (default a100)")
     p.add_argument("--cascades", metavar="FILE", help="cascades file (default: the shipped profiles/cascades.yaml)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--routing", choices=("random", "least-loaded"), help="worker choice within a stage (default random)")
+    p.add_argument("--routing", choices=("random", "least-loaded"),
+                   help="worker choice within a stage (default least-loaded; random is the paper's)")
+    p.add_argument("--max-utilization", type=float, metavar="U",
+                   help="MILP policies plan each stage to at most this fraction of its capacity (default 0.8)")
+    p.add_argument("--batch-wait", type=float, metavar="W",
+                   help="fraction of a batch time the MILP counts as waiting for the batch in flight (default 0)")
     p.add_argument("--window-s", type=float, metavar="S", help="time-series window in seconds (default 10)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.add_argument("--json", action="store_true", help="print JSON on stdout instead of the table")
@@ -81,7 +86,8 @@ def scenario_settings(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> 
     from ..config import read_config_file
 
     settings = read_config_file(args.config) if args.config else {}
-    for key in ("trace", "cascade", "gpu", "cascades", "seed", "routing", "window_s") + extra:
+    for key in ("trace", "cascade", "gpu", "cascades", "seed", "routing", "window_s", "max_utilization",
+                "batch_wait") + extra:
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
