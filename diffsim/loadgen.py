@@ -34,19 +34,9 @@ from .plan import Plan, StagePlan
 from .profiles import Cascade
 from .query import Query
 from .traces import Trace
+from .prompts import SAMPLE_CAPTIONS
 
-# A few MS-COCO-style captions: trace prompt ids become "<caption> (prompt <id>)", so a prompt id always
-# maps to the same text (and, with the id as the seed, to the same image).
-CAPTIONS = (
-    "a man riding a wave on top of a surfboard",
-    "a plate of food with broccoli and rice",
-    "two giraffes standing next to each other in a field",
-    "a red double decker bus driving down a street",
-    "a cat sleeping on a laptop keyboard",
-    "a kitchen with wooden cabinets and a white refrigerator",
-    "a group of people flying kites on a beach",
-    "a bowl of fruit on a wooden table",
-)
+CAPTIONS = SAMPLE_CAPTIONS
 
 STATUS_OUTCOME = {429: "rejected", 503: "rejected", 504: "dropped"}
 

@@ -35,22 +35,12 @@ import yaml
 
 from .errors import DiffsimError
 from .profiles import GpuProfile, validation_message
+from .prompts import SAMPLE_CAPTIONS
 
 GIB = 1024**3
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
-# A handful of MS-COCO-style captions, cycled to fill a batch. Prompt text does not change the cost: the
-# text encoders always see 77 token positions.
-PROMPTS = (
-    "a man riding a wave on top of a surfboard",
-    "a plate of food with broccoli and rice",
-    "two giraffes standing next to each other in a field",
-    "a red double decker bus driving down a street",
-    "a cat sleeping on a laptop keyboard",
-    "a kitchen with wooden cabinets and a white refrigerator",
-    "a group of people flying kites on a beach",
-    "a bowl of fruit on a wooden table",
-)
+PROMPTS = SAMPLE_CAPTIONS
 
 
 @dataclass
