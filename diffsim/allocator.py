@@ -29,6 +29,11 @@ and the answer is fully determined.
 light capacity >= D (1 - p), heavy capacity >= D p, no discriminator, and each path alone must meet the
 SLO. ``light-only`` and ``heavy-only`` are split mode with p fixed at 0 or 1 (the Clipper baselines).
 
+Two generalisations, off by default (the paper's model): ``max_utilization`` U plans each stage to at most U
+of its capacity (``U * capacity >= load``; the serving policies use 0.8, see :mod:`diffsim.policies`), and
+``batch_wait`` W counts W of a batch time per stage as waiting for the batch in flight, so a stage's latency
+term is ``(1 + W) * lat + q``.
+
 When nothing meets the constraints the allocator does not raise: it returns the best-effort plan (all
 GPUs on the light model, threshold 0, the batch size of most throughput) with ``feasible=False`` and
 the reason.
