@@ -259,7 +259,7 @@ def run_stage(executor, prompts: Sequence[Prompt], seeds: Sequence[int], *, batc
 
 
 def write_prompt_index(path: Path, prompts: Sequence[Prompt]) -> Path:
-    """``image,prompt`` CSV for saved images (the format ``diffsim discriminator clip-score --prompts`` reads)."""
+    """``image,prompt`` CSV for saved images (the format ``diffsim quality clip-score --prompts`` reads)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")

@@ -23,6 +23,7 @@ COMMANDS = {
     "load": "load",
     "profile": "profile",
     "discriminator": "discriminator",
+    "quality": "quality",
     "calibrate": "calibrate",
 }
 

@@ -324,7 +324,7 @@ def calibrated(tmp_path_factory, torch_one_thread, small_inception, inception_we
 
 def _fid_cli(images: Path, real: Path, weights: Path, capsys) -> float:
     capsys.readouterr()
-    assert cli_main(["discriminator", "fid", "--images", str(images), "--ref-images", str(real),
+    assert cli_main(["quality", "fid", "--images", str(images), "--ref-images", str(real),
                      "--inception-weights", str(weights), "--feature-dim", "64", "--allow-small", "--json",
                      "--no-progress"]) == 0
     return json.loads(capsys.readouterr().out)["fid"]

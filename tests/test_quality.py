@@ -162,12 +162,70 @@ def test_stats_file_round_trip_and_errors(tmp_path):
         load_stats(tmp_path / "shape.npz")
 
 
-def test_quality_package_and_parser_do_not_import_torch():
-    code = ("import sys, diffsim.quality, diffsim.quality.frechet, diffsim.quality.images, "
-            "diffsim.commands.discriminator as c, argparse\n"
-            "p = argparse.ArgumentParser(); c.add_parser(p.add_subparsers())\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+NO_TORCH_HELP = """
+import contextlib, io, sys
+from importlib.abc import MetaPathFinder
+
+attempts = []
+
+class NoTorch(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"torch", "torchvision", "transformers", "timm", "diffusers"}:
+            attempts.append(name)
+            raise ImportError(name + " is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+import diffsim.quality, diffsim.quality.frechet, diffsim.quality.images
+from diffsim import cli
+
+for argv in sys.argv[1:]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            cli.main(argv.split())
+        except SystemExit as e:
+            assert e.code == 0, (argv, e.code)
+    print("== " + argv)
+    print(out.getvalue())
+assert not attempts, "tried to import: " + ", ".join(sorted(set(attempts)))
+"""
+
+
+def test_quality_and_discriminator_help_do_not_import_torch():
+    argvs = ["quality --help", "quality stats --help", "quality fid --help", "quality kid --help",
+             "quality clip-score --help", "discriminator --help", "discriminator score --help"]
+    res = subprocess.run([sys.executable, "-c", NO_TORCH_HELP, *argvs], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    sections = {block.split("\n", 1)[0]: block for block in res.stdout.split("== ")[1:]}
+    quality = sections["quality --help"]
+    for action in ("stats", "fid", "kid", "clip-score"):
+        assert f"    {action}" in quality, action
+    disc = sections["discriminator --help"]
+    assert "    train" in disc and "    score" in disc
+    for action in ("stats", "fid", "kid", "clip-score"):
+        assert f"    {action} " not in disc and f"    {action}\n" not in disc, action
+    assert "diffsim quality stats" in sections["quality fid --help"]  # --ref-stats names the new command
+
+
+def test_measurements_are_no_longer_discriminator_actions(capsys):
+    for action in ("stats", "fid", "kid", "clip-score"):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["discriminator", action, "--images", "x"])
+        assert exc.value.code == 2
+        assert "invalid choice" in capsys.readouterr().err
+
+
+def test_quality_refuses_a_batch_size_below_one(tmp_path, capsys):
+    images = _write_images(tmp_path / "imgs", 3, seed=0, lo=0, hi=255)
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("image,prompt\n" + "".join(f"im{i:03d}.png,a cat\n" for i in range(3)))
+    for argv in (["stats", "--images", str(images), "--out", str(tmp_path / "s.npz"),
+                  "--inception-weights", str(tmp_path / "w.safetensors")],
+                 ["clip-score", "--images", str(images), "--prompts", str(prompts), "--clip", str(tmp_path)]):
+        assert cli_main(["quality", *argv, "--batch-size", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--batch-size must be >= 1" in err and len(err.splitlines()) == 1
 
 
 # ---------------------------------------------------------------- Inception features and the CLI
@@ -224,30 +282,30 @@ def test_cli_stats_fid_kid(inception_weights, tmp_path, capsys):
     w = str(inception_weights)
 
     # Too few images for 64-d features: refused (before any feature extraction) unless --allow-small.
-    assert cli_main(["discriminator", "fid", "--images", str(bright), "--ref-images", str(dark),
+    assert cli_main(["quality", "fid", "--images", str(bright), "--ref-images", str(dark),
                      "--inception-weights", w, "--feature-dim", "64"]) == 2
     err = capsys.readouterr().err
     assert "4 images" in err and len(err.strip().splitlines()) == 1
 
     stats = tmp_path / "ref.npz"
-    assert cli_main(["discriminator", "stats", "--images", str(dark), "--out", str(stats),
+    assert cli_main(["quality", "stats", "--images", str(dark), "--out", str(stats),
                      "--inception-weights", w, "--feature-dim", "64", "--no-progress"]) == 0
     assert load_stats(stats).n == 4
     capsys.readouterr()
-    assert cli_main(["discriminator", "fid", "--images", str(bright), "--ref-stats", str(stats), "--json",
+    assert cli_main(["quality", "fid", "--images", str(bright), "--ref-stats", str(stats), "--json",
                      "--inception-weights", w, "--feature-dim", "64", "--allow-small", "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 4 and result["ref_n"] == 4 and result["small_sample"] and result["fid"] > 0
-    assert cli_main(["discriminator", "fid", "--images", str(dark), "--ref-stats", str(stats), "--json",
+    assert cli_main(["quality", "fid", "--images", str(dark), "--ref-stats", str(stats), "--json",
                      "--inception-weights", w, "--feature-dim", "64", "--allow-small", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(0.0, abs=1e-6)
 
     # Statistics from another extractor are refused.
-    assert cli_main(["discriminator", "fid", "--images", str(bright), "--ref-stats", str(stats),
+    assert cli_main(["quality", "fid", "--images", str(bright), "--ref-stats", str(stats),
                      "--inception-weights", w, "--feature-dim", "192", "--allow-small"]) == 2
     assert "64-d" in capsys.readouterr().err
 
-    assert cli_main(["discriminator", "kid", "--images", str(bright), "--ref-images", str(dark), "--json",
+    assert cli_main(["quality", "kid", "--images", str(bright), "--ref-images", str(dark), "--json",
                      "--inception-weights", w, "--feature-dim", "64", "--subsets", "5", "--no-progress"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["subset_size"] == 4 and out["n"] == 4 and np.isfinite(out["kid"])
@@ -255,7 +313,7 @@ def test_cli_stats_fid_kid(inception_weights, tmp_path, capsys):
 
 def test_cli_fid_missing_inputs_are_one_line_errors(tmp_path, capsys):
     images = _write_images(tmp_path / "imgs", 3, seed=0, lo=0, hi=255)
-    assert cli_main(["discriminator", "fid", "--images", str(images), "--ref-stats", str(tmp_path / "x.npz"),
+    assert cli_main(["quality", "fid", "--images", str(images), "--ref-stats", str(tmp_path / "x.npz"),
                      "--inception-weights", str(tmp_path / "w.safetensors"), "--allow-small"]) == 2
     err = capsys.readouterr().err.strip()
     assert "x.npz" in err and len(err.splitlines()) == 1
@@ -331,18 +389,18 @@ def test_clip_score_matches_cosine_similarity_and_cli(tmp_path, capsys):
     csv_path = tmp_path / "prompts.csv"
     csv_path.write_text("image,prompt\n" + "".join(f'im{i:03d}.png,"{p}"\n' for i, p in enumerate(prompts)))
     out = tmp_path / "clip.csv"
-    assert cli_main(["discriminator", "clip-score", "--images", str(images_dir), "--prompts", str(csv_path),
+    assert cli_main(["quality", "clip-score", "--images", str(images_dir), "--prompts", str(csv_path),
                      "--clip", str(clip_dir), "--out", str(out)]) == 0
     assert f"{scores.mean():.4f}" in capsys.readouterr().out
     assert out.read_text().splitlines()[0] == "image,clip_score" and len(out.read_text().splitlines()) == 4
 
     csv_path.write_text("image,prompt\nim000.png,a cat\n")
-    assert cli_main(["discriminator", "clip-score", "--images", str(images_dir), "--prompts", str(csv_path),
+    assert cli_main(["quality", "clip-score", "--images", str(images_dir), "--prompts", str(csv_path),
                      "--clip", str(clip_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert "prompts.csv" in err and "im001.png" in err and len(err.splitlines()) == 1
     csv_path.write_text("image,prompt\n" + "".join(f"im{i:03d}.png,a cat\n" for i in range(3)))
-    assert cli_main(["discriminator", "clip-score", "--images", str(images_dir), "--prompts", str(csv_path),
+    assert cli_main(["quality", "clip-score", "--images", str(images_dir), "--prompts", str(csv_path),
                      "--clip", str(tmp_path / "noclip")]) == 2
     err = capsys.readouterr().err.strip()
     assert "noclip" in err and len(err.splitlines()) == 1

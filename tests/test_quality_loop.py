@@ -1,7 +1,7 @@
 """The whole quality loop on synthetic data, through the CLI (CPU, ``cpu-tiny``, no downloads):
 
 synthetic real and generated folders -> ``diffsim discriminator train`` -> weights -> ``diffsim discriminator
-score`` -> CSV; ``diffsim discriminator stats`` of the real folder -> .npz; ``diffsim calibrate`` with those weights
+score`` -> CSV; ``diffsim quality stats`` of the real folder -> .npz; ``diffsim calibrate`` with those weights
 and statistics -> profile; ``diffsim simulate`` with that profile.
 
 FID uses a seeded random-weight Inception saved by the test, its 64-d feature with ``--allow-small``, at a 75 px
@@ -96,7 +96,7 @@ def loop(tmp_path_factory, torch_one_thread, small_inception):
                      "--out", str(scores)]) == 0
     # Reference statistics once (what `serve`'s online FID reads too), then calibrate against them.
     real_stats = root / "real.npz"
-    assert cli_main(["discriminator", "stats", "--images", str(real), "--out", str(real_stats),
+    assert cli_main(["quality", "stats", "--images", str(real), "--out", str(real_stats),
                      "--inception-weights", str(inception), "--feature-dim", "64", "--no-progress"]) == 0
     prompts = root / "prompts.csv"
     prompts.write_text("prompt_id,prompt\n" + "".join(f'{i},"a photo of thing {i}, on a table"\n'
@@ -149,9 +149,9 @@ def test_calibrate_scores_light_images_as_discriminator_score_does(loop, tmp_pat
 
 
 def test_fid_against_reference_stats_matches_fid_against_the_folder(loop, capsys):
-    """The profile's all-heavy FID (computed against real.npz) equals `discriminator fid` against the folder."""
+    """The profile's all-heavy FID (computed against real.npz) equals `quality fid` against the folder."""
     capsys.readouterr()
-    assert cli_main(["discriminator", "fid", "--images", str(loop["generated"] / "heavy"), "--ref-images",
+    assert cli_main(["quality", "fid", "--images", str(loop["generated"] / "heavy"), "--ref-images",
                      str(loop["real"]), "--inception-weights", str(loop["inception"]), "--feature-dim", "64",
                      "--allow-small", "--json", "--no-progress"]) == 0
     heavy = json.loads(capsys.readouterr().out)["fid"]

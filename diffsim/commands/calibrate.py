@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
                    help="one prompt per line (ids = 0-based line positions), or CSV with header prompt_id,prompt")
     p.add_argument("--real", type=Path, metavar="DIR|NPZ",
                    help="folder of real images, or their Inception statistics (.npz from "
-                   "`diffsim discriminator stats`), the FID reference")
+                   "`diffsim quality stats`), the FID reference")
     p.add_argument("--backend", required=True, choices=("cuda", "cpu-tiny"),
                    help="cuda (full models, fp16) or cpu-tiny (tiny random models, for tests)")
     p.add_argument("--out", type=Path, metavar="FILE.yaml", help="cascades file to write (e.g. profiles/mine.yaml)")
