@@ -34,6 +34,11 @@ of its capacity (``U * capacity >= load``; the serving policies use 0.8, see :mo
 ``batch_wait`` W counts W of a batch time per stage as waiting for the batch in flight, so a stage's latency
 term is ``(1 + W) * lat + q``.
 
+Before the solve, candidates are pruned by two exact bounds: one that needs more GPUs than any batch
+size allows cannot be feasible, and one ranked below an incumbent (a candidate that each stage's
+highest-throughput batch size already serves) cannot be optimal. This keeps the MILP small; it still
+chooses every batch size, worker count and the threshold among the rest.
+
 When nothing meets the constraints the allocator does not raise: it returns the best-effort plan (all
 GPUs on the light model, threshold 0, the batch size of most throughput) with ``feasible=False`` and
 the reason.
@@ -209,6 +214,7 @@ def _solve(cascade, gpus, demand, light, heavy, cands, mode, objective, waits) -
         and (c.light_fraction == 0 or light_ok)
         and (c.heavy_fraction == 0 or heavy_ok)
     ]
+    cands = _up_to_incumbent(cands, demand, gpus, light, heavy, light_ok, heavy_ok, coupled, slo)
     if not cands:
         return None
     max_lf = max(c.light_fraction for c in cands)
@@ -298,6 +304,41 @@ def _solve(cascade, gpus, demand, light, heavy, cands, mode, objective, waits) -
     light_plan = _stage_plan(cascade, "light", light, light_ok, x[iyL:iyL + nl], x[ixL:ixL + nl])
     heavy_plan = _stage_plan(cascade, "heavy", heavy, heavy_ok, x[iyH:iyH + nh], x[ixH:ixH + nh])
     return _plan(cascade, gpus, demand, light_plan, heavy_plan, cand, mode, objective, waits, True, "")
+
+
+def _workers_for(stage: _Stage, i: int, load: float) -> int:
+    return math.ceil(load / stage.capacity[i] - 1e-9) if load > 0 else 0
+
+
+def _up_to_incumbent(cands, demand, gpus, light, heavy, light_ok, heavy_ok, coupled, slo):
+    """Drop the candidates ranked below a known feasible one (a primal bound; exact, not a heuristic).
+
+    The incumbent is the best-ranked candidate that one fixed choice of batch sizes can serve within the
+    GPUs: each stage's highest-throughput batch size (the heavy one among those that meet the SLO after
+    that light batch). No candidate ranked below it can be optimal, so the MILP only has to decide among
+    it and the better-ranked ones, with every batch size and worker count still open.
+    """
+    if not light_ok and coupled:
+        return cands
+    best_l = max(light_ok, key=lambda i: light.capacity[i]) if light_ok else None
+    if coupled:
+        fits = [i for i in heavy_ok if light.path_s[best_l] + heavy.path_s[i] <= slo]
+    else:
+        fits = heavy_ok
+    best_h = max(fits, key=lambda i: heavy.capacity[i]) if fits else None
+    for k, c in enumerate(cands):
+        need = 1 if coupled else 0
+        if c.light_fraction > 0:
+            if best_l is None:
+                continue
+            need = max(need, _workers_for(light, best_l, demand * c.light_fraction))
+        if c.heavy_fraction > 0:
+            if best_h is None:
+                continue
+            need += max(1, _workers_for(heavy, best_h, demand * c.heavy_fraction))
+        if need <= gpus:
+            return cands[:k + 1]
+    return cands
 
 
 def _stage_plan(cascade: Cascade, role: str, stage: _Stage, ok: list[int], y, x) -> StagePlan:
