@@ -6,7 +6,9 @@ Both drivers hold one :class:`Dispatcher` and only tell it what happened and whe
 * a worker is free -> :meth:`Dispatcher.take_batch` (forms its next batch, applying the drop rule;
   or says when to look again);
 * a batch finished -> :meth:`Dispatcher.complete_batch` (completes queries, or scores and defers them
-  to the heavy stage; returns the workers to wake);
+  to the heavy stage; returns the workers to wake); a real run hands it the discriminator's measured
+  scores and the measured batch time, the simulator neither (profile time, per-prompt confidences);
+* a batch raised -> :meth:`Dispatcher.fail_batch` (its queries end ``failed``; the worker goes on);
 * a controller tick -> :meth:`Dispatcher.expire_backlog` and :meth:`Dispatcher.tick_stats`;
 * a new plan -> :meth:`Dispatcher.apply_plan` (role changes with re-routing of queued work).
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from .batching import ServiceTimes, batch_ready, expired, form_batch
 from .confidence import Confidences
@@ -45,7 +47,7 @@ class Batch:
     queries: list[Query]
     batch_size: int  # the plan's batch size for the stage (the batch may hold fewer)
     start_s: float
-    service_s: float
+    service_s: float  # the profile's time for this batch (what the simulator waits; the server measures)
     with_discriminator: bool  # light batch in cascade mode: score and maybe defer
     threshold: float
 
@@ -70,7 +72,7 @@ class Dispatcher:
         gpus: int,
         *,
         router: Router,
-        confidences: Confidences,
+        confidences: Optional[Confidences] = None,
         seed: int = 0,
         drop_factor: float = 1.5,
         batch_timeout_s: float = 0.0,
@@ -151,28 +153,35 @@ class Dispatcher:
         if not batch:
             return None, None
         n = len(batch)
-        service_s = times[n]
         for q in batch:
             q.queue_s += now - q.enqueued_s
-            q.service_s += service_s
             q.stages.append(role)
             q.batch_sizes.append(n)
         self.inflight[worker] = n
-        return Batch(worker, role, batch, b, now, service_s, with_disc, self.plan.threshold), None
+        return Batch(worker, role, batch, b, now, times[n], with_disc, self.plan.threshold), None
 
-    def complete_batch(self, batch: Batch, now: float) -> list[int]:
-        """A batch ended: complete its queries, or defer low-confidence ones. Returns workers to wake."""
-        w = batch.worker
-        self.inflight[w] = 0
-        self.busy_s[w] += batch.service_s
-        if self.swap_pending[w]:
-            self._start_swap(w, now)
+    def complete_batch(self, batch: Batch, now: float, confidences: Optional[Sequence[float]] = None, *,
+                       run_s: Optional[float] = None) -> list[int]:
+        """A batch ended: complete its queries, or defer low-confidence ones. Returns workers to wake.
+
+        ``confidences``: the discriminator's scores of this light batch's images, one per query in batch
+        order (a real run); None reads each prompt's confidence from the dispatcher's source (the
+        simulator). ``run_s``: how long the batch ran, booked to its queries and its worker (default:
+        the profile's time, ``batch.service_s``).
+        """
+        if confidences is not None and len(confidences) != len(batch.queries):
+            raise ValueError(f"{len(confidences)} confidences for a batch of {len(batch.queries)}")
+        self._free(batch, now, batch.service_s if run_s is None else run_s)
         woken: list[int] = []
         if batch.with_discriminator:
-            confidence_of = self.confidences.of
+            if confidences is None:
+                if self.confidences is None:
+                    raise ValueError("a light batch completed without confidences, and the dispatcher has no source")
+                confidence_of = self.confidences.of
+                confidences = [confidence_of(q.prompt_id) for q in batch.queries]
             threshold = batch.threshold
-            for q in batch.queries:
-                c = q.confidence = confidence_of(q.prompt_id)
+            for q, c in zip(batch.queries, confidences):
+                q.confidence = c
                 if defers(c, threshold):
                     q.deferred = True
                     target = self._enter_stage(q, "heavy", now)
@@ -187,6 +196,24 @@ class Dispatcher:
                 q.finish("completed", now, role)
             self.finished += len(batch.queries)
         return woken
+
+    def fail_batch(self, batch: Batch, now: float, error: str, *, run_s: Optional[float] = None) -> None:
+        """A batch raised: each of its queries ends ``failed`` with ``error``; the worker is freed as by
+        :meth:`complete_batch` (``run_s`` as there) and takes its next batch."""
+        self._free(batch, now, batch.service_s if run_s is None else run_s)
+        for q in batch.queries:
+            q.finish("failed", now, error=error)
+        self.finished += len(batch.queries)
+
+    def _free(self, batch: Batch, now: float, run_s: float) -> None:
+        """The batch is over: book its time, free its worker, start a swap that waited for it."""
+        w = batch.worker
+        self.inflight[w] = 0
+        self.busy_s[w] += run_s
+        for q in batch.queries:
+            q.service_s += run_s
+        if self.swap_pending[w]:
+            self._start_swap(w, now)
 
     # -- plans and roles ------------------------------------------------------------------------
 

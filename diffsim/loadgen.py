@@ -30,7 +30,7 @@ from typing import Optional
 
 from . import metrics
 from .errors import DiffsimError
-from .plan import Plan, StagePlan
+from .plan import Plan
 from .profiles import Cascade
 from .query import Query
 from .traces import Trace
@@ -64,23 +64,6 @@ def request_seed(trace: Trace, i: int) -> int:
     if getattr(trace, "seed", None) is not None:
         return int(trace.seed[i])
     return int(trace.prompt_id[i])
-
-
-def plan_from_dict(d: dict) -> Plan:
-    """A :class:`Plan` back from :meth:`Plan.to_dict` (as served by ``GET /v1/plan``)."""
-    stages = tuple(
-        StagePlan(s["role"], s["model"], int(s["workers"]), int(s["batch_size"]), float(s["latency_s"]),
-                  float(s["capacity_qps"]))
-        for s in d["stages"]
-    )
-    return Plan(
-        cascade=d["cascade"], mode=d["mode"], stages=stages,  # type: ignore[arg-type]
-        threshold=float(d["threshold"]), light_share=float(d["light_share"]),
-        deferral_fraction=float(d["deferral_fraction"]), expected_fid=float(d["expected_fid"]),
-        predicted_latency_s=float(d["predicted_latency_s"]), demand_qps=float(d["demand_qps"]),
-        gpus=int(d["gpus"]), feasible=bool(d["feasible"]), reason=d.get("reason", ""),
-        objective=d.get("objective", "quality"), solve_ms=float(d.get("solve_ms", 0.0)),
-    )
 
 
 def server_info(url: str, api_key: Optional[str] = None) -> dict:
@@ -146,7 +129,7 @@ class _PlanRecorder:
             applied = max(0.0, now - (float(snap["now_s"]) - float(snap["applied_s"])))
             if self.plans and applied < self.plans[-1][0]:
                 applied = self.plans[-1][0]
-            self.plans.append((applied, plan_from_dict(snap["plan"])))
+            self.plans.append((applied, Plan.from_dict(snap["plan"])))
         ctrl = snap.get("controller") or {}
         if ctrl.get("ticks") and ctrl.get("ticks") != self._ticks:
             self._ticks = ctrl["ticks"]
@@ -310,11 +293,9 @@ def summary_and_rows(result: LoadResult, cascade: Cascade, *, trace_name: str, w
 def write_results(out_dir, result: LoadResult, cascade: Cascade, *, trace_name: str, window_s: float = 10.0,
                   plot: bool = True) -> list[Path]:
     """summary.json, timeseries.csv (and timeline.png), plus queries.csv and plans.csv, as ``simulate``."""
-    from .commands.simulate import PLAN_COLUMNS, PLANS_FILE, QUERIES_FILE, plan_rows
-
     summary, rows = summary_and_rows(result, cascade, trace_name=trace_name, window_s=window_s)
     out = Path(out_dir)
     written = metrics.write_outputs(out, summary, rows, plot=plot)
-    metrics.write_csv(out / QUERIES_FILE, metrics.query_rows(result.queries), metrics.QUERY_COLUMNS)
-    metrics.write_csv(out / PLANS_FILE, plan_rows(result.plans), PLAN_COLUMNS)
-    return written + [out / QUERIES_FILE, out / PLANS_FILE]
+    metrics.write_csv(out / metrics.QUERIES_FILE, metrics.query_rows(result.queries), metrics.QUERY_COLUMNS)
+    metrics.write_csv(out / metrics.PLANS_FILE, metrics.plan_rows(result.plans), metrics.PLAN_COLUMNS)
+    return written + [out / metrics.QUERIES_FILE, out / metrics.PLANS_FILE]

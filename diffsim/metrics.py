@@ -51,6 +51,7 @@ OUTCOMES = ("completed", "dropped", "failed", "rejected")
 SUMMARY_FILE = "summary.json"
 TIMESERIES_FILE = "timeseries.csv"
 QUERIES_FILE = "queries.csv"
+PLANS_FILE = "plans.csv"
 TIMELINE_FILE = "timeline.png"
 
 TIMESERIES_COLUMNS = (
@@ -94,6 +95,23 @@ QUERY_COLUMNS = (
     "batch_sizes",
     "queue_s",
     "service_s",
+)
+
+PLAN_COLUMNS = (
+    "t_s",
+    "mode",
+    "feasible",
+    "threshold",
+    "light_share",
+    "light_workers",
+    "light_batch_size",
+    "heavy_workers",
+    "heavy_batch_size",
+    "demand_qps",
+    "deferral_fraction",
+    "expected_fid",
+    "predicted_latency_s",
+    "reason",
 )
 
 PlanTimeline = Sequence[tuple[float, Plan]]
@@ -349,7 +367,7 @@ def _mean(values: list[float]) -> Optional[float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-query rows
+# Per-query and per-plan rows
 
 
 def query_rows(queries: Iterable[Query]) -> list[dict]:
@@ -375,6 +393,30 @@ def query_rows(queries: Iterable[Query]) -> list[dict]:
             }
         )
     return rows
+
+
+def plan_rows(plans: Iterable[tuple[float, Plan]]) -> list[dict]:
+    """One row per applied plan, for plans.csv (the solver's wall time is left out: it would make the
+    file unstable)."""
+    return [
+        {
+            "t_s": t,
+            "mode": p.mode,
+            "feasible": p.feasible,
+            "threshold": p.threshold,
+            "light_share": p.light_share,
+            "light_workers": p.light.workers,
+            "light_batch_size": p.light.batch_size,
+            "heavy_workers": p.heavy.workers,
+            "heavy_batch_size": p.heavy.batch_size,
+            "demand_qps": p.demand_qps,
+            "deferral_fraction": p.deferral_fraction,
+            "expected_fid": p.expected_fid,
+            "predicted_latency_s": p.predicted_latency_s,
+            "reason": p.reason,
+        }
+        for t, p in plans
+    ]
 
 
 # ----------------------------------------------------------------------------------------------

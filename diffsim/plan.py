@@ -68,6 +68,23 @@ class Plan:
         d["gpus_used"] = self.gpus_used
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        """The plan back from :meth:`to_dict` (e.g. as served by ``GET /v1/plan``); ``gpus_used`` is derived."""
+        stages = tuple(
+            StagePlan(s["role"], s["model"], int(s["workers"]), int(s["batch_size"]), float(s["latency_s"]),
+                      float(s["capacity_qps"]))
+            for s in d["stages"]
+        )
+        return cls(
+            cascade=d["cascade"], mode=d["mode"], stages=stages,  # type: ignore[arg-type]
+            threshold=float(d["threshold"]), light_share=float(d["light_share"]),
+            deferral_fraction=float(d["deferral_fraction"]), expected_fid=float(d["expected_fid"]),
+            predicted_latency_s=float(d["predicted_latency_s"]), demand_qps=float(d["demand_qps"]),
+            gpus=int(d["gpus"]), feasible=bool(d["feasible"]), reason=d.get("reason", ""),
+            objective=d.get("objective", "quality"), solve_ms=float(d.get("solve_ms", 0.0)),
+        )
+
 
 def batch_size_for(plan: Optional[Plan], role: Role, default: int = 1) -> int:
     if plan is None:

@@ -13,7 +13,8 @@ import yaml
 from test_engine import FakeExecutor
 
 from diffsim import cli
-from diffsim.loadgen import _record, plan_from_dict, run_load, summary_and_rows
+from diffsim.loadgen import _record, run_load, summary_and_rows
+from diffsim.plan import Plan
 from diffsim.policies import PolicyInput, make_policy
 from diffsim.server import BackgroundServer, ServeOptions
 from diffsim.server.http import HttpSettings
@@ -107,7 +108,7 @@ def _cascade():
 def test_plan_round_trips_through_json():
     policy = make_policy("diffserve", _cascade())
     plan = policy.plan(PolicyInput(demand_qps=12.0, queue_delay_s=(0.1, 0.3), gpus=8))
-    again = plan_from_dict(json.loads(json.dumps(plan.to_dict())))
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert again == plan
 
 

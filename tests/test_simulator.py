@@ -199,6 +199,95 @@ def test_empty_trace_and_progress(capsys):
     assert capsys.readouterr().out == ""  # the bar goes to stderr
 
 
+# -- the dispatcher on its own: what a real run hands it ---------------------------------------------
+
+
+def _dispatcher(plan, gpus, confidences=None):
+    from diffsim.confidence import Confidences
+    from diffsim.dispatcher import Dispatcher
+    from diffsim.routing import Router
+
+    if confidences == "curve":
+        confidences = Confidences.from_curve(CASCADE.deferral, 0)
+    d = Dispatcher(CASCADE, gpus, router=Router("least-loaded", np.random.default_rng(0)), confidences=confidences)
+    d.apply_plan(plan, 0.0, preloaded=True)
+    return d
+
+
+def _admit(d, ids, now=0.0):
+    from diffsim.query import Query
+
+    queries = [Query(i, i, now, CASCADE.slo_s) for i in ids]
+    for q in queries:
+        d.admit(q, now)
+    return queries
+
+
+def test_measured_confidences_decide_deferral_and_measured_time_is_booked():
+    plan = fixed_plan(CASCADE, 1, 1, 4, 1, threshold=0.3)
+    d = _dispatcher(plan, 2)  # no per-prompt source: a real run's dispatcher
+    queries = _admit(d, [1, 2, 3])
+    light = d.roles.index("light")
+    batch, _ = d.take_batch(light, 0.0)
+    assert [q.service_s for q in queries] == [0.0] * 3  # booked when the batch ends, not when it starts
+    woken = d.complete_batch(batch, 0.5, [0.9, 0.1, 0.3], run_s=0.5)
+    assert [q.confidence for q in queries] == [0.9, 0.1, 0.3]
+    assert [q.outcome for q in queries] == ["completed", None, "completed"]  # 0.1 < t; 0.3 is not below
+    assert queries[1].deferred and woken == [d.roles.index("heavy")]
+    assert [q.service_s for q in queries] == [0.5] * 3 and d.busy_s[light] == 0.5 and d.inflight[light] == 0
+    assert d.finished == 2
+    with pytest.raises(ValueError, match="2 confidences for a batch of 1"):
+        d.complete_batch(d.take_batch(woken[0], 0.5)[0], 1.0, [0.1, 0.2])
+
+
+def test_a_light_batch_needs_scores_or_a_source():
+    d = _dispatcher(fixed_plan(CASCADE, 1, 1, 1, 1, threshold=0.3), 2)
+    _admit(d, [1])
+    batch, _ = d.take_batch(d.roles.index("light"), 0.0)
+    with pytest.raises(ValueError, match="no source"):
+        d.complete_batch(batch, 0.1)
+
+
+def test_without_measured_scores_the_source_decides_and_profile_time_is_booked():
+    above, below = confidence_above(0.3, 1)
+    d = _dispatcher(fixed_plan(CASCADE, 1, 1, 2, 1, threshold=0.3), 2, "curve")
+    a, b = _admit(d, [above[0], below[0]])
+    batch, _ = d.take_batch(d.roles.index("light"), 0.0)
+    d.complete_batch(batch, batch.service_s)
+    assert a.outcome == "completed" and b.deferred and b.outcome is None
+    assert a.service_s == b.service_s == batch.service_s == service_time_s(CASCADE, "light", 2, True)
+
+
+def test_a_failed_batch_fails_its_queries_and_frees_the_worker():
+    plan = fixed_plan(CASCADE, 1, 1, 2, 1, threshold=0.3)
+    d = _dispatcher(plan, 2)
+    queries = _admit(d, [1, 2, 3])
+    light = d.roles.index("light")
+    batch, _ = d.take_batch(light, 0.0)
+    assert d.inflight[light] == 2
+    d.fail_batch(batch, 0.25, "boom", run_s=0.25)
+    assert [(q.outcome, q.error, q.finished_s) for q in queries[:2]] == [("failed", "boom", 0.25)] * 2
+    assert d.finished == 2 and d.inflight[light] == 0 and d.busy_s[light] == 0.25
+    assert [q.service_s for q in queries[:2]] == [0.25, 0.25]
+    nxt, _ = d.take_batch(light, 0.25)  # the worker takes its next batch
+    assert [q.id for q in nxt.queries] == [3]
+    d.complete_batch(nxt, 0.4, [0.9])
+    assert queries[2].outcome == "completed" and d.finished == 3 and not d.holding()
+
+
+def test_a_failed_batch_starts_a_pending_swap():
+    light_plan = fixed_plan(CASCADE, 1, 0, 1, 1, threshold=0.0)
+    d = _dispatcher(light_plan, 1)
+    d.swap_s = 2.0
+    _admit(d, [1])
+    batch, _ = d.take_batch(0, 0.0)
+    d.apply_plan(fixed_plan(CASCADE, 0, 1, 1, 1, threshold=1.0), 0.1)
+    assert d.swap_pending[0]
+    d.fail_batch(batch, 0.3, "boom")
+    assert not d.swap_pending[0] and d.loaded[0] == "heavy" and d.ready_at[0] == pytest.approx(2.3)
+    assert d.busy_s[0] == batch.service_s  # no measured time given: the profile's
+
+
 # -- invariants on random small scenarios -----------------------------------------------------------
 
 

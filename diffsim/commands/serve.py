@@ -18,8 +18,8 @@ def add_parser(subparsers) -> None:
             "Serve a diffusion cascade for real: one worker per GPU (cpu-tiny: per CPU slot), the controller "
             "re-plans from the measured arrival rate, the light model's images are scored by the "
             "discriminator and low-confidence ones go on to the heavy model. Routes: POST "
-            "/v1/images/generations, GET /v1/plan, GET /metrics, GET /healthz. SIGTERM drains in-flight "
-            "work and exits 0."
+            "/v1/images/generations, GET /v1/plan, GET /metrics, GET /healthz (and GET /v1/quality with "
+            "--fid-reference). SIGTERM drains in-flight work and exits 0."
         ),
     )
     p.add_argument("--backend", required=True, choices=("cuda", "cpu-tiny"), help="executors: cuda or cpu-tiny")
@@ -59,6 +59,27 @@ def add_parser(subparsers) -> None:
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    q = p.add_argument_group(
+        "served-image quality",
+        "With --fid-reference, a background thread keeps a uniform sample of the images served in each window "
+        "(at most --fid-sample, reservoir sampling), computes their Inception features off the request path and "
+        "reports the FID of each window's sample against the reference, overall and per stage, with its sample "
+        "size, on GET /v1/quality and as the gauges diffsim_served_fid{stage} and "
+        "diffsim_served_fid_sample_size{stage} on /metrics. A window whose sample has no more images than the "
+        "feature dimension gets the reason instead of a number (its covariance would be singular): use "
+        "reference statistics at a lower feature dimension (diffsim quality stats --feature-dim) for low-traffic "
+        "servers.")
+    q.add_argument("--fid-reference", metavar="STATS.npz",
+                   help="reference statistics from `diffsim quality stats` (their feature dimension is used)")
+    q.add_argument("--inception-weights", metavar="FILE",
+                   help="the Inception-v3 safetensors the statistics were made with (required with "
+                   "--fid-reference; statistics from other weights are refused)")
+    q.add_argument("--fid-window-s", type=float, default=60.0, metavar="S",
+                   help="length of a quality window in seconds (default 60)")
+    q.add_argument("--fid-sample", type=int, metavar="N",
+                   help="images sampled per window, at most (default: twice the feature dimension)")
+    q.add_argument("--fid-device", default="cpu", metavar="DEV",
+                   help="torch device for the Inception features (default cpu; e.g. cuda:0 to share a GPU)")
 
 
 def options_from_args(args: argparse.Namespace):
@@ -89,6 +110,8 @@ def options_from_args(args: argparse.Namespace):
         discriminator_arch=args.discriminator_arch, swap=args.swap, slo_s=args.slo_s,
         drop_factor=args.drop_factor, batch_sizes=sizes, static_plan=static_plan, routing=args.routing,
         max_utilization=args.max_utilization, seed=args.seed, admission=not args.no_admission, save_profile=args.save_profile,
+        fid_reference=args.fid_reference, inception_weights=args.inception_weights, fid_window_s=args.fid_window_s,
+        fid_sample=args.fid_sample, fid_device=args.fid_device,
     )
 
 

@@ -22,25 +22,6 @@ from ..errors import DiffsimError
 
 DEFAULT_TRACE = "dynamic.csv"
 DEFAULT_OUT = "out/simulate"
-QUERIES_FILE = "queries.csv"
-PLANS_FILE = "plans.csv"
-
-PLAN_COLUMNS = (
-    "t_s",
-    "mode",
-    "feasible",
-    "threshold",
-    "light_share",
-    "light_workers",
-    "light_batch_size",
-    "heavy_workers",
-    "heavy_batch_size",
-    "demand_qps",
-    "deferral_fraction",
-    "expected_fid",
-    "predicted_latency_s",
-    "reason",
-)
 
 
 def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
@@ -119,38 +100,15 @@ def run(args: argparse.Namespace) -> int:
     rows = metrics.timeseries(result.queries, result.plans, result.demand, cascade=config.cascade, window_s=config.window_s)
     out = Path(args.out)
     written = metrics.write_outputs(out, summary, rows, plot=not args.no_plot)
-    metrics.write_csv(out / QUERIES_FILE, metrics.query_rows(result.queries), metrics.QUERY_COLUMNS)
-    metrics.write_csv(out / PLANS_FILE, plan_rows(result.plans), PLAN_COLUMNS)
-    written += [out / QUERIES_FILE, out / PLANS_FILE]
+    metrics.write_csv(out / metrics.QUERIES_FILE, metrics.query_rows(result.queries), metrics.QUERY_COLUMNS)
+    metrics.write_csv(out / metrics.PLANS_FILE, metrics.plan_rows(result.plans), metrics.PLAN_COLUMNS)
+    written += [out / metrics.QUERIES_FILE, out / metrics.PLANS_FILE]
     if args.json:
         print(json.dumps(metrics.rounded(summary), sort_keys=True, indent=2))
     else:
         print(format_summary(summary))
         print("wrote " + ", ".join(str(p) for p in written))
     return 0
-
-
-def plan_rows(plans) -> list[dict]:
-    """One row per applied plan (the solver's wall time is left out: it would make the file unstable)."""
-    return [
-        {
-            "t_s": t,
-            "mode": p.mode,
-            "feasible": p.feasible,
-            "threshold": p.threshold,
-            "light_share": p.light_share,
-            "light_workers": p.light.workers,
-            "light_batch_size": p.light.batch_size,
-            "heavy_workers": p.heavy.workers,
-            "heavy_batch_size": p.heavy.batch_size,
-            "demand_qps": p.demand_qps,
-            "deferral_fraction": p.deferral_fraction,
-            "expected_fid": p.expected_fid,
-            "predicted_latency_s": p.predicted_latency_s,
-            "reason": p.reason,
-        }
-        for t, p in plans
-    ]
 
 
 def _pct(v) -> str:

@@ -59,6 +59,12 @@ class ServeOptions:
     measure_warmup: int = 1
     measure_iters: int = 3
     save_profile: Optional[str] = None  # write the profile the server plans with
+    # Online quality (all off unless fid_reference is given): see diffsim.server.quality_monitor.
+    fid_reference: Optional[str] = None  # reference statistics .npz (diffsim quality stats)
+    inception_weights: Optional[str] = None  # the Inception-v3 safetensors those statistics were made with
+    fid_window_s: float = 60.0
+    fid_sample: Optional[int] = None  # images sampled per window (None: twice the feature dimension)
+    fid_device: str = "cpu"  # where the Inception features are computed
 
     @property
     def profile_source(self) -> str:
@@ -146,6 +152,27 @@ def check_options(options: ServeOptions) -> None:
         resolve_profile(options.profile_source)
     if options.discriminator_weights is not None and not Path(options.discriminator_weights).is_file():
         raise InputError(f"{options.discriminator_weights}: no such discriminator weights file")
+    check_quality_options(options)
+
+
+def check_quality_options(options: ServeOptions) -> None:
+    """--fid-reference and --inception-weights come together; the statistics must be usable."""
+    from .quality_monitor import check_reference
+
+    if options.fid_reference is None:
+        if options.inception_weights is not None:
+            raise DiffsimError("--inception-weights is for served-image FID: give --fid-reference too")
+        return
+    if options.inception_weights is None:
+        raise DiffsimError("--fid-reference needs --inception-weights (the Inception-v3 the statistics were made "
+                           "with)")
+    if not options.fid_window_s > 0:
+        raise DiffsimError(f"--fid-window-s: must be > 0, got {options.fid_window_s}")
+    if options.fid_sample is not None and options.fid_sample < 2:
+        raise DiffsimError(f"--fid-sample: must be >= 2, got {options.fid_sample}")
+    if not Path(options.inception_weights).is_file():
+        raise InputError(f"{options.inception_weights}: no such Inception weights file")
+    check_reference(options.fid_reference)
 
 
 async def build_engine(options: ServeOptions, *, executor_factory: Optional[ExecutorFactory] = None):
@@ -205,7 +232,20 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
             admission=options.admission,
         )
         engine = Engine(config, workers)
+        monitor = None
+        if options.fid_reference is not None:
+            import asyncio
+
+            from .quality_monitor import build_quality_monitor
+
+            monitor = await asyncio.to_thread(
+                build_quality_monitor, options.fid_reference, options.inception_weights,
+                clock=lambda: engine.now, window_s=options.fid_window_s, sample=options.fid_sample,
+                device=options.fid_device, seed=options.seed)
+            engine.attach_quality(monitor)
         await engine.start()
+        if monitor is not None:
+            monitor.start()
     except BaseException:
         for w in workers:
             try:

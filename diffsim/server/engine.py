@@ -7,11 +7,11 @@ re-plan period) and the policy/allocator. This module only tells them what happe
 as :mod:`diffsim.simulator` does, with three differences that come from running for real:
 
 * a batch's time is measured, not looked up: the worker runs it (:mod:`diffsim.server.worker`) and the
-  measured time replaces the profile's in the query records and the workers' busy time;
+  measured time is what the dispatcher books in the query records and the workers' busy time;
 * the confidence that decides deferral is the discriminator's score of the actual light image, handed
-  to the dispatcher through :class:`MeasuredConfidences` (the server's prompt ids are its query ids);
+  to :meth:`~diffsim.dispatcher.Dispatcher.complete_batch` with the batch;
 * new queries pass the admission rule (:mod:`diffsim.admission`) first, and an executor that raises
-  fails only its own batch's queries (outcome ``failed``).
+  fails only its own batch's queries (:meth:`~diffsim.dispatcher.Dispatcher.fail_batch`).
 
 Tasks on the event loop: one per worker (take a batch, run it, hand it back; sleep until woken), and the
 controller (every ``tick_s``: expire backlog, feed the controller, apply the plan it returns). Every
@@ -24,7 +24,7 @@ import asyncio
 import collections
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -97,17 +97,6 @@ class QueryAnswer:
     model: Optional[str]  # the model that made it
 
 
-class MeasuredConfidences:
-    """The dispatcher's confidence source for a real run: the discriminator's scores of the light images
-    just generated, keyed by prompt id (= query id in the server), each read once."""
-
-    def __init__(self) -> None:
-        self.scores: dict[int, float] = {}
-
-    def of(self, key: int) -> float:
-        return self.scores.pop(key)
-
-
 class Engine:
     """Queues, workers and the control loop of one server. All methods run on one event loop."""
 
@@ -123,12 +112,11 @@ class Engine:
 
             policy = policy_for(config)
         self.policy = policy
-        self.confidences = MeasuredConfidences()
         self.dispatcher = Dispatcher(
             config.cascade,
             config.gpus,
             router=Router(config.routing, np.random.default_rng(config.seed)),
-            confidences=self.confidences,  # type: ignore[arg-type]
+            # no confidence source: every light batch comes back with the discriminator's scores
             seed=config.seed,
             drop_factor=config.drop_factor,
             batch_timeout_s=config.batch_timeout_s,
@@ -159,9 +147,12 @@ class Engine:
         self.violations = 0
         self.batches = {"light": 0, "heavy": 0}
         self.failed_batches = 0
-        # Observers: on_query(query) when a query ends; on_batch(role, size, run_s, failed) after a batch.
+        # Observers: on_query(query) when a query ends; on_image(query, png) when it ends with an image;
+        # on_batch(role, size, run_s, failed) after a batch. They run on the event loop: keep them cheap.
         self.on_query: list[Callable[[Query], None]] = []
+        self.on_image: list[Callable[[Query, bytes], None]] = []
         self.on_batch: list[Callable[[str, int, float, bool], None]] = []
+        self.quality = None  # the served-image quality monitor, when attached (attach_quality)
 
     # -- clock ------------------------------------------------------------------------------------------
 
@@ -224,6 +215,14 @@ class Engine:
                 self._finish(qid, q, fut)
         self._pending.clear()
         await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
+        if self.quality is not None:  # closes its last (partial) window
+            await asyncio.to_thread(self.quality.stop)
+
+    def attach_quality(self, monitor) -> None:
+        """Feed every served image to ``monitor`` (a :class:`~diffsim.server.quality_monitor.QualityMonitor`,
+        started by the caller; stopped with the engine)."""
+        self.quality = monitor
+        self.on_image.append(lambda q, png: monitor.offer(png, q.served_by or "light", q.finished_s))
 
     # -- queries ----------------------------------------------------------------------------------------
 
@@ -315,6 +314,9 @@ class Engine:
         image = self._images.pop(qid, None)
         png, model = (image if q.outcome == "completed" and image is not None else (None, None))
         self._count(q)
+        if png is not None:
+            for hook in self.on_image:
+                hook(q, png)
         if not fut.done():  # its waiter may have been cancelled (client gone); the outcome still counts
             fut.set_result(QueryAnswer(q, png, model))
 
@@ -370,12 +372,10 @@ class Engine:
         model = self.cascade.light_model if batch.role == "light" else self.cascade.heavy_model
         measured = result.run_s
         for i, q in enumerate(batch.queries):
-            q.service_s += measured - batch.service_s  # the dispatcher booked the profile's time
             self._images[q.id] = (result.images_png[i], model)
-            if batch.with_discriminator:
-                self.confidences.scores[q.prompt_id] = result.confidences[i]
         size = len(batch.queries)
-        for target in d.complete_batch(replace(batch, service_s=measured), now):
+        scores = result.confidences if batch.with_discriminator else None
+        for target in d.complete_batch(batch, now, scores, run_s=measured):
             self._wake_worker(target)
         self.batches[batch.role] += 1
         for hook in self.on_batch:
@@ -386,14 +386,9 @@ class Engine:
         now = self.now
         message = f"worker {batch.worker} failed running a {batch.role} batch: {type(error).__name__}: {error}"
         log.error("%s", message)
-        d = self.dispatcher
-        # Hand back an empty batch: the dispatcher frees the worker (and starts a pending swap) without
-        # touching the queries, which end here as failed.
-        d.complete_batch(replace(batch, queries=[], service_s=run_s), now)
+        self.dispatcher.fail_batch(batch, now, message, run_s=run_s)
         for q in batch.queries:
-            q.finish("failed", now, error=message)
             self._images.pop(q.id, None)
-        d.finished += len(batch.queries)
         self.failed_batches += 1
         for hook in self.on_batch:
             hook(batch.role, len(batch.queries), run_s, True)

@@ -9,6 +9,8 @@ Routes:
   request, 401 for a missing or wrong API key. Every error body is ``{"error": {"message", "type",
   "code", "param"}}``.
 * ``GET /v1/plan`` -- the plan in force and the live state (JSON);
+* ``GET /v1/quality`` -- with ``--fid-reference``: FID of the sampled served images per window, with the
+  sample sizes, or why a window has no FID (JSON); 404 when the server was started without it;
 * ``GET /metrics`` -- Prometheus text;
 * ``GET /healthz`` -- 200 while serving, 503 while draining.
 
@@ -36,7 +38,7 @@ from .engine import Engine, QueryAnswer, Rejected, Unavailable
 from .prometheus import CONTENT_TYPE, ServerMetrics
 
 MAX_SEED = 2**63 - 1
-ROUTES = ("/v1/images/generations", "/v1/plan", "/metrics", "/healthz")
+ROUTES = ("/v1/images/generations", "/v1/plan", "/v1/quality", "/metrics", "/healthz")
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,14 @@ def create_app(engine_factory: Callable[[], Awaitable[Engine]], settings: HttpSe
     @app.get("/v1/plan")
     async def plan(request: Request):
         return request.app.state.engine.snapshot()
+
+    @app.get("/v1/quality")
+    async def quality(request: Request):
+        monitor = request.app.state.engine.quality
+        if monitor is None:
+            return error_response(404, "served-image quality is off: start the server with --fid-reference and "
+                                  "--inception-weights", "invalid_request_error", "quality_off")
+        return monitor.describe()
 
     @app.get("/metrics")
     async def metrics(request: Request):

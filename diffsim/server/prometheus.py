@@ -1,7 +1,8 @@
 """Prometheus metrics of one server, in a registry of its own (two servers in one process never mix).
 
 Counters are fed by the engine's hooks as queries end and batches finish; gauges (queues, workers,
-threshold, demand) are refreshed from the engine's state each time ``/metrics`` is scraped.
+threshold, demand; with ``--fid-reference`` the served-image FID of the last closed window) are refreshed
+from the engine's state each time ``/metrics`` is scraped.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..dispatcher import STAGES
+from ..metrics import OUTCOMES
 from ..query import Query
 from .engine import Engine
 
@@ -60,6 +63,21 @@ class ServerMetrics:
         self.pending = Gauge("diffsim_pending_queries", "Admitted queries without an outcome yet", registry=r)
         self.busy = Gauge("diffsim_worker_busy_seconds", "Time each worker spent running batches", ["worker"],
                           registry=r)
+        self.served_fid = self.served_fid_n = self.served_fid_end = None
+        if engine.quality is not None:  # only with --fid-reference
+            self.served_fid = Gauge("diffsim_served_fid", "FID of the sampled served images of the last closed "
+                                    "window, per stage (NaN: sample too small, see /v1/quality)", ["stage"],
+                                    registry=r)
+            self.served_fid_n = Gauge("diffsim_served_fid_sample_size", "Images behind diffsim_served_fid",
+                                      ["stage"], registry=r)
+            self.served_fid_end = Gauge("diffsim_served_fid_window_end_seconds",
+                                        "End of the window diffsim_served_fid describes (engine clock)", registry=r)
+        # Every labelled count exists from the start, at 0: "none yet" reads as 0, not as a missing series.
+        for outcome in OUTCOMES:
+            self.queries.labels(outcome)
+        for stage in STAGES:
+            self.served.labels(stage)
+            self.failed_batches.labels(stage)
         engine.on_query.append(self.query_ended)
         engine.on_batch.append(self.batch_ended)
 
@@ -102,6 +120,13 @@ class ServerMetrics:
         self.pending.set(e.pending)
         for w, busy in enumerate(d.busy_s):
             self.busy.labels(str(w)).set(busy)
+        if self.served_fid is not None:
+            window = e.quality.latest()
+            if window is not None:
+                for stage, q in window.stages.items():
+                    self.served_fid.labels(stage).set(float("nan") if q.fid is None else q.fid)
+                    self.served_fid_n.labels(stage).set(q.n)
+                self.served_fid_end.set(window.end_s)
 
     def render(self) -> bytes:
         self.refresh()
