@@ -282,31 +282,6 @@ def _synthetic_real_images(folder: Path, n: int, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def small_inception():
-    """Inception at 75 px input (see the module docstring), for every extractor built while it is active."""
-    import diffsim.quality.features as features
-
-    class SmallInput(features.InceptionFeatures):
-        def __init__(self, weights, **kwargs):
-            kwargs.setdefault("input_size", 75)
-            super().__init__(weights, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(features, "InceptionFeatures", SmallInput)
-        yield
-
-
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory, torch_one_thread):
-    from diffsim.quality.features import save_random_inception
-
-    path = tmp_path_factory.getbasetemp() / "inception-random-seed0.safetensors"
-    if not path.exists():  # shared by the test modules of one session
-        save_random_inception(path, seed=0)
-    return path
-
-
-@pytest.fixture(scope="module")
 def calibrated(tmp_path_factory, torch_one_thread, small_inception, inception_weights):
     root = tmp_path_factory.mktemp("calibrate")
     prompts = root / "prompts.txt"

@@ -63,19 +63,6 @@ def _read_csv(path: Path) -> list[dict]:
     return list(csv.DictReader(path.read_text().splitlines()))
 
 
-@pytest.fixture(scope="module")
-def small_inception():
-    import diffsim.quality.features as features
-
-    class SmallInput(features.InceptionFeatures):
-        def __init__(self, weights, **kwargs):
-            kwargs.setdefault("input_size", 75)
-            super().__init__(weights, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(features, "InceptionFeatures", SmallInput)
-        yield
-
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory, torch_one_thread, small_inception):

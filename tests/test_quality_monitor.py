@@ -30,31 +30,6 @@ DIM = 64
 PLAN = {"threshold": 0.5, "light_workers": 1, "heavy_workers": 1, "light_batch": 4, "heavy_batch": 4}
 
 
-@pytest.fixture(scope="module")
-def small_inception():
-    """Inception at 75 px input, for every extractor built while it is active (the command's too)."""
-    import diffsim.quality.features as features
-
-    class SmallInput(features.InceptionFeatures):
-        def __init__(self, weights, **kwargs):
-            kwargs.setdefault("input_size", 75)
-            super().__init__(weights, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(features, "InceptionFeatures", SmallInput)
-        yield
-
-
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory, torch_one_thread):
-    from diffsim.quality.features import save_random_inception
-
-    path = tmp_path_factory.getbasetemp() / "inception-random-seed0.safetensors"
-    if not path.exists():  # shared by the test modules of one session
-        save_random_inception(path, seed=0)
-    return path
-
-
 def _pngs(n: int, seed: int) -> list[bytes]:
     """Varied small images (random colour gradients with a rectangle), as PNG bytes."""
     from PIL import Image, ImageDraw
