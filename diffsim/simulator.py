@@ -183,7 +183,7 @@ def simulate(
         from tqdm import tqdm
 
         bar = tqdm(total=round(float(trace.duration_s) if total else 0.0, 1), unit="s", desc="simulated",
-                   file=sys.stderr, leave=False)
+                   file=sys.stderr, leave=False, delay=2.0)  # shown only on runs longer than ~2 s
 
     def control():
         tick = config.controller.tick_s
