@@ -504,7 +504,7 @@ def render_profile_yaml(
         f"# This is {_HEADLINE[mode]}",
         "# null = a component was not measured at that batch (does not fit / not attempted).",
         "# Between measured batch sizes: linear interpolation, never extrapolated (see diffsim/profiles.py).",
-        f"# Rules, validation against end-to-end runs and caveats: profiles/README.md.",
+        "# Rules, validation against end-to-end runs and caveats: profiles/README.md.",
         f"gpu: h100-{mode}",
         "provenance:",
         "  source: " + _yaml_str(

@@ -91,8 +91,13 @@ class ControllerConfig:
 
 
 @dataclass(frozen=True)
-class SimConfig:
-    """Everything one simulation run depends on (with the trace); same config + trace -> same result."""
+class RunConfig:
+    """What a simulated run and a served one share: the cascade, the GPUs and every policy-side setting.
+
+    :class:`SimConfig` (the simulator) and the server's ``EngineConfig`` extend it, so each rule about
+    these fields (defaults, validation, how the policy is built: :func:`diffsim.policies.policy_for`) is
+    written once.
+    """
 
     cascade: Cascade
     gpus: int = 16
@@ -104,17 +109,11 @@ class SimConfig:
     batch_timeout_s: float = 0.0
     swap_s: float = 0.0
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
-    confidences_path: Optional[Path] = None
     static_plan: Optional[dict] = None
-    window_s: float = 10.0
     max_utilization: float = DEFAULT_MAX_UTILIZATION  # plan stages to at most this fraction of capacity
     batch_wait: float = 0.0  # fraction of a batch time counted as waiting for the batch in flight
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.max_utilization, (int, float)) and 0 < self.max_utilization <= 1):
-            raise InputError(f"config: max_utilization: must lie in (0, 1], got {self.max_utilization!r}")
-        if not (isinstance(self.batch_wait, (int, float)) and 0 <= self.batch_wait <= 1):
-            raise InputError(f"config: batch_wait: must lie in [0, 1], got {self.batch_wait!r}")
         if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or self.gpus < 1:
             raise InputError(f"config: gpus: must be an integer >= 1, got {self.gpus!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -124,15 +123,30 @@ class SimConfig:
         _positive("drop_factor", self.drop_factor)
         _non_negative("batch_timeout_s", self.batch_timeout_s)
         _non_negative("swap_s", self.swap_s)
-        _positive("window_s", self.window_s)
+        if not (isinstance(self.max_utilization, (int, float)) and 0 < self.max_utilization <= 1):
+            raise InputError(f"config: max_utilization: must lie in (0, 1], got {self.max_utilization!r}")
+        if not (isinstance(self.batch_wait, (int, float)) and 0 <= self.batch_wait <= 1):
+            raise InputError(f"config: batch_wait: must lie in [0, 1], got {self.batch_wait!r}")
         sizes = tuple(self.batch_sizes)
         if not sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in sizes):
             raise InputError(f"config: batch_sizes: must be integers >= 1, got {list(sizes)!r}")
         object.__setattr__(self, "batch_sizes", tuple(sorted(set(sizes))))
-        if self.confidences_path is not None:
-            object.__setattr__(self, "confidences_path", Path(self.confidences_path))
         if not isinstance(self.controller, ControllerConfig):
             raise InputError("config: controller: must be a ControllerConfig")
+
+
+@dataclass(frozen=True)
+class SimConfig(RunConfig):
+    """Everything one simulation run depends on (with the trace); same config + trace -> same result."""
+
+    confidences_path: Optional[Path] = None
+    window_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("window_s", self.window_s)
+        if self.confidences_path is not None:
+            object.__setattr__(self, "confidences_path", Path(self.confidences_path))
 
 
 # ----------------------------------------------------------------------------------------------

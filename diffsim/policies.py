@@ -269,7 +269,7 @@ def make_policy(
 
 
 def policy_for(config, *, thresholds: Optional[Sequence[float]] = None) -> Policy:
-    """The policy a run config names (``SimConfig`` or the server's ``EngineConfig``: same fields)."""
+    """The policy a run config names (a :class:`~diffsim.config.RunConfig`: the simulator's or the server's)."""
     return make_policy(
         config.policy,
         config.cascade,

@@ -24,19 +24,17 @@ import asyncio
 import collections
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from ..admission import Decision, StageLoad, batch_size_for_new, decide, queue_wait_s
-from ..config import DEFAULT_BATCH_SIZES, ControllerConfig
-from ..policies import DEFAULT_MAX_UTILIZATION
+from ..config import RunConfig
 from ..controller import Controller
 from ..dispatcher import STAGES, Batch, Dispatcher
 from ..errors import DiffsimError
 from ..plan import Plan
-from ..profiles import Cascade
 from ..query import Query
 from ..routing import Router, first_stage
 from .worker import BatchJob, WorkerHandle
@@ -47,30 +45,12 @@ HISTORY = 10_000  # plans and demand samples kept for /v1/plan and the metrics
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    """How the engine runs; the policy-side fields mean what they mean in :class:`~diffsim.config.SimConfig`."""
+class EngineConfig(RunConfig):
+    """How the engine runs: the settings it shares with the simulator (:class:`~diffsim.config.RunConfig`),
+    plus the two only a real server has."""
 
-    cascade: Cascade
-    gpus: int
-    policy: str = "diffserve"
-    static_plan: Optional[dict] = None
-    controller: ControllerConfig = field(default_factory=ControllerConfig)
-    routing: str = "least-loaded"
-    drop_factor: float = 1.5
-    batch_timeout_s: float = 0.0
-    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
-    seed: int = 0
-    max_utilization: float = DEFAULT_MAX_UTILIZATION
-    batch_wait: float = 0.0
-    swap: bool = False  # one model resident per worker; a role change loads the other one
-    swap_s: float = 0.0  # expected model-load time (the dispatcher keeps a swapping worker idle that long)
+    swap: bool = False  # one model resident per worker; a role change loads the other one (swap_s: its time)
     admission: bool = True  # apply the admission rule (429 instead of queueing a hopeless query)
-
-    def __post_init__(self) -> None:
-        if self.gpus < 1:
-            raise DiffsimError(f"gpus: must be >= 1, got {self.gpus}")
-        if not self.drop_factor > 0:
-            raise DiffsimError(f"drop factor: must be > 0, got {self.drop_factor}")
 
 
 class Rejected(Exception):
