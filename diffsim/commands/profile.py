@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
         description=(
             "Measure each model's whole-pipeline batch latency (p50/p95/p99 after warm-up), the "
             "discriminator's latency per batch and peak memory, and write them as a GPU profile YAML "
-            "that `diffsim simulate --profile` reads. A batch that runs out of memory is recorded as null."
+            "that `diffsim simulate --gpu FILE` and `diffsim plan --gpu FILE` read. A batch that runs out of memory is recorded as null."
         ),
     )
     p.add_argument("--backend", required=True, help="cuda (full models, fp16) or cpu-tiny (tiny models, fp32)")
