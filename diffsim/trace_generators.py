@@ -51,8 +51,11 @@ def _streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
     return arrivals, ids
 
 
-def _finish(arrival_s: np.ndarray, id_rng: np.random.Generator, prompt_ids: tuple[int, int], source: str) -> Trace:
+def _finish(arrival_s: np.ndarray, end_s: float, id_rng: np.random.Generator, prompt_ids: tuple[int, int],
+            source: str) -> Trace:
+    """Round to the time resolution, keep arrivals inside [0, end_s) (rounding can reach end_s), draw ids."""
     arrival_s = np.round(arrival_s, TIME_RESOLUTION_DECIMALS)
+    arrival_s = arrival_s[arrival_s < end_s]
     ids = id_rng.integers(prompt_ids[0], prompt_ids[1], endpoint=True, size=len(arrival_s), dtype=np.int64)
     return Trace(arrival_s=arrival_s, prompt_id=ids, source=source)
 
@@ -89,9 +92,8 @@ def gamma_trace(
         pieces.append(times)
         t = float(times[-1])
     arrival = np.concatenate(pieces)
-    arrival = arrival[arrival < duration_s]
     name = "poisson" if cv == 1 else f"gamma cv={cv:g}"
-    return _finish(arrival, id_rng, ids, f"{name} rate={rate_qps:g} duration={duration_s:g} seed={seed}")
+    return _finish(arrival, duration_s, id_rng, ids, f"{name} rate={rate_qps:g} duration={duration_s:g} seed={seed}")
 
 
 def poisson_trace(
@@ -144,9 +146,8 @@ def shape_trace(
     counts = arrival_rng.poisson(scaled * interval_s)
     starts = np.repeat(np.arange(len(scaled), dtype=np.float64) * interval_s, counts)
     arrival = np.sort(starts + arrival_rng.random(len(starts)) * interval_s)
-    arrival = arrival[arrival < len(scaled) * interval_s]  # guard against rounding at the very end
     source = f"shape intervals={len(scaled)} interval={interval_s:g}s lo={lo_qps:g} hi={hi_qps:g} seed={seed}"
-    return _finish(arrival, id_rng, ids, source)
+    return _finish(arrival, len(scaled) * interval_s, id_rng, ids, source)
 
 
 DIURNAL_PEAK_HOUR = 15.0  # mid-afternoon peak ...

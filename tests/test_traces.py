@@ -481,3 +481,11 @@ def test_trace_code_does_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_evenly_spaced_arrivals_stay_inside_the_duration():
+    # cv = 0 puts the last arrival at 6 x (1/3) = 1.9999999999999998, which rounds to the end itself.
+    from diffsim.trace_generators import gamma_trace
+
+    trace = gamma_trace(3.0, 0.0, 2.0, seed=0)
+    assert len(trace) == 5 and trace.arrival_s.max() < 2.0
