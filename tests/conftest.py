@@ -5,9 +5,17 @@ torch is imported only inside fixtures and hooks that need it, so tests of the t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# In CI the property tests draw the same examples every run, so a submission's result does not depend on
+# luck; on a developer's machine they explore new examples each run (and keep failures in .hypothesis/).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def _cuda_available() -> bool:
