@@ -163,8 +163,24 @@ def _stage(cascade: Cascade, role: str, batch_sizes, queue_delay: float, with_di
     return _Stage(tuple(sizes), tuple(lats), tuple(paths), tuple(caps))
 
 
+_CANDIDATES: dict[tuple, tuple[Cascade, list]] = {}  # (id(cascade), grid, objective, mode) -> (cascade, cands)
+
+
 def _candidates(cascade: Cascade, grid, objective: str, mode: str) -> list[_Candidate]:
-    """Threshold (or share) candidates, merged where they are indistinguishable, ordered best first."""
+    """Threshold (or share) candidates, merged where indistinguishable, best first (memoised per cascade:
+    they depend on neither demand nor GPUs, and a controller asks again every few seconds)."""
+    key = (id(cascade), grid, objective, mode)
+    hit = _CANDIDATES.get(key)
+    if hit is not None and hit[0] is cascade:
+        return hit[1]
+    if len(_CANDIDATES) > 64:
+        _CANDIDATES.clear()
+    cands = _rank_candidates(cascade, grid, objective, mode)
+    _CANDIDATES[key] = (cascade, cands)
+    return cands
+
+
+def _rank_candidates(cascade: Cascade, grid, objective: str, mode: str) -> list[_Candidate]:
     if mode == "cascade":
         raw = [(t, cascade.deferral(t), 1.0, cascade.fid(1.0 - cascade.deferral(t))) for t in grid]
     else:
@@ -187,7 +203,7 @@ def _candidates(cascade: Cascade, grid, objective: str, mode: str) -> list[_Cand
     for c in cands:
         if all(c.heavy_fraction < f.heavy_fraction or c.light_fraction < f.light_fraction for f in frontier):
             frontier.append(c)
-    return frontier
+    return tuple(frontier)
 
 
 def _solve(cascade, gpus, demand, light, heavy, cands, mode, objective, waits) -> Optional[Plan]:
