@@ -147,8 +147,8 @@ def test_tiny_executor_generates_seeded_images(model, torch_one_thread):
         assert img.size == (size, size) and img.mode == "RGB"
     # Same prompt and seed -> same image, whatever the batch and its order; another seed -> another image.
     swapped = ex.generate(PROMPTS[1::-1], [22, 11])
-    assert np.abs(_pixels(swapped[1]) - _pixels(images[0])).max() <= 1
-    assert np.abs(_pixels(swapped[0]) - _pixels(images[1])).max() <= 1
+    assert np.abs(_pixels(swapped[1]) - _pixels(images[0])).max() <= 2
+    assert np.abs(_pixels(swapped[0]) - _pixels(images[1])).max() <= 2
     assert np.abs(_pixels(images[2]) - _pixels(images[0])).mean() > 1.0
 
 
