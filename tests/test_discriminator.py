@@ -24,6 +24,7 @@ from backends.discriminator_training import (  # noqa: E402
 )
 from diffsim.cli import main as cli_main  # noqa: E402
 from diffsim.errors import DiffsimError, InputError  # noqa: E402
+from image_helpers import write_noise_images
 
 TINY_ARCH = "test_efficientnet"  # timm's smallest EfficientNet (~0.1 M parameters)
 TINY_SIZE = 32
@@ -37,22 +38,11 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _write_noise(folder: Path, n: int, seed: int, lo: int, hi: int, size: int = 36) -> Path:
-    """Synthetic images: uniform noise in [lo, hi): 'real' = bright, 'generated' = dark."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(lo, hi, (size, size, 3)).astype(np.uint8)).save(folder / f"{i:03d}.png")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("disc")
-    return {"real": _write_noise(root / "real", 15, seed=0, lo=140, hi=256),
-            "fake": _write_noise(root / "fake", 15, seed=1, lo=0, hi=116), "root": root}
+    return {"real": write_noise_images(root / "real", 15, seed=0, lo=140, hi=256, size=36),
+            "fake": write_noise_images(root / "fake", 15, seed=1, lo=0, hi=116, size=36), "root": root}
 
 
 @pytest.fixture(scope="module")

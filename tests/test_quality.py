@@ -25,6 +25,7 @@ from diffsim.quality.frechet import (
     load_stats,
     save_stats,
 )
+from image_helpers import write_noise_images
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -217,7 +218,7 @@ def test_measurements_are_no_longer_discriminator_actions(capsys):
 
 
 def test_quality_refuses_a_batch_size_below_one(tmp_path, capsys):
-    images = _write_images(tmp_path / "imgs", 3, seed=0, lo=0, hi=255)
+    images = write_noise_images(tmp_path / "imgs", 3, seed=0, lo=0, hi=255)
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("image,prompt\n" + "".join(f"im{i:03d}.png,a cat\n" for i in range(3)))
     for argv in (["stats", "--images", str(images), "--out", str(tmp_path / "s.npz"),
@@ -229,25 +230,6 @@ def test_quality_refuses_a_batch_size_below_one(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- Inception features and the CLI
-
-
-def _write_images(folder: Path, n: int, seed: int, lo: int, hi: int, size: int = 40) -> Path:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(lo, hi, (size, size, 3)).astype(np.uint8)).save(folder / f"im{i:03d}.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    from diffsim.quality.features import save_random_inception
-
-    return save_random_inception(tmp_path_factory.mktemp("inception") / "inception.safetensors", seed=0)
 
 
 def test_inception_features_shapes_and_weights_file(inception_weights, tmp_path):
@@ -277,8 +259,8 @@ def test_inception_features_shapes_and_weights_file(inception_weights, tmp_path)
 
 
 def test_cli_stats_fid_kid(inception_weights, tmp_path, capsys):
-    bright = _write_images(tmp_path / "bright", 4, seed=0, lo=150, hi=255)
-    dark = _write_images(tmp_path / "dark", 4, seed=1, lo=0, hi=100)
+    bright = write_noise_images(tmp_path / "bright", 4, seed=0, lo=150, hi=255)
+    dark = write_noise_images(tmp_path / "dark", 4, seed=1, lo=0, hi=100)
     w = str(inception_weights)
 
     # Too few images for 64-d features: refused (before any feature extraction) unless --allow-small.
@@ -312,7 +294,7 @@ def test_cli_stats_fid_kid(inception_weights, tmp_path, capsys):
 
 
 def test_cli_fid_missing_inputs_are_one_line_errors(tmp_path, capsys):
-    images = _write_images(tmp_path / "imgs", 3, seed=0, lo=0, hi=255)
+    images = write_noise_images(tmp_path / "imgs", 3, seed=0, lo=0, hi=255)
     assert cli_main(["quality", "fid", "--images", str(images), "--ref-stats", str(tmp_path / "x.npz"),
                      "--inception-weights", str(tmp_path / "w.safetensors"), "--allow-small"]) == 2
     err = capsys.readouterr().err.strip()
@@ -365,7 +347,7 @@ def test_clip_score_matches_cosine_similarity_and_cli(tmp_path, capsys):
 
     torch.set_num_threads(1)
     clip_dir = _tiny_clip(tmp_path / "clipsrc")
-    images_dir = _write_images(tmp_path / "imgs", 3, seed=0, lo=0, hi=255)
+    images_dir = write_noise_images(tmp_path / "imgs", 3, seed=0, lo=0, hi=255)
     prompts = ["a red cat", "a dog on a sofa", "a very long prompt " * 20]
     scorer = ClipScorer(clip_dir, batch_size=2)
     images = load_images(sorted(images_dir.iterdir()))
