@@ -89,27 +89,32 @@ def is_out_of_memory(err: BaseException) -> bool:
     )
 
 
-def time_calls(call: Callable[[], object], sync: Callable[[], None], *, warmup: int, iters: int) -> list[float]:
-    """Wall-clock milliseconds of ``iters`` calls after ``warmup`` untimed ones, synchronised around each."""
+Clock = Callable[[], float]  # seconds, monotonic (time.perf_counter; tests pass a fake one)
+
+
+def time_calls(call: Callable[[], object], sync: Callable[[], None], *, warmup: int, iters: int,
+               clock: Clock = time.perf_counter) -> list[float]:
+    """Milliseconds of ``iters`` calls by ``clock`` after ``warmup`` untimed ones, synchronised around each."""
     for _ in range(warmup):
         call()
     sync()
     samples = []
     for _ in range(iters):
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         call()
         sync()
-        samples.append((time.perf_counter() - t0) * 1000.0)
+        samples.append((clock() - t0) * 1000.0)
     return samples
 
 
-def measure_batch(executor, call, *, warmup: int, iters: int) -> tuple[Optional[list[float]], Optional[float]]:
+def measure_batch(executor, call, *, warmup: int, iters: int,
+                  clock: Clock = time.perf_counter) -> tuple[Optional[list[float]], Optional[float]]:
     """(latency samples in ms, peak GiB or None) of one batch, or (None, None) when it ran out of memory."""
     _free_device_cache(executor)
     executor.reset_peak_memory()
     try:
-        samples = time_calls(call, executor.synchronize, warmup=warmup, iters=iters)
+        samples = time_calls(call, executor.synchronize, warmup=warmup, iters=iters, clock=clock)
     except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded; anything else is re-raised
         if not is_out_of_memory(e):
             raise
@@ -142,6 +147,7 @@ def profile_models(
     warmup: int,
     iters: int,
     progress: Callable[[str], None] = print,
+    clock: Clock = time.perf_counter,
 ) -> tuple[dict[str, Series], Series]:
     """Measure every model, and the discriminator through the first model's executor.
 
@@ -167,7 +173,7 @@ def profile_models(
                 continue
             prompts, seeds = prompts_for(b), list(range(b))
             samples, peak = measure_batch(
-                executor, lambda: executor.generate(prompts, seeds), warmup=warmup, iters=iters
+                executor, lambda: executor.generate(prompts, seeds), warmup=warmup, iters=iters, clock=clock
             )
             series.add(samples, peak)
             if samples is None:
@@ -177,14 +183,16 @@ def profile_models(
                 progress(f"[profile] {done}/{total} {model} b={b}: p50 {series.p50_ms[-1]:.1f} ms, "
                          f"p99 {series.p99_ms[-1]:.1f} ms{_mem_text(peak)}")
         if disc is None:
-            disc = profile_discriminator(executor, batch_sizes, warmup=warmup, iters=iters, progress=progress)
+            disc = profile_discriminator(executor, batch_sizes, warmup=warmup, iters=iters, progress=progress,
+                                         clock=clock)
         executor.unload()
         results[model] = series
     assert disc is not None
     return results, disc
 
 
-def profile_discriminator(executor, batch_sizes, *, warmup: int, iters: int, progress=print) -> Series:
+def profile_discriminator(executor, batch_sizes, *, warmup: int, iters: int, progress=print,
+                          clock: Clock = time.perf_counter) -> Series:
     from PIL import Image
 
     size = executor.spec.resolution
@@ -192,7 +200,8 @@ def profile_discriminator(executor, batch_sizes, *, warmup: int, iters: int, pro
     series = Series(list(batch_sizes))
     for b in batch_sizes:
         images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(b)]
-        samples, _ = measure_batch(executor, lambda: executor.score(images), warmup=warmup, iters=iters)
+        samples, _ = measure_batch(executor, lambda: executor.score(images), warmup=warmup, iters=iters,
+                                   clock=clock)
         series.add(samples, None)  # its peak would be mostly the resident diffusion model's weights
         if samples is None:
             progress(f"[profile] discriminator b={b}: out of memory, recorded as null")

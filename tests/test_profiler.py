@@ -29,11 +29,23 @@ class FakeSpec:
     resolution = 8
 
 
-class FakeExecutor:
-    """Stands in for a PipelineExecutor: runs out of memory at batch sizes >= ``oom_at``."""
+class FakeClock:
+    """A clock that moves only when a fake executor works: timings are the same on any machine."""
 
-    def __init__(self, model: str, oom_at: int = 10**9):
+    def __init__(self):
+        self.s = 0.0
+
+    def __call__(self) -> float:
+        return self.s
+
+
+class FakeExecutor:
+    """Stands in for a PipelineExecutor: runs out of memory at batch sizes >= ``oom_at``. Each call moves
+    ``clock`` (when given) by 10 ms per image, so measured times are known exactly."""
+
+    def __init__(self, model: str, oom_at: int = 10**9, clock: FakeClock | None = None):
         self.model, self.oom_at, self.spec, self.device = model, oom_at, FakeSpec(), "cpu"
+        self.clock = clock
         self.calls: list[int] = []
         self.loaded = self.unloaded = False
 
@@ -48,10 +60,16 @@ class FakeExecutor:
         self.calls.append(len(prompts))
         if len(prompts) >= self.oom_at:
             raise MemoryError("out of memory")
+        self._work(len(prompts))
         return [None] * len(prompts)
 
     def score(self, images):
+        self._work(len(images))
         return np.full(len(images), 0.5)
+
+    def _work(self, n: int) -> None:
+        if self.clock is not None:
+            self.clock.s += 0.010 * n
 
     def reset_peak_memory(self):
         pass
@@ -88,20 +106,22 @@ def test_time_calls_counts_warmup_and_iterations():
 
 def test_out_of_memory_is_null_and_profiling_goes_on():
     made: dict[str, FakeExecutor] = {}
+    clock = FakeClock()
 
     def factory(model):
-        made[model] = FakeExecutor(model, oom_at=4 if model == "big" else 10**9)
+        made[model] = FakeExecutor(model, oom_at=4 if model == "big" else 10**9, clock=clock)
         return made[model]
 
     lines: list[str] = []
-    models, disc = profile_models(factory, ["small", "big"], [1, 2, 4, 8], warmup=1, iters=2, progress=lines.append)
-    assert models["small"].p50_ms[3] is not None
+    models, disc = profile_models(factory, ["small", "big"], [1, 2, 4, 8], warmup=1, iters=2,
+                                  progress=lines.append, clock=clock)
+    assert models["small"].p50_ms == [10.0, 20.0, 40.0, 80.0]  # 10 ms per image on the fake clock
     assert models["big"].p50_ms[:2] != [None, None] and models["big"].p50_ms[2:] == [None, None]
     assert 8 not in made["big"].calls  # not attempted after the OOM at 4
     assert all(ex.loaded and ex.unloaded for ex in made.values())
     assert any("out of memory" in line for line in lines)
     assert sum("b=" in line and "discriminator" not in line for line in lines) == 8  # a line per measurement
-    assert len(disc.p50_ms) == 4 and all(v is not None for v in disc.p50_ms)
+    assert disc.p50_ms == [10.0, 20.0, 40.0, 80.0]
     profile = validate_profile({
         "gpu": "fake",
         "provenance": {"source": "test", "gpu": "fake", "date": "2025-01-01"},
