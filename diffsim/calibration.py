@@ -372,7 +372,7 @@ def validate_profile(path: Path, name: str, gpu_profile: Path) -> "object":
     Returns that plan. Raises a DiffsimError (naming ``path``) when any step refuses the file.
     """
     from .allocator import allocate
-    from .confidence import read_confidences
+    from .runtime.confidence import read_confidences
     from .profiles import load_cascade, load_cascades
 
     load_cascades(path)

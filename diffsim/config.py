@@ -44,7 +44,7 @@ from .errors import InputError
 from .policies import DEFAULT_MAX_UTILIZATION
 from .profiles import Cascade, load_cascade, validation_message
 from .resources import profiles_dir, resolve_profile
-from .routing import ROUTING_KINDS
+from .runtime.routing import ROUTING_KINDS
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
@@ -69,7 +69,7 @@ class ControllerConfig:
 
     ``initial_demand_qps``: the demand the very first plan (at t=0, before any arrival was seen) is
     made for; nothing of the trace is looked at in advance. Because that is a guess, the controller
-    re-plans at the first tick and every ``replan_s`` after it (see :mod:`diffsim.controller`).
+    re-plans at the first tick and every ``replan_s`` after it (see :mod:`diffsim.runtime.controller`).
     """
 
     tick_s: float = 1.0

@@ -2,13 +2,13 @@
 
 Processes (all rules live in the pure layer; this module only advances simulated time):
 
-* **one arrival process** walks the trace and admits each query to the :class:`~diffsim.dispatcher.Dispatcher`
+* **one arrival process** walks the trace and admits each query to the :class:`~diffsim.runtime.dispatcher.Dispatcher`
   (queries arriving at the same instant are admitted together);
 * **one process per GPU worker**: when free it asks the dispatcher for a batch (FIFO, eager, drop rule),
   holds for the batch's p50 service time, then hands the batch back (completions and deferrals);
   with nothing to do it sleeps until a query is routed to it (or a swap / batching timeout ends);
 * **the controller process** ticks every ``tick_s``: expires backlog, feeds the
-  :class:`~diffsim.controller.Controller` the tick's measurements and applies the plans it returns.
+  :class:`~diffsim.runtime.controller.Controller` the tick's measurements and applies the plans it returns.
 
 The run ends when every query has its outcome. Same config + trace (+ seed) -> identical results: the
 router's randomness comes from ``numpy.random.default_rng(seed)``, confidences and split decisions from
@@ -27,12 +27,12 @@ import simpy
 from simpy.core import EmptySchedule, StopSimulation
 
 from .config import SimConfig
-from .confidence import Confidences
-from .controller import Controller
-from .dispatcher import Batch, Dispatcher
+from .runtime.confidence import Confidences
+from .runtime.controller import Controller
+from .runtime.dispatcher import Batch, Dispatcher
 from .plan import Plan
 from .query import Query
-from .routing import Router
+from .runtime.routing import Router
 
 
 @dataclass

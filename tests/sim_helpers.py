@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diffsim.batching import service_time_s
+from diffsim.runtime.batching import service_time_s
 from diffsim.plan import Plan, StagePlan
 from diffsim.profiles import Cascade, load_cascade
 from diffsim.resources import profiles_dir, resolve_profile

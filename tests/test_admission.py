@@ -7,7 +7,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diffsim.admission import StageLoad, batch_size_for_new, decide, queue_wait_s
+from diffsim.runtime.admission import StageLoad, batch_size_for_new, decide, queue_wait_s
 
 
 def test_idle_stage_waits_nothing():

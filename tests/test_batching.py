@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sim_helpers import a100_cascade
 
-from diffsim.batching import ServiceTimes, batch_ready, expired, form_batch, service_time_s
+from diffsim.runtime.batching import ServiceTimes, batch_ready, expired, form_batch, service_time_s
 from diffsim.errors import DiffsimError
 from diffsim.query import Query
 

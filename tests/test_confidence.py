@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sim_helpers import a100_cascade
 
-from diffsim.confidence import Confidences, read_confidences, stable_uniform
+from diffsim.runtime.confidence import Confidences, read_confidences, stable_uniform
 from diffsim.errors import InputError
 
 

@@ -6,7 +6,7 @@ import pytest
 from sim_helpers import FixedPolicy, ScriptedPolicy, a100_cascade, fixed_plan
 
 from diffsim.config import ControllerConfig
-from diffsim.controller import Controller, little_delay_s
+from diffsim.runtime.controller import Controller, little_delay_s
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffsim.demand import DemandEstimator
+from diffsim.runtime.demand import DemandEstimator
 
 
 def reference_ewm(samples, alpha):

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffsim.roles import assign_roles, needs_swap, switched
+from diffsim.runtime.roles import assign_roles, needs_swap, switched
 
 L, H, I = "light", "heavy", None
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sim_helpers import a100_cascade, fixed_plan
 
-from diffsim.routing import Router, defers, first_stage
+from diffsim.runtime.routing import Router, defers, first_stage
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sim_helpers import FixedPolicy, ScriptedPolicy, a100_cascade, fixed_plan
 
-from diffsim.batching import service_time_s
+from diffsim.runtime.batching import service_time_s
 from diffsim.config import ControllerConfig, SimConfig
 from diffsim.errors import InputError
 from diffsim.simulator import simulate
@@ -47,7 +47,7 @@ def run(plan_or_policy, arrivals, *, gpus=16, prompt_ids=None, hooks=False, **cf
 
 def confidence_above(threshold, n):
     """Prompt ids whose sampled confidence (seed 0) is >= threshold, and ones below it."""
-    from diffsim.confidence import Confidences
+    from diffsim.runtime.confidence import Confidences
 
     conf = Confidences.from_curve(CASCADE.deferral, 0)
     above = [p for p in range(1, 5000) if conf.of(p) >= threshold][:n]
@@ -203,9 +203,9 @@ def test_empty_trace_and_progress(capsys):
 
 
 def _dispatcher(plan, gpus, confidences=None):
-    from diffsim.confidence import Confidences
-    from diffsim.dispatcher import Dispatcher
-    from diffsim.routing import Router
+    from diffsim.runtime.confidence import Confidences
+    from diffsim.runtime.dispatcher import Dispatcher
+    from diffsim.runtime.routing import Router
 
     if confidences == "curve":
         confidences = Confidences.from_curve(CASCADE.deferral, 0)

@@ -1,17 +1,17 @@
 """The wall-clock driver: the simulator's rules, run by asyncio against real workers.
 
 Everything that decides lives in the pure layer and is shared with ``diffsim simulate``:
-:class:`~diffsim.dispatcher.Dispatcher` (routing, FIFO queues, eager batching, the drop rule, deferral,
-role switches), :class:`~diffsim.controller.Controller` (demand EWMA, Little's-law queueing delays,
+:class:`~diffsim.runtime.dispatcher.Dispatcher` (routing, FIFO queues, eager batching, the drop rule, deferral,
+role switches), :class:`~diffsim.runtime.controller.Controller` (demand EWMA, Little's-law queueing delays,
 re-plan period) and the policy/allocator. This module only tells them what happened and when, exactly
 as :mod:`diffsim.simulator` does, with three differences that come from running for real:
 
 * a batch's time is measured, not looked up: the worker runs it (:mod:`diffsim.server.worker`) and the
   measured time is what the dispatcher books in the query records and the workers' busy time;
 * the confidence that decides deferral is the discriminator's score of the actual light image, handed
-  to :meth:`~diffsim.dispatcher.Dispatcher.complete_batch` with the batch;
-* new queries pass the admission rule (:mod:`diffsim.admission`) first, and an executor that raises
-  fails only its own batch's queries (:meth:`~diffsim.dispatcher.Dispatcher.fail_batch`).
+  to :meth:`~diffsim.runtime.dispatcher.Dispatcher.complete_batch` with the batch;
+* new queries pass the admission rule (:mod:`diffsim.runtime.admission`) first, and an executor that raises
+  fails only its own batch's queries (:meth:`~diffsim.runtime.dispatcher.Dispatcher.fail_batch`).
 
 Tasks on the event loop: one per worker (take a batch, run it, hand it back; sleep until woken), and the
 controller (every ``tick_s``: expire backlog, feed the controller, apply the plan it returns). Every
@@ -29,14 +29,14 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..admission import Decision, StageLoad, batch_size_for_new, decide, queue_wait_s
+from ..runtime.admission import Decision, StageLoad, batch_size_for_new, decide, queue_wait_s
 from ..config import RunConfig
-from ..controller import Controller
-from ..dispatcher import STAGES, Batch, Dispatcher
+from ..runtime.controller import Controller
+from ..runtime.dispatcher import STAGES, Batch, Dispatcher
 from ..errors import DiffsimError
 from ..plan import Plan
 from ..query import Query
-from ..routing import Router, first_stage
+from ..runtime.routing import Router, first_stage
 from .worker import BatchJob, WorkerHandle
 
 log = logging.getLogger("diffsim.server")

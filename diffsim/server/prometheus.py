@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..dispatcher import STAGES
+from ..runtime.dispatcher import STAGES
 from ..metrics import OUTCOMES
 from ..query import Query
 from .engine import Engine

@@ -4,7 +4,7 @@ The engine talks to a worker only through :class:`WorkerHandle`: a few async cal
 plain data (:class:`BatchJob` in, :class:`BatchResult` out, strings and numbers otherwise). Nothing of
 the policy lives here, and nothing here is shared with the engine, so a worker can later run in another
 process or on another machine (a Ray actor with the same methods) without touching the policy code.
-The worker's FIFO queue and its batching are the engine's (:class:`diffsim.dispatcher.Dispatcher`);
+The worker's FIFO queue and its batching are the engine's (:class:`diffsim.runtime.dispatcher.Dispatcher`);
 the worker runs exactly the batch it is handed.
 
 :class:`ThreadWorker` is the in-process implementation: one single-thread executor pool per worker, so

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from .confidence import STREAM_SPLIT, stable_uniform
-from .plan import Plan, Role
+from ..plan import Plan, Role
 
 ROUTING_KINDS = ("random", "least-loaded")
 _BLOCK = 1024

@@ -22,8 +22,8 @@ import math
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .errors import InputError
-from .profiles import DeferralCurve
+from ..errors import InputError
+from ..profiles import DeferralCurve
 
 _MASK = (1 << 64) - 1
 

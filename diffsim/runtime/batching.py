@@ -19,10 +19,10 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, Optional
 
-from .errors import DiffsimError
-from .plan import Role
-from .profiles import Cascade
-from .query import Query
+from ..errors import DiffsimError
+from ..plan import Role
+from ..profiles import Cascade
+from ..query import Query
 
 
 def service_time_s(cascade: Cascade, role: Role, batch_size: int, with_discriminator: bool) -> float:

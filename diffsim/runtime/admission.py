@@ -2,7 +2,7 @@
 
 The rule (pure: no clock inside, the caller passes ``now``): a new query is rejected when its predicted
 completion ``now + queue wait + service time`` would come later than ``arrival + drop_factor x SLO``,
-the same limit the drop rule (:mod:`diffsim.batching`) applies at dequeue. Refusing at the door (HTTP
+the same limit the drop rule (:mod:`diffsim.runtime.batching`) applies at dequeue. Refusing at the door (HTTP
 429 with ``Retry-After``) is kinder than queueing a request only to drop it later, and it keeps the
 queue short enough for the requests that can still be served.
 

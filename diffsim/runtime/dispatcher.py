@@ -12,7 +12,7 @@ Both drivers hold one :class:`Dispatcher` and only tell it what happened and whe
 * a controller tick -> :meth:`Dispatcher.expire_backlog` and :meth:`Dispatcher.tick_stats`;
 * a new plan -> :meth:`Dispatcher.apply_plan` (role changes with re-routing of queued work).
 
-The rules themselves live in :mod:`diffsim.routing`, :mod:`diffsim.batching` and :mod:`diffsim.roles`;
+The rules themselves live in :mod:`diffsim.runtime.routing`, :mod:`diffsim.runtime.batching` and :mod:`diffsim.runtime.roles`;
 this class composes them and keeps the per-query records (:class:`~diffsim.query.Query`) up to date.
 Queries for a stage that has no worker wait in that stage's backlog (FIFO) until one exists, and are
 dropped from it once they could no longer finish in time -- never lost.
@@ -29,9 +29,9 @@ from typing import Callable, Optional, Sequence
 
 from .batching import ServiceTimes, batch_ready, expired, form_batch
 from .confidence import Confidences
-from .plan import Plan, Role
-from .profiles import Cascade
-from .query import Query
+from ..plan import Plan, Role
+from ..profiles import Cascade
+from ..query import Query
 from .roles import assign_roles, needs_swap, switched
 from .routing import Router, defers, first_stage
 

@@ -10,7 +10,7 @@ A worker's role is ``"light"``, ``"heavy"`` or ``None`` (idle). :func:`assign_ro
 
 This changes the role of the fewest possible workers, and is deterministic.
 
-What a switch means for the work (applied by the drivers through :class:`diffsim.dispatcher.Dispatcher`):
+What a switch means for the work (applied by the drivers through :class:`diffsim.runtime.dispatcher.Dispatcher`):
 the switching worker finishes its running batch; its queued queries are re-routed to workers of their
 stage (or the stage's backlog when it has none) -- never lost; when it takes a model it does not hold
 (:func:`needs_swap`), it serves nothing for the configured swap time (default 0: in the DiffServe
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .plan import Role
+from ..plan import Role
 
 
 def assign_roles(current: Sequence[Optional[Role]], light: int, heavy: int) -> list[Optional[Role]]:

@@ -3,7 +3,7 @@
 A driver (the simulator or the server) calls :meth:`Controller.on_tick` once per tick (default 1 s) with
 what it measured over that tick. The controller
 
-* feeds the tick's arrival rate to the demand estimator (EWMA x head-room, :mod:`diffsim.demand`);
+* feeds the tick's arrival rate to the demand estimator (EWMA x head-room, :mod:`diffsim.runtime.demand`);
 * re-plans at the first tick and then whenever ``replan_s`` (default 5 s) has passed since the last
   plan, asking the policy with ``PolicyInput(demand, queue_delay_s, gpus)``, where the per-stage queueing
   delay is Little's law, W = L / lambda: the mean queue length over the ticks since the last plan
@@ -26,10 +26,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .config import ControllerConfig
+from ..config import ControllerConfig
 from .demand import DemandEstimator
-from .plan import Plan
-from .policies import PolicyInput
+from ..plan import Plan
+from ..policies import PolicyInput
 
 
 def little_delay_s(queue_length: float, arrival_rate_qps: float) -> float:
