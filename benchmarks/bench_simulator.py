@@ -42,7 +42,7 @@ def dynamic_trace() -> Trace:
 
 def large_trace(rate_qps: float, duration_s: float, seed: int = 0) -> Trace:
     try:
-        from diffsim.traces import poisson_trace
+        from diffsim.trace_generators import poisson_trace
     except ImportError:  # a numpy fallback with the same meaning
         rng = np.random.default_rng(seed)
         gaps = rng.exponential(1 / rate_qps, int(rate_qps * duration_s * 1.1) + 100)

@@ -14,7 +14,7 @@ are sorted stably by arrival time. Anything else malformed raises :class:`~diffs
 with one line naming the file and the line number; nothing is skipped silently.
 
 The seeded generators (Poisson, Gamma burstiness, rate-curve shapes) live in
-:mod:`diffsim.trace_generators` and are re-exported here.
+:mod:`diffsim.trace_generators`, which imports this module (never the other way round).
 """
 
 from __future__ import annotations
@@ -355,28 +355,6 @@ def write_trace(trace: Trace, path, fmt: str = "diffsim", *, drop_extra: bool = 
         raise DiffsimError(f"{path}: cannot write ({e.strerror})") from None
 
 
-# The seeded generators live in diffsim.trace_generators (which imports Trace from here); they are part
-# of this module's public API, resolved on first use to keep the import one-way.
-_GENERATOR_NAMES = (
-    "BUILTIN_SHAPES",
-    "builtin_shape",
-    "diurnal_shape",
-    "gamma_trace",
-    "poisson_trace",
-    "read_rates",
-    "scale_rates",
-    "shape_trace",
-)
-
-
-def __getattr__(name: str):
-    if name in _GENERATOR_NAMES:
-        from . import trace_generators
-
-        return getattr(trace_generators, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "DIFFSIM_MARKER",
     "FORMATS",
@@ -388,5 +366,4 @@ __all__ = [
     "sorted_trace",
     "window_counts",
     "write_trace",
-    *_GENERATOR_NAMES,
 ]

@@ -137,7 +137,7 @@ def add_parser(subparsers) -> None:
 
 
 def _shape_rates(args) -> np.ndarray:
-    from ..traces import builtin_shape, read_rates
+    from ..trace_generators import builtin_shape, read_rates
 
     if args.builtin is not None:
         if args.column is not None or args.start:
@@ -154,7 +154,7 @@ def _shape_rates(args) -> np.ndarray:
 
 
 def _generate(args):
-    from ..traces import gamma_trace, poisson_trace, shape_trace
+    from ..trace_generators import gamma_trace, poisson_trace, shape_trace
 
     ids = tuple(args.prompt_ids)
     if args.trace_command == "poisson":
