@@ -25,24 +25,24 @@ from diffsim.policies import make_policy
 from diffsim.profiles import load_cascade
 from diffsim.resources import profiles_dir, resolve_profile, traces_dir
 from diffsim.simulator import simulate
-from diffsim.traces import Trace
+from diffsim.workload.traces import Trace
 
 
 def dynamic_trace() -> Trace:
     path = traces_dir() / "dynamic.csv"
     if path.exists():
-        from diffsim.traces import read_trace
+        from diffsim.workload.traces import read_trace
 
         return read_trace(path)
     # The same recipe as the shipped file (traces/README.md): diurnal shape, 360 x 1 s, [12, 32] qps.
-    from diffsim.trace_generators import diurnal_shape, shape_trace
+    from diffsim.workload.trace_generators import diurnal_shape, shape_trace
 
     return shape_trace(diurnal_shape(360), 12, 32, interval_s=1.0, seed=0)
 
 
 def large_trace(rate_qps: float, duration_s: float, seed: int = 0) -> Trace:
     try:
-        from diffsim.trace_generators import poisson_trace
+        from diffsim.workload.trace_generators import poisson_trace
     except ImportError:  # a numpy fallback with the same meaning
         rng = np.random.default_rng(seed)
         gaps = rng.exponential(1 / rate_qps, int(rate_qps * duration_s * 1.1) + 100)

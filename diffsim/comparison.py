@@ -60,7 +60,7 @@ class RunSpec:
 @dataclass(frozen=True)
 class Scenario:
     config: object  # diffsim.config.SimConfig: the policy and gpus of each run replace its own
-    trace: object  # diffsim.traces.Trace
+    trace: object  # diffsim.workload.traces.Trace
     trace_name: str
     window_s: float = 10.0
 

@@ -35,7 +35,7 @@ import yaml
 
 from .errors import DiffsimError
 from .profiles import GpuProfile, validation_message
-from .prompts import SAMPLE_CAPTIONS
+from .workload.prompts import SAMPLE_CAPTIONS
 
 GIB = 1024**3
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)

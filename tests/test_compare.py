@@ -16,7 +16,7 @@ from diffsim.comparison import COMPARISON_COLUMNS, RunSpec, format_table
 def short_trace(tmp_path_factory) -> Path:
     """The first 20 s of traces/static.csv (about 180 queries at 9 qps)."""
     from diffsim.resources import resolve_trace
-    from diffsim.traces import Trace, read_trace, write_trace
+    from diffsim.workload.traces import Trace, read_trace, write_trace
 
     full = read_trace(resolve_trace("static.csv"))
     keep = full.arrival_s < 20.0

@@ -13,12 +13,12 @@ import yaml
 from test_engine import FakeExecutor
 
 from diffsim import cli
-from diffsim.loadgen import _record, run_load, summary_and_rows
+from diffsim.workload.loadgen import _record, run_load, summary_and_rows
 from diffsim.plan import Plan
 from diffsim.policies import PolicyInput, make_policy
 from diffsim.server import BackgroundServer, ServeOptions
 from diffsim.server.http import HttpSettings
-from diffsim.traces import Trace, write_trace
+from diffsim.workload.traces import Trace, write_trace
 
 CASCADE = "sdturbo-sdv15"
 

@@ -23,7 +23,7 @@ import yaml
 from diffsim.cli import main as cli_main
 from diffsim.profiles import load_cascades
 from diffsim.resources import resolve_trace
-from diffsim.traces import read_trace, write_trace
+from diffsim.workload.traces import read_trace, write_trace
 
 pytest.importorskip("timm")
 

@@ -14,7 +14,7 @@ from diffsim.runtime.batching import service_time_s
 from diffsim.config import ControllerConfig, SimConfig
 from diffsim.errors import InputError
 from diffsim.simulator import simulate
-from diffsim.traces import Trace
+from diffsim.workload.traces import Trace
 
 CASCADE = a100_cascade()
 LIGHT1 = 0.100  # sd-turbo, batch of 1

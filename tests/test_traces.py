@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from diffsim.cli import main
 from diffsim.errors import DiffsimError, InputError
 from diffsim.resources import traces_dir
-from diffsim.trace_generators import (
+from diffsim.workload.trace_generators import (
     builtin_shape,
     diurnal_shape,
     gamma_trace,
@@ -27,7 +27,7 @@ from diffsim.trace_generators import (
     scale_rates,
     shape_trace,
 )
-from diffsim.traces import (
+from diffsim.workload.traces import (
     DIFFSIM_MARKER,
     Trace,
     format_trace,
@@ -478,8 +478,8 @@ def test_shipped_traces_have_the_intended_scale():
 
 def test_trace_code_does_not_import_torch():
     code = (
-        "import sys, diffsim.traces, diffsim.trace_generators, diffsim.commands.trace\n"
-        "from diffsim.trace_generators import poisson_trace; poisson_trace(1, 1, seed=0)\n"
+        "import sys, diffsim.workload.traces, diffsim.workload.trace_generators, diffsim.commands.trace\n"
+        "from diffsim.workload.trace_generators import poisson_trace; poisson_trace(1, 1, seed=0)\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -487,7 +487,7 @@ def test_trace_code_does_not_import_torch():
 
 def test_evenly_spaced_arrivals_stay_inside_the_duration():
     # cv = 0 puts the last arrival at 6 x (1/3) = 1.9999999999999998, which rounds to the end itself.
-    from diffsim.trace_generators import gamma_trace
+    from diffsim.workload.trace_generators import gamma_trace
 
     trace = gamma_trace(3.0, 0.0, 2.0, seed=0)
     assert len(trace) == 5 and trace.arrival_s.max() < 2.0

@@ -42,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import metrics
     from ..errors import DiffsimError
-    from ..loadgen import cascade_for, run_load, server_info, write_results
+    from ..workload.loadgen import cascade_for, run_load, server_info, write_results
     from ..resources import resolve_trace
-    from ..traces import read_trace
+    from ..workload.traces import read_trace
     from .simulate import format_summary
 
     if not args.poll_s > 0:

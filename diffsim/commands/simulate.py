@@ -79,7 +79,7 @@ def load_scenario(settings: dict):
     """The simulator config and the trace the settings name, and the trace's name for the reports."""
     from ..config import build_sim_config
     from ..resources import resolve_trace
-    from ..traces import read_trace
+    from ..workload.traces import read_trace
 
     trace_name = str(settings.get("trace", DEFAULT_TRACE))
     trace = read_trace(resolve_trace(trace_name))

@@ -137,7 +137,7 @@ def add_parser(subparsers) -> None:
 
 
 def _shape_rates(args) -> np.ndarray:
-    from ..trace_generators import builtin_shape, read_rates
+    from ..workload.trace_generators import builtin_shape, read_rates
 
     if args.builtin is not None:
         if args.column is not None or args.start:
@@ -154,7 +154,7 @@ def _shape_rates(args) -> np.ndarray:
 
 
 def _generate(args):
-    from ..trace_generators import gamma_trace, poisson_trace, shape_trace
+    from ..workload.trace_generators import gamma_trace, poisson_trace, shape_trace
 
     ids = tuple(args.prompt_ids)
     if args.trace_command == "poisson":
@@ -168,7 +168,7 @@ def _generate(args):
 
 def describe(trace) -> dict:
     """The figures ``diffsim trace info`` prints."""
-    from ..traces import window_counts
+    from ..workload.traces import window_counts
 
     info = {
         "source": trace.source,
@@ -212,7 +212,7 @@ def _print_info(info: dict) -> None:
 
 def run(args) -> int:
     from ..resources import resolve_trace
-    from ..traces import read_trace, write_trace
+    from ..workload.traces import read_trace, write_trace
 
     if args.trace_command in ("info", "convert"):
         trace = read_trace(resolve_trace(args.file))

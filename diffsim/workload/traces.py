@@ -14,7 +14,7 @@ are sorted stably by arrival time. Anything else malformed raises :class:`~diffs
 with one line naming the file and the line number; nothing is skipped silently.
 
 The seeded generators (Poisson, Gamma burstiness, rate-curve shapes) live in
-:mod:`diffsim.trace_generators`, which imports this module (never the other way round).
+:mod:`diffsim.workload.trace_generators`, which imports this module (never the other way round).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import DiffsimError, InputError
+from ..errors import DiffsimError, InputError
 
 FORMATS = ("diffsim", "artifact")
 DIFFSIM_MARKER = "# diffsim-trace v1"

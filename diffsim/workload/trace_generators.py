@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import DiffsimError, InputError
+from ..errors import DiffsimError, InputError
 from .traces import Trace, csv_records
 
 DEFAULT_PROMPT_IDS = (1, 4999)  # the artifact's range of MS-COCO prompt ids

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from . import metrics
-from .errors import DiffsimError
-from .plan import Plan
-from .profiles import Cascade
-from .query import Query
+from .. import metrics
+from ..errors import DiffsimError
+from ..plan import Plan
+from ..profiles import Cascade
+from ..query import Query
 from .traces import Trace
 from .prompts import SAMPLE_CAPTIONS
 
@@ -86,8 +86,8 @@ def server_info(url: str, api_key: Optional[str] = None) -> dict:
 def cascade_for(server: dict, name: Optional[str] = None, cascades: Optional[str] = None) -> Cascade:
     """The cascade whose SLO and quality curves score the run: ``name`` (default: the server's) from the
     cascades file, with the server's SLO and GPU name."""
-    from .profiles import build_cascade, load_cascades, load_gpu_profile
-    from .resources import profiles_dir, resolve_profile
+    from ..profiles import build_cascade, load_cascades, load_gpu_profile
+    from ..resources import profiles_dir, resolve_profile
 
     name = name or server.get("cascade")
     if not name:
