@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from diffsim import cli
-from diffsim.comparison import COMPARISON_COLUMNS, RunSpec, format_table
+from diffsim.reports.comparison import COMPARISON_COLUMNS, RunSpec, format_table
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffsim import metrics
+from diffsim.reports import metrics
 from diffsim.plan import Plan, StagePlan
 from diffsim.profiles import load_cascade
 from diffsim.query import Query

@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from .. import metrics
-from ..comparison import COMPARISON_COLUMNS, RunSpec, Scenario, default_jobs, format_table, run_all
+from ..reports import metrics
+from ..reports.comparison import COMPARISON_COLUMNS, RunSpec, Scenario, default_jobs, format_table, run_all
 from ..errors import DiffsimError
 from .simulate import add_scenario_arguments, load_scenario, scenario_settings
 
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plots(out: Path, rows: list[dict], args: argparse.Namespace, config) -> list[Path]:
-    from ..plot import plot_comparison, plot_sweep
+    from ..reports.plot import plot_comparison, plot_sweep
 
     varying = [k for k, flag in (("gpus", args.sweep_gpus), ("threshold", args.sweep_thresholds)) if flag]
     title = f"{config.cascade.name} on {config.cascade.gpu}: FID against SLO violations (lower-left is better)"

@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .. import metrics
+    from ..reports import metrics
     from ..errors import DiffsimError
     from ..workload.loadgen import cascade_for, run_load, server_info, write_results
     from ..resources import resolve_trace

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from .. import metrics
+from ..reports import metrics
 from ..errors import DiffsimError
 
 DEFAULT_TRACE = "dynamic.csv"
@@ -90,7 +90,7 @@ def load_scenario(settings: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..comparison import summarize_result
+    from ..reports.comparison import summarize_result
     from ..simulator import simulate
 
     config, trace, trace_name = load_scenario(scenario_settings(args, ("gpus", "policy")))

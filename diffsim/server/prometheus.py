@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..runtime.dispatcher import STAGES
-from ..metrics import OUTCOMES
+from ..reports.metrics import OUTCOMES
 from ..query import Query
 from .engine import Engine
 

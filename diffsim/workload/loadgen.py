@@ -16,7 +16,7 @@ client timeout         ``failed`` (``client timeout``)
 
 Meanwhile ``GET /v1/plan`` is polled (every ``poll_s``) to rebuild the plan history and the controller's
 demand samples on the client's clock, and the workers' busy time is read at the start and the end.
-:func:`write_results` hands all of it to :mod:`diffsim.metrics`, so ``summary.json`` and
+:func:`write_results` hands all of it to :mod:`diffsim.reports.metrics`, so ``summary.json`` and
 ``timeseries.csv`` have exactly the keys and meaning of ``diffsim simulate``'s.
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from .. import metrics
+from ..reports import metrics
 from ..errors import DiffsimError
 from ..plan import Plan
 from ..profiles import Cascade

@@ -40,10 +40,10 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import DiffsimError
-from .plan import Plan
-from .profiles import Cascade
-from .query import Query
+from ..errors import DiffsimError
+from ..plan import Plan
+from ..profiles import Cascade
+from ..query import Query
 
 DIGITS = 6  # decimals kept for floats in summary.json, timeseries.csv and queries.csv
 OUTCOMES = ("completed", "dropped", "failed", "rejected")

@@ -77,12 +77,12 @@ class RunResult:
 
 def run_one(scenario: Scenario, spec: RunSpec) -> RunResult:
     """Simulate one spec and turn it into its summary and time series (runs in a worker process)."""
-    from .simulator import simulate
+    from ..simulator import simulate
 
     config = replace(scenario.config, policy=spec.policy, gpus=spec.gpus)
     policy = None  # the simulator makes config.policy
     if spec.threshold is not None:
-        from .policies import policy_for
+        from ..policies import policy_for
 
         policy = policy_for(config, thresholds=(spec.threshold,))
     result = simulate(config, scenario.trace, progress=False, policy=policy)
@@ -93,7 +93,7 @@ def run_one(scenario: Scenario, spec: RunSpec) -> RunResult:
 
 
 def summarize_result(result, trace_name: str) -> dict:
-    """:func:`diffsim.metrics.summarize` of a :class:`~diffsim.simulator.SimResult`, plus the run's events."""
+    """:func:`diffsim.reports.metrics.summarize` of a :class:`~diffsim.simulator.SimResult`, plus the run's events."""
     config = result.config
     summary = metrics.summarize(
         result.queries,
