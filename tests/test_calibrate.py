@@ -1,4 +1,4 @@
-"""``diffsim calibrate`` and :mod:`diffsim.calibration`: prompt files, grids, curves, the written profile.
+"""``diffsim calibrate`` and :mod:`diffsim.profiling.calibration`: prompt files, grids, curves, the written profile.
 
 The pure parts (prompt parsing, f(t), which prompts stay light, FID of a mix, writing and validating the
 cascades file) are tested without torch. One end-to-end run generates with the ``cpu-tiny`` models on 6 prompts.
@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffsim import calibration as cal
+from diffsim.profiling import calibration as cal
 from diffsim.allocator import DEFAULT_THRESHOLDS, allocate
 from diffsim.cli import main as cli_main
 from diffsim.errors import DiffsimError, InputError

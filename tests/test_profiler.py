@@ -10,7 +10,7 @@ import yaml
 
 from diffsim import cli
 from diffsim.errors import DiffsimError
-from diffsim.profiler import (
+from diffsim.profiling.profiler import (
     ProfileSettings,
     Series,
     gpu_slug,

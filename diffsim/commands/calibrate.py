@@ -2,7 +2,7 @@
 
 For each prompt the light and the heavy model generate one image (seeded per prompt), the discriminator scores
 the light image, and Inception features of all images are compared with the real images' to get the FID of the
-served mix against the light-served fraction. See :mod:`diffsim.calibration` for what is computed.
+served mix against the light-served fraction. See :mod:`diffsim.profiling.calibration` for what is computed.
 
 Writes ``--out`` (a cascades YAML with one cascade, loadable with ``diffsim simulate --cascades``) and the
 per-prompt confidences beside it (``<out>.confidences.csv``). ``--images-only`` just generates and saves images
@@ -96,8 +96,8 @@ def _cascade_models(args) -> tuple[str, str, float]:
 def run(args: argparse.Namespace) -> int:
     from backends.registry import check_backend_and_model
 
-    from .. import calibration as cal
-    from ..profiler import weights_for
+    from ..profiling import calibration as cal
+    from ..profiling.profiler import weights_for
     from ..resources import resolve_profile
 
     light, heavy, slo = _cascade_models(args)
@@ -197,7 +197,7 @@ def _report(result, out: Path, csv_path: Path, plan, gpu_profile: Path) -> None:
 
 
 def _images_only(args, prompts, seeds, executor, light: str, heavy: str) -> int:
-    from .. import calibration as cal
+    from ..profiling import calibration as cal
 
     if args.save_images is None:
         raise DiffsimError("--images-only needs --save-images DIR")
@@ -247,7 +247,7 @@ def _reference(args, extractor):
 def _stage(args, executor, role: str, prompts, seeds, extractor, *, score: bool):
     from tqdm import tqdm
 
-    from .. import calibration as cal
+    from ..profiling import calibration as cal
 
     save_dir = args.save_images / role if args.save_images is not None else None
     with tqdm(total=len(prompts), desc=f"{role} {executor.model}", unit="img", disable=args.no_progress,
@@ -266,7 +266,7 @@ def _gpu_name(executor) -> str:
 
 def _software(backend: str) -> dict[str, str]:
     from .. import __version__
-    from ..profiler import software_versions
+    from ..profiling.profiler import software_versions
 
     versions = software_versions(backend)
     versions["diffsim"] = __version__

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     from backends.registry import BACKENDS, check_backend_and_model
 
-    from ..profiler import ProfileSettings, run_profile, write_profile
+    from ..profiling.profiler import ProfileSettings, run_profile, write_profile
     from ..resources import profiles_dir
 
     if args.backend not in BACKENDS:

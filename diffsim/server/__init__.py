@@ -96,7 +96,7 @@ def cascade_models(options: ServeOptions) -> tuple[str, str, Path]:
 def model_weights(options: ServeOptions, light: str, heavy: str) -> dict[str, str]:
     """The weights source per model: one value for both (``random``, ``hub``, a folder of per-model pipeline
     directories, or ``NAME=SOURCE,...``), or two values: the light model's, then the heavy model's."""
-    from ..profiler import weights_for
+    from ..profiling.profiler import weights_for
 
     values = [w for w in options.weights if w]
     if not values:
@@ -177,7 +177,7 @@ def check_quality_options(options: ServeOptions) -> None:
 
 async def build_engine(options: ServeOptions, *, executor_factory: Optional[ExecutorFactory] = None):
     """Workers, latency profile, cascade and a started :class:`~diffsim.server.engine.Engine`."""
-    from ..profiler import validate_profile, write_profile
+    from ..profiling.profiler import validate_profile, write_profile
     from ..profiles import build_cascade, load_cascades, load_gpu_profile
     from ..resources import resolve_profile
     from .engine import Engine, EngineConfig
@@ -272,7 +272,7 @@ def _profile_data(options: ServeOptions, measured: dict, device: str) -> dict:
             "date": _dt.date.today().isoformat(),
             "software": {"backend": options.backend},
             "method": (f"whole-pipeline batch latency on worker 0, {options.measure_warmup} warm-up then "
-                       f"{options.measure_iters} timed calls per batch size (diffsim.profiler)"),
+                       f"{options.measure_iters} timed calls per batch size (diffsim.profiling.profiler)"),
             "notes": "measured by the server itself before serving",
         },
         "models": measured["models"],

@@ -183,13 +183,13 @@ class ThreadWorker:
 def measure_profile(executor_of: Callable[[str], object], ensure: Callable[[str], float],
                     batch_sizes: Sequence[int], *, warmup: int, iters: int) -> dict:
     """Latency tables of the light model, the heavy model and the discriminator, measured the way
-    ``diffsim profile`` measures them (:mod:`diffsim.profiler`), on already built executors.
+    ``diffsim profile`` measures them (:mod:`diffsim.profiling.profiler`), on already built executors.
 
     Returns ``{"models": {name: table}, "discriminator": table, "load_s": {role: s}}`` with tables in
     the GPU-profile format. In swap mode measuring the heavy model unloads the light one, so the light
     model is measured first and re-loaded at the end.
     """
-    from ..profiler import Series, measure_batch, profile_discriminator, prompts_for
+    from ..profiling.profiler import Series, measure_batch, profile_discriminator, prompts_for
 
     tables: dict[str, dict] = {}
     load_s: dict[str, float] = {}

@@ -33,9 +33,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import yaml
 
-from .errors import DiffsimError
-from .profiles import GpuProfile, validation_message
-from .workload.prompts import SAMPLE_CAPTIONS
+from ..errors import DiffsimError
+from ..profiles import GpuProfile, validation_message
+from ..workload.prompts import SAMPLE_CAPTIONS
 
 GIB = 1024**3
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)

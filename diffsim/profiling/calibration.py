@@ -31,8 +31,8 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 import yaml
 
-from .errors import DiffsimError, InputError
-from .quality.frechet import FeatureStats, fid_against
+from ..errors import DiffsimError, InputError
+from ..quality.frechet import FeatureStats, fid_against
 
 PROMPTS_CSV_HEADER = ("prompt_id", "prompt")
 CONFIDENCE_FORMAT = "{:.8f}"
@@ -371,9 +371,9 @@ def validate_profile(path: Path, name: str, gpu_profile: Path) -> "object":
 
     Returns that plan. Raises a DiffsimError (naming ``path``) when any step refuses the file.
     """
-    from .allocator import allocate
-    from .runtime.confidence import read_confidences
-    from .profiles import load_cascade, load_cascades
+    from ..allocator import allocate
+    from ..runtime.confidence import read_confidences
+    from ..profiles import load_cascade, load_cascades
 
     load_cascades(path)
     cascade = load_cascade(name, gpu_profile, path)
