@@ -16,7 +16,7 @@ from diffsim import cli
 from diffsim.workload.loadgen import _record, run_load, summary_and_rows
 from diffsim.plan import Plan
 from diffsim.policies import PolicyInput, make_policy
-from diffsim.server import BackgroundServer, ServeOptions
+from diffsim.server.startup import BackgroundServer, ServeOptions
 from diffsim.server.http import HttpSettings
 from diffsim.workload.traces import Trace, write_trace
 

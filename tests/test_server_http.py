@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from diffsim import cli
-from diffsim.server import BackgroundServer, ServeOptions, default_executor_factory
+from diffsim.server.startup import BackgroundServer, ServeOptions, default_executor_factory
 from diffsim.server.http import HttpSettings
 
 CASCADE = "sdturbo-sdv15"

@@ -83,7 +83,7 @@ def add_parser(subparsers) -> None:
 
 
 def options_from_args(args: argparse.Namespace):
-    from ..server import ServeOptions
+    from ..server.startup import ServeOptions
 
     gpus = args.gpus
     if gpus is None:
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import sys
 
-    from ..server import bind_socket, check_options, serve
+    from ..server.startup import bind_socket, check_options, serve
     from ..server.http import HttpSettings
 
     options = options_from_args(args)
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from ..server import cascade_models
+    from ..server.startup import cascade_models
 
     light, heavy, _ = cascade_models(options)
     image_size = _image_size(options.backend, light, heavy)

@@ -1,0 +1,394 @@
+"""Start-up of ``diffsim serve``: options, checks, workers, the latency profile, the engine, uvicorn.
+
+This module assembles the layers from :class:`ServeOptions`: it builds the workers, gets the latency
+profile the allocator will plan with, builds and starts the engine, and runs uvicorn on a socket.
+
+Latency profile (``gpu_profile``): a shipped name (``a100``) or a profile YAML path is read as is; the
+value ``measure`` makes the server time its own batches at start-up on worker 0 -- both models and the
+discriminator at every configured batch size, a short warm-up then a few timed calls, the method of
+``diffsim profile`` -- and plan with that in-memory profile. ``measure`` is the default on ``cpu-tiny``
+(no shipped profile can describe a CPU); ``a100`` is the default on ``cuda`` (the paper's hardware: give
+the profile of *your* GPU, e.g. one written by ``diffsim profile`` or ``--save-profile``, or the
+allocator plans for the wrong speeds).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..config import ControllerConfig
+from ..policies import DEFAULT_MAX_UTILIZATION
+from ..errors import DiffsimError, InputError
+
+log = logging.getLogger("diffsim.server")
+
+MEASURE = "measure"
+CPU_TINY_BATCH_SIZES = (1, 2, 4)
+CUDA_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything ``diffsim serve`` needs, as plain data."""
+
+    backend: str  # "cuda" or "cpu-tiny"
+    cascade: str
+    gpus: int
+    policy: str = "diffserve"
+    gpu_profile: Optional[str] = None  # a shipped name, a YAML path or "measure"; None: per backend
+    cascades: Optional[str] = None  # cascades file (default: the shipped one)
+    weights: tuple[str, ...] = ("random",)
+    discriminator_weights: Optional[str] = None
+    discriminator_arch: Optional[str] = None
+    swap: bool = False
+    slo_s: Optional[float] = None  # overrides the cascade's SLO
+    drop_factor: float = 1.5
+    batch_sizes: Optional[tuple[int, ...]] = None  # None: per backend
+    static_plan: Optional[dict] = None
+    routing: str = "least-loaded"
+    max_utilization: float = DEFAULT_MAX_UTILIZATION
+    seed: int = 0
+    admission: bool = True
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    measure_warmup: int = 1
+    measure_iters: int = 3
+    save_profile: Optional[str] = None  # write the profile the server plans with
+    # Online quality (all off unless fid_reference is given): see diffsim.server.quality_monitor.
+    fid_reference: Optional[str] = None  # reference statistics .npz (diffsim quality stats)
+    inception_weights: Optional[str] = None  # the Inception-v3 safetensors those statistics were made with
+    fid_window_s: float = 60.0
+    fid_sample: Optional[int] = None  # images sampled per window (None: twice the feature dimension)
+    fid_device: str = "cpu"  # where the Inception features are computed
+
+    @property
+    def profile_source(self) -> str:
+        if self.gpu_profile is not None:
+            return self.gpu_profile
+        return MEASURE if self.backend == "cpu-tiny" else "a100"
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        if self.batch_sizes is not None:
+            return tuple(sorted(set(self.batch_sizes)))
+        return CPU_TINY_BATCH_SIZES if self.backend == "cpu-tiny" else CUDA_BATCH_SIZES
+
+
+def cascade_models(options: ServeOptions) -> tuple[str, str, Path]:
+    """(light model, heavy model, cascades file) of the cascade the options name."""
+    from ..profiles import load_cascades
+    from ..resources import profiles_dir
+
+    path = Path(options.cascades) if options.cascades else profiles_dir() / "cascades.yaml"
+    cascades = load_cascades(path)
+    if options.cascade not in cascades.cascades:
+        raise InputError(f"{path}: cascades: no cascade {options.cascade!r} "
+                         f"(known: {', '.join(sorted(cascades.cascades))})")
+    spec = cascades.cascades[options.cascade]
+    return spec.light, spec.heavy, path
+
+
+def model_weights(options: ServeOptions, light: str, heavy: str) -> dict[str, str]:
+    """The weights source per model: one value for both (``random``, ``hub``, a folder of per-model pipeline
+    directories, or ``NAME=SOURCE,...``), or two values: the light model's, then the heavy model's."""
+    from ..profiling.profiler import weights_for
+
+    values = [w for w in options.weights if w]
+    if not values:
+        return {light: "random", heavy: "random"}
+    if len(values) == 1:
+        return weights_for(values[0], (light, heavy))
+    if len(values) == 2 and not any("=" in v for v in values):
+        return {light: values[0], heavy: values[1]}
+    if all("=" in v for v in values):
+        return weights_for(",".join(values), (light, heavy))
+    raise DiffsimError("--weights: give one source, two (light then heavy), or NAME=SOURCE pairs")
+
+
+ExecutorFactory = Callable[[int, str, str], object]  # (worker index, role, model) -> unloaded Executor
+
+
+def default_executor_factory(options: ServeOptions, weights: dict[str, str]) -> ExecutorFactory:
+    def make(worker: int, role: str, model: str):
+        from backends import make_executor
+
+        return make_executor(
+            options.backend, model, weights=weights[model], device=worker,
+            discriminator=role == "light",
+            discriminator_weights=options.discriminator_weights,
+            discriminator_arch=options.discriminator_arch,
+        )
+
+    return make
+
+
+def check_options(options: ServeOptions) -> None:
+    """The cheap checks, before any model is loaded: names, files, numbers."""
+    from backends.registry import check_backend_and_model
+
+    from ..policies import POLICY_NAMES
+    from ..resources import resolve_profile
+
+    if options.gpus < 1:
+        raise DiffsimError(f"--gpus: must be >= 1, got {options.gpus}")
+    if options.policy not in POLICY_NAMES:
+        raise DiffsimError(f"--policy: unknown policy {options.policy!r} (choose from {', '.join(POLICY_NAMES)})")
+    if options.slo_s is not None and not options.slo_s > 0:
+        raise DiffsimError(f"--slo-s: must be > 0, got {options.slo_s}")
+    if not options.drop_factor > 0:
+        raise DiffsimError(f"--drop-factor: must be > 0, got {options.drop_factor}")
+    if any(b < 1 for b in options.sizes):
+        raise DiffsimError("--batch-sizes: give positive batch sizes")
+    light, heavy, _ = cascade_models(options)
+    for model in (light, heavy):
+        check_backend_and_model(options.backend, model)
+    model_weights(options, light, heavy)
+    if options.profile_source != MEASURE:
+        resolve_profile(options.profile_source)
+    if options.discriminator_weights is not None and not Path(options.discriminator_weights).is_file():
+        raise InputError(f"{options.discriminator_weights}: no such discriminator weights file")
+    check_quality_options(options)
+
+
+def check_quality_options(options: ServeOptions) -> None:
+    """--fid-reference and --inception-weights come together; the statistics must be usable."""
+    from .quality_monitor import check_reference
+
+    if options.fid_reference is None:
+        if options.inception_weights is not None:
+            raise DiffsimError("--inception-weights is for served-image FID: give --fid-reference too")
+        return
+    if options.inception_weights is None:
+        raise DiffsimError("--fid-reference needs --inception-weights (the Inception-v3 the statistics were made "
+                           "with)")
+    if not options.fid_window_s > 0:
+        raise DiffsimError(f"--fid-window-s: must be > 0, got {options.fid_window_s}")
+    if options.fid_sample is not None and options.fid_sample < 2:
+        raise DiffsimError(f"--fid-sample: must be >= 2, got {options.fid_sample}")
+    if not Path(options.inception_weights).is_file():
+        raise InputError(f"{options.inception_weights}: no such Inception weights file")
+    check_reference(options.fid_reference)
+
+
+async def build_engine(options: ServeOptions, *, executor_factory: Optional[ExecutorFactory] = None):
+    """Workers, latency profile, cascade and a started :class:`~diffsim.server.engine.Engine`."""
+    from ..profiling.profiler import validate_profile, write_profile
+    from ..profiles import build_cascade, load_cascades, load_gpu_profile
+    from ..resources import resolve_profile
+    from .engine import Engine, EngineConfig
+    from .worker import ThreadWorker
+
+    check_options(options)
+    light, heavy, cascades_path = cascade_models(options)
+    weights = model_weights(options, light, heavy)
+    factory = executor_factory or default_executor_factory(options, weights)
+    models = {"light": light, "heavy": heavy}
+    device = "cuda" if options.backend == "cuda" else "cpu"
+    workers = [
+        ThreadWorker(w, (lambda role, w=w: factory(w, role, models[role])), swap=options.swap,
+                     device=f"{device}:{w}" if device == "cuda" else f"cpu-slot-{w}")
+        for w in range(options.gpus)
+    ]
+    try:
+        sizes = options.sizes
+        swap_s = 0.0
+        if options.profile_source == MEASURE:
+            log.info("measuring batch latency on worker 0 (batch sizes %s)", ", ".join(map(str, sizes)))
+            info = await workers[0].start("light")
+            measured = await workers[0].measure(sizes, options.measure_warmup, options.measure_iters)
+            profile = validate_profile(_profile_data(options, measured, info.device), "measured profile")
+            profile_path = "<measured at start-up>"
+            swap_s = max(measured["load_s"].values())
+        else:
+            profile_path = resolve_profile(options.profile_source)
+            profile = load_gpu_profile(profile_path)
+        if options.save_profile:
+            write_profile(profile, options.save_profile)
+        cascade = build_cascade(options.cascade, profile, load_cascades(cascades_path), profile_path, cascades_path)
+        if options.slo_s is not None:
+            cascade = replace(cascade, slo_s=float(options.slo_s))
+        usable = tuple(b for b in sizes if _has_latency(cascade, b))
+        if not usable:
+            raise DiffsimError(f"the latency profile ({profile_path}) has no batch size of {list(sizes)} "
+                               f"for both {light} and {heavy} and the discriminator")
+        if options.swap and swap_s == 0.0:
+            # The dispatcher keeps a swapping worker idle for the time a model load takes: time both.
+            await workers[0].prepare("heavy")
+            info = await workers[0].prepare("light")
+            swap_s = max(info.load_s.values(), default=0.0)
+        static_plan = options.static_plan
+        if static_plan is not None and "gpus" not in static_plan:
+            static_plan = {**static_plan, "gpus": options.gpus}  # a plan written for this server
+        config = EngineConfig(
+            cascade=cascade, gpus=options.gpus, policy=options.policy, static_plan=static_plan,
+            controller=options.controller, routing=options.routing, drop_factor=options.drop_factor,
+            max_utilization=options.max_utilization,
+            batch_sizes=usable, seed=options.seed, swap=options.swap, swap_s=swap_s,
+            admission=options.admission,
+        )
+        engine = Engine(config, workers)
+        monitor = None
+        if options.fid_reference is not None:
+            import asyncio
+
+            from .quality_monitor import build_quality_monitor
+
+            monitor = await asyncio.to_thread(
+                build_quality_monitor, options.fid_reference, options.inception_weights,
+                clock=lambda: engine.now, window_s=options.fid_window_s, sample=options.fid_sample,
+                device=options.fid_device, seed=options.seed)
+            engine.attach_quality(monitor)
+        await engine.start()
+        if monitor is not None:
+            monitor.start()
+    except BaseException:
+        for w in workers:
+            try:
+                await w.stop()
+            except Exception:  # noqa: BLE001 - already failing; stopping is best effort
+                pass
+        raise
+    return engine
+
+
+def _has_latency(cascade, b: int) -> bool:
+    return all(t.latency_ms(b) is not None for t in (cascade.light, cascade.heavy, cascade.discriminator))
+
+
+def _profile_data(options: ServeOptions, measured: dict, device: str) -> dict:
+    import datetime as _dt
+
+    gpu = "cpu-tiny" if options.backend == "cpu-tiny" else f"measured-{device.replace(':', '')}"
+    return {
+        "gpu": gpu,
+        "provenance": {
+            "source": "diffsim serve start-up measurement",
+            "gpu": device,
+            "date": _dt.date.today().isoformat(),
+            "software": {"backend": options.backend},
+            "method": (f"whole-pipeline batch latency on worker 0, {options.measure_warmup} warm-up then "
+                       f"{options.measure_iters} timed calls per batch size (diffsim.profiling.profiler)"),
+            "notes": "measured by the server itself before serving",
+        },
+        "models": measured["models"],
+        "discriminator": measured["discriminator"],
+    }
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0: an ephemeral port; read it back with ``getsockname``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise DiffsimError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(options: ServeOptions, http_settings, sock: socket.socket, *,
+                on_ready: Optional[Callable[[str], None]] = None,
+                on_server: Optional[Callable[[object], None]] = None,
+                executor_factory: Optional[ExecutorFactory] = None,
+                log_level: str = "warning") -> None:
+    """Build the engine, then serve HTTP on ``sock`` until uvicorn is told to exit (SIGTERM/SIGINT in the
+    main thread, or ``server.should_exit = True``); in-flight requests are answered and the engine is
+    drained before this returns."""
+    import uvicorn
+
+    from .http import create_app
+
+    engine = await build_engine(options, executor_factory=executor_factory)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}"
+
+    async def ready():
+        if on_ready is not None:
+            on_ready(url)
+        return engine
+
+    app = create_app(ready, http_settings)
+    config = uvicorn.Config(app, lifespan="on", log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=engine.default_drain_s() + 5.0)
+    server = uvicorn.Server(config)
+    if on_server is not None:
+        on_server(server)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        await engine.stop(http_settings.drain_timeout_s)
+
+
+class BackgroundServer:
+    """:func:`serve` on a thread of its own, for tests and benchmarks: ``start()`` returns the URL once the
+    server answers; ``stop()`` shuts it down the way SIGTERM does (in-flight requests answered, drained)."""
+
+    def __init__(self, options: ServeOptions, http_settings=None, *, host: str = "127.0.0.1", port: int = 0,
+                 executor_factory: Optional[ExecutorFactory] = None):
+        import threading
+
+        from .http import HttpSettings
+
+        self.options = options
+        self.http_settings = http_settings or HttpSettings()
+        self.host = host
+        self.port = port
+        self.executor_factory = executor_factory
+        self.url: Optional[str] = None
+        self.error: Optional[BaseException] = None
+        self._server = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="diffsim-server", daemon=True)
+
+    def _main(self) -> None:
+        import asyncio
+
+        def ready(url: str) -> None:
+            self.url = url
+            self._ready.set()
+
+        try:
+            sock = bind_socket(self.host, self.port)
+            asyncio.run(serve(self.options, self.http_settings, sock, on_ready=ready,
+                              on_server=lambda s: setattr(self, "_server", s),
+                              executor_factory=self.executor_factory))
+        except BaseException as e:  # noqa: BLE001 - reported by start()
+            self.error = e
+        finally:
+            self._ready.set()
+
+    def start(self, timeout_s: float = 180.0) -> str:
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"the server did not start within {timeout_s:g} s")
+        if self.url is None:
+            raise RuntimeError(f"the server failed to start: {self.error!r}") from self.error
+        return self.url
+
+    def stop(self, timeout_s: float = 120.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the server did not stop within {timeout_s:g} s")
+
+    @property
+    def engine(self):
+        """The running engine (read-only use from other threads: its state lives on the server's loop)."""
+        server = self._server
+        app = getattr(getattr(server, "config", None), "app", None)
+        return getattr(getattr(app, "state", None), "engine", None)
+
+    def __enter__(self) -> "BackgroundServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
