@@ -25,6 +25,9 @@ The config file (``diffsim simulate --config FILE``) is YAML with any of these k
     window_s: 10
     controller: {tick_s: 1, replan_s: 5, ewma_alpha: 0.3226, ewma_window: 20, headroom: 1.05,
                  initial_demand_qps: 10}
+    faults:                      # workers lost (their running batch served again elsewhere) and back
+      - {at_s: 120, workers: [2, 3]}
+      - {at_s: 180, workers: [2, 3], recover: true}
 
 :func:`read_config_file` validates the file and returns only the keys it gives (paths resolved), so a
 command can layer defaults < file < command-line flags and then call :func:`build_sim_config`.
@@ -91,6 +94,55 @@ class ControllerConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """When a worker is taken out of service and how it comes back (:mod:`diffsim.runtime.health`).
+
+    ``max_failures``: executor errors in a row that take a worker out; ``probe_s``: how often a worker
+    out of service is probed; a batch still running after ``max(stall_min_s, stall_factor x its profile
+    time)`` means its worker is lost.
+    """
+
+    max_failures: int = 3
+    probe_s: float = 5.0
+    stall_factor: float = 10.0
+    stall_min_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_failures, int) or isinstance(self.max_failures, bool) or self.max_failures < 1:
+            raise InputError(f"config: health.max_failures: must be an integer >= 1, got {self.max_failures!r}")
+        _positive("health.probe_s", self.probe_s)
+        _positive("health.stall_factor", self.stall_factor)
+        _positive("health.stall_min_s", self.stall_min_s)
+
+
+@dataclass(frozen=True)
+class WorkerFault:
+    """A simulated fault: ``workers`` leave service at ``at_s`` (``recover=False``: lost, with the batch
+    they run) or come back (``recover=True``). Several workers at once model a node."""
+
+    at_s: float
+    workers: tuple[int, ...]
+    recover: bool = False
+
+    def __post_init__(self) -> None:
+        _non_negative("faults.at_s", self.at_s)
+        if not self.workers or any(not isinstance(w, int) or isinstance(w, bool) or w < 0 for w in self.workers):
+            raise InputError(f"config: faults.workers: must be worker indices >= 0, got {list(self.workers)!r}")
+
+
+def parse_fault(text: str, recover: bool, flag: str) -> WorkerFault:
+    """``W[,W...]@T`` (workers, then the simulated second), as ``--fail-worker`` and ``--recover-worker`` take."""
+    workers, sep, at = text.partition("@")
+    try:
+        if not sep:
+            raise ValueError
+        fault = WorkerFault(float(at), tuple(int(w) for w in workers.split(",")), recover)
+    except (ValueError, InputError):
+        raise InputError(f"{flag}: expected WORKER[,WORKER...]@SECONDS (e.g. 3@120 or 2,3@120), got {text!r}") from None
+    return fault
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """What a simulated run and a served one share: the cascade, the GPUs and every policy-side setting.
 
@@ -112,6 +164,7 @@ class RunConfig:
     static_plan: Optional[dict] = None
     max_utilization: float = DEFAULT_MAX_UTILIZATION  # plan stages to at most this fraction of capacity
     batch_wait: float = 0.0  # fraction of a batch time counted as waiting for the batch in flight
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or self.gpus < 1:
@@ -141,10 +194,16 @@ class SimConfig(RunConfig):
 
     confidences_path: Optional[Path] = None
     window_s: float = 10.0
+    faults: tuple[WorkerFault, ...] = ()  # workers lost and brought back at given times
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive("window_s", self.window_s)
+        for fault in self.faults:
+            if max(fault.workers) >= self.gpus:
+                raise InputError(f"config: faults: worker {max(fault.workers)} does not exist "
+                                 f"(workers are 0..{self.gpus - 1})")
+        object.__setattr__(self, "faults", tuple(sorted(self.faults, key=lambda f: f.at_s)))
         if self.confidences_path is not None:
             object.__setattr__(self, "confidences_path", Path(self.confidences_path))
 
@@ -166,6 +225,12 @@ class ControllerSection(_Strict):
     initial_demand_qps: Optional[float] = Field(default=None, ge=0)
 
 
+class FaultSection(_Strict):
+    at_s: float = Field(ge=0)
+    workers: list[int] = Field(min_length=1)
+    recover: bool = False
+
+
 class ConfigFile(_Strict):
     gpu: Optional[str] = None
     cascades: Optional[str] = None
@@ -185,6 +250,7 @@ class ConfigFile(_Strict):
     max_utilization: Optional[float] = Field(default=None, gt=0, le=1)
     batch_wait: Optional[float] = Field(default=None, ge=0, le=1)
     controller: Optional[ControllerSection] = None
+    faults: Optional[list[FaultSection]] = None
 
 
 _PATH_KEYS = ("cascades", "trace", "confidences")
@@ -217,6 +283,8 @@ def read_config_file(path: Path | str) -> dict[str, Any]:
     settings = parsed.model_dump(exclude_none=True)
     if parsed.controller is not None:
         settings["controller"] = parsed.controller.model_dump(exclude_none=True)
+    if parsed.faults is not None:
+        settings["faults"] = [f.model_dump() for f in parsed.faults]
     base = path.parent
     for key in _PATH_KEYS:
         if key in settings and not Path(settings[key]).is_absolute():
@@ -276,4 +344,8 @@ def build_sim_config(settings: dict[str, Any]) -> SimConfig:
         kwargs["batch_sizes"] = tuple(int(b) for b in settings["batch_sizes"])
     if "confidences" in settings:
         kwargs["confidences_path"] = Path(settings["confidences"])
+    if settings.get("faults"):
+        kwargs["faults"] = tuple(
+            WorkerFault(float(f["at_s"]), tuple(int(w) for w in f["workers"]), bool(f.get("recover", False)))
+            for f in settings["faults"])
     return SimConfig(**kwargs)

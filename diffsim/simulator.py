@@ -47,6 +47,7 @@ class SimResult:
     config: SimConfig
     policy_s: float = field(default=0.0)  # wall time spent inside the policy (allocator)
     policy_calls: int = field(default=0)
+    faults: list[tuple[float, tuple[int, ...], bool]] = field(default_factory=list)  # (time, workers, recover)
 
 
 class _TimedPolicy:
@@ -121,6 +122,8 @@ def simulate(
     env = simpy.Environment()
     done = env.event()
     waiting: list[Optional[simpy.Event]] = [None] * config.gpus  # the wake-up event of a sleeping worker
+    running: list[Optional[Batch]] = [None] * config.gpus  # the batch each worker is running
+    processes: list[simpy.Process] = []
 
     def wake(w: int) -> None:
         ev = waiting[w]
@@ -172,7 +175,12 @@ def simulate(
                 continue
             if on_batch is not None:
                 on_batch(batch)
-            yield env.timeout(batch.service_s)
+            running[w] = batch
+            try:
+                yield env.timeout(batch.service_s)
+            except simpy.Interrupt:  # lost with this batch: the fault process has handed it back
+                continue
+            running[w] = None
             for target in complete(batch, env.now):
                 if waiting[target] is not None:
                     wake(target)
@@ -195,7 +203,8 @@ def simulate(
             dispatcher.expire_backlog(now)
             arrivals_in_tick, queue_lengths, stage_arrivals = dispatcher.tick_stats()
             plan = controller.on_tick(now, arrivals_in_tick, queue_lengths,
-                                      (stage_arrivals[0] / tick, stage_arrivals[1] / tick))
+                                      (stage_arrivals[0] / tick, stage_arrivals[1] / tick),
+                                      dispatcher.workers_in_service())
             demand.append((now, controller.rate_qps, controller.demand_qps))
             if plan is not None:
                 dispatcher.apply_plan(plan, now)
@@ -209,12 +218,36 @@ def simulate(
                 bar.update(round(min(now, bar.total) - bar.n, 6))
             check_done()
 
+    def faults():
+        for fault in config.faults:
+            if fault.at_s > env.now:
+                yield env.timeout(fault.at_s - env.now)
+            now = env.now
+            for w in fault.workers:
+                if fault.recover:
+                    if not dispatcher.in_service[w]:
+                        dispatcher.restore_worker(w)
+                    continue
+                if not dispatcher.in_service[w]:
+                    continue
+                batch = running[w]
+                if batch is not None:
+                    running[w] = None
+                    processes[w].interrupt("lost")
+                for target in dispatcher.remove_worker(w, now, batch):
+                    if waiting[target] is not None:
+                        wake(target)
+            fault_log.append((now, tuple(fault.workers), fault.recover))
+
+    fault_log: list[tuple[float, tuple[int, ...], bool]] = []
     events = 0
     if total:
         env.process(arrivals())
         for w in range(config.gpus):
-            env.process(worker(w))
+            processes.append(env.process(worker(w)))
         env.process(control())
+        if config.faults:
+            env.process(faults())
         events = _run_until(env, done)
     if bar is not None:
         bar.close()
@@ -229,6 +262,7 @@ def simulate(
         config=config,
         policy_s=timed.seconds,
         policy_calls=timed.calls,
+        faults=fault_log,
     )
 
 

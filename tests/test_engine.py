@@ -67,6 +67,9 @@ class FakeWorker:
         confs = tuple(confidence_of_seed(s) for s in job.seeds) if job.score else None
         return BatchResult(tuple(f"{job.role}:{p}".encode() for p in job.prompts), confs, delay)
 
+    async def probe(self):
+        return self._info()
+
     async def stop(self):
         pass
 

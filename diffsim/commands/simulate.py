@@ -39,6 +39,11 @@ def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-wait", type=float, metavar="W",
                    help="fraction of a batch time the MILP counts as waiting for the batch in flight (default 0)")
     p.add_argument("--window-s", type=float, metavar="S", help="time-series window in seconds (default 10)")
+    p.add_argument("--fail-worker", action="append", metavar="W[,W...]@T",
+                   help="lose these workers at simulated second T, as if their GPU or node died: the batch they "
+                        "run is served again elsewhere and the plan shrinks (repeatable; e.g. 3@120, 2,3@120)")
+    p.add_argument("--recover-worker", action="append", metavar="W[,W...]@T",
+                   help="bring lost workers back at second T; the next plan uses them (repeatable)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.add_argument("--json", action="store_true", help="print JSON on stdout instead of the table")
 
@@ -72,6 +77,13 @@ def scenario_settings(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> 
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
+    flags = [(text, False, "--fail-worker") for text in getattr(args, "fail_worker", None) or []]
+    flags += [(text, True, "--recover-worker") for text in getattr(args, "recover_worker", None) or []]
+    if flags:
+        from ..config import parse_fault
+
+        faults = [parse_fault(text, recover, flag) for text, recover, flag in flags]
+        settings["faults"] = [{"at_s": f.at_s, "workers": list(f.workers), "recover": f.recover} for f in faults]
     return settings
 
 

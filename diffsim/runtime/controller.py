@@ -11,6 +11,8 @@ what it measured over that tick. The controller
   Averaging over the re-plan period rather than taking one tick's snapshot matters: a stage that sees a
   handful of arrivals per second gives a one-tick estimate that swings by seconds, and the allocator
   would swing with it;
+* re-plans at once, whatever the period, when the number of workers in service changed (a worker was
+  lost, taken out, or came back: :mod:`diffsim.runtime.health`), for the workers that remain;
 * returns the plan to apply, or None.
 
 The initial plan (:meth:`Controller.initial_plan`, at the start, before any arrival) is made for
@@ -19,7 +21,11 @@ Because that demand is a guess, the first re-plan comes at the first tick instea
 re-plan period.
 
 A plan that runs no worker at all (``gpus_used == 0``, e.g. the policy had no GPU to give) is not
-applied: the previous plan stays, so queued work keeps being served.
+applied: the previous plan stays, so queued work keeps being served. With no worker in service the
+policy is not asked at all.
+
+The re-plan period is checked with a tolerance of half a tick: a driver on the wall clock ticks a little
+late every time, and ``now - last >= replan_s`` alone would then re-plan every ``replan_s + tick_s``.
 """
 
 from __future__ import annotations
@@ -74,8 +80,11 @@ class Controller:
         arrivals_in_tick: int,
         queue_lengths_by_stage: Sequence[int],
         stage_arrival_rates: Sequence[float],
+        gpus: Optional[int] = None,
     ) -> Optional[Plan]:
-        """One tick: update the demand estimate; on a re-plan tick return the plan to apply."""
+        """One tick: update the demand estimate; on a re-plan tick return the plan to apply.
+
+        ``gpus``: the workers in service now (None: unchanged). A change re-plans at this tick."""
         if self.plan is None:
             raise RuntimeError("Controller.initial_plan() must be called before the first tick")
         self.ticks += 1
@@ -85,7 +94,10 @@ class Controller:
         for i in (0, 1):
             self._queue_sum[i] += queue_lengths_by_stage[i]
             self._rate_sum[i] += stage_arrival_rates[i]
-        if not self.replan_due(now):
+        resized = gpus is not None and gpus != self.gpus
+        if resized:
+            self.gpus = gpus
+        if not (resized or self.replan_due(now)):
             return None
         self.last_plan_s = now
         n = self._window_ticks
@@ -95,6 +107,8 @@ class Controller:
         self._window_ticks = 0
         self._queue_sum = [0.0, 0.0]
         self._rate_sum = [0.0, 0.0]
+        if self.gpus < 1:
+            return None
         plan = self._ask(self.demand_qps, self.queue_delay_s)
         if plan.gpus_used == 0:
             return None
@@ -105,8 +119,9 @@ class Controller:
         """True at the first tick, then once ``replan_s`` has passed since the last plan."""
         if self.ticks == 1:
             return True
-        # A small tolerance so that float tick times (k * tick_s) hit the period exactly.
-        return now - self.last_plan_s >= self.config.replan_s - 1e-6 * self.config.tick_s
+        # Half a tick of tolerance: float tick times (k * tick_s) hit the period exactly, and wall-clock
+        # ticks that come a little late do not push every re-plan one tick further.
+        return now - self.last_plan_s >= self.config.replan_s - 0.5 * self.config.tick_s
 
     def _ask(self, demand_qps: float, queue_delay_s: tuple[float, float]) -> Plan:
         return self.policy.plan(PolicyInput(demand_qps=demand_qps, queue_delay_s=queue_delay_s, gpus=self.gpus))

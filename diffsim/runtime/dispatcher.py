@@ -10,7 +10,10 @@ Both drivers hold one :class:`Dispatcher` and only tell it what happened and whe
   scores and the measured batch time, the simulator neither (profile time, per-prompt confidences);
 * a batch raised -> :meth:`Dispatcher.fail_batch` (its queries end ``failed``; the worker goes on);
 * a controller tick -> :meth:`Dispatcher.expire_backlog` and :meth:`Dispatcher.tick_stats`;
-* a new plan -> :meth:`Dispatcher.apply_plan` (role changes with re-routing of queued work).
+* a new plan -> :meth:`Dispatcher.apply_plan` (role changes with re-routing of queued work);
+* a worker left service (lost, or failing: :mod:`diffsim.runtime.health`) ->
+  :meth:`Dispatcher.remove_worker` (its running batch back to the front of its stage, its queue
+  re-routed); it is back -> :meth:`Dispatcher.restore_worker` (a role comes with the next plan).
 
 The rules themselves live in :mod:`diffsim.runtime.routing`, :mod:`diffsim.runtime.batching` and :mod:`diffsim.runtime.roles`;
 this class composes them and keeps the per-query records (:class:`~diffsim.query.Query`) up to date.
@@ -97,6 +100,7 @@ class Dispatcher:
         self.busy_s = [0.0] * gpus
         self.ready_at = [0.0] * gpus  # serves nothing before (model swap)
         self.swap_pending = [False] * gpus  # swap starts when the running batch ends
+        self.in_service = [True] * gpus  # only workers in service get a role
         self.stage_workers: dict[str, list[int]] = {"light": [], "heavy": []}
         self.backlog: dict[str, deque[Query]] = {"light": deque(), "heavy": deque()}
         self.finished = 0
@@ -118,13 +122,19 @@ class Dispatcher:
         query.enqueued_s = now
         return self._place(query, role, now)
 
-    def _place(self, query: Query, role: Role, now: float) -> Optional[int]:
+    def _place(self, query: Query, role: Role, now: float, front: bool = False) -> Optional[int]:
         workers = self.stage_workers[role]
         if not workers:
-            self.backlog[role].append(query)
+            if front:
+                self.backlog[role].appendleft(query)
+            else:
+                self.backlog[role].append(query)
             return None
         w = self.router.choose(workers, self._loads)
-        self.queues[w].append(query)
+        if front:
+            self.queues[w].appendleft(query)
+        else:
+            self.queues[w].append(query)
         if self.on_enqueue is not None:
             self.on_enqueue(w, query, now)
         return w
@@ -223,10 +233,13 @@ class Dispatcher:
 
         ``preloaded``: the workers already hold the models of their new roles (the start of a run).
         """
-        if plan.gpus_used > self.gpus:
-            raise ValueError(f"the plan uses {plan.gpus_used} workers but there are {self.gpus}")
+        live = [w for w in range(self.gpus) if self.in_service[w]]
+        if plan.gpus_used > len(live):
+            raise ValueError(f"the plan uses {plan.gpus_used} workers but {len(live)} of {self.gpus} are in service")
         old = list(self.roles)
-        new = assign_roles(old, plan.light.workers, plan.heavy.workers)
+        new: list[Optional[Role]] = [None] * self.gpus
+        for w, role in zip(live, assign_roles([old[w] for w in live], plan.light.workers, plan.heavy.workers)):
+            new[w] = role
         self.plan = plan
         self._stage_settings = {}
         for role in STAGES:
@@ -261,6 +274,53 @@ class Dispatcher:
                 self.backlog[role] = deque()
                 for q in backlog:
                     self._place(q, role, now)
+
+    # -- workers leaving and returning -----------------------------------------------------------
+
+    def remove_worker(self, worker: int, now: float, running: Optional[Batch] = None) -> list[int]:
+        """Take ``worker`` out of service: it leaves its stage's routing set, its queued queries are
+        re-routed to the stage's other workers (or its backlog), and ``running`` -- the batch it was
+        running when it was lost, if any -- goes back to the front of its stage: those queries did not
+        fail, they are served again. Returns the workers to wake. Its role returns with a later plan
+        after :meth:`restore_worker`."""
+        if not self.in_service[worker]:
+            raise ValueError(f"worker {worker} is already out of service")
+        if running is not None and running.worker != worker:
+            raise ValueError(f"batch of worker {running.worker} handed back as worker {worker}'s")
+        if running is None and self.inflight[worker]:
+            raise ValueError(f"worker {worker} has a batch running: hand it back, or end it first")
+        self.in_service[worker] = False
+        role = self.roles[worker]
+        self.roles[worker] = None
+        self.swap_pending[worker] = False
+        if role is not None:
+            self.stage_workers[role] = [w for w in self.stage_workers[role] if w != worker]
+        woken: set[int] = set()
+        if running is not None:
+            self.inflight[worker] = 0
+            for q in reversed(running.queries):  # appended at the front: keep their order
+                q.stages.pop()
+                q.batch_sizes.pop()
+                q.enqueued_s = now
+                target = self._place(q, running.role, now, front=True)
+                if target is not None:
+                    woken.add(target)
+        queued = list(self.queues[worker])
+        self.queues[worker].clear()
+        for q in queued:
+            target = self._place(q, role, now)
+            if target is not None:
+                woken.add(target)
+        return sorted(woken)
+
+    def restore_worker(self, worker: int) -> None:
+        """``worker`` is back in service, without a role: the next plan may give it one."""
+        if self.in_service[worker]:
+            raise ValueError(f"worker {worker} is in service already")
+        self.in_service[worker] = True
+
+    def workers_in_service(self) -> int:
+        return sum(self.in_service)
 
     def _start_swap(self, worker: int, now: float) -> None:
         self.swap_pending[worker] = False

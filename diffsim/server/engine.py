@@ -36,8 +36,9 @@ from ..runtime.dispatcher import STAGES, Batch, Dispatcher
 from ..errors import DiffsimError
 from ..plan import Plan
 from ..query import Query
+from ..runtime.health import WorkerHealth, stall_limit_s
 from ..runtime.routing import Router, first_stage
-from .worker import BatchJob, WorkerHandle
+from .worker import BatchJob, WorkerHandle, WorkerLost
 
 log = logging.getLogger("diffsim.server")
 
@@ -103,6 +104,7 @@ class Engine:
             swap_s=config.swap_s if config.swap else 0.0,
         )
         self.controller = Controller(policy, config.gpus, config.controller)
+        self.health = WorkerHealth(config.gpus, config.health)
         self._clock = clock
         self._t0: Optional[float] = None
         self.plans: collections.deque[tuple[float, Plan]] = collections.deque(maxlen=HISTORY)
@@ -127,6 +129,7 @@ class Engine:
         self.violations = 0
         self.batches = {"light": 0, "heavy": 0}
         self.failed_batches = 0
+        self.lost_batches = 0  # batches handed back by a lost worker (served again elsewhere)
         # Observers: on_query(query) when a query ends; on_image(query, png) when it ends with an image;
         # on_batch(role, size, run_s, failed) after a batch. They run on the event loop: keep them cheap.
         self.on_query: list[Callable[[Query], None]] = []
@@ -336,8 +339,9 @@ class Engine:
         job = BatchJob(batch.role, tuple(q.prompt for q in batch.queries), tuple(q.seed for q in batch.queries),
                        batch.with_discriminator)
         started = self._clock()
+        limit = stall_limit_s(self.config.health, batch.service_s)
         try:
-            result = await self.workers[w].run(job)
+            result = await asyncio.wait_for(self.workers[w].run(job), limit)
             if len(result.images_png) != len(batch.queries):
                 raise RuntimeError(f"{len(result.images_png)} images for a batch of {len(batch.queries)}")
             if batch.with_discriminator and (result.confidences is None
@@ -345,9 +349,16 @@ class Engine:
                 raise RuntimeError("the light batch came back without a confidence per image")
         except asyncio.CancelledError:
             raise
+        except WorkerLost as e:
+            self._lose(w, batch, str(e))
+            return
+        except asyncio.TimeoutError:
+            self._lose(w, batch, f"no answer to a {batch.role} batch within {limit:.0f} s")
+            return
         except Exception as e:  # noqa: BLE001 - any executor failure fails this batch only
             self._fail_batch(batch, self._clock() - started, e)
             return
+        self.health.batch_succeeded(w)
         now = self.now
         model = self.cascade.light_model if batch.role == "light" else self.cascade.heavy_model
         measured = result.run_s
@@ -372,6 +383,46 @@ class Engine:
         self.failed_batches += 1
         for hook in self.on_batch:
             hook(batch.role, len(batch.queries), run_s, True)
+        if self.health.batch_failed(batch.worker, now, f"{type(error).__name__}: {error}"):
+            self._take_out(batch.worker, None)
+
+    # -- worker loss and return -------------------------------------------------------------------------
+
+    def _lose(self, w: int, batch: Optional[Batch], reason: str) -> None:
+        """Worker ``w`` is gone: its batch is served again elsewhere, it is out until a probe succeeds."""
+        log.error("worker %d lost: %s", w, reason)
+        if batch is not None:
+            self.lost_batches += 1
+        if self.health.lost(w, self.now, reason):
+            self._take_out(w, batch)
+
+    def _take_out(self, w: int, batch: Optional[Batch]) -> None:
+        d = self.dispatcher
+        log.error("worker %d out of service (%s); %d of %d in service", w, self.health.reason[w],
+                  self.health.count_in_service(), len(self.workers))
+        for target in d.remove_worker(w, self.now, batch):
+            self._wake_worker(target)
+        self._settle()
+        self._spawn(self._bring_back(w), f"bring worker {w} back")
+
+    async def _bring_back(self, w: int) -> None:
+        """Probe an out-of-service worker every ``probe_s`` until it serves again, then restore it (the
+        controller gives it a role at its next tick)."""
+        cfg = self.config.health
+        while not self.stopped:
+            await asyncio.sleep(cfg.probe_s)
+            try:
+                await asyncio.wait_for(self.workers[w].probe(), cfg.stall_min_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure: still out; try again later
+                self.health.probe_failed(w, self.now, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+                continue
+            if self.health.back(w, self.now):
+                self.dispatcher.restore_worker(w)
+                log.warning("worker %d back in service; %d of %d in service", w,
+                            self.health.count_in_service(), len(self.workers))
+            return
 
     # -- the controller ---------------------------------------------------------------------------------
 
@@ -388,12 +439,13 @@ class Engine:
             arrivals, queue_lengths, stage = d.tick_stats()
             try:
                 plan = await asyncio.to_thread(self.controller.on_tick, now, arrivals, queue_lengths,
-                                               (stage[0] / tick, stage[1] / tick))
+                                               (stage[0] / tick, stage[1] / tick), d.workers_in_service())
             except Exception as e:  # noqa: BLE001 - a policy failure keeps the plan in force
                 log.error("re-planning failed, keeping the current plan: %s: %s", type(e).__name__, e)
                 plan = None
             self.demand.append((now, self.controller.rate_qps, self.controller.demand_qps))
-            if plan is not None:
+            # A worker may have left while the policy ran: the next tick re-plans for the ones left.
+            if plan is not None and plan.gpus_used <= d.workers_in_service():
                 self.apply_plan(plan)
 
     def apply_plan(self, plan: Plan) -> None:
@@ -461,6 +513,9 @@ class Engine:
                 "roles": list(d.roles),
                 "busy_s": list(d.busy_s),
                 "inflight": list(d.inflight),
+                "in_service": d.workers_in_service(),
+                "health": self.health.snapshot(),
+                "lost_batches": self.lost_batches,
             },
             "queues": {"light": light_q, "heavy": heavy_q},
             "pending": len(self._pending),

@@ -61,6 +61,14 @@ class ServerMetrics:
         self.demand = Gauge("diffsim_demand_qps", "Demand the controller plans for (EWMA x head-room)", registry=r)
         self.arrival_rate = Gauge("diffsim_arrival_rate_qps", "Arrival rate measured over the last tick", registry=r)
         self.pending = Gauge("diffsim_pending_queries", "Admitted queries without an outcome yet", registry=r)
+        self.in_service = Gauge("diffsim_workers_in_service", "Workers in service (not lost, not taken out for "
+                                "failing)", registry=r)
+        self.worker_up = Gauge("diffsim_worker_in_service", "1 while the worker is in service", ["worker"],
+                               registry=r)
+        self.worker_removals = Gauge("diffsim_worker_removals", "Times a worker left service (lost or failing)",
+                                     registry=r)
+        self.lost_batches = Gauge("diffsim_lost_batches", "Batches handed back by a lost worker and served again",
+                                  registry=r)
         self.busy = Gauge("diffsim_worker_busy_seconds", "Time each worker spent running batches", ["worker"],
                           registry=r)
         self.served_fid = self.served_fid_n = self.served_fid_end = None
@@ -120,6 +128,10 @@ class ServerMetrics:
         self.pending.set(e.pending)
         for w, busy in enumerate(d.busy_s):
             self.busy.labels(str(w)).set(busy)
+            self.worker_up.labels(str(w)).set(1 if d.in_service[w] else 0)
+        self.in_service.set(d.workers_in_service())
+        self.worker_removals.set(e.health.removals)
+        self.lost_batches.set(e.lost_batches)
         if self.served_fid is not None:
             window = e.quality.latest()
             if window is not None:

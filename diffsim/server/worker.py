@@ -52,6 +52,14 @@ class WorkerInfo:
     load_s: dict[str, float] = field(default_factory=dict)  # role -> seconds its last load took
 
 
+class WorkerLost(Exception):
+    """The worker is gone (its process, actor or node died): the batch it was given did not fail, it
+    was not run, or its result cannot be had. Raised by a :class:`WorkerHandle`."""
+
+
+PROBE_JOB = BatchJob("light", ("a probe: is this worker serving again?",), (0,), True)
+
+
 class WorkerHandle(Protocol):
     """What the engine needs from a worker; every argument and result is plain data."""
 
@@ -63,11 +71,16 @@ class WorkerHandle(Protocol):
 
     async def run(self, job: BatchJob) -> BatchResult: ...
 
+    async def probe(self) -> WorkerInfo:
+        """Make the worker ready again (reload its models if it was restarted) and run one small batch;
+        raises if it cannot serve."""
+        ...
+
     async def stop(self) -> None: ...
 
 
-class ThreadWorker:
-    """Executors on one device, driven from a dedicated thread.
+class WorkerCore:
+    """Executors on one device, called synchronously (from a worker thread or inside a Ray actor).
 
     ``make_executor(role)`` returns a new, unloaded :class:`backends.base.Executor` for the role's model
     (the light one with the discriminator). With ``swap=False`` both are loaded at start; with
@@ -83,12 +96,6 @@ class ThreadWorker:
         self._executors: dict[str, object] = {}
         self._models: dict[str, str] = {}
         self._load_s: dict[str, float] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"diffsim-worker-{index}")
-
-    async def _call(self, fn, *args):
-        return await asyncio.wrap_future(self._pool.submit(fn, *args))
-
-    # -- calls (run on the worker's thread) ---------------------------------------------------------
 
     def _executor(self, role: str):
         ex = self._executors.get(role)
@@ -116,7 +123,7 @@ class ThreadWorker:
         loaded = tuple(r for r in ROLES if r in self._executors and getattr(self._executors[r], "loaded", False))
         return WorkerInfo(self.index, self.device, dict(self._models), loaded, dict(self._load_s))
 
-    def _start(self, initial_role: Optional[str]) -> WorkerInfo:
+    def start(self, initial_role: Optional[str]) -> WorkerInfo:
         for role in ROLES:
             self._executor(role)  # builds (cheap) so that the model names are known
         if self.swap:
@@ -127,11 +134,18 @@ class ThreadWorker:
                 self._ensure(role)
         return self._info()
 
-    def _prepare(self, role: str) -> WorkerInfo:
+    def prepare(self, role: str) -> WorkerInfo:
         self._ensure(role)
         return self._info()
 
-    def _run(self, job: BatchJob) -> BatchResult:
+    def probe(self) -> WorkerInfo:
+        """Models resident as at start (both, or the light one in swap mode), then one light batch of one
+        image, scored: the worker can serve."""
+        self.start("light")
+        self.run(PROBE_JOB)
+        return self._info()
+
+    def run(self, job: BatchJob) -> BatchResult:
         from backends.base import to_png
 
         started = time.perf_counter()
@@ -150,32 +164,47 @@ class ThreadWorker:
         pngs = tuple(to_png(img) for img in images)
         return BatchResult(pngs, confidences, time.perf_counter() - started, swap_s)
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
         for ex in self._executors.values():
             if getattr(ex, "loaded", False):
                 ex.unload()
 
-    def _measure(self, batch_sizes: Sequence[int], warmup: int, iters: int) -> dict:
+    def measure(self, batch_sizes: Sequence[int], warmup: int, iters: int) -> dict:
         """Batch latency of both models and the discriminator on this worker (see :func:`measure_profile`)."""
         return measure_profile(self._executor, self._ensure, batch_sizes, warmup=warmup, iters=iters)
 
-    # -- the async interface -------------------------------------------------------------------------
+
+class ThreadWorker:
+    """A :class:`WorkerCore` in the engine's process, on a thread of its own."""
+
+    def __init__(self, index: int, make_executor: Callable[[str], object], *, swap: bool = False,
+                 device: str = "cpu"):
+        self.index = index
+        self.device = device
+        self.core = WorkerCore(index, make_executor, swap=swap, device=device)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"diffsim-worker-{index}")
+
+    async def _call(self, fn, *args):
+        return await asyncio.wrap_future(self._pool.submit(fn, *args))
 
     async def start(self, initial_role: Optional[str] = None) -> WorkerInfo:
-        return await self._call(self._start, initial_role)
+        return await self._call(self.core.start, initial_role)
 
     async def prepare(self, role: str) -> WorkerInfo:
-        return await self._call(self._prepare, role)
+        return await self._call(self.core.prepare, role)
 
     async def run(self, job: BatchJob) -> BatchResult:
-        return await self._call(self._run, job)
+        return await self._call(self.core.run, job)
+
+    async def probe(self) -> WorkerInfo:
+        return await self._call(self.core.probe)
 
     async def measure(self, batch_sizes: Sequence[int], warmup: int = 1, iters: int = 3) -> dict:
-        return await self._call(self._measure, tuple(batch_sizes), warmup, iters)
+        return await self._call(self.core.measure, tuple(batch_sizes), warmup, iters)
 
     async def stop(self) -> None:
         try:
-            await self._call(self._stop)
+            await self._call(self.core.stop)
         finally:
             self._pool.shutdown(wait=False)
 
