@@ -1,6 +1,10 @@
-"""The MILP allocator: how many GPUs run each model, at which batch size, with which threshold.
+"""The allocator: how many GPUs run each model, at which batch size, with which threshold.
 
-Solved with ``scipy.optimize.milp`` (HiGHS). The formulation, for the default ``cascade`` mode:
+The model is a MILP, the formulation of record, solved with ``scipy.optimize.milp`` (HiGHS) when
+``solver="milp"``; ``solver="exact"`` returns the same plan from a structured enumeration
+that takes tens of microseconds (see *The exact solver* below).
+
+The formulation, for the default ``cascade`` mode:
 
 Variables
     ``y[s,b]``  binary, stage s (light/heavy) runs batch size b;
@@ -36,8 +40,27 @@ term is ``(1 + W) * lat + q``.
 
 Before the solve, candidates are pruned by two exact bounds: one that needs more GPUs than any batch
 size allows cannot be feasible, and one ranked below an incumbent (a candidate that each stage's
-highest-throughput batch size already serves) cannot be optimal. This keeps the MILP small; it still
-chooses every batch size, worker count and the threshold among the rest.
+highest-throughput batch size already serves) cannot be optimal. Batch sizes that another one dominates
+(no faster, no more capacity) are dropped too: no optimum needs them, and it settles the one kind of tie
+the objective cannot see (equal latency at two batch sizes: the larger is kept). This keeps the MILP
+small; it still chooses every batch size, worker count and the threshold among the rest.
+
+The exact solver
+    Fix a candidate (so each stage's load) and a batch size per stage: the only decisions left are the
+    worker counts, and the objective wants each stage at its fewest workers that carry its load,
+    ``max(1, ceil(load / (U * cap)))`` for a stage that gets traffic, none for one that does not. So a
+    (candidate, light batch, heavy batch) triple is feasible iff those counts fit in G GPUs and the pair
+    meets the SLO (in cascade mode, both paths together); nothing else in the MILP constrains it. The
+    objective's first term is the candidate's rank, so the optimum belongs to the best-ranked candidate
+    with any feasible pair, and among that candidate's pairs it has the fewest GPUs, then the least summed
+    batch time: exactly ``rank * (G + 2) + sum x + latency / L`` minimised. The solver evaluates every
+    triple at once with numpy (candidates x (light batch sizes + "off") x (heavy batch sizes + "off")) on
+    the same pruned candidates and batch sizes as the MILP, with the same worker rounding, and takes the
+    first feasible candidate; it assumes no monotonicity of feasibility along the ranking. Where two batch
+    pairs tie exactly on all three terms (possible only across the two stages, with equal sums of batch
+    times), it takes the smallest light batch size, then heavy; HiGHS's pick there is arbitrary, as is its
+    pick between plans whose objectives differ by less than its absolute gap (1e-6). The property test
+    ``tests/test_allocator_exact.py`` checks that the two solvers return the same plan.
 
 When nothing meets the constraints the allocator does not raise: it returns the best-effort plan (all
 GPUs on the light model, threshold 0, the batch size of most throughput) with ``feasible=False`` and
@@ -63,6 +86,8 @@ Mode = Literal["cascade", "split", "light-only", "heavy-only"]
 
 OBJECTIVES = ("quality", "max-threshold")
 MODES = ("cascade", "split", "light-only", "heavy-only")
+Solver = Literal["exact", "milp"]
+SOLVERS = ("exact", "milp")
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 DEFAULT_THRESHOLDS = tuple(round(i * 0.005, 3) for i in range(201))
 
@@ -97,15 +122,21 @@ def allocate(
     mode: Mode = "cascade",
     batch_wait: float = 0.0,
     max_utilization: float = 1.0,
+    solver: Solver = "milp",
 ) -> Plan:
     """Solve for the best plan; see the module docstring for the model.
 
     ``batch_wait`` counts, per stage, that fraction of one batch time as waiting for the batch in flight
     (eager batching: a query that arrives while its worker is busy waits for that batch first). 0 is the
     DiffServe paper's model (batch time + queueing delay); 1 is the worst case.
+
+    ``solver`` picks how the model is solved: ``milp`` (the formulation of record, HiGHS) or ``exact``
+    (the structured enumeration in :func:`_solve_exact`); both return the same plan.
     """
     started = time.perf_counter()
     _check_inputs(gpus, demand_qps, queue_delay_s, batch_sizes, objective, mode)
+    if solver not in SOLVERS:
+        raise DiffsimError(f"unknown solver {solver!r} (choose from {', '.join(SOLVERS)})")
     if not 0 < max_utilization <= 1:
         raise DiffsimError(f"max_utilization must lie in (0, 1], got {max_utilization!r}")
     if not 0 <= batch_wait <= 1:
@@ -120,9 +151,10 @@ def allocate(
     candidates = _candidates(cascade, grid, objective, mode)
 
     waits = (batch_wait, queue_delay_s)
-    plan = _solve(cascade, gpus, demand_qps, light, heavy, candidates, mode, objective, waits)
+    solve = _solve_exact if solver == "exact" else _solve_milp
+    plan = solve(cascade, gpus, demand_qps, light, heavy, candidates, mode, objective, waits)
     if plan is None:
-        plan = _best_effort(cascade, gpus, demand_qps, light, heavy, candidates, mode, objective, waits)
+        plan = _best_effort(cascade, gpus, demand_qps, light, heavy, mode, objective, waits)
     elapsed = (time.perf_counter() - started) * 1e3
     return _with_solve_ms(plan, elapsed)
 
@@ -163,10 +195,19 @@ def _stage(cascade: Cascade, role: str, batch_sizes, queue_delay: float, with_di
     return _Stage(tuple(sizes), tuple(lats), tuple(paths), tuple(caps))
 
 
-_CANDIDATES: dict[tuple, tuple[Cascade, list]] = {}  # (id(cascade), grid, objective, mode) -> (cascade, cands)
+@dataclass(frozen=True)
+class _Ranked:
+    """The ranked candidates of one cascade, with their stage fractions as arrays for the exact solver."""
+
+    cands: tuple[_Candidate, ...]
+    light: np.ndarray  # light_fraction per candidate, best first
+    heavy: np.ndarray  # heavy_fraction per candidate, best first
 
 
-def _candidates(cascade: Cascade, grid, objective: str, mode: str) -> list[_Candidate]:
+_CANDIDATES: dict[tuple, tuple[Cascade, _Ranked]] = {}  # (id(cascade), grid, objective, mode) -> (cascade, ranked)
+
+
+def _candidates(cascade: Cascade, grid, objective: str, mode: str) -> _Ranked:
     """Threshold (or share) candidates, merged where indistinguishable, best first (memoised per cascade:
     they depend on neither demand nor GPUs, and a controller asks again every few seconds)."""
     key = (id(cascade), grid, objective, mode)
@@ -176,8 +217,13 @@ def _candidates(cascade: Cascade, grid, objective: str, mode: str) -> list[_Cand
     if len(_CANDIDATES) > 64:
         _CANDIDATES.clear()
     cands = _rank_candidates(cascade, grid, objective, mode)
-    _CANDIDATES[key] = (cascade, cands)
-    return cands
+    ranked = _Ranked(
+        cands,
+        np.array([c.light_fraction for c in cands], dtype=float),
+        np.array([c.heavy_fraction for c in cands], dtype=float),
+    )
+    _CANDIDATES[key] = (cascade, ranked)
+    return ranked
 
 
 def _rank_candidates(cascade: Cascade, grid, objective: str, mode: str) -> list[_Candidate]:
@@ -206,30 +252,132 @@ def _rank_candidates(cascade: Cascade, grid, objective: str, mode: str) -> list[
     return tuple(frontier)
 
 
-def _solve(cascade, gpus, demand, light, heavy, cands, mode, objective, waits) -> Optional[Plan]:
-    slo = cascade.slo_s
-    coupled = mode == "cascade"  # in cascade mode a deferred query pays both stages' latency
-    # Batch sizes that can meet the SLO at all.
-    light_ok = [i for i, p in enumerate(light.path_s) if p <= slo]
+def _batch_options(light: _Stage, heavy: _Stage, coupled: bool, slo: float) -> tuple[list[int], list[int]]:
+    """Indices of the batch sizes of each stage that can meet the SLO at all (in cascade mode a heavy batch
+    must also fit after the fastest light one, since a deferred query pays both), less dominated ones."""
+    light_ok = _undominated(light, [i for i, p in enumerate(light.path_s) if p <= slo])
     if coupled:
         min_light = min((light.path_s[i] for i in light_ok), default=math.inf)
         heavy_ok = [i for i, p in enumerate(heavy.path_s) if p + min_light <= slo]
     else:
         heavy_ok = [i for i, p in enumerate(heavy.path_s) if p <= slo]
+    return light_ok, _undominated(heavy, heavy_ok)
+
+
+def _undominated(stage: _Stage, ok: list[int]) -> list[int]:
+    """Drop a batch size when another is no slower and carries no less, and is better in one of the two.
+
+    Exact: swapping it for the other never needs more workers and never adds latency, so no optimum needs
+    it. It also settles ties the objective cannot see: two batch sizes with the same latency (a flat stretch
+    of a profile) cost the same GPUs and time, and the larger one, with more capacity, is kept; left to
+    HiGHS, the pick between them would be arbitrary.
+    """
+    lat, cap = stage.latency_s, stage.capacity
+    return [
+        i for i in ok
+        if not any(lat[j] <= lat[i] and cap[j] >= cap[i] and (lat[j] < lat[i] or cap[j] > cap[i]) for j in ok)
+    ]
+
+
+def _servable(ranked: _Ranked, demand, gpus, light, heavy, light_ok, heavy_ok) -> np.ndarray:
+    """Mask of the candidates whose load on each stage some batch size could carry on all the GPUs.
+
+    Both solvers drop the others up front, with the same arithmetic, so they decide among the same set.
+    """
+    eps = 1e-9
+    max_light_cap = max((light.capacity[i] for i in light_ok), default=0.0) * gpus
+    max_heavy_cap = max((heavy.capacity[i] for i in heavy_ok), default=0.0) * gpus
+    return (
+        (demand * ranked.light <= max_light_cap + eps)
+        & (demand * ranked.heavy <= max_heavy_cap + eps)
+        & ((ranked.light == 0) | bool(light_ok))
+        & ((ranked.heavy == 0) | bool(heavy_ok))
+    )
+
+
+def _solve_exact(cascade, gpus, demand, light, heavy, ranked, mode, objective, waits) -> Optional[Plan]:
+    """The MILP's optimum without the MILP: every (candidate, light batch, heavy batch) at once, in numpy.
+
+    Why this is exact: once the candidate (hence each stage's load) and the two batch sizes are fixed, the
+    only decisions left are the worker counts, and each stage independently takes its fewest workers that
+    carry its load, ``max(1, ceil(load / cap))`` (a stage with no load is off); any more only adds GPUs to
+    the objective. So a (candidate, batch pair) is feasible iff those counts fit the GPUs and the pair's
+    path meets the SLO. The objective ranks the candidate first, so the optimum lies with the best-ranked
+    candidate that has any feasible pair, whatever the others do (no monotonicity is assumed); among that
+    candidate's feasible pairs it has the fewest GPUs, then the lowest summed batch time, which are the
+    MILP's second and third terms. Exact ties on both go to the smallest light, then heavy batch size.
+    """
+    slo = cascade.slo_s
+    coupled = mode == "cascade"
+    light_ok, heavy_ok = _batch_options(light, heavy, coupled, slo)
+    if gpus == 0:
+        return None
+    servable = _servable(ranked, demand, gpus, light, heavy, light_ok, heavy_ok)
+    if not servable.any():
+        return None
+    too_many = float(gpus + 1)  # marks an option a candidate cannot use: any sum with it exceeds the GPUs
+    # Options per stage: its usable batch sizes, then "off" (no workers, no latency) as the last column.
+    wl = _fewest_workers(light, light_ok, demand, ranked.light, too_many)  # (candidates, nl + 1)
+    wh = _fewest_workers(heavy, heavy_ok, demand, ranked.heavy, too_many)  # (candidates, nh + 1)
+    path_l = np.array([light.path_s[i] for i in light_ok] + [0.0])
+    path_h = np.array([heavy.path_s[i] for i in heavy_ok] + [0.0])
+    batch_l = np.array([light.latency_s[i] for i in light_ok] + [0.0])
+    batch_h = np.array([heavy.latency_s[i] for i in heavy_ok] + [0.0])
+    if coupled:
+        meets_slo = path_l[:, None] + path_h[None, :] <= slo
+    else:
+        meets_slo = np.ones((len(path_l), len(path_h)), dtype=bool)  # each path was checked alone
+    used = wl[:, :, None] + wh[:, None, :]  # GPUs per (candidate, light option, heavy option)
+    feasible = meets_slo[None, :, :] & (used <= gpus) & servable[:, None, None]
+    per_cand = feasible.reshape(len(ranked.cands), -1).any(axis=1)
+    if not per_cand.any():
+        return None
+    k = int(np.argmax(per_cand))  # the best-ranked candidate with a feasible pair
+    # Among its feasible pairs: fewest GPUs, then least summed batch time, then the first in
+    # (light batch, heavy batch) order; lexsort's last key is the primary one.
+    jl, jh = np.nonzero(feasible[k])
+    order = np.lexsort((jh, jl, batch_l[jl] + batch_h[jh], used[k, jl, jh]))
+    jl, jh = int(jl[order[0]]), int(jh[order[0]])
+    light_plan = _exact_stage_plan(cascade, "light", light, light_ok, jl, wl[k, jl])
+    heavy_plan = _exact_stage_plan(cascade, "heavy", heavy, heavy_ok, jh, wh[k, jh])
+    return _plan(cascade, gpus, demand, light_plan, heavy_plan, ranked.cands[k], mode, objective, waits, True, "")
+
+
+def _fewest_workers(stage: _Stage, ok: list[int], demand: float, fraction: np.ndarray, too_many: float) -> np.ndarray:
+    """Workers each candidate needs on each usable batch size of a stage, and on the trailing "off" option.
+
+    A stage is on iff the candidate sends it a fraction of the demand (as the MILP's ``y`` rows say), and
+    then it has at least one worker even at zero demand; off costs nothing. ``too_many`` marks an option
+    the candidate cannot use. The rounding is ``_workers_for``'s, element for element.
+    """
+    cap = np.array([stage.capacity[i] for i in ok], dtype=float)
+    on_stage = fraction > 0
+    load = demand * fraction
+    on = np.maximum(1.0, np.ceil(load[:, None] / cap[None, :] - 1e-9))
+    on = np.where(on_stage[:, None], np.minimum(on, too_many), too_many)
+    off = np.where(on_stage, too_many, 0.0)[:, None]
+    return np.concatenate([on, off], axis=1)
+
+
+def _exact_stage_plan(cascade: Cascade, role: str, stage: _Stage, ok: list[int], j: int, workers: float) -> StagePlan:
+    model = cascade.light_model if role == "light" else cascade.heavy_model
+    if j == len(ok):
+        return StagePlan(role, model, 0, 0, 0.0, 0.0)
+    i = ok[j]
+    workers = int(workers)
+    b, lat = stage.batch_sizes[i], stage.latency_s[i]
+    return StagePlan(role, model, workers, b, lat, workers * b / lat)
+
+
+def _solve_milp(cascade, gpus, demand, light, heavy, ranked, mode, objective, waits) -> Optional[Plan]:
+    slo = cascade.slo_s
+    coupled = mode == "cascade"  # in cascade mode a deferred query pays both stages' latency
+    light_ok, heavy_ok = _batch_options(light, heavy, coupled, slo)
     if gpus == 0:
         return None
     # Candidates whose demand on a stage can never be met are dropped up front (keeps the MILP small).
-    max_light_cap = max((light.capacity[i] for i in light_ok), default=0.0) * gpus
-    max_heavy_cap = max((heavy.capacity[i] for i in heavy_ok), default=0.0) * gpus
-    eps = 1e-9
-    cands = [
-        c
-        for c in cands
-        if demand * c.light_fraction <= max_light_cap + eps
-        and demand * c.heavy_fraction <= max_heavy_cap + eps
-        and (c.light_fraction == 0 or light_ok)
-        and (c.heavy_fraction == 0 or heavy_ok)
-    ]
+    servable = _servable(ranked, demand, gpus, light, heavy, light_ok, heavy_ok)
+    cands = [c for c, keep in zip(ranked.cands, servable) if keep]
     cands = _up_to_incumbent(cands, demand, gpus, light, heavy, light_ok, heavy_ok, coupled, slo)
     if not cands:
         return None
@@ -343,11 +491,11 @@ def _up_to_incumbent(cands, demand, gpus, light, heavy, light_ok, heavy_ok, coup
         fits = heavy_ok
     best_h = max(fits, key=lambda i: heavy.capacity[i]) if fits else None
     for k, c in enumerate(cands):
-        need = 1 if coupled else 0
-        if c.light_fraction > 0:
+        need = 0
+        if c.light_fraction > 0:  # a stage that gets traffic has a worker, even at zero demand
             if best_l is None:
                 continue
-            need = max(need, _workers_for(light, best_l, demand * c.light_fraction))
+            need = max(1, _workers_for(light, best_l, demand * c.light_fraction))
         if c.heavy_fraction > 0:
             if best_h is None:
                 continue
@@ -396,7 +544,7 @@ def _plan(cascade, gpus, demand, light_plan, heavy_plan, cand, mode, objective, 
     )
 
 
-def _best_effort(cascade, gpus, demand, light, heavy, cands, mode, objective, waits) -> Plan:
+def _best_effort(cascade, gpus, demand, light, heavy, mode, objective, waits) -> Plan:
     """All GPUs on the light model, nothing deferred, the batch size of most throughput within the SLO."""
     slo = cascade.slo_s
     heavy_only = mode == "heavy-only"

@@ -1,5 +1,5 @@
-"""Allocator invariants, checked over random profiles, demands and GPU counts (hypothesis), and the MILP's
-optimum checked against a brute-force enumeration of every plan on small instances."""
+"""Allocator invariants, checked over random profiles, demands and GPU counts (hypothesis), and both
+solvers' optimum (MILP and exact) checked against a brute-force enumeration of every plan on small instances."""
 
 from __future__ import annotations
 
@@ -102,13 +102,14 @@ def plan_key(plan, objective):
     return (primary, plan.gpus_used, round(lat, 9))
 
 
+@pytest.mark.parametrize("solver", ["milp", "exact"])
 @SETTINGS
 @given(cascade=cascades(), gpus=st.integers(0, 6), demand=st.floats(0, 30),
        objective=st.sampled_from(["quality", "max-threshold"]),
        ql=st.floats(0, 1), qh=st.floats(0, 1))
-def test_milp_matches_brute_force(cascade, gpus, demand, objective, ql, qh):
+def test_solvers_match_brute_force(solver, cascade, gpus, demand, objective, ql, qh):
     plan = allocate(cascade, gpus, demand, queue_delay_s=(ql, qh), batch_sizes=(1, 2, 4, 8),
-                    thresholds=GRID, objective=objective)
+                    thresholds=GRID, objective=objective, solver=solver)
     best = brute_force(cascade, gpus, demand, (ql, qh), objective)
     assert plan.feasible == (best is not None)
     if best is not None:

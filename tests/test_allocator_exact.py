@@ -1,0 +1,154 @@
+"""The exact structured solver returns the MILP's plan: same threshold or share, workers and batch size per
+stage, latency, feasibility and best-effort reason, on random profiles, demands, GPU counts and options.
+
+Demand is drawn relative to what the GPUs can carry in the mode under test, so most examples are feasible
+and exercise that mode's optimum rather than its fallback; ``event()`` reports the mix (run pytest with
+``--hypothesis-show-statistics`` to see it).
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from diffsim.allocator import DEFAULT_THRESHOLDS, MODES, allocate
+from diffsim.errors import DiffsimError
+from diffsim.profiles import Cascade, DeferralCurve, FidCurve, LatencyTable, load_cascade
+
+# The MILP takes a few ms a solve (more at 201 thresholds and 1024 GPUs); 250 examples stay within seconds.
+SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SIZES = (1, 2, 4, 8, 16, 32)
+
+
+@st.composite
+def latency_tables(draw, lo_ms: float, hi_ms: float):
+    """Latency rising with batch size, sometimes super-linearly, with an unmeasured tail now and then."""
+    sizes = draw(st.lists(st.sampled_from(SIZES), min_size=1, max_size=6, unique=True).map(sorted))
+    cur = draw(st.floats(lo_ms, hi_ms))
+    lat = []
+    for _ in sizes:
+        lat.append(round(cur, 3))
+        cur *= draw(st.floats(1.02, 2.5))
+    if len(sizes) > 1 and draw(st.booleans()):
+        lat[-1] = None  # does not fit in memory
+    return LatencyTable(batch_sizes=sizes, p50_ms=lat)
+
+
+@st.composite
+def cascades(draw):
+    grid = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
+    f = [0.0] + sorted(round(v, 4) for v in draw(st.lists(st.floats(0, 1), min_size=5, max_size=5)))
+    fid = [round(v, 3) for v in draw(st.lists(st.floats(10, 40), min_size=5, max_size=5))]
+    # A random-mix FID curve with an interior optimum makes split mode choose a share strictly between 0
+    # and 1 (with the default straight line it always picks an end).
+    fid_random = None
+    if draw(st.booleans()):
+        fid_random = FidCurve(r=[0, 0.25, 0.5, 0.75, 1.0],
+                              fid=[round(v, 3) for v in draw(st.lists(st.floats(10, 40), min_size=5, max_size=5))])
+    return Cascade(
+        name="random",
+        slo_s=draw(st.floats(0.3, 15.0)),
+        light_model="light",
+        heavy_model="heavy",
+        light=draw(latency_tables(10, 600)),
+        heavy=draw(latency_tables(100, 5000)),
+        discriminator=draw(latency_tables(1, 40)),
+        deferral=DeferralCurve(t=grid, f=f),
+        fid=FidCurve(r=[0, 0.25, 0.5, 0.75, 1.0], fid=fid),
+        fid_random=fid_random,
+        gpu="test",
+    )
+
+
+def _best_capacity(table: LatencyTable, slo: float) -> float:
+    """One worker's most throughput among batch sizes that meet the SLO alone (0 when none does)."""
+    caps = [b / (ms / 1e3) for b, ms in zip(table.batch_sizes, table.p50_ms) if ms is not None and ms / 1e3 <= slo]
+    return max(caps, default=0.0)
+
+
+def _gpu_capacity(cascade: Cascade, mode: str) -> float:
+    """Rough queries/s one GPU carries in ``mode`` (half the traffic deferred / split), to scale demand."""
+    light, heavy = _best_capacity(cascade.light, cascade.slo_s), _best_capacity(cascade.heavy, cascade.slo_s)
+    if mode == "light-only":
+        return light
+    if mode == "heavy-only":
+        return heavy
+    if light == 0 or heavy == 0:
+        return light or heavy
+    return 1.0 / ((1.0 if mode == "cascade" else 0.5) / light + 0.5 / heavy)
+
+
+@st.composite
+def instances(draw):
+    cascade = draw(cascades())
+    mode = draw(st.sampled_from(MODES))
+    gpus = draw(st.one_of(st.integers(1, 16), st.integers(1, 1024)))
+    utilization = draw(st.one_of(st.just(1.0), st.just(0.8), st.floats(0.3, 1.0)))
+    load = draw(st.one_of(st.just(0.0), st.floats(0.0, 1.3)))  # fraction of what the GPUs carry
+    demand = load * gpus * utilization * _gpu_capacity(cascade, mode)
+    slo = cascade.slo_s
+    delays = st.one_of(st.just(0.0), st.floats(0.0, 0.5 * slo))
+    return dict(
+        cascade=cascade,
+        gpus=gpus,
+        demand_qps=demand,
+        queue_delay_s=(draw(delays), draw(delays)),
+        batch_sizes=draw(st.sampled_from([SIZES, (1, 2, 4, 8)])),
+        thresholds=draw(st.sampled_from([None, (0.0, 0.1, 0.25, 0.5, 0.75, 1.0), (0.0, 0.3, 0.6, 0.9)])),
+        objective=draw(st.sampled_from(["quality", "max-threshold"])),
+        mode=mode,
+        batch_wait=draw(st.one_of(st.just(0.0), st.floats(0.0, 1.0))),
+        max_utilization=utilization,
+    )
+
+
+@SETTINGS
+@given(kwargs=instances())
+def test_exact_solver_returns_the_milp_plan(kwargs):
+    milp = allocate(**kwargs, solver="milp")
+    exact = allocate(**kwargs, solver="exact")
+    event(f"mode {kwargs['mode']}")
+    event(f"objective {kwargs['objective']}")
+    event("feasible" if milp.feasible else "infeasible")
+    if exact != milp:  # every field but solve_ms: threshold/share, stages, latency, feasibility, reason
+        # Allowed only where the MILP's pick is arbitrary: two batch pairs that tie exactly on the objective
+        # (same candidate, same GPUs, same summed batch time). Not seen in practice; counted if it happens.
+        event("exact objective tie, different batch sizes")
+        assert _objective_key(exact) == _objective_key(milp)
+        assert exact.light.latency_s + exact.heavy.latency_s == pytest.approx(
+            milp.light.latency_s + milp.heavy.latency_s, abs=1e-12)
+
+
+def _objective_key(plan):
+    return (plan.feasible, plan.reason, plan.threshold, plan.light_share, plan.deferral_fraction,
+            plan.expected_fid, plan.gpus_used)
+
+
+@pytest.mark.parametrize("name", ["sdturbo-sdv15", "sdxs-sdv15", "sdxlltn-sdxl"])
+def test_shipped_cascades_same_plan_over_a_demand_sweep(name):
+    cascade = load_cascade(name, "profiles/a100.yaml", "profiles/cascades.yaml")
+    for mode in MODES:
+        for objective in ("quality", "max-threshold"):
+            for gpus, demand in ((16, 0.0), (16, 6.0), (16, 25.0), (16, 400.0), (256, 900.0)):
+                kwargs = dict(objective=objective, mode=mode, max_utilization=0.8, queue_delay_s=(0.3, 1.0))
+                assert allocate(cascade, gpus, demand, **kwargs, solver="exact") == \
+                    allocate(cascade, gpus, demand, **kwargs, solver="milp")
+
+
+def test_zero_demand_split_keeps_a_worker_per_used_stage():
+    """At zero demand a stage that gets a share still needs a worker: with one GPU the best-ranked share
+    between 0 and 1 needs two and is infeasible, so the plan is the light-only share (the MILP used to
+    cut the candidates below that share as if it fitted, and answered infeasible)."""
+    cascade = load_cascade("sdturbo-sdv15", "profiles/a100.yaml", "profiles/cascades.yaml")
+    u_shaped = Cascade(**{**cascade.__dict__, "fid_random": FidCurve(r=[0, 0.5, 1], fid=[20, 10, 20])})
+    for solver in ("exact", "milp"):
+        plan = allocate(u_shaped, 1, 0.0, mode="split", solver=solver, thresholds=DEFAULT_THRESHOLDS)
+        assert plan.feasible
+        assert plan.gpus_used == 1
+
+
+def test_unknown_solver_is_refused():
+    cascade = load_cascade("sdturbo-sdv15", "profiles/a100.yaml", "profiles/cascades.yaml")
+    with pytest.raises(DiffsimError, match="solver"):
+        allocate(cascade, 4, 1.0, solver="simplex")
