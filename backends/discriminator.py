@@ -241,10 +241,12 @@ def build_discriminator(arch: str | None = None, *, weights: str | Path | None =
 
     With weights, ``FILE.json`` beside them (when present) supplies arch, image size and normalisation;
     an explicit ``arch`` that contradicts it is an error, an explicit ``image_size`` overrides it.
-    Random weights (for profiling and tests) are seeded, so two builds give the same network; pass
-    ``pretrained_random_ok=False`` to refuse them where scores must mean something.
+    Random weights (for profiling and tests) are seeded from (arch, :data:`RANDOM_INIT_SEED`) with private
+    generators (:func:`backends.building.seed_weights`), so two builds give the same network, even when
+    workers build at the same time; pass ``pretrained_random_ok=False`` to refuse them where scores must
+    mean something. Model construction runs under :data:`backends.building.BUILD_LOCK`.
     """
-    import torch
+    from .building import BUILD_LOCK, seed_weights
 
     torch_dtype = _parse_dtype(dtype)
     if weights is None:
@@ -252,10 +254,8 @@ def build_discriminator(arch: str | None = None, *, weights: str | Path | None =
             raise DiffsimError("no discriminator weights given: pass a .safetensors file "
                                "(random weights give meaningless confidences)")
         settings = DiscriminatorSettings(arch=arch or DEFAULT_ARCH)
-        check_arch(settings.arch)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            model = create_model(settings.arch)
+        with BUILD_LOCK:
+            model = seed_weights(create_model(settings.arch), f"discriminator/{settings.arch}", RANDOM_INIT_SEED)
         weights_path = None
     else:
         weights_path = Path(weights)
@@ -267,7 +267,8 @@ def build_discriminator(arch: str | None = None, *, weights: str | Path | None =
         else:
             settings = DiscriminatorSettings(arch=arch or DEFAULT_ARCH)
         state = load_weights_file(weights_path)
-        model = create_model(settings.arch)
+        with BUILD_LOCK:
+            model = create_model(settings.arch)
         load_state_into(model, state, weights_path, settings.arch)
     if image_size is not None:
         if image_size < 8:

@@ -4,7 +4,9 @@ A weights source is one of:
 
 * ``random`` -- every component built from the spec's configs with seeded random weights (no download;
   latency does not depend on weight values). The tokenizer is the byte-level one of
-  :mod:`backends.tokenizer`. The same seed gives the same weights, so every worker of a model agrees.
+  :mod:`backends.tokenizer`. The same (model, seed) gives the same weights in every worker, process and
+  restart: they come from private generators (:func:`backends.building.seed_weights`), never from the
+  global torch RNG, which another worker building at the same time would also draw from.
 * ``hub`` -- the spec's own hub id; or an explicit hub id ``owner/name``: the real ``from_pretrained``
   path (it needs the model hub, which the build machines cannot reach).
 * a local directory holding a saved diffusers pipeline (``save_pretrained`` output): ``from_pretrained(dir)``.
@@ -14,7 +16,9 @@ Whatever the source, the scheduler is rebuilt with the spec's serving overrides 
 spacing for SDXL-Lightning), so a pipeline always runs the spec's steps the spec's way.
 
 Each call builds a new pipeline: there is no cache shared between workers (diffusers pipelines are not
-thread-safe; one pipeline belongs to one worker).
+thread-safe; one pipeline belongs to one worker). Builds are safe from several threads at once: imports
+and construction run one at a time under :data:`backends.building.BUILD_LOCK` (see :mod:`backends.building`
+for what went wrong without it); moving the weights to the device does not wait for it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Literal
 
 from diffsim.errors import DiffsimError, InputError
 
+from .building import BUILD_LOCK, import_model_libraries, seed_weights
 from .specs import ModelSpec
 from .tokenizer import byte_level_clip_tokenizer
 
@@ -88,34 +93,38 @@ def scheduler_for(spec: ModelSpec, base_config: dict | None = None):
 
 
 def build_random_components(spec: ModelSpec, *, device="cpu", seed: int = 0) -> dict:
-    """Every pipeline component from the spec's configs, with seeded random weights, built on ``device``
-    in fp32 (building on the GPU keeps the multi-GB UNets quick to initialise)."""
+    """Every pipeline component from the spec's configs, with random weights seeded by (model, seed), built
+    on ``device`` in fp32 (building on the GPU keeps the multi-GB UNets quick to initialise)."""
+    import_model_libraries()
+    with BUILD_LOCK:
+        return _random_components(spec, device, seed)
+
+
+def _random_components(spec: ModelSpec, device, seed: int) -> dict:
     import torch
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
     from transformers import CLIPTextModelWithProjection
 
     device = torch.device(device)
-    # Seed a private copy of the RNGs so that building a model leaves the caller's random state alone.
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
-        with device:
-            unet = UNet2DConditionModel(**spec.unet)
-            vae_cls = AutoencoderTiny if spec.vae_kind == "tiny" else AutoencoderKL
-            vae = vae_cls(**spec.vae)
-            text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text_encoder))
-            parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
-            if spec.family == "sdxl":
-                parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**spec.text_encoder_2))
-            elif spec.safety_checker is not None:
-                from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    # Construction draws from the global RNG; seed_weights below redraws every random parameter.
+    with device:
+        unet = UNet2DConditionModel(**spec.unet)
+        vae_cls = AutoencoderTiny if spec.vae_kind == "tiny" else AutoencoderKL
+        vae = vae_cls(**spec.vae)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text_encoder))
+        parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+        if spec.family == "sdxl":
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**spec.text_encoder_2))
+        elif spec.safety_checker is not None:
+            from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-                sc = spec.safety_checker
-                parts["safety_checker"] = StableDiffusionSafetyChecker(
-                    CLIPConfig(vision_config=sc["vision"], projection_dim=sc["projection_dim"])
-                )
-    for module in parts.values():
+            sc = spec.safety_checker
+            parts["safety_checker"] = StableDiffusionSafetyChecker(
+                CLIPConfig(vision_config=sc["vision"], projection_dim=sc["projection_dim"])
+            )
+    for part, module in parts.items():
+        seed_weights(module, f"{spec.name}/{part}", seed)
         module.eval()
     parts["tokenizer"] = byte_level_clip_tokenizer()
     parts["scheduler"] = scheduler_for(spec)
@@ -140,19 +149,21 @@ def build_pipeline(spec: ModelSpec, weights: str | Path | WeightsSource = RANDOM
 
     source = weights if isinstance(weights, WeightsSource) else parse_weights(weights, spec)
     torch_dtype = _torch_dtype(dtype)
-    cls = pipeline_class(spec)
-    if source.kind == RANDOM:
-        parts = build_random_components(spec, device=device, seed=seed)
-        for part in parts.values():
-            if isinstance(part, torch.nn.Module):
-                part.to(dtype=torch_dtype)
-        extra = {} if spec.family == "sdxl" else {"requires_safety_checker": parts["safety_checker"] is not None}
-        if spec.family == "sdxl":
-            extra["add_watermarker"] = False
-        pipe = cls(**parts, **extra)
-    else:
-        pipe = _load_pretrained(cls, spec, source, torch_dtype)
-    pipe.scheduler = scheduler_for(spec, dict(pipe.scheduler.config))
+    import_model_libraries()
+    with BUILD_LOCK:  # one build at a time in the process: see backends.building
+        cls = pipeline_class(spec)
+        if source.kind == RANDOM:
+            parts = build_random_components(spec, device=device, seed=seed)
+            for part in parts.values():
+                if isinstance(part, torch.nn.Module):
+                    part.to(dtype=torch_dtype)
+            extra = {} if spec.family == "sdxl" else {"requires_safety_checker": parts["safety_checker"] is not None}
+            if spec.family == "sdxl":
+                extra["add_watermarker"] = False
+            pipe = cls(**parts, **extra)
+        else:
+            pipe = _load_pretrained(cls, spec, source, torch_dtype)
+        pipe.scheduler = scheduler_for(spec, dict(pipe.scheduler.config))
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
