@@ -1,7 +1,7 @@
 """The allocator: how many GPUs run each model, at which batch size, with which threshold.
 
 The model is a MILP, the formulation of record, solved with ``scipy.optimize.milp`` (HiGHS) when
-``solver="milp"``; ``solver="exact"`` returns the same plan from a structured enumeration
+``solver="milp"``; ``solver="exact"`` (the default) returns the same plan from a structured enumeration
 that takes tens of microseconds (see *The exact solver* below).
 
 The formulation, for the default ``cascade`` mode:
@@ -122,7 +122,7 @@ def allocate(
     mode: Mode = "cascade",
     batch_wait: float = 0.0,
     max_utilization: float = 1.0,
-    solver: Solver = "milp",
+    solver: Solver = "exact",
 ) -> Plan:
     """Solve for the best plan; see the module docstring for the model.
 
@@ -130,8 +130,9 @@ def allocate(
     (eager batching: a query that arrives while its worker is busy waits for that batch first). 0 is the
     DiffServe paper's model (batch time + queueing delay); 1 is the worst case.
 
-    ``solver`` picks how the model is solved: ``milp`` (the formulation of record, HiGHS) or ``exact``
-    (the structured enumeration in :func:`_solve_exact`); both return the same plan.
+    ``solver`` picks how the model is solved: ``exact`` (the structured enumeration in
+    :func:`_solve_exact`, tens of microseconds) or ``milp`` (the formulation of record, HiGHS, milliseconds);
+    both return the same plan, as ``tests/test_allocator_exact.py`` checks.
     """
     started = time.perf_counter()
     _check_inputs(gpus, demand_qps, queue_delay_s, batch_sizes, objective, mode)

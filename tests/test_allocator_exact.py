@@ -152,3 +152,17 @@ def test_unknown_solver_is_refused():
     cascade = load_cascade("sdturbo-sdv15", "profiles/a100.yaml", "profiles/cascades.yaml")
     with pytest.raises(DiffsimError, match="solver"):
         allocate(cascade, 4, 1.0, solver="simplex")
+
+
+def test_plan_command_same_output_with_either_solver(capsys):
+    import json
+
+    from diffsim.cli import main
+
+    out = {}
+    for solver in ("exact", "milp"):
+        assert main(["plan", "--demand", "12", "--gpus", "16", "--json", "--solver", solver]) == 0
+        out[solver] = json.loads(capsys.readouterr().out)
+        out[solver].pop("solve_ms")
+    assert out["exact"] == out["milp"]
+    assert out["exact"]["feasible"]

@@ -11,7 +11,7 @@ from ..errors import DiffsimError
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "plan",
-        help="solve the MILP allocator once and print the plan",
+        help="solve the allocator once and print the plan",
         description="Solve the allocator for one demand level: workers and batch size per stage, threshold, "
         "predicted capacity, latency, deferral fraction and expected FID.",
     )
@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
                    help="fraction of a batch time counted as waiting for the batch in flight (default 0, as the paper)")
     p.add_argument("--thresholds", default=None,
                    help="threshold grid, comma-separated (default: 0, 0.005, ..., 1)")
+    p.add_argument("--solver", choices=("exact", "milp"), default="exact",
+                   help="exact (structured, microseconds) or milp (the formulation of record, scipy/HiGHS); "
+                        "both give the same plan (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode,
         max_utilization=DEFAULT_MAX_UTILIZATION if args.max_utilization is None else args.max_utilization,
         batch_wait=args.batch_wait,
+        solver=args.solver,
     )
     if args.json:
         print(json.dumps(plan.to_dict(), sort_keys=True))
