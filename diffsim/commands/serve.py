@@ -59,6 +59,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run the workers as Ray actors, one per GPU anywhere in a Ray cluster: local (a private "
+                   "one-machine cluster), auto (the cluster started here with `ray start --head`) or HOST:PORT "
+                   "(its head); the engine, queues and HTTP stay in this process. Needs the ray extra")
+    p.add_argument("--worker-max-failures", type=int, default=3, metavar="N",
+                   help="take a worker out of service after N failed batches in a row (default 3); it is probed "
+                   "every --worker-probe-s and returns when a probe succeeds")
+    p.add_argument("--worker-probe-s", type=float, default=5.0, metavar="S",
+                   help="how often a worker out of service (failing or lost) is probed (default 5)")
+    p.add_argument("--ray-max-restarts", type=int, default=-1, metavar="N",
+                   help="times Ray restarts a dead worker actor (default -1: always); a restarted worker "
+                   "reloads its models and rejoins the plan")
     q = p.add_argument_group(
         "served-image quality",
         "With --fid-reference, a background thread keeps a uniform sample of the images served in each window "
@@ -104,6 +116,14 @@ def options_from_args(args: argparse.Namespace):
             raise DiffsimError(f"--batch-sizes: expected comma-separated integers, got {args.batch_sizes!r}") from None
     if args.max_n < 1:
         raise DiffsimError(f"--max-n: must be >= 1, got {args.max_n}")
+    from ..config import HealthConfig
+    from ..errors import InputError
+
+    try:
+        health = HealthConfig(max_failures=args.worker_max_failures, probe_s=args.worker_probe_s)
+    except InputError as e:
+        flag = "--worker-max-failures" if "max_failures" in str(e) else "--worker-probe-s"
+        raise DiffsimError(f"{flag}: {str(e).split(': ', 2)[-1]}") from None
     return ServeOptions(
         backend=args.backend, cascade=args.cascade, gpus=gpus, policy=args.policy, gpu_profile=args.gpu_profile,
         cascades=args.cascades, weights=tuple(args.weights), discriminator_weights=args.discriminator_weights,
@@ -111,7 +131,8 @@ def options_from_args(args: argparse.Namespace):
         drop_factor=args.drop_factor, batch_sizes=sizes, static_plan=static_plan, routing=args.routing,
         max_utilization=args.max_utilization, seed=args.seed, admission=not args.no_admission, save_profile=args.save_profile,
         fid_reference=args.fid_reference, inception_weights=args.inception_weights, fid_window_s=args.fid_window_s,
-        fid_sample=args.fid_sample, fid_device=args.fid_device,
+        fid_sample=args.fid_sample, fid_device=args.fid_device, ray=args.ray, ray_max_restarts=args.ray_max_restarts,
+        health=health,
     )
 
 
@@ -148,14 +169,28 @@ def run(args: argparse.Namespace) -> int:
     sock = bind_socket(args.host, args.port)
 
     def ready(url: str) -> None:
-        print(f"diffsim serve: {options.cascade} on {options.gpus} {options.backend} worker(s), "
+        where = f" (Ray actors, cluster {options.ray})" if options.ray else ""
+        print(f"diffsim serve: {options.cascade} on {options.gpus} {options.backend} worker(s){where}, "
               f"listening on {url}", flush=True)
+
+    started_ray = False
+    if options.ray is not None:
+        try:
+            from ..server import ray_worker
+        except ImportError:
+            raise DiffsimError("--ray needs Ray: pip install -e '.[ray]'") from None
+        # In the main thread, before the event loop: ray.init may install signal handlers.
+        started_ray = ray_worker.connect(options.ray, backend=options.backend, workers=options.gpus)
 
     # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler makes that
     # a clean exit (status 0) after the drain instead of death by SIGTERM.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    asyncio.run(serve(options, settings, sock, on_ready=ready,
-                      log_level="info" if args.log_level == "debug" else "warning"))
+    try:
+        asyncio.run(serve(options, settings, sock, on_ready=ready,
+                          log_level="info" if args.log_level == "debug" else "warning"))
+    finally:
+        if started_ray:
+            ray_worker.disconnect()
     print("diffsim serve: drained and stopped", file=sys.stderr, flush=True)
     return 0
 

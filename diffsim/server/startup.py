@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import ControllerConfig
+from ..config import ControllerConfig, HealthConfig
 from ..policies import DEFAULT_MAX_UTILIZATION
 from ..errors import DiffsimError, InputError
 
@@ -54,6 +54,7 @@ class ServeOptions:
     seed: int = 0
     admission: bool = True
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)  # when a worker is taken out, how it comes back
     measure_warmup: int = 1
     measure_iters: int = 3
     save_profile: Optional[str] = None  # write the profile the server plans with
@@ -63,6 +64,9 @@ class ServeOptions:
     fid_window_s: float = 60.0
     fid_sample: Optional[int] = None  # images sampled per window (None: twice the feature dimension)
     fid_device: str = "cpu"  # where the Inception features are computed
+    # Workers as Ray actors across a cluster (diffsim.server.ray_worker): "local", "auto" or "host:port".
+    ray: Optional[str] = None
+    ray_max_restarts: int = -1  # Ray restarts a dead worker actor this many times (-1: always)
 
     @property
     def profile_source(self) -> str:
@@ -134,6 +138,10 @@ def check_options(options: ServeOptions) -> None:
 
     if options.gpus < 1:
         raise DiffsimError(f"--gpus: must be >= 1, got {options.gpus}")
+    if options.ray is not None and not options.ray.strip():
+        raise DiffsimError("--ray: give local, auto or HOST:PORT")
+    if options.ray_max_restarts < -1:
+        raise DiffsimError(f"--ray-max-restarts: must be >= -1 (-1: always), got {options.ray_max_restarts}")
     if options.policy not in POLICY_NAMES:
         raise DiffsimError(f"--policy: unknown policy {options.policy!r} (choose from {', '.join(POLICY_NAMES)})")
     if options.slo_s is not None and not options.slo_s > 0:
@@ -179,19 +187,13 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
     from ..profiles import build_cascade, load_cascades, load_gpu_profile
     from ..resources import resolve_profile
     from .engine import Engine, EngineConfig
-    from .worker import ThreadWorker
 
     check_options(options)
     light, heavy, cascades_path = cascade_models(options)
     weights = model_weights(options, light, heavy)
     factory = executor_factory or default_executor_factory(options, weights)
     models = {"light": light, "heavy": heavy}
-    device = "cuda" if options.backend == "cuda" else "cpu"
-    workers = [
-        ThreadWorker(w, (lambda role, w=w: factory(w, role, models[role])), swap=options.swap,
-                     device=f"{device}:{w}" if device == "cuda" else f"cpu-slot-{w}")
-        for w in range(options.gpus)
-    ]
+    workers = make_workers(options, factory, models)
     try:
         sizes = options.sizes
         swap_s = 0.0
@@ -227,7 +229,7 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
             controller=options.controller, routing=options.routing, drop_factor=options.drop_factor,
             max_utilization=options.max_utilization,
             batch_sizes=usable, seed=options.seed, swap=options.swap, swap_s=swap_s,
-            admission=options.admission,
+            admission=options.admission, health=options.health,
         )
         engine = Engine(config, workers)
         monitor = None
@@ -252,6 +254,25 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
                 pass
         raise
     return engine
+
+
+def make_workers(options: ServeOptions, factory: ExecutorFactory, models: dict[str, str]) -> list:
+    """One worker per GPU (CPU slot): threads of this process, or Ray actors with ``--ray``."""
+    cuda = options.backend == "cuda"
+    if options.ray is None:
+        from .worker import ThreadWorker
+
+        return [ThreadWorker(w, (lambda role, w=w: factory(w, role, models[role])), swap=options.swap,
+                             device=f"cuda:{w}" if cuda else f"cpu-slot-{w}")
+                for w in range(options.gpus)]
+    from .ray_worker import RayWorker, check_capacity, connect
+
+    connect(options.ray, backend=options.backend, workers=options.gpus)  # no-op when already connected
+    check_capacity(options.ray, options.backend, options.gpus)
+    # Inside an actor, Ray makes its one GPU cuda:0.
+    return [RayWorker(w, (lambda role, w=w: factory(0 if cuda else w, role, models[role])), backend=options.backend,
+                      swap=options.swap, max_restarts=options.ray_max_restarts)
+            for w in range(options.gpus)]
 
 
 def _has_latency(cascade, b: int) -> bool:
