@@ -131,6 +131,12 @@ def test_plan_invariants(cascade, gpus, demand, objective, mode, ql, qh):
     assert plan.light.role == "light" and plan.heavy.role == "heavy"
     if not plan.feasible:
         assert plan.reason
+        # best effort: one stage on every GPU, at the profiled batch size of most throughput
+        stage = plan.heavy if mode == "heavy-only" else plan.light
+        options = _stage_options(cascade, stage.role, mode == "cascade", (1, 2, 4, 8, 16, 32))
+        assert stage.workers == (gpus if options else 0)
+        if gpus and options:
+            assert stage.capacity_qps / gpus == pytest.approx(max(cap for _, _, cap in options))
         return
     assert not plan.reason
     light_load = demand * (1.0 if plan.mode == "cascade" else plan.light_share)
@@ -214,9 +220,23 @@ def test_infeasible_returns_best_effort(turbo):
     assert "exceeds" in plan.reason
     assert plan.threshold == 0.0 and plan.heavy.workers == 0
     assert plan.light.workers == 2
-    # most throughput among batch sizes within the SLO: batches 16 and 32 tie at 20.25 qps per worker
+    # most throughput among the profiled batch sizes: 16 and 32 tie at 20.25 qps per worker
     # (0.77 + 0.02 s and 1.56 + 0.02 s); the tie goes to the smaller batch, which has the lower latency
     assert plan.light.batch_size == 16
+
+
+@pytest.mark.parametrize("solver", ["exact", "milp"])
+@pytest.mark.parametrize("queue_s", [4.85, 6.0])
+def test_best_effort_keeps_the_most_throughput(turbo, solver, queue_s):
+    """Queueing past the SLO for every batch size (6 s), or for all but batch 1 (4.85 s): the fallback
+    still runs the batch of most throughput (16: 20.25 qps a GPU), not the fastest one (1: 8.33 qps)."""
+    plan = allocate(turbo, 4, 200.0, queue_delay_s=(queue_s, queue_s), solver=solver)
+    assert not plan.feasible
+    assert plan.light.workers == 4 and plan.light.batch_size == 16
+    assert plan.light.capacity_qps == pytest.approx(4 * 16 / 0.79)
+    assert ("meets the 5 s SLO" in plan.reason) == (queue_s == 6.0)
+    if queue_s == 4.85:  # capacity within the SLO is batch 1's
+        assert plan.reason.startswith("demand 200.00 qps exceeds") and "at batch 1" in plan.reason
 
 
 def test_no_gpus(turbo):
