@@ -11,14 +11,23 @@ to free up (``busy_remaining_s``: 0 when one is idle), then for the full batch r
 ``queued // (workers x batch_size)`` rounds of one batch each. Service time is that of the batch it
 would run in. A stage with no worker (the plan gives it none) cannot serve it: the wait is infinite.
 
-Only the first stage is predicted; a query deferred to the heavy stage later is protected by the drop
-rule there.
+The whole path (:func:`predict`): in cascade mode a new query may be deferred, so when the plan in force
+defers a fraction f > 0 it must also be able to finish on the heavy stage: it reaches the heavy stage
+when its light batch ends, behind the heavy queue and the f share of the light work ahead of it (which
+will be deferred before it), and the decision is taken on that later completion. Refusing at the door
+what the heavy stage cannot serve keeps the accepted requests' promise; the controller meanwhile lowers
+the threshold (fewer deferrals) or moves workers. Batch times are the dispatcher's estimates: the
+profile corrected by measured batch times (:class:`~diffsim.runtime.batching.ServiceTimes`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .dispatcher import Dispatcher
 
 
 @dataclass(frozen=True)
@@ -67,3 +76,48 @@ def decide(now: float, arrival_s: float, wait_s: float, service_s: float, slo_s:
     excess = predicted - deadline
     retry = max(1.0, math.ceil(excess)) if math.isfinite(excess) else max(1.0, math.ceil(slo_s))
     return Decision(False, predicted, deadline, retry)
+
+
+def predict(d: "Dispatcher", first_stages: Sequence[str], now: float, slo_s: float,
+            drop_factor: float) -> Decision:
+    """The admission decision for new queries arriving now, whose first stages are ``first_stages``.
+
+    The last new query of each first stage waits longest, so all are accepted iff each stage's last one
+    is; its completion is predicted over the whole path it may take (see the module docstring).
+    """
+    plan = d.plan
+    queued = dict(zip(("light", "heavy"), d.queue_lengths()))
+    extra = {"light": 0, "heavy": 0}
+    for role in first_stages:
+        extra[role] += 1
+    worst = Decision(True, now, now + drop_factor * slo_s, 0.0)
+    for role in ("light", "heavy"):
+        if not extra[role]:
+            continue
+        ahead = queued[role] + extra[role] - 1
+        done = _stage_completion(d, role, ahead, now)
+        if role == "light" and plan.mode == "cascade" and plan.deferral_fraction > 0:
+            # A deferred query reaches the heavy stage when its light batch ends, behind the heavy queue
+            # and the share of the light work ahead of it that will be deferred first.
+            light_ahead = ahead + sum(d.inflight[w] for w in d.stage_workers["light"])
+            heavy_ahead = queued["heavy"] + math.ceil(plan.deferral_fraction * light_ahead)
+            done = max(done, _stage_completion(d, "heavy", heavy_ahead, now, not_before=done))
+        decision = decide(now, now, done - now, 0.0, slo_s, drop_factor)
+        if not decision.accept:
+            return decision
+        if decision.predicted_completion_s > worst.predicted_completion_s:
+            worst = decision
+    return worst
+
+
+def _stage_completion(d: "Dispatcher", role: str, ahead: int, now: float, not_before: float = 0.0) -> float:
+    """When a query with ``ahead`` queries before it at ``role`` would finish there (inf: no worker)."""
+    plan = d.plan
+    b = max(1, plan.stage(role).batch_size)
+    with_disc = role == "light" and plan.mode == "cascade"
+    load = StageLoad(len(d.stage_workers[role]), b, ahead, d.busy_remaining_s(role, now))
+    wait = queue_wait_s(load, d.service(role, b, with_disc))
+    if math.isinf(wait):
+        return math.inf
+    start = max(now + wait, not_before)
+    return start + d.service(role, batch_size_for_new(load), with_disc)

@@ -41,18 +41,41 @@ def service_time_s(cascade: Cascade, role: Role, batch_size: int, with_discrimin
 
 
 class ServiceTimes:
-    """Cached :func:`service_time_s` lookups (one per (role, batch size, discriminator))."""
+    """The batch times the runtime forms batches, drops queries and admits new ones with.
 
-    def __init__(self, cascade: Cascade):
+    Seeded from the profile (:func:`service_time_s`, cached per (role, batch size, discriminator)) and
+    corrected online by what batches actually take: one factor per stage, an EWMA (weight ``alpha``) of
+    measured / profile time over the batches that stage completed, applied to every batch size. A real
+    server's batches run slower than the profile's p50 when every worker is busy, and the PNG encoding
+    and transport are not in the profile; one factor per stage learns that from the first few batches and
+    keeps the profile's shape across batch sizes. The simulator reports no measurement, so its times stay
+    the profile's.
+    """
+
+    def __init__(self, cascade: Cascade, alpha: float = 0.2):
         self.cascade = cascade
+        self.alpha = alpha
+        self.factor = {"light": 1.0, "heavy": 1.0}
+        self.observed = {"light": 0, "heavy": 0}
         self._cache: dict[tuple[str, int, bool], float] = {}
 
-    def __call__(self, role: Role, batch_size: int, with_discriminator: bool) -> float:
+    def profile_s(self, role: Role, batch_size: int, with_discriminator: bool) -> float:
         key = (role, batch_size, with_discriminator)
         t = self._cache.get(key)
         if t is None:
             t = self._cache[key] = service_time_s(self.cascade, role, batch_size, with_discriminator)
         return t
+
+    def __call__(self, role: Role, batch_size: int, with_discriminator: bool) -> float:
+        return self.profile_s(role, batch_size, with_discriminator) * self.factor[role]
+
+    def observe(self, role: Role, batch_size: int, with_discriminator: bool, measured_s: float) -> None:
+        """A batch of ``batch_size`` of this stage took ``measured_s``."""
+        expected = self.profile_s(role, batch_size, with_discriminator)
+        if expected <= 0 or not measured_s > 0:
+            return
+        self.factor[role] += self.alpha * (measured_s / expected - self.factor[role])
+        self.observed[role] += 1
 
 
 def batch_ready(queue_length: int, oldest_enqueued_s: float, now: float, batch_size: int,

@@ -98,6 +98,7 @@ class Dispatcher:
         self.queues: list[deque[Query]] = [deque() for _ in range(gpus)]
         self.inflight = [0] * gpus
         self.busy_s = [0.0] * gpus
+        self.busy_until = [0.0] * gpus  # predicted end of the running batch (start + estimated time)
         self.ready_at = [0.0] * gpus  # serves nothing before (model swap)
         self.swap_pending = [False] * gpus  # swap starts when the running batch ends
         self.in_service = [True] * gpus  # only workers in service get a role
@@ -116,6 +117,10 @@ class Dispatcher:
         """A new query: route it to its first stage. Returns the worker that got it (None: backlog)."""
         self._tick_arrivals += 1
         return self._enter_stage(query, first_stage(self.plan, query.id, self.seed), now)
+
+    def refuse(self, count: int = 1) -> None:
+        """Queries refused at the door (admission): not served, but demand the controller must see."""
+        self._tick_arrivals += count
 
     def _enter_stage(self, query: Query, role: Role, now: float) -> Optional[int]:
         self._tick_stage[role] += 1
@@ -168,6 +173,7 @@ class Dispatcher:
             q.stages.append(role)
             q.batch_sizes.append(n)
         self.inflight[worker] = n
+        self.busy_until[worker] = now + times[n]
         return Batch(worker, role, batch, b, now, times[n], with_disc, self.plan.threshold), None
 
     def complete_batch(self, batch: Batch, now: float, confidences: Optional[Sequence[float]] = None, *,
@@ -182,6 +188,9 @@ class Dispatcher:
         if confidences is not None and len(confidences) != len(batch.queries):
             raise ValueError(f"{len(confidences)} confidences for a batch of {len(batch.queries)}")
         self._free(batch, now, batch.service_s if run_s is None else run_s)
+        if run_s is not None:  # a measured time: correct the estimates batches and deadlines are judged by
+            self.service.observe(batch.role, len(batch.queries), batch.with_discriminator, run_s)
+            self._refresh_times(batch.role)
         woken: list[int] = []
         if batch.with_discriminator:
             if confidences is None:
@@ -243,12 +252,7 @@ class Dispatcher:
         self.plan = plan
         self._stage_settings = {}
         for role in STAGES:
-            b = max(1, plan.stage(role).batch_size)
-            with_disc = role == "light" and plan.mode == "cascade"
-            times = [0.0]  # a stage without workers never forms a batch
-            if plan.stage(role).workers:
-                times += [self.service(role, n, with_disc) for n in range(1, b + 1)]
-            self._stage_settings[role] = (b, with_disc, times)
+            self._refresh_times(role)
         moved: list[tuple[Query, Role]] = []
         for w in switched(old, new):
             if old[w] is not None:
@@ -274,6 +278,25 @@ class Dispatcher:
                 self.backlog[role] = deque()
                 for q in backlog:
                     self._place(q, role, now)
+
+    def _refresh_times(self, role: Role) -> None:
+        """The stage's batch size and its batch times for n = 0..b under the plan and current estimates."""
+        plan = self.plan
+        b = max(1, plan.stage(role).batch_size)
+        with_disc = role == "light" and plan.mode == "cascade"
+        times = [0.0]  # a stage without workers never forms a batch
+        if plan.stage(role).workers:
+            times += [self.service(role, n, with_disc) for n in range(1, b + 1)]
+        self._stage_settings[role] = (b, with_disc, times)
+
+    def busy_remaining_s(self, role: Role, now: float) -> float:
+        """Until the stage's first worker can start a new batch (its running batch by the current estimate,
+        or a model swap); 0 when one is idle or the stage has no worker."""
+        best = float("inf")
+        for w in self.stage_workers[role]:
+            busy_until = max(self.busy_until[w] if self.inflight[w] else 0.0, self.ready_at[w])
+            best = min(best, max(0.0, busy_until - now))
+        return 0.0 if best == float("inf") else best
 
     # -- workers leaving and returning -----------------------------------------------------------
 
@@ -347,6 +370,29 @@ class Dispatcher:
                     keep.append(q)
             self.backlog[role] = keep
         self.finished += count
+        return count
+
+    def expire_queued(self, now: float) -> int:
+        """Drop queued queries (worker queues and backlogs) that could no longer finish in time even if a
+        batch of one started now; returns how many. The server runs this every fraction of a second so
+        that a hopeless request is answered when its time is up, not when it reaches a worker."""
+        count = self.expire_backlog(now)
+        for w, queue in enumerate(self.queues):
+            role = self.roles[w]
+            if not queue or role is None:
+                continue
+            with_disc = role == "light" and self.plan.mode == "cascade"
+            min_service = self.service(role, 1, with_disc)
+            if not any(expired(q, now, min_service, self.limit_s) for q in queue):
+                continue
+            keep = [q for q in queue if not expired(q, now, min_service, self.limit_s)]
+            for q in queue:
+                if q.outcome is None and expired(q, now, min_service, self.limit_s):
+                    q.finish("dropped", now)
+                    count += 1
+                    self.finished += 1
+            queue.clear()
+            queue.extend(keep)
         return count
 
     def holding(self) -> int:

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..runtime.admission import Decision, StageLoad, batch_size_for_new, decide, queue_wait_s
+from ..runtime.admission import Decision, predict
 from ..config import RunConfig
 from ..runtime.controller import Controller
 from ..runtime.dispatcher import STAGES, Batch, Dispatcher
@@ -43,6 +43,7 @@ from .worker import BatchJob, WorkerHandle, WorkerLost
 log = logging.getLogger("diffsim.server")
 
 HISTORY = 10_000  # plans and demand samples kept for /v1/plan and the metrics
+DEADLINE_SWEEP_S = 0.1  # how often queued requests are checked against their deadline
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,6 @@ class Engine:
         self._pending: dict[int, tuple[Query, asyncio.Future]] = {}
         self._images: dict[int, tuple[bytes, str]] = {}  # query id -> (latest image, its model)
         self._settled = 0
-        self._batch_end = [0.0] * config.gpus  # predicted end of each worker's running batch
         self._wake: list[asyncio.Event] = []
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
@@ -160,6 +160,7 @@ class Engine:
         self._tasks = [asyncio.create_task(self._worker_loop(w), name=f"diffsim-worker-{w}")
                        for w in range(len(self.workers))]
         self._tasks.append(asyncio.create_task(self._control_loop(), name="diffsim-controller"))
+        self._tasks.append(asyncio.create_task(self._deadline_loop(), name="diffsim-deadlines"))
         self.started = True
         log.info("engine started: %d workers, plan %s", len(self.workers), _plan_text(plan0))
 
@@ -225,6 +226,7 @@ class Engine:
         decision = self.admission(ids, now)
         slo = self.cascade.slo_s
         if not decision.accept:
+            self.dispatcher.refuse(len(ids))  # refused demand is still demand: the controller plans for it
             for qid, prompt, seed in zip(ids, prompts, seeds):
                 q = Query(qid, qid, now, slo, prompt=prompt, seed=int(seed))
                 q.finish("rejected", now)
@@ -242,42 +244,13 @@ class Engine:
         return list(await asyncio.gather(*futures))
 
     def admission(self, ids: Sequence[int], now: float) -> Decision:
-        """The admission rule for new queries with these ids, arriving now: the last one of each stage
-        is the one that would wait longest, so all are accepted iff every stage's last one is."""
-        accept = Decision(True, now, now + self.config.drop_factor * self.cascade.slo_s, 0.0)
+        """The admission rule (:func:`diffsim.runtime.admission.predict`) for new queries with these ids,
+        arriving now: accepted iff each can finish its whole path within drop_factor x SLO."""
         if not self.config.admission:
-            return accept
-        d = self.dispatcher
-        plan = d.plan
-        queued = dict(zip(STAGES, d.queue_lengths()))
-        extra = {"light": 0, "heavy": 0}
-        for qid in ids:
-            extra[first_stage(plan, qid, self.config.seed)] += 1
-        worst = accept
-        for role in STAGES:
-            if not extra[role]:
-                continue
-            b = max(1, plan.stage(role).batch_size)
-            with_disc = role == "light" and plan.mode == "cascade"
-            load = StageLoad(len(d.stage_workers[role]), b, queued[role] + extra[role] - 1,
-                             self._busy_remaining_s(role, now))
-            wait = queue_wait_s(load, d.service(role, b, with_disc))
-            service = d.service(role, batch_size_for_new(load), with_disc)
-            decision = decide(now, now, wait, service, self.cascade.slo_s, self.config.drop_factor)
-            if not decision.accept:
-                return decision
-            if decision.predicted_completion_s > worst.predicted_completion_s:
-                worst = decision
-        return worst
-
-    def _busy_remaining_s(self, role: str, now: float) -> float:
-        """Until the stage's first worker can start a new batch (running batch or model swap)."""
-        d = self.dispatcher
-        best = float("inf")
-        for w in d.stage_workers[role]:
-            busy_until = max(self._batch_end[w] if d.inflight[w] else 0.0, d.ready_at[w])
-            best = min(best, max(0.0, busy_until - now))
-        return 0.0 if best == float("inf") else best
+            return Decision(True, now, now + self.config.drop_factor * self.cascade.slo_s, 0.0)
+        plan = self.dispatcher.plan
+        stages = [first_stage(plan, qid, self.config.seed) for qid in ids]
+        return predict(self.dispatcher, stages, now, self.cascade.slo_s, self.config.drop_factor)
 
     # -- settling outcomes ------------------------------------------------------------------------------
 
@@ -330,7 +303,6 @@ class Engine:
                 except asyncio.TimeoutError:
                     pass
                 continue
-            self._batch_end[w] = batch.start_s + batch.service_s
             await self._run_batch(w, batch)
             self._settle()
 
@@ -423,6 +395,16 @@ class Engine:
                 log.warning("worker %d back in service; %d of %d in service", w,
                             self.health.count_in_service(), len(self.workers))
             return
+
+    # -- deadlines --------------------------------------------------------------------------------------
+
+    async def _deadline_loop(self) -> None:
+        """Answer queued requests that can no longer finish in time (504) within DEADLINE_SWEEP_S of that
+        moment, instead of when they reach a worker."""
+        while True:
+            await asyncio.sleep(DEADLINE_SWEEP_S)
+            if self.dispatcher.expire_queued(self.now):
+                self._settle()
 
     # -- the controller ---------------------------------------------------------------------------------
 

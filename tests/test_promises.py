@@ -1,0 +1,129 @@
+"""The server's promises under overload, in the runtime layer and the engine: batch times learned from
+measurements, admission that predicts the whole path (light, then heavy at the deferral in force),
+deadlines enforced on the clock while a request waits, and refused demand counted as demand."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from diffsim.query import Query
+from diffsim.runtime.admission import predict
+from diffsim.runtime.batching import ServiceTimes
+from diffsim.runtime.dispatcher import Dispatcher
+from diffsim.runtime.routing import Router
+from diffsim.config import ControllerConfig
+from diffsim.server.engine import Engine, EngineConfig, Rejected
+from sim_helpers import a100_cascade, fixed_plan
+from test_engine import fake_cascade, make_engine, run, static
+from test_worker_loss import ScriptedWorker, wait_until
+
+
+def test_measured_batch_times_correct_the_profile_per_stage():
+    cascade = a100_cascade()
+    st = ServiceTimes(cascade, alpha=0.5)
+    base1, base4 = st("light", 1, True), st("light", 4, True)
+    st.observe("light", 4, True, 2 * base4)  # twice as slow as the profile says
+    assert st.factor["light"] == pytest.approx(1.5) and st.factor["heavy"] == 1.0
+    assert st("light", 1, True) == pytest.approx(1.5 * base1)  # every batch size of the stage follows
+    st.observe("light", 1, True, 2 * base1)
+    assert st.factor["light"] == pytest.approx(1.75) and st.observed["light"] == 2
+    st.observe("light", 1, True, 0.0)  # not a measurement
+    assert st.factor["light"] == pytest.approx(1.75)
+
+
+def test_the_dispatcher_judges_batches_by_its_measured_estimates():
+    cascade = a100_cascade()
+    d = Dispatcher(cascade, 2, router=Router("least-loaded", np.random.default_rng(0)), seed=0)
+    d.apply_plan(fixed_plan(cascade, 1, 1, 2, 2, 0.0), 0.0, preloaded=True)
+    d.admit(Query(0, 0, 0.0, 5.0), 0.0)
+    batch, _ = d.take_batch(0, 0.0)
+    profile_s = batch.service_s
+    d.complete_batch(batch, 1.0, [0.9], run_s=10 * profile_s)  # a measured batch, much slower
+    d.admit(Query(1, 1, 1.0, 5.0), 1.0)
+    batch, _ = d.take_batch(0, 1.0)
+    assert batch.service_s > 2 * profile_s
+    assert d.busy_remaining_s("light", 1.0) == pytest.approx(batch.service_s)
+
+
+def overloaded_heavy(deferral_threshold):
+    """One light and one heavy worker; the heavy queue holds 40 queries of a 3.68 s batch of 4."""
+    cascade = a100_cascade()
+    d = Dispatcher(cascade, 2, router=Router("least-loaded", np.random.default_rng(0)), seed=0)
+    d.apply_plan(fixed_plan(cascade, 1, 1, 4, 4, deferral_threshold), 0.0, preloaded=True)
+    for i in range(40):
+        d._enter_stage(Query(i, i, 0.0, 5.0), "heavy", 0.0)
+    return d
+
+
+def test_admission_refuses_what_the_heavy_stage_cannot_serve():
+    d = overloaded_heavy(0.5)  # the plan defers about half
+    decision = predict(d, ["light"], 0.0, 5.0, 1.5)
+    assert not decision.accept and decision.predicted_completion_s > 7.5
+    assert decision.retry_after_s >= 1
+    d = overloaded_heavy(0.0)  # nothing is deferred: the heavy queue is none of a new query's business
+    assert predict(d, ["light"], 0.0, 5.0, 1.5).accept
+
+
+def test_expired_queries_leave_the_worker_queues():
+    cascade = a100_cascade()
+    d = Dispatcher(cascade, 1, router=Router("least-loaded", np.random.default_rng(0)), seed=0)
+    d.apply_plan(fixed_plan(cascade, 1, 0, 1, 1, 0.0), 0.0, preloaded=True)
+    old, new = Query(0, 0, 0.0, 5.0), Query(1, 1, 7.0, 5.0)
+    d.admit(old, 0.0)
+    d.admit(new, 7.0)
+    assert d.expire_queued(7.45) == 1  # 7.45 s + a light batch of one is past 1.5 x 5 s for the old one
+    assert old.outcome == "dropped" and old.finished_s == 7.45 and new.outcome is None
+    assert list(d.queues[0]) == [new] and d.finished == 1
+
+
+def test_a_request_is_answered_504_when_its_time_is_up_not_when_a_worker_frees():
+    async def scenario():
+        blocker = asyncio.Event()
+        release = asyncio.Event()
+
+        class Blocking(ScriptedWorker):
+            async def run(self, job):
+                if "block" in job.prompts:
+                    blocker.set()
+                    await release.wait()
+                return await super().run(job)
+
+        worker = Blocking(0, lambda n: "ok")
+        engine = make_engine(fake_cascade(slo_s=0.3), plan=static(0.0, 1, 0, lb=1), workers=[worker],
+                             admission=False)
+        await engine.start()
+        first = asyncio.create_task(engine.generate(["block"], [1]))
+        await blocker.wait()
+        second = asyncio.create_task(engine.generate(["waits"], [2]))
+        answers = await asyncio.wait_for(second, 30)  # answered while the worker is still blocked
+        assert not release.is_set()
+        release.set()
+        await first
+        await engine.stop()
+        return answers
+
+    [answer] = run(scenario())
+    assert answer.query.outcome == "dropped" and answer.png is None
+    assert answer.query.latency_s <= 1.5 * 0.3 + 1.0  # a guard: without the sweep it would never come
+
+
+def test_refused_requests_count_as_demand():
+    async def scenario():
+        config = EngineConfig(cascade=fake_cascade(slo_s=0.3, light_ms=(400, 500, 600)), gpus=1, policy="static",
+                              static_plan=static(0.0, 1, 0, lb=1), batch_sizes=(1, 2, 4),
+                              controller=ControllerConfig(tick_s=3600.0))  # no tick reads the counter first
+        engine = Engine(config, [ScriptedWorker(0, lambda n: "ok")])
+        await engine.start()
+        results = await asyncio.gather(*(engine.generate([f"q{i}"], [i]) for i in range(10)),
+                                       return_exceptions=True)
+        arrivals, _, _ = engine.dispatcher.tick_stats()
+        await engine.stop()
+        return results, arrivals
+
+    results, arrivals = run(scenario())
+    refused = sum(isinstance(r, Rejected) for r in results)
+    assert refused >= 1
+    assert arrivals == 10  # every request, admitted or refused
