@@ -25,6 +25,7 @@ The config file (``diffsim simulate --config FILE``) is YAML with any of these k
     window_s: 10
     controller: {tick_s: 1, replan_s: 5, ewma_alpha: 0.3226, ewma_window: 20, headroom: 1.05,
                  initial_demand_qps: 10}
+    service_time: p50            # or sampled: batch times drawn around p50 from the profile's p95/p99
     faults:                      # workers lost (their running batch served again elsewhere) and back
       - {at_s: 120, workers: [2, 3]}
       - {at_s: 180, workers: [2, 3], recover: true}
@@ -38,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -195,10 +196,13 @@ class SimConfig(RunConfig):
     confidences_path: Optional[Path] = None
     window_s: float = 10.0
     faults: tuple[WorkerFault, ...] = ()  # workers lost and brought back at given times
+    service_time: str = "p50"  # "sampled": batch times drawn around the profile's p50 (runtime/service_time.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive("window_s", self.window_s)
+        if self.service_time not in ("p50", "sampled"):
+            raise InputError(f"config: service_time: must be p50 or sampled, got {self.service_time!r}")
         for fault in self.faults:
             if max(fault.workers) >= self.gpus:
                 raise InputError(f"config: faults: worker {max(fault.workers)} does not exist "
@@ -251,6 +255,7 @@ class ConfigFile(_Strict):
     batch_wait: Optional[float] = Field(default=None, ge=0, le=1)
     controller: Optional[ControllerSection] = None
     faults: Optional[list[FaultSection]] = None
+    service_time: Optional[Literal["p50", "sampled"]] = None
 
 
 _PATH_KEYS = ("cascades", "trace", "confidences")
@@ -337,7 +342,7 @@ def build_sim_config(settings: dict[str, Any]) -> SimConfig:
         ctrl["ewma_window"] = int(ctrl["ewma_window"])
     kwargs: dict[str, Any] = {"cascade": cascade, "controller": ControllerConfig(**ctrl)}
     for key in ("gpus", "policy", "seed", "routing", "drop_factor", "batch_timeout_s", "swap_s", "window_s",
-                "static_plan", "max_utilization", "batch_wait"):
+                "static_plan", "max_utilization", "batch_wait", "service_time"):
         if key in settings:
             kwargs[key] = settings[key]
     if "batch_sizes" in settings:

@@ -5,7 +5,9 @@ Processes (all rules live in the pure layer; this module only advances simulated
 * **one arrival process** walks the trace and admits each query to the :class:`~diffsim.runtime.dispatcher.Dispatcher`
   (queries arriving at the same instant are admitted together);
 * **one process per GPU worker**: when free it asks the dispatcher for a batch (FIFO, eager, drop rule),
-  holds for the batch's p50 service time, then hands the batch back (completions and deferrals);
+  holds for the batch's time -- the profile's p50, or with ``service_time="sampled"`` a draw around it
+  (:mod:`diffsim.runtime.service_time`), which the dispatcher then learns from as the server does from
+  measured times -- and hands the batch back (completions and deferrals);
   with nothing to do it sleeps until a query is routed to it (or a swap / batching timeout ends);
 * **the controller process** ticks every ``tick_s``: expires backlog, feeds the
   :class:`~diffsim.runtime.controller.Controller` the tick's measurements and applies the plans it returns.
@@ -33,6 +35,7 @@ from .runtime.dispatcher import Batch, Dispatcher
 from .plan import Plan
 from .query import Query
 from .runtime.routing import Router
+from .runtime.service_time import ServiceTimeModel
 
 
 @dataclass
@@ -158,6 +161,9 @@ def simulate(
                 i += 1
             admitted[0] = i
 
+    sampled = config.service_time == "sampled"
+    times = ServiceTimeModel(cascade, config.service_time, config.seed)
+
     def worker(w: int):
         take = dispatcher.take_batch
         complete = dispatcher.complete_batch
@@ -176,12 +182,13 @@ def simulate(
             if on_batch is not None:
                 on_batch(batch)
             running[w] = batch
+            run_s = times.draw(batch.role, len(batch.queries), batch.with_discriminator) if sampled else None
             try:
-                yield env.timeout(batch.service_s)
+                yield env.timeout(batch.service_s if run_s is None else run_s)
             except simpy.Interrupt:  # lost with this batch: the fault process has handed it back
                 continue
             running[w] = None
-            for target in complete(batch, env.now):
+            for target in complete(batch, env.now, run_s=run_s):
                 if waiting[target] is not None:
                     wake(target)
             check_done()

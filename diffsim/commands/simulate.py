@@ -39,6 +39,9 @@ def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-wait", type=float, metavar="W",
                    help="fraction of a batch time the MILP counts as waiting for the batch in flight (default 0)")
     p.add_argument("--window-s", type=float, metavar="S", help="time-series window in seconds (default 10)")
+    p.add_argument("--service-time", choices=("p50", "sampled"),
+                   help="batch times: the profile's p50 (default), or drawn from a log-normal fitted to the "
+                        "profile's p50/p95/p99 (what a measured profile says a real batch does)")
     p.add_argument("--fail-worker", action="append", metavar="W[,W...]@T",
                    help="lose these workers at simulated second T, as if their GPU or node died: the batch they "
                         "run is served again elsewhere and the plan shrinks (repeatable; e.g. 3@120, 2,3@120)")
@@ -73,7 +76,7 @@ def scenario_settings(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> 
 
     settings = read_config_file(args.config) if args.config else {}
     for key in ("trace", "cascade", "gpu", "cascades", "seed", "routing", "window_s", "max_utilization",
-                "batch_wait") + extra:
+                "batch_wait", "service_time") + extra:
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value

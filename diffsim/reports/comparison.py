@@ -109,6 +109,8 @@ def summarize_result(result, trace_name: str) -> dict:
     )
     summary["events"] = result.events
     summary["routing"] = config.routing
+    if config.service_time != "p50":
+        summary["service_time"] = config.service_time
     if result.faults:
         summary["faults"] = [{"at_s": t, "workers": list(ws), "recover": rec} for t, ws, rec in result.faults]
     return summary

@@ -1,0 +1,100 @@
+"""What a batch really takes, in the simulator: the profile's p50, or a draw around it.
+
+A real batch does not take its profile's p50 every time: its time varies from call to call, and the
+profiles measured by ``diffsim profile`` record that spread as p95 and p99 per batch size. With
+``--service-time sampled`` the simulator draws each batch's time from a **log-normal distribution** whose
+median is the profile's p50 and whose spread is fitted to the p95 and p99 the profile gives (least squares
+on log(pq / p50) = sigma * z_q; p95 alone or p99 alone where only one was measured; no spread where
+neither was, as in the artifact's A100 profile, whose percentiles are equal). The log-normal is the usual
+model of a positive time with a right tail; with the percentiles fitted it reproduces them by
+construction (``tests/test_service_time.py`` checks it on draws).
+
+The light stage's time is the model's plus the discriminator's; its percentiles are taken as the sums of
+the two tables' percentiles (an upper bound of the sum's, as the two are positively correlated on one GPU).
+
+Draws come from a generator of their own, seeded with the run's seed, so a seed still fixes every
+result, and the router's random choices are the same whether times are sampled or not. With ``p50`` no
+random number is drawn and results are those of a fixed-time simulator.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from ..errors import DiffsimError
+from ..plan import Role
+from ..profiles import Cascade
+
+SERVICE_TIME_MODES = ("p50", "sampled")
+Z95 = 1.6448536269514722  # standard normal quantiles
+Z99 = 2.3263478740408408
+_STREAM = 0x5E1F  # the draws' own stream of the run's seed
+_BLOCK = 4096
+
+
+def lognormal_sigma(p50: float, p95: Optional[float], p99: Optional[float]) -> float:
+    """The log-normal sigma whose p95 / p99 (relative to the median p50) fit the given ones; 0 without any."""
+    points = [(z, q) for z, q in ((Z95, p95), (Z99, p99)) if q is not None and q > p50 > 0]
+    if not points:
+        return 0.0
+    return sum(z * math.log(q / p50) for z, q in points) / sum(z * z for z, _ in points)
+
+
+def _quantile_sum(cascade: Cascade, role: Role, n: int, with_disc: bool, q: str) -> Optional[float]:
+    table = cascade.light if role == "light" else cascade.heavy
+    if q != "p50" and getattr(table, f"{q}_ms") is None:
+        return None
+    ms = table.latency_ms(n, q)
+    if ms is None:
+        return None
+    if with_disc:
+        if q != "p50" and getattr(cascade.discriminator, f"{q}_ms") is None:
+            d = cascade.discriminator.latency_ms(n, "p50")
+        else:
+            d = cascade.discriminator.latency_ms(n, q)
+        if d is None:
+            return None
+        ms += d
+    return ms
+
+
+class ServiceTimeModel:
+    """Draws batch times for the simulator (see the module docstring)."""
+
+    def __init__(self, cascade: Cascade, mode: str = "p50", seed: int = 0):
+        if mode not in SERVICE_TIME_MODES:
+            raise DiffsimError(f"unknown service-time mode {mode!r} (choose from {', '.join(SERVICE_TIME_MODES)})")
+        self.cascade = cascade
+        self.mode = mode
+        self._rng = np.random.default_rng([seed, _STREAM])
+        self._z: list[float] = []
+        self._next = 0
+        self._params: dict[tuple[str, int, bool], tuple[float, float]] = {}
+
+    def params(self, role: Role, n: int, with_disc: bool) -> tuple[float, float]:
+        """(median in s, log-normal sigma) of a batch of n at this stage."""
+        key = (role, n, with_disc)
+        p = self._params.get(key)
+        if p is None:
+            p50 = _quantile_sum(self.cascade, role, n, with_disc, "p50")
+            if p50 is None:
+                raise DiffsimError(f"the profile has no latency for the {role} stage at batch size {n}")
+            sigma = lognormal_sigma(p50, _quantile_sum(self.cascade, role, n, with_disc, "p95"),
+                                    _quantile_sum(self.cascade, role, n, with_disc, "p99"))
+            p = self._params[key] = (p50 / 1e3, sigma)
+        return p
+
+    def draw(self, role: Role, n: int, with_disc: bool) -> float:
+        """Seconds one batch of n takes this time."""
+        median, sigma = self.params(role, n, with_disc)
+        if self.mode == "p50" or sigma == 0.0:
+            return median
+        i = self._next
+        if i == len(self._z):
+            self._z = self._rng.standard_normal(_BLOCK).tolist()
+            i = 0
+        self._next = i + 1
+        return median * math.exp(sigma * self._z[i])

@@ -1,0 +1,85 @@
+"""Sampled batch times: the log-normal fitted to a profile's percentiles reproduces them, draws are fixed
+by the seed, and a simulation with sampled times is deterministic and differs from the p50 one only
+where the profile has a spread."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from diffsim.config import SimConfig
+from diffsim.profiles import GpuProfile, build_cascade, load_cascades
+from diffsim.resources import profiles_dir
+from diffsim.runtime.service_time import Z95, Z99, ServiceTimeModel, lognormal_sigma
+from diffsim.simulator import simulate
+from sim_helpers import a100_cascade
+from test_worker_loss import poisson_trace
+
+
+def spread_cascade(p95_factor=1.5, p99_factor=2.0):
+    sizes = [1, 2, 4, 8]
+
+    def table(ms, with_spread=True):
+        t = {"batch_sizes": sizes, "p50_ms": ms}
+        if with_spread:
+            t["p95_ms"] = [round(v * p95_factor, 3) for v in ms]
+            t["p99_ms"] = [round(v * p99_factor, 3) for v in ms]
+        return t
+
+    profile = GpuProfile.model_validate({
+        "gpu": "spread", "provenance": {"source": "test", "gpu": "x", "date": "2024-01-01"},
+        "models": {"sd-turbo": table([100, 150, 220, 410]), "sd-v1.5": table([1780, 2160, 3680, 6790])},
+        "discriminator": table([20, 20, 20, 20], with_spread=False),
+    })
+    return build_cascade("sdturbo-sdv15", profile, load_cascades(profiles_dir() / "cascades.yaml"))
+
+
+def test_sigma_fits_the_percentiles():
+    assert lognormal_sigma(100.0, None, None) == 0.0
+    assert lognormal_sigma(100.0, 100.0, 100.0) == 0.0  # equal percentiles (the A100 profile): no spread
+    s = lognormal_sigma(100.0, 100 * np.exp(0.3 * Z95), 100 * np.exp(0.3 * Z99))
+    assert s == pytest.approx(0.3)
+    assert lognormal_sigma(100.0, 150.0, None) == pytest.approx(np.log(1.5) / Z95)
+
+
+def test_draws_reproduce_the_profile_percentiles():
+    cascade = spread_cascade(p95_factor=np.exp(0.25 * Z95), p99_factor=np.exp(0.25 * Z99))
+    model = ServiceTimeModel(cascade, "sampled", seed=1)
+    draws = np.array([model.draw("heavy", 4, False) for _ in range(40_000)])
+    p50, p95, p99 = np.percentile(draws, [50, 95, 99])
+    assert p50 == pytest.approx(3.68, rel=0.02)
+    assert p95 == pytest.approx(3.68 * np.exp(0.25 * Z95), rel=0.03)
+    assert p99 == pytest.approx(3.68 * np.exp(0.25 * Z99), rel=0.05)
+    again = ServiceTimeModel(cascade, "sampled", seed=1)
+    assert [again.draw("heavy", 4, False) for _ in range(5)] == list(draws[:5])
+
+
+def test_p50_mode_and_profiles_without_spread_draw_the_median():
+    model = ServiceTimeModel(a100_cascade(), "sampled", seed=0)
+    assert model.draw("heavy", 4, False) == pytest.approx(3.68)  # the A100 profile has no spread
+    model = ServiceTimeModel(spread_cascade(), "p50", seed=0)
+    assert model.draw("light", 2, True) == pytest.approx(0.17)  # 150 ms + the discriminator's 20 ms
+
+
+def test_sampled_simulation_is_deterministic_and_slower_in_the_tail():
+    cascade = spread_cascade()
+    trace = poisson_trace(6.0, 120.0, seed=2)
+    fixed = simulate(SimConfig(cascade=cascade, gpus=8, seed=3), trace)
+    config = SimConfig(cascade=cascade, gpus=8, seed=3, service_time="sampled")
+    a, b = simulate(config, trace), simulate(config, trace)
+    key = lambda r: [(q.outcome, q.finished_s, q.stages) for q in r.queries]  # noqa: E731
+    assert key(a) == key(b)
+    assert key(a) != key(fixed)
+    lat = lambda r: np.percentile([q.latency_s for q in r.queries if q.outcome == "completed"], 99)  # noqa: E731
+    assert lat(a) > lat(fixed)
+
+
+def test_sampling_leaves_the_router_s_choices_alone_without_spread():
+    trace = poisson_trace(6.0, 60.0, seed=4)
+    base = SimConfig(cascade=a100_cascade(), gpus=8, seed=5, routing="random")
+    p50 = simulate(base, trace)
+    sampled = simulate(replace(base, service_time="sampled"), trace)
+    # no spread in the A100 profile: the same times, and the draws of times use a stream of their own
+    assert [(q.outcome, q.finished_s) for q in p50.queries] == [(q.outcome, q.finished_s) for q in sampled.queries]
