@@ -116,6 +116,9 @@ class GpuProfile(_Strict):
     provenance: Provenance
     models: dict[str, LatencyTable] = Field(min_length=1)
     discriminator: LatencyTable
+    # How many workers were busy at once while it was measured (diffsim profile --concurrency; the server's
+    # start-up measurement uses all its workers): under load every worker is busy, and shares the host.
+    concurrency: int = Field(default=1, ge=1)
 
 
 class Curve(_Strict):

@@ -208,3 +208,50 @@ def test_cli_profile_cuda_without_a_gpu(capsys, tmp_path, torch_one_thread):
         pytest.skip("this machine has a GPU")
     rc = cli.main(["profile", "--backend", "cuda", "--models", "sdxs", "--out", str(tmp_path / "x.yaml")])
     assert rc == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+class ThreadClock(FakeClock):
+    """A fake clock per thread: executors measured together each see only their own work."""
+
+    def __init__(self):
+        import threading
+
+        self._local = threading.local()
+
+    @property
+    def s(self):
+        return getattr(self._local, "s", 0.0)
+
+    @s.setter
+    def s(self, value):
+        self._local.s = value
+
+
+def test_concurrency_measures_every_copy_at_once_and_pools_the_samples():
+    made: list[FakeExecutor] = []
+    clock = ThreadClock()
+
+    def factory(model, copy):
+        made.append(FakeExecutor(f"{model}", oom_at=4 if copy == 1 else 10**9, clock=clock))
+        return made[-1]
+
+    models, disc = profile_models(factory, ["m"], [1, 2, 4], warmup=1, iters=3, progress=lambda line: None,
+                                  clock=clock, concurrency=2)
+    assert len(made) == 2 and all(ex.loaded and ex.unloaded for ex in made)
+    assert models["m"].p50_ms == [10.0, 20.0, None]  # one copy ran out of memory at 4: null for the group
+    assert made[0].calls.count(1) == 4 and made[1].calls.count(1) == 4  # 1 warm-up + 3 timed each
+    assert disc.p50_ms == [10.0, 20.0, 40.0]
+
+
+def test_a_server_s_workers_measured_together_make_one_profile():
+    from diffsim.server.startup import merge_measurements
+
+    table = lambda p50, p99: {"batch_sizes": [1, 2], "p50_ms": p50, "p95_ms": p50, "p99_ms": p99}  # noqa: E731
+    a = {"models": {"x": table([10.0, 20.0], [12.0, 30.0])}, "discriminator": table([1.0, 2.0], [1.0, 2.0]),
+         "load_s": {"light": 1.0, "heavy": 2.0}}
+    b = {"models": {"x": table([14.0, None], [16.0, None])}, "discriminator": table([3.0, 2.0], [3.0, 4.0]),
+         "load_s": {"light": 3.0, "heavy": 1.0}}
+    merged = merge_measurements([a, b])
+    assert merged["models"]["x"]["p50_ms"] == [12.0, None] and merged["models"]["x"]["p99_ms"] == [14.0, None]
+    assert merged["discriminator"]["p99_ms"] == [2.0, 3.0]
+    assert merged["load_s"] == {"light": 3.0, "heavy": 2.0}

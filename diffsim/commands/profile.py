@@ -37,6 +37,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
     p.add_argument("--iters", type=int, default=10, help="timed calls per batch size (default 10)")
     p.add_argument("--device", default="0", help="CUDA device index (cuda backend)")
+    p.add_argument("--concurrency", type=int, default=1, metavar="N",
+                   help="measure every batch with N executors busy at once, as N serving workers are under load "
+                   "(cpu-tiny: N threads; cuda: devices --device..--device+N-1); recorded in the profile "
+                   "(default 1)")
     p.add_argument("--gpu-name", default=None, help="the profile's gpu: name (default: derived from the device)")
     p.add_argument("--discriminator-weights", default=None, help="discriminator .safetensors (default: random head)")
     p.add_argument("--compile", action="store_true",
@@ -73,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         gpu_name=args.gpu_name,
         discriminator_weights=args.discriminator_weights,
         compile_unet=args.compile,
+        concurrency=args.concurrency,
     )
     progress = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     profile = run_profile(settings, progress=progress)

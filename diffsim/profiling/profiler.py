@@ -17,6 +17,14 @@ recorded as null, since the process RSS is shared and its peak cannot be reset; 
 no peak memory either (it runs beside a resident diffusion model, whose weights would dominate it).
 A batch that runs out of memory is recorded as null, and larger batch sizes of that model are not attempted
 (recorded as null too); profiling goes on with the next model.
+
+Concurrency (``--concurrency N``): a serving worker rarely runs alone. With N, every measurement runs on N
+executors of the model at once (N threads started together; on CUDA on N devices, one each, as N serving
+workers would be), and the percentiles are those of all N x iters samples. Under load every worker is
+busy, and what they share -- CPU cores and memory bandwidth on ``cpu-tiny``, the host, PCIe and the CPU
+threads of VAE decoding and image conversion on GPUs -- makes each batch slower than alone. The profile
+records the concurrency it was measured at (``concurrency:``); ``diffsim serve`` measures its start-up
+profile with every worker busy for the same reason.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import datetime as _dt
 import platform
 import re
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +133,40 @@ def measure_batch(executor, call, *, warmup: int, iters: int,
     return samples, (None if peak is None else peak / GIB)
 
 
+def measure_group(executors: Sequence[object], make_call: Callable[[object], Callable[[], object]], *, warmup: int,
+                  iters: int, clock: Clock = time.perf_counter) -> tuple[Optional[list[float]], Optional[float]]:
+    """:func:`measure_batch` on several executors at once (threads started together); the samples of all
+    of them, the highest peak; (None, None) when any ran out of memory. One executor: no thread."""
+    if len(executors) == 1:
+        return measure_batch(executors[0], make_call(executors[0]), warmup=warmup, iters=iters, clock=clock)
+    barrier = threading.Barrier(len(executors))
+    results: list = [None] * len(executors)
+    errors: list[Optional[BaseException]] = [None] * len(executors)
+
+    def run(i: int) -> None:
+        ex = executors[i]
+        try:
+            barrier.wait()
+            results[i] = measure_batch(ex, make_call(ex), warmup=warmup, iters=iters, clock=clock)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+            errors[i] = e
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"diffsim-profile-{i}") for i in range(len(executors))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for e in errors:
+        if e is not None and not isinstance(e, threading.BrokenBarrierError):
+            raise e
+    if any(r is None or r[0] is None for r in results):
+        return None, None
+    samples = [s for r in results for s in r[0]]
+    peaks = [r[1] for r in results if r[1] is not None]
+    return samples, (max(peaks) if peaks else None)
+
+
 def _free_device_cache(executor) -> None:
     """Return cached CUDA blocks between batch sizes, so one batch's leftovers do not crowd the next."""
     if str(getattr(executor, "device", "")).startswith("cuda"):
@@ -148,21 +191,26 @@ def profile_models(
     iters: int,
     progress: Callable[[str], None] = print,
     clock: Clock = time.perf_counter,
+    concurrency: int = 1,
 ) -> tuple[dict[str, Series], Series]:
-    """Measure every model, and the discriminator through the first model's executor.
+    """Measure every model, and the discriminator through the first model's executors.
 
-    ``executors(model)`` returns a new, unloaded executor; each is loaded, measured and unloaded in turn,
-    so only one model is resident at a time.
+    ``executors(model, copy)`` returns a new, unloaded executor (``copy`` 0..concurrency-1); each model's
+    executors are loaded, measured together (:func:`measure_group`) and unloaded in turn, so only one
+    model is resident at a time. (A one-argument ``executors(model)`` is accepted at concurrency 1.)
     """
     results: dict[str, Series] = {}
     disc: Optional[Series] = None
     total = len(models) * len(batch_sizes)
     done = 0
     for model in models:
-        executor = executors(model)
+        group = [executors(model) if concurrency == 1 else executors(model, i) for i in range(concurrency)]
+        executor = group[0]
         t0 = time.perf_counter()
-        executor.load()
-        progress(f"[profile] {model}: loaded in {time.perf_counter() - t0:.1f} s")
+        for ex in group:
+            ex.load()
+        progress(f"[profile] {model}: loaded in {time.perf_counter() - t0:.1f} s"
+                 + (f" ({concurrency} copies, measured together)" if concurrency > 1 else ""))
         series = Series(list(batch_sizes))
         oom = False
         for b in batch_sizes:
@@ -172,8 +220,8 @@ def profile_models(
                 progress(f"[profile] {done}/{total} {model} b={b}: skipped (a smaller batch ran out of memory)")
                 continue
             prompts, seeds = prompts_for(b), list(range(b))
-            samples, peak = measure_batch(
-                executor, lambda: executor.generate(prompts, seeds), warmup=warmup, iters=iters, clock=clock
+            samples, peak = measure_group(
+                group, lambda ex: (lambda: ex.generate(prompts, seeds)), warmup=warmup, iters=iters, clock=clock
             )
             series.add(samples, peak)
             if samples is None:
@@ -183,24 +231,27 @@ def profile_models(
                 progress(f"[profile] {done}/{total} {model} b={b}: p50 {series.p50_ms[-1]:.1f} ms, "
                          f"p99 {series.p99_ms[-1]:.1f} ms{_mem_text(peak)}")
         if disc is None:
-            disc = profile_discriminator(executor, batch_sizes, warmup=warmup, iters=iters, progress=progress,
+            disc = profile_discriminator(group, batch_sizes, warmup=warmup, iters=iters, progress=progress,
                                          clock=clock)
-        executor.unload()
+        for ex in group:
+            ex.unload()
         results[model] = series
     assert disc is not None
     return results, disc
 
 
-def profile_discriminator(executor, batch_sizes, *, warmup: int, iters: int, progress=print,
+def profile_discriminator(executors, batch_sizes, *, warmup: int, iters: int, progress=print,
                           clock: Clock = time.perf_counter) -> Series:
+    """The discriminator's latency through ``executors`` (one, or a group measured together)."""
     from PIL import Image
 
-    size = executor.spec.resolution
+    group = list(executors) if isinstance(executors, (list, tuple)) else [executors]
+    size = group[0].spec.resolution
     rng = np.random.default_rng(0)
     series = Series(list(batch_sizes))
     for b in batch_sizes:
         images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(b)]
-        samples, _ = measure_batch(executor, lambda: executor.score(images), warmup=warmup, iters=iters,
+        samples, _ = measure_group(group, lambda ex: (lambda: ex.score(images)), warmup=warmup, iters=iters,
                                    clock=clock)
         series.add(samples, None)  # its peak would be mostly the resident diffusion model's weights
         if samples is None:
@@ -271,8 +322,11 @@ class ProfileSettings:
     gpu_name: Optional[str] = None
     discriminator_weights: Optional[str] = None
     compile_unet: bool = False
+    concurrency: int = 1  # executors per model measured at once (see the module docstring)
 
     def check(self) -> None:
+        if self.concurrency < 1:
+            raise DiffsimError(f"--concurrency: must be >= 1, got {self.concurrency}")
         if not self.models:
             raise DiffsimError("--models: give at least one model")
         if len(set(self.models)) != len(self.models):
@@ -320,9 +374,10 @@ def run_profile(settings: ProfileSettings, *, progress: Callable[[str], None] = 
         check_backend_and_model(settings.backend, model)
     per_model = weights_for(settings.weights, settings.models)
 
-    def executor(model: str):
+    def executor(model: str, copy: int = 0):
+        device = settings.device + copy if settings.backend == "cuda" else settings.device
         return make_executor(
-            settings.backend, model, weights=per_model[model], device=settings.device,
+            settings.backend, model, weights=per_model[model], device=device,
             discriminator_weights=settings.discriminator_weights, compile_unet=settings.compile_unet,
         )
 
@@ -333,7 +388,7 @@ def run_profile(settings: ProfileSettings, *, progress: Callable[[str], None] = 
 
     models, disc = profile_models(
         executor, settings.models, settings.batch_sizes,
-        warmup=settings.warmup, iters=settings.iters, progress=progress,
+        warmup=settings.warmup, iters=settings.iters, progress=progress, concurrency=settings.concurrency,
     )
     software = software_versions(settings.backend)
     software["dtype"] = "fp16" if settings.backend == "cuda" else "fp32"
@@ -355,9 +410,12 @@ def run_profile(settings: ProfileSettings, *, progress: Callable[[str], None] = 
                 f"{settings.warmup} warm-up then {settings.iters} timed calls, wall clock between device "
                 f"synchronisations; p50/p95/p99 of the timed calls; peak_mem_gib = max_memory_allocated "
                 f"(null on CPU)"
+                + (f"; {settings.concurrency} executors measured at once, samples pooled"
+                   if settings.concurrency > 1 else "")
             ),
             "notes": "; ".join(notes),
         },
+        "concurrency": settings.concurrency,
         "models": {name: series.to_table() for name, series in models.items()},
         "discriminator": disc.to_table(),
     }

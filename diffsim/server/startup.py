@@ -198,10 +198,17 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
         sizes = options.sizes
         swap_s = 0.0
         if options.profile_source == MEASURE:
-            log.info("measuring batch latency on worker 0 (batch sizes %s)", ", ".join(map(str, sizes)))
-            info = await workers[0].start("light")
-            measured = await workers[0].measure(sizes, options.measure_warmup, options.measure_iters)
-            profile = validate_profile(_profile_data(options, measured, info.device), "measured profile")
+            import asyncio
+
+            # Every worker at once: under load they all run, and share the host (see diffsim.profiling.profiler).
+            log.info("measuring batch latency on all %d workers at once (batch sizes %s)", len(workers),
+                     ", ".join(map(str, sizes)))
+            infos = await asyncio.gather(*(w.start("light") for w in workers))
+            per_worker = await asyncio.gather(*(w.measure(sizes, options.measure_warmup, options.measure_iters)
+                                                for w in workers))
+            measured = merge_measurements(per_worker)
+            profile = validate_profile(_profile_data(options, measured, infos[0].device, len(workers)),
+                                       "measured profile")
             profile_path = "<measured at start-up>"
             swap_s = max(measured["load_s"].values())
         else:
@@ -279,7 +286,25 @@ def _has_latency(cascade, b: int) -> bool:
     return all(t.latency_ms(b) is not None for t in (cascade.light, cascade.heavy, cascade.discriminator))
 
 
-def _profile_data(options: ServeOptions, measured: dict, device: str) -> dict:
+def merge_measurements(per_worker: list[dict]) -> dict:
+    """One profile from the tables several workers measured at the same time: each percentile the mean of
+    the workers' (they sample one distribution), a batch size null where any worker ran out of memory."""
+    def merge(tables: list[dict]) -> dict:
+        out = {"batch_sizes": tables[0]["batch_sizes"]}
+        for key in ("p50_ms", "p95_ms", "p99_ms"):
+            columns = zip(*(t[key] for t in tables))
+            out[key] = [None if any(v is None for v in col) else round(sum(col) / len(col), 3) for col in columns]
+        return out
+
+    first = per_worker[0]
+    return {
+        "models": {name: merge([m["models"][name] for m in per_worker]) for name in first["models"]},
+        "discriminator": merge([m["discriminator"] for m in per_worker]),
+        "load_s": {role: max(m["load_s"][role] for m in per_worker) for role in first["load_s"]},
+    }
+
+
+def _profile_data(options: ServeOptions, measured: dict, device: str, concurrency: int = 1) -> dict:
     import datetime as _dt
 
     gpu = "cpu-tiny" if options.backend == "cpu-tiny" else f"measured-{device.replace(':', '')}"
@@ -290,12 +315,14 @@ def _profile_data(options: ServeOptions, measured: dict, device: str) -> dict:
             "gpu": device,
             "date": _dt.date.today().isoformat(),
             "software": {"backend": options.backend},
-            "method": (f"whole-pipeline batch latency on worker 0, {options.measure_warmup} warm-up then "
-                       f"{options.measure_iters} timed calls per batch size (diffsim.profiling.profiler)"),
+            "method": (f"whole-pipeline batch latency on all {concurrency} workers at once, "
+                       f"{options.measure_warmup} warm-up then {options.measure_iters} timed calls per batch size "
+                       f"(diffsim.profiling.profiler); percentiles averaged over the workers"),
             "notes": "measured by the server itself before serving",
         },
         "models": measured["models"],
         "discriminator": measured["discriminator"],
+        "concurrency": concurrency,
     }
 
 
@@ -319,13 +346,21 @@ async def serve(options: ServeOptions, http_settings, sock: socket.socket, *,
                 on_server: Optional[Callable[[object], None]] = None,
                 executor_factory: Optional[ExecutorFactory] = None,
                 log_level: str = "warning") -> None:
-    """Build the engine, then serve HTTP on ``sock`` until uvicorn is told to exit (SIGTERM/SIGINT in the
-    main thread, or ``server.should_exit = True``); in-flight requests are answered and the engine is
-    drained before this returns."""
+    """Build the engine, then serve HTTP on ``sock`` until a drain ends (SIGTERM/SIGINT in the main thread,
+    or ``server.request_drain()``: see :class:`~diffsim.server.http.DrainingServer`): while draining the
+    socket stays open, new requests get 503 and admitted ones are answered; then this returns.
+
+    The connections accepted on ``sock`` get TCP_NODELAY: asyncio sets it only on sockets it creates
+    itself, and without it a response's body, written after its headers, waited for the client's delayed
+    ACK -- about 40 ms more on every answer over a kept-alive connection. Idle kept-alive connections are
+    kept 30 s, longer than common clients keep theirs (httpx 5 s, aiohttp 15 s, ``diffsim load`` 2 s), so
+    the client closes an idle connection first and never sends a request on one the server is closing."""
     import uvicorn
 
-    from .http import create_app
+    from .http import DrainingServer, create_app
 
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted connections
     engine = await build_engine(options, executor_factory=executor_factory)
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
@@ -336,20 +371,23 @@ async def serve(options: ServeOptions, http_settings, sock: socket.socket, *,
         return engine
 
     app = create_app(ready, http_settings)
-    config = uvicorn.Config(app, lifespan="on", log_level=log_level, access_log=False,
+    config = uvicorn.Config(app, lifespan="on", log_level=log_level, access_log=False, timeout_keep_alive=30,
                             timeout_graceful_shutdown=engine.default_drain_s() + 5.0)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, engine, http_settings.drain_timeout_s)
     if on_server is not None:
         on_server(server)
     try:
         await server.serve(sockets=[sock])
     finally:
-        await engine.stop(http_settings.drain_timeout_s)
+        # Already stopped after a drain; a forced exit (second Ctrl-C) or a failure does not wait again.
+        await engine.stop(0.0 if server.force_exit or server.drain_requested else http_settings.drain_timeout_s)
 
 
 class BackgroundServer:
     """:func:`serve` on a thread of its own, for tests and benchmarks: ``start()`` returns the URL once the
-    server answers; ``stop()`` shuts it down the way SIGTERM does (in-flight requests answered, drained)."""
+    server answers; ``stop()`` shuts it down the way SIGTERM does (in-flight requests answered, drained).
+    ``drain()`` starts that shutdown and returns as soon as the server refuses new work (503), so a test
+    can look at a draining server; ``stop()`` or ``join()`` then waits for the end."""
 
     def __init__(self, options: ServeOptions, http_settings=None, *, host: str = "127.0.0.1", port: int = 0,
                  executor_factory: Optional[ExecutorFactory] = None):
@@ -365,6 +403,9 @@ class BackgroundServer:
         self.url: Optional[str] = None
         self.error: Optional[BaseException] = None
         self._server = None
+        self._loop = None
+        self._stop_requested = False  # stop() before the server existed: drain as soon as it does
+        self._lock = threading.Lock()  # guards _server and _stop_requested between the two threads
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="diffsim-server", daemon=True)
 
@@ -375,10 +416,16 @@ class BackgroundServer:
             self.url = url
             self._ready.set()
 
+        def on_server(server) -> None:
+            with self._lock:
+                self._loop = asyncio.get_running_loop()
+                self._server = server
+                if self._stop_requested:
+                    server.request_drain()
+
         try:
             sock = bind_socket(self.host, self.port)
-            asyncio.run(serve(self.options, self.http_settings, sock, on_ready=ready,
-                              on_server=lambda s: setattr(self, "_server", s),
+            asyncio.run(serve(self.options, self.http_settings, sock, on_ready=ready, on_server=on_server,
                               executor_factory=self.executor_factory))
         except BaseException as e:  # noqa: BLE001 - reported by start()
             self.error = e
@@ -393,12 +440,34 @@ class BackgroundServer:
             raise RuntimeError(f"the server failed to start: {self.error!r}") from self.error
         return self.url
 
-    def stop(self, timeout_s: float = 120.0) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
+    def drain(self, timeout_s: float = 60.0) -> None:
+        """Start the shutdown SIGTERM starts, and return once new generation requests get 503 (the
+        admitted ones are still being answered). A server not yet serving drains as soon as it is."""
+        import asyncio
+        import concurrent.futures
+
+        with self._lock:
+            server, loop = self._server, self._loop
+            if server is None:
+                self._stop_requested = True
+                return
+        try:
+            asyncio.run_coroutine_threadsafe(server.begin_drain(), loop).result(timeout_s)
+        except (RuntimeError, concurrent.futures.CancelledError):
+            pass  # the loop closed or is closing: the server is already on its way out
+
+    def join(self, timeout_s: float = 120.0) -> None:
+        """Wait for the server's thread to end (after a drain)."""
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             raise TimeoutError(f"the server did not stop within {timeout_s:g} s")
+
+    def stop(self, timeout_s: float = 120.0) -> None:
+        """Drain (as SIGTERM does) and wait until the server has stopped."""
+        if self._thread.is_alive():
+            self.drain(timeout_s)
+        if self._thread.ident is not None:
+            self.join(timeout_s)
 
     @property
     def engine(self):
