@@ -19,7 +19,7 @@ Bad files raise :class:`~diffsim.errors.InputError` with one line naming the fil
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Optional
@@ -109,6 +109,16 @@ class LatencyTable(_Strict):
         return max(b for b, v in zip(self.batch_sizes, self.p50_ms) if v is not None)
 
 
+class Overheads(_Strict):
+    """What a served request pays outside the batches, for the simulator to add (``diffsim validate`` and
+    ``diffsim load`` measure them): ``request_ms``, from the client's send to its receipt minus the
+    server's own time for the request (HTTP, JSON and base64, the network); ``cold_start_s``, how much
+    longer each worker's first batch takes than the profile says (a fresh process warming up)."""
+
+    request_ms: float = Field(default=0.0, ge=0)
+    cold_start_s: float = Field(default=0.0, ge=0)
+
+
 class GpuProfile(_Strict):
     """Per-GPU latency profile: every model's batch latency plus the discriminator's."""
 
@@ -119,6 +129,7 @@ class GpuProfile(_Strict):
     # How many workers were busy at once while it was measured (diffsim profile --concurrency; the server's
     # start-up measurement uses all its workers): under load every worker is busy, and shares the host.
     concurrency: int = Field(default=1, ge=1)
+    overheads: Overheads = Field(default_factory=Overheads)
 
 
 class Curve(_Strict):
@@ -283,6 +294,7 @@ class Cascade:
     fid_random: Optional[FidCurve]
     gpu: str
     confidences_path: Optional[Path] = None
+    overheads: Overheads = field(default_factory=Overheads)
 
     def random_mix_fid(self, light_share: float) -> float:
         """FID when a random ``light_share`` of queries is served light (no discriminator).
@@ -334,4 +346,5 @@ def build_cascade(
         fid_random=spec.fid_random_mix,
         gpu=profile.gpu,
         confidences_path=conf,
+        overheads=profile.overheads,
     )

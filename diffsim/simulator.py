@@ -112,6 +112,7 @@ def simulate(
         drop_factor=config.drop_factor,
         batch_timeout_s=config.batch_timeout_s,
         swap_s=config.swap_s,
+        answer_overhead_s=cascade.overheads.request_ms / 1e3,
     )
     dispatcher.on_enqueue = on_enqueue
     controller = Controller(timed, config.gpus, config.controller)
@@ -163,6 +164,7 @@ def simulate(
 
     sampled = config.service_time == "sampled"
     times = ServiceTimeModel(cascade, config.service_time, config.seed)
+    cold = [cascade.overheads.cold_start_s] * config.gpus  # each worker's first batch takes this much longer
 
     def worker(w: int):
         take = dispatcher.take_batch
@@ -183,6 +185,9 @@ def simulate(
                 on_batch(batch)
             running[w] = batch
             run_s = times.draw(batch.role, len(batch.queries), batch.with_discriminator) if sampled else None
+            if cold[w]:
+                run_s = (batch.service_s if run_s is None else run_s) + cold[w]
+                cold[w] = 0.0
             try:
                 yield env.timeout(batch.service_s if run_s is None else run_s)
             except simpy.Interrupt:  # lost with this batch: the fault process has handed it back

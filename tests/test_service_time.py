@@ -83,3 +83,26 @@ def test_sampling_leaves_the_router_s_choices_alone_without_spread():
     sampled = simulate(replace(base, service_time="sampled"), trace)
     # no spread in the A100 profile: the same times, and the draws of times use a stream of their own
     assert [(q.outcome, q.finished_s) for q in p50.queries] == [(q.outcome, q.finished_s) for q in sampled.queries]
+
+
+def test_profile_overheads_reach_the_simulated_latency():
+    """request_ms is added to every completed query's latency; cold_start_s to each worker's first batch."""
+    from diffsim.profiles import Overheads
+
+    base = a100_cascade()
+    trace = poisson_trace(2.0, 30.0, seed=6)
+    plain = simulate(SimConfig(cascade=base, gpus=4, seed=0), trace)
+    slow = replace(base, overheads=Overheads(request_ms=50.0))
+    with_http = simulate(SimConfig(cascade=slow, gpus=4, seed=0), trace)
+    for a, b in zip(plain.queries, with_http.queries):
+        assert b.outcome == a.outcome == "completed"
+        assert b.latency_s == pytest.approx(a.latency_s + 0.05)
+    cold = replace(base, overheads=Overheads(cold_start_s=2.0))
+    started = []
+    simulate(SimConfig(cascade=cold, gpus=4, seed=0), trace, on_batch=started.append)
+    firsts = {}
+    for b in started:
+        firsts.setdefault(b.worker, b)
+    result = simulate(SimConfig(cascade=cold, gpus=4, seed=0), trace)
+    first_query = min(firsts.values(), key=lambda b: b.start_s).queries[0]
+    assert result.queries[first_query.id].service_s >= 2.0  # the first batch paid the cold start

@@ -80,6 +80,7 @@ class Dispatcher:
         drop_factor: float = 1.5,
         batch_timeout_s: float = 0.0,
         swap_s: float = 0.0,
+        answer_overhead_s: float = 0.0,
     ):
         self.cascade = cascade
         self.gpus = gpus
@@ -89,6 +90,9 @@ class Dispatcher:
         self.limit_s = drop_factor * cascade.slo_s
         self.batch_timeout_s = batch_timeout_s
         self.swap_s = swap_s
+        # Added to a completed query's finish time: what the client waits beyond the batches (HTTP and
+        # encoding). The simulator models it from the profile; the server measures it for real (0 here).
+        self.answer_overhead_s = answer_overhead_s
         self.service = ServiceTimes(cascade)
         self.plan: Optional[Plan] = None
         # role -> (batch size, with discriminator, service time of a batch of n for n = 0..batch size)
@@ -207,12 +211,12 @@ class Dispatcher:
                     if target is not None:
                         woken.append(target)
                 else:
-                    q.finish("completed", now, "light")
+                    q.finish("completed", now + self.answer_overhead_s, "light")
                     self.finished += 1
         else:
             role = batch.role
             for q in batch.queries:
-                q.finish("completed", now, role)
+                q.finish("completed", now + self.answer_overhead_s, role)
             self.finished += len(batch.queries)
         return woken
 
