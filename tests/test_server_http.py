@@ -250,16 +250,22 @@ def test_overload_gets_429_with_retry_after_and_loses_nothing(tmp_path_factory, 
 
 @pytest.mark.slow  # a fresh interpreter imports torch + diffusers (~10-30 s)
 def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
+    """A real ``diffsim serve`` process receiving SIGTERM. Whether work is still in flight when the signal
+    lands depends on the machine's speed, so this checks what holds either way (tests/test_drain.py holds
+    work in flight deterministically): every request admitted before the signal is answered 200; every
+    request sent after it is answered once, 200 (admitted before the drain began) or 503 with Retry-After,
+    until the socket closes; the first failure to connect is the last, and the process exits 0."""
     profile = tiny_profile(tmp_path / "tiny.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "diffsim.cli", "serve", "--backend", "cpu-tiny", "--cascade", CASCADE,
            "--port", "0", "--gpus", "1", "--policy", "clipper-light", "--gpu-profile", str(profile),
            "--discriminator-arch", "test_efficientnet",
            "--batch-sizes", "1,2,4", "--slo-s", "60", "--threads", "1", "--log-level", "warning"]
+    guard_s = 180.0  # failure guards only
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = None
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + guard_s
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
@@ -271,19 +277,35 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
         assert url, proc.stderr.read() if proc.poll() is not None else "no 'listening on' line"
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(post, url, {"prompt": f"p{i}", "n": 4}, {}) for i in range(2)]
-            for _ in range(400):  # wait until all 8 images are admitted and some still in flight
+            deadline = time.monotonic() + guard_s
+            while time.monotonic() < deadline:  # until all 8 images are admitted (done or not)
                 snap = httpx.get(f"{url}/v1/plan").json()
                 if snap["pending"] + snap["outcomes"]["completed"] == 8:
                     break
-                time.sleep(0.02)
-            assert snap["pending"] > 0, "the requests finished before SIGTERM could be sent"
+            else:
+                pytest.fail("the 8 images were never admitted")
             proc.send_signal(signal.SIGTERM)
+            probes = []
+            deadline = time.monotonic() + guard_s
+            while time.monotonic() < deadline:
+                try:
+                    probes.append(post(url, {"prompt": "after the signal"}, {}, timeout=guard_s))
+                except httpx.TransportError as e:  # the socket closed: the drain is over
+                    gone = e
+                    break
+            else:
+                pytest.fail("the server kept its socket open past the guard")
             responses = [f.result() for f in futures]
-        rc = proc.wait(timeout=120)
+        rc = proc.wait(timeout=guard_s)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert [r.status_code for r in responses] == [200, 200]
     assert all(len(r.json()["data"]) == 4 for r in responses)
+    for r in probes:
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 503:
+            assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["code"] == "unavailable"
+    assert isinstance(gone, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)), repr(gone)
     assert rc == 0, proc.stderr.read()

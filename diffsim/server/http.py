@@ -5,14 +5,21 @@ Routes:
 * ``POST /v1/images/generations`` -- ``{"prompt", "n", "size", "response_format", "seed"}``; each of the
   ``n`` images is one query through the cascade. 200 with ``{"created", "data": [...]}``; 429 with
   ``Retry-After`` when the admission rule refuses the request; 504 when a query missed its deadline in
-  the queue (dropped); 500 when a worker failed the batch; 503 while shutting down; 400 for a bad
-  request, 401 for a missing or wrong API key. Every error body is ``{"error": {"message", "type",
-  "code", "param"}}``.
+  the queue (dropped); 500 when a worker failed the batch; 503 with ``Retry-After`` while draining or
+  shut down; 400 for a bad request, 401 for a missing or wrong API key. Every error body is
+  ``{"error": {"message", "type", "code", "param"}}``; a 504 or 500, whose queries went some way through
+  the cascade, also carries ``"queries"``: one record per image of what the server knows of it (outcome,
+  deferred, confidence, served_by, queue/run/total ms, error), so that a client counts deferrals and
+  times from every answer, not only from 200s.
 * ``GET /v1/plan`` -- the plan in force and the live state (JSON);
 * ``GET /v1/quality`` -- with ``--fid-reference``: FID of the sampled served images per window, with the
   sample sizes, or why a window has no FID (JSON); 404 when the server was started without it;
 * ``GET /metrics`` -- Prometheus text;
-* ``GET /healthz`` -- 200 while serving, 503 while draining.
+* ``GET /healthz`` -- 200 ``{"status": "ok"}`` while serving, 503 ``{"status": "draining"}`` while draining.
+
+Shutdown (:class:`DrainingServer`): SIGTERM or SIGINT first *drains*: the socket stays open, new
+generation requests get 503 with ``Retry-After``, ``/healthz`` says draining, and every admitted query
+is answered; only then does uvicorn close the socket and exit.
 
 Nothing here decides anything about scheduling: it validates, hands prompts to the engine and formats
 what comes back.
@@ -20,14 +27,18 @@ what comes back.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
+import logging
 import random
+import signal
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -37,8 +48,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .engine import Engine, QueryAnswer, Rejected, Unavailable
 from .prometheus import CONTENT_TYPE, ServerMetrics
 
+log = logging.getLogger("diffsim.server")
+
 MAX_SEED = 2**63 - 1
 ROUTES = ("/v1/images/generations", "/v1/plan", "/v1/quality", "/metrics", "/healthz")
+# Retry-After of a 503: a draining server does not come back by itself, but a replacement (or a sibling
+# behind the same load balancer) usually answers within seconds.
+UNAVAILABLE_RETRY_AFTER_S = 5
 
 
 @dataclass(frozen=True)
@@ -68,8 +84,11 @@ def error_body(message: str, type_: str, code: str, param: Optional[str] = None)
 
 
 def error_response(status: int, message: str, type_: str, code: str, param: Optional[str] = None,
-                   headers: Optional[dict] = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, code, param), status_code=status, headers=headers)
+                   headers: Optional[dict] = None, extra: Optional[dict] = None) -> JSONResponse:
+    """An OpenAI-style error; ``extra`` adds keys beside ``error`` (clients that know only ``error``
+    ignore them)."""
+    return JSONResponse({**error_body(message, type_, code, param), **(extra or {})}, status_code=status,
+                        headers=headers)
 
 
 def _invalid(message: str, param: Optional[str], code: str = "invalid_value") -> JSONResponse:
@@ -152,7 +171,7 @@ def create_app(engine_factory: Callable[[], Awaitable[Engine]], settings: HttpSe
                                   headers={"Retry-After": str(retry)})
         except Unavailable as e:
             return error_response(503, f"the server is not accepting requests: {e}", "server_error",
-                                  "unavailable", headers={"Retry-After": "5"})
+                                  "unavailable", headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)})
         return _answer(answers)
 
     @app.get("/v1/plan")
@@ -199,7 +218,8 @@ def _count(request: Request, path: str, status: int) -> None:
 
 
 def _answer(answers: list[QueryAnswer]):
-    """200 with every image, or the error of the first query that did not complete."""
+    """200 with every image, or the error of the first query that did not complete, with a record of
+    every query of the request (what the server knows of each: deferred or not, its times)."""
     for a in answers:
         q = a.query
         if q.outcome == "completed":
@@ -207,23 +227,95 @@ def _answer(answers: list[QueryAnswer]):
         n = len(answers)
         lost = sum(x.query.outcome != "completed" for x in answers)
         what = f"{lost} of {n} images" if n > 1 else "the image"
+        records = {"queries": [{"outcome": x.query.outcome, **_metadata(x), "error": x.query.error or None}
+                               for x in answers]}
         if q.outcome == "dropped":
             return error_response(504, f"{what} could not be generated within the deadline "
                                   f"({q.slo_s:g} s SLO) and was dropped from the queue; retry later",
-                                  "server_error", "deadline_exceeded")
-        return error_response(500, f"{what} failed: {q.error or q.outcome}", "server_error", "worker_failed")
-    data = []
-    for a in answers:
-        q = a.query
-        item = {
-            "b64_json": base64.b64encode(a.png).decode("ascii"),
-            "model": a.model,
-            "served_by": q.served_by,
-            "confidence": q.confidence,
-            "deferred": q.deferred,
-            "queue_ms": round(q.queue_s * 1e3, 3),
-            "run_ms": round(q.service_s * 1e3, 3),
-            "total_ms": round(q.latency_s * 1e3, 3),
-        }
-        data.append(item)
+                                  "server_error", "deadline_exceeded", extra=records)
+        return error_response(500, f"{what} failed: {q.error or q.outcome}", "server_error", "worker_failed",
+                              extra=records)
+    data = [{"b64_json": base64.b64encode(a.png).decode("ascii"), **_metadata(a)} for a in answers]
     return {"created": int(time.time()), "data": data}
+
+
+def _metadata(answer: QueryAnswer) -> dict:
+    """What a query's record says about how it was served, in an answer's units (ms)."""
+    q = answer.query
+    latency = q.latency_s
+    return {
+        "model": answer.model,
+        "served_by": q.served_by,
+        "confidence": q.confidence,
+        "deferred": q.deferred,
+        "queue_ms": round(q.queue_s * 1e3, 3),
+        "run_ms": round(q.service_s * 1e3, 3),
+        "total_ms": None if latency is None else round(latency * 1e3, 3),
+    }
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn whose shutdown drains first.
+
+    Plain uvicorn closes its listening socket as soon as SIGTERM arrives: a request sent after that is
+    refused (connection refused) instead of answered, and ``/healthz`` never gets to say "draining". Here
+    the first SIGTERM or SIGINT (or :meth:`request_drain`, or :meth:`begin_drain` on the loop) only
+    starts a drain: the engine stops admitting, so new generation requests get 503 with ``Retry-After``
+    and ``/healthz`` answers 503 ``{"status": "draining"}``, while the socket stays open and every admitted
+    query runs to its outcome. When the engine is idle, or ``drain_timeout_s`` (default: the engine's
+    :meth:`~diffsim.server.engine.Engine.default_drain_s`) has passed, the engine is stopped -- a query
+    still pending then is answered as failed, still on the open socket -- and only then is uvicorn told
+    to exit: it closes the socket, finishes the responses being written and returns.
+
+    A second SIGINT exits at once, as in plain uvicorn (the engine is then stopped without waiting).
+    The signal is not re-raised after the drain (plain uvicorn does): the drain *is* the handling of
+    SIGTERM, so the process ends with status 0.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout_s: Optional[float] = None):
+        super().__init__(config)
+        self.engine = engine
+        self.drain_timeout_s = drain_timeout_s
+        self.drain_requested = False
+        self.drained: Optional[bool] = None  # once the drain has ended: whether every query finished in time
+        self._drain_task: Optional[asyncio.Task] = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        """The SIGTERM/SIGINT handler uvicorn installs (main thread only). It runs between two bytecodes of
+        whatever the loop was doing, so it only sets a flag; :meth:`on_tick` starts the drain."""
+        if self.drain_requested and sig == signal.SIGINT:
+            self.should_exit = True
+            self.force_exit = True
+            return
+        self.drain_requested = True
+
+    def request_drain(self) -> None:
+        """Ask for a drain from any thread (a flag, read by the loop within one uvicorn tick, 0.1 s)."""
+        self.drain_requested = True
+
+    async def begin_drain(self) -> None:
+        """On the server's loop: start the drain now, and return once the engine refuses new work."""
+        self.drain_requested = True
+        if self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain(), name="diffsim-drain")
+        while not (self.engine.draining or self.engine.stopped or self._drain_task.done()):
+            await asyncio.sleep(0)  # lets the drain task run up to its first wait
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_requested and self._drain_task is None:
+            await self.begin_drain()
+        return await super().on_tick(counter)
+
+    async def _drain(self) -> None:
+        engine = self.engine
+        timeout = self.drain_timeout_s if self.drain_timeout_s is not None else engine.default_drain_s()
+        try:
+            if engine.started and not engine.stopped:
+                log.info("draining: %d queries pending, up to %.1f s", engine.pending, timeout)
+                self.drained = await engine.drain(timeout)
+                if not self.drained:
+                    log.warning("drain timed out after %.1f s with %d queries pending: they are answered as "
+                                "failed", timeout, engine.pending)
+            await engine.stop(0.0)  # already drained (or out of time): answers what is left, stops workers
+        finally:
+            self.should_exit = True
