@@ -26,6 +26,8 @@ The config file (``diffsim simulate --config FILE``) is YAML with any of these k
     controller: {tick_s: 1, replan_s: 5, ewma_alpha: 0.3226, ewma_window: 20, headroom: 1.05,
                  initial_demand_qps: 10}
     service_time: p50            # or sampled: batch times drawn around p50 from the profile's p95/p99
+    admission: false             # true: refuse at the door what cannot finish in time, as diffsim serve does
+    deadline_sweep_s: 0          # > 0: drop queued queries whose time is up this often (the server: 0.1)
     faults:                      # workers lost (their running batch served again elsewhere) and back
       - {at_s: 120, workers: [2, 3]}
       - {at_s: 180, workers: [2, 3], recover: true}
@@ -166,6 +168,12 @@ class RunConfig:
     max_utilization: float = DEFAULT_MAX_UTILIZATION  # plan stages to at most this fraction of capacity
     batch_wait: float = 0.0  # fraction of a batch time counted as waiting for the batch in flight
     health: HealthConfig = field(default_factory=HealthConfig)
+    # The server's promises (diffsim.runtime.admission): refuse at the door what cannot finish within
+    # drop_factor x SLO, and answer queued queries when their time is up (every deadline_sweep_s; 0: only
+    # when they reach a worker). On by default in the server; off by default in the simulator (the paper's
+    # system has neither), on when it must predict a server (diffsim validate).
+    admission: bool = False
+    deadline_sweep_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or self.gpus < 1:
@@ -177,6 +185,7 @@ class RunConfig:
         _positive("drop_factor", self.drop_factor)
         _non_negative("batch_timeout_s", self.batch_timeout_s)
         _non_negative("swap_s", self.swap_s)
+        _non_negative("deadline_sweep_s", self.deadline_sweep_s)
         if not (isinstance(self.max_utilization, (int, float)) and 0 < self.max_utilization <= 1):
             raise InputError(f"config: max_utilization: must lie in (0, 1], got {self.max_utilization!r}")
         if not (isinstance(self.batch_wait, (int, float)) and 0 <= self.batch_wait <= 1):
@@ -256,6 +265,8 @@ class ConfigFile(_Strict):
     controller: Optional[ControllerSection] = None
     faults: Optional[list[FaultSection]] = None
     service_time: Optional[Literal["p50", "sampled"]] = None
+    admission: Optional[bool] = None
+    deadline_sweep_s: Optional[float] = Field(default=None, ge=0)
 
 
 _PATH_KEYS = ("cascades", "trace", "confidences")
@@ -342,7 +353,7 @@ def build_sim_config(settings: dict[str, Any]) -> SimConfig:
         ctrl["ewma_window"] = int(ctrl["ewma_window"])
     kwargs: dict[str, Any] = {"cascade": cascade, "controller": ControllerConfig(**ctrl)}
     for key in ("gpus", "policy", "seed", "routing", "drop_factor", "batch_timeout_s", "swap_s", "window_s",
-                "static_plan", "max_utilization", "batch_wait", "service_time"):
+                "static_plan", "max_utilization", "batch_wait", "service_time", "admission", "deadline_sweep_s"):
         if key in settings:
             kwargs[key] = settings[key]
     if "batch_sizes" in settings:

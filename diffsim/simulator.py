@@ -34,7 +34,8 @@ from .runtime.controller import Controller
 from .runtime.dispatcher import Batch, Dispatcher
 from .plan import Plan
 from .query import Query
-from .runtime.routing import Router
+from .runtime.admission import predict
+from .runtime.routing import Router, first_stage
 from .runtime.service_time import ServiceTimeModel
 
 
@@ -147,6 +148,7 @@ def simulate(
         seeds = trace.seed.tolist() if getattr(trace, "seed", None) is not None else None
         slo = cascade.slo_s
         admit = dispatcher.admit
+        admission = config.admission
         i = 0
         while i < total:
             t = times[i]
@@ -156,6 +158,11 @@ def simulate(
             while i < total and times[i] == t:
                 q = Query(i, prompt_ids[i], t, slo, seed=seeds[i] if seeds is not None else 0)
                 queries.append(q)
+                if admission and not predict(dispatcher, [first_stage(dispatcher.plan, i, config.seed)], now, slo,
+                                             config.drop_factor).accept:
+                    dispatcher.reject(q, now)
+                    i += 1
+                    continue
                 w = admit(q, now)
                 if w is not None and waiting[w] is not None:
                     wake(w)
@@ -251,6 +258,13 @@ def simulate(
                         wake(target)
             fault_log.append((now, tuple(fault.workers), fault.recover))
 
+    def deadlines():
+        period = config.deadline_sweep_s
+        while True:
+            yield env.timeout(period)
+            if dispatcher.expire_queued(env.now):
+                check_done()
+
     fault_log: list[tuple[float, tuple[int, ...], bool]] = []
     events = 0
     if total:
@@ -260,6 +274,8 @@ def simulate(
         env.process(control())
         if config.faults:
             env.process(faults())
+        if config.deadline_sweep_s > 0:
+            env.process(deadlines())
         events = _run_until(env, done)
     if bar is not None:
         bar.close()

@@ -126,6 +126,12 @@ class Dispatcher:
         """Queries refused at the door (admission): not served, but demand the controller must see."""
         self._tick_arrivals += count
 
+    def reject(self, query: Query, now: float) -> None:
+        """``query`` is refused at the door: it ends ``rejected`` and counts as demand (:meth:`refuse`)."""
+        self.refuse(1)
+        query.finish("rejected", now)
+        self.finished += 1
+
     def _enter_stage(self, query: Query, role: Role, now: float) -> Optional[int]:
         self._tick_stage[role] += 1
         query.enqueued_s = now

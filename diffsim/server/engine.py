@@ -43,16 +43,16 @@ from .worker import BatchJob, WorkerHandle, WorkerLost
 log = logging.getLogger("diffsim.server")
 
 HISTORY = 10_000  # plans and demand samples kept for /v1/plan and the metrics
-DEADLINE_SWEEP_S = 0.1  # how often queued requests are checked against their deadline
 
 
 @dataclass(frozen=True)
 class EngineConfig(RunConfig):
     """How the engine runs: the settings it shares with the simulator (:class:`~diffsim.config.RunConfig`),
-    plus the two only a real server has."""
+    with the server's defaults for its promises, plus what only a real server has."""
 
     swap: bool = False  # one model resident per worker; a role change loads the other one (swap_s: its time)
     admission: bool = True  # apply the admission rule (429 instead of queueing a hopeless query)
+    deadline_sweep_s: float = 0.1  # how often queued requests are checked against their deadline
 
 
 class Rejected(Exception):
@@ -252,6 +252,40 @@ class Engine:
         stages = [first_stage(plan, qid, self.config.seed) for qid in ids]
         return predict(self.dispatcher, stages, now, self.cascade.slo_s, self.config.drop_factor)
 
+    def describe(self) -> dict:
+        """Everything a simulation of this server needs (``GET /v1/config``; ``diffsim validate``): the
+        cascade's curves, the latency profile the allocator plans with, and every run setting."""
+        import dataclasses
+        import datetime as _dt
+
+        c = self.cascade
+        cfg = self.config
+        dump = lambda m: m.model_dump(exclude_none=True)  # noqa: E731
+        return {
+            "cascade": {
+                "name": c.name, "light": c.light_model, "heavy": c.heavy_model, "slo_s": c.slo_s,
+                "deferral_curve": dump(c.deferral), "fid": dump(c.fid),
+                **({"fid_random_mix": dump(c.fid_random)} if c.fid_random is not None else {}),
+            },
+            "profile": {
+                "gpu": c.gpu,
+                "provenance": {"source": "diffsim serve: GET /v1/config", "gpu": c.gpu,
+                               "date": _dt.date.today().isoformat()},
+                "models": {c.light_model: dump(c.light), c.heavy_model: dump(c.heavy)},
+                "discriminator": dump(c.discriminator),
+                "overheads": dump(c.overheads),
+            },
+            "run": {
+                "gpus": cfg.gpus, "policy": cfg.policy, "seed": cfg.seed, "routing": cfg.routing,
+                "drop_factor": cfg.drop_factor, "batch_timeout_s": cfg.batch_timeout_s, "swap_s": cfg.swap_s,
+                "batch_sizes": list(cfg.batch_sizes), "static_plan": cfg.static_plan,
+                "max_utilization": cfg.max_utilization, "batch_wait": cfg.batch_wait,
+                "admission": cfg.admission, "deadline_sweep_s": cfg.deadline_sweep_s,
+                "controller": dataclasses.asdict(cfg.controller), "health": dataclasses.asdict(cfg.health),
+            },
+            "policy_name": getattr(self.policy, "name", cfg.policy),
+        }
+
     # -- settling outcomes ------------------------------------------------------------------------------
 
     def _settle(self) -> None:
@@ -399,10 +433,13 @@ class Engine:
     # -- deadlines --------------------------------------------------------------------------------------
 
     async def _deadline_loop(self) -> None:
-        """Answer queued requests that can no longer finish in time (504) within DEADLINE_SWEEP_S of that
-        moment, instead of when they reach a worker."""
+        """Answer queued requests that can no longer finish in time (504) within ``deadline_sweep_s`` of
+        that moment, instead of when they reach a worker."""
+        period = self.config.deadline_sweep_s
+        if period <= 0:
+            return
         while True:
-            await asyncio.sleep(DEADLINE_SWEEP_S)
+            await asyncio.sleep(period)
             if self.dispatcher.expire_queued(self.now):
                 self._settle()
 
