@@ -90,10 +90,12 @@ def simulate(
     policy=None,
     on_batch: Optional[Callable[[Batch], None]] = None,
     on_enqueue: Optional[Callable[[int, Query, float], None]] = None,
+    confidences: Optional[Confidences] = None,
 ) -> SimResult:
     """Simulate ``trace`` under ``config``.
 
     ``policy`` overrides ``make_policy(config.policy, ...)`` (anything with ``plan(PolicyInput)``);
+    ``confidences`` overrides the per-prompt confidences of :func:`make_confidences`;
     ``on_batch(batch)`` and ``on_enqueue(worker, query, now)`` are debug hooks called as batches start
     and as queries enter worker queues.
     """
@@ -108,7 +110,7 @@ def simulate(
         cascade,
         config.gpus,
         router=Router(config.routing, np.random.default_rng(config.seed)),
-        confidences=make_confidences(config, trace.prompt_id),
+        confidences=confidences if confidences is not None else make_confidences(config, trace.prompt_id),
         seed=config.seed,
         drop_factor=config.drop_factor,
         batch_timeout_s=config.batch_timeout_s,

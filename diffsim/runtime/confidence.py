@@ -77,6 +77,11 @@ class Confidences:
         self._cache[prompt_id] = c
         return c
 
+    def learn(self, known: dict[int, float]) -> None:
+        """Use these measured confidences for their prompts (e.g. what a real server reported); others
+        still come from the curve or the table."""
+        self._cache.update({int(p): float(c) for p, c in known.items()})
+
     def check_covers(self, prompt_ids: Iterable[int]) -> None:
         """Raise a one-line error naming the first prompt id the table lacks (no-op for the curve)."""
         if self._table is None:

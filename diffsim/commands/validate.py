@@ -1,0 +1,193 @@
+"""``diffsim validate``: how far the simulator predicts a running server, measured.
+
+1. Reads the server's own description (``GET /v1/config``): its cascade's curves, the latency profile its
+   allocator plans with, and every run setting (policy, workers, routing, SLO, batch sizes, controller,
+   admission, deadline sweep).
+2. Replays the trace against it ``--repeats`` times with ``diffsim load`` (open loop), to measure the real
+   system and its own run-to-run spread; each run's reports go to ``OUT/real-K/``.
+3. Simulates the same trace with the same settings -- the server's profile with batch times sampled
+   around its p50 (``--service-time``), the request overhead measured in step 2 (client latency minus
+   the server's own time, median), and the per-prompt confidences the server reported -- into
+   ``OUT/sim/``.
+4. Writes ``OUT/validation.json`` (per figure: sim, the real values, the error, the real spread,
+   within_spread), prints the table, and plots latency CDFs and violations per window
+   (``OUT/validation.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import DiffsimError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "validate",
+        help="measure how far the simulator predicts a running server (sim vs K real runs of a trace)",
+        description=__doc__.split("\n\n", 1)[1].replace("``", "'"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--url", required=True, help="the running server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--trace", required=True, metavar="FILE", help="trace CSV, a path or a shipped name")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--repeats", type=int, default=3, metavar="K", help="real runs of the trace (default 3)")
+    p.add_argument("--max-requests", type=int, metavar="N", help="send only the first N requests of the trace")
+    p.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times (default 1)")
+    p.add_argument("--service-time", choices=("p50", "sampled"), default="sampled",
+                   help="the simulator's batch times (default sampled: around the profile's p50 by its p95/p99)")
+    p.add_argument("--pause-s", type=float, default=5.0, metavar="S",
+                   help="idle time between real runs, so that one run's backlog and demand estimate do not "
+                   "spill into the next (default 5)")
+    p.add_argument("--api-key", metavar="KEY", help="the server's API key, if it wants one")
+    p.add_argument("--window-s", type=float, default=10.0, metavar="S", help="time-series window (default 10)")
+
+
+def fetch_config(url: str, api_key=None) -> dict:
+    import httpx
+
+    base = url.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(f"{base}/v1/config", headers=headers, timeout=10.0)
+    except httpx.HTTPError as e:
+        raise DiffsimError(f"{base}: cannot reach the server ({type(e).__name__}: {e})") from None
+    if r.status_code == 401:
+        raise DiffsimError(f"{base}: the server wants an API key (--api-key)")
+    if r.status_code == 404:
+        raise DiffsimError(f"{base}/v1/config: not found (a diffsim serve older than validate?)")
+    if r.status_code != 200:
+        raise DiffsimError(f"{base}/v1/config: HTTP {r.status_code}")
+    return r.json()
+
+
+def sim_config_from(described: dict, *, service_time: str, request_ms: float):
+    """The :class:`~diffsim.config.SimConfig` of a simulation of the described server."""
+    from ..config import ControllerConfig, SimConfig
+    from ..profiles import CascadesFile, GpuProfile, build_cascade
+
+    c = described["cascade"]
+    profile_data = dict(described["profile"])
+    profile_data["overheads"] = {**profile_data.get("overheads", {}), "request_ms": request_ms}
+    profile = GpuProfile.model_validate(profile_data)
+    spec = {k: c[k] for k in ("light", "heavy", "slo_s", "deferral_curve", "fid") if k in c}
+    spec["deferral_curve"] = c["deferral_curve"]
+    if "fid_random_mix" in c:
+        spec["fid_random_mix"] = c["fid_random_mix"]
+    cascades = CascadesFile.model_validate({
+        "provenance": {"source": "diffsim serve: GET /v1/config", "gpu": profile.gpu, "date": "unknown"},
+        "cascades": {c["name"]: spec},
+    })
+    cascade = build_cascade(c["name"], profile, cascades, "<server profile>", "<server cascades>")
+    run = described["run"]
+    static_plan = run.get("static_plan")
+    return SimConfig(
+        cascade=cascade, gpus=int(run["gpus"]), policy=run["policy"], seed=int(run["seed"]),
+        controller=ControllerConfig(**run["controller"]), routing=run["routing"],
+        drop_factor=float(run["drop_factor"]), batch_timeout_s=float(run["batch_timeout_s"]),
+        swap_s=float(run["swap_s"]), batch_sizes=tuple(run["batch_sizes"]),
+        static_plan=dict(static_plan) if static_plan else None, max_utilization=float(run["max_utilization"]),
+        batch_wait=float(run["batch_wait"]), admission=bool(run["admission"]),
+        deadline_sweep_s=float(run["deadline_sweep_s"]), service_time=service_time,
+    )
+
+
+def request_overhead_ms(runs) -> float:
+    """Median over every request answered 200 of client latency minus the server's own time for it."""
+    import numpy as np
+
+    gaps = [1e3 * (q.latency_s - q.queue_s - q.service_s) for result in runs for q in result.queries
+            if q.outcome == "completed" and q.latency_s is not None]
+    return max(0.0, float(np.median(gaps))) if gaps else 0.0
+
+
+def measured_confidences(runs, cascade, seed: int):
+    """Per-prompt confidences the server reported (light images are scored, whatever the request's
+    status), falling back to the cascade's deferral curve for prompts never scored."""
+    from ..runtime.confidence import Confidences
+
+    conf = Confidences.from_curve(cascade.deferral, seed)
+    known = {}
+    for result in runs:
+        for q in result.queries:
+            if q.confidence is not None:
+                known.setdefault(q.prompt_id, float(q.confidence))
+    conf.learn(known)
+    return conf, len(known)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..reports import metrics
+    from ..reports.comparison import summarize_result
+    from ..reports.validation import compare, figures_of, format_table, plot
+    from ..resources import resolve_trace
+    from ..simulator import simulate
+    from ..workload.loadgen import run_load, summary_and_rows, write_results
+    from ..workload.traces import read_trace
+
+    if args.repeats < 1:
+        raise DiffsimError(f"--repeats: must be >= 1, got {args.repeats}")
+    described = fetch_config(args.url, args.api_key)
+    trace = read_trace(resolve_trace(args.trace))
+    if args.max_requests is not None:
+        if args.max_requests < 1:
+            raise DiffsimError(f"--max-requests: must be >= 1, got {args.max_requests}")
+        trace = _head(trace, args.max_requests)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sim_config = sim_config_from(described, service_time=args.service_time, request_ms=0.0)
+    cascade = sim_config.cascade
+    runs, real_figures, real_rows = [], [], []
+    for k in range(args.repeats):
+        if k:
+            import time
+
+            time.sleep(args.pause_s)
+        print(f"real run {k + 1}/{args.repeats}: {len(trace)} requests against {args.url}", flush=True)
+        result = asyncio.run(run_load(args.url, trace, time_scale=args.time_scale, api_key=args.api_key))
+        runs.append(result)
+        summary, rows = summary_and_rows(result, cascade, trace_name=args.trace, window_s=args.window_s)
+        write_results(out / f"real-{k + 1}", result, cascade, trace_name=args.trace, window_s=args.window_s)
+        real_figures.append(figures_of(summary, result.queries))
+        real_rows.append(rows)
+    overhead = request_overhead_ms(runs)
+    sim_config = sim_config_from(described, service_time=args.service_time, request_ms=overhead)
+    confidences, scored = measured_confidences(runs, sim_config.cascade, sim_config.seed)
+    scaled = _scaled(trace, args.time_scale)
+    sim = simulate(sim_config, scaled, confidences=confidences)
+    sim_summary = summarize_result(sim, args.trace)
+    sim_rows = metrics.timeseries(sim.queries, sim.plans, sim.demand, cascade=sim_config.cascade,
+                                  window_s=args.window_s)
+    metrics.write_outputs(out / "sim", sim_summary, sim_rows, plot=False)
+    comparison = compare(figures_of(sim_summary, sim.queries), real_figures)
+    report = {
+        "url": args.url, "trace": args.trace, "requests": len(trace), "repeats": args.repeats,
+        "service_time": args.service_time, "request_overhead_ms": overhead, "prompts_scored": scored,
+        "server": {"cascade": described["cascade"]["name"], "policy": described["run"]["policy"],
+                   "gpus": described["run"]["gpus"], "routing": described["run"]["routing"],
+                   "slo_s": described["cascade"]["slo_s"]},
+        "figures": comparison,
+    }
+    (out / "validation.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    plot(out / "validation.png", sim.queries, [r.queries for r in runs], sim_rows, real_rows)
+    print(format_table(comparison))
+    print(f"request overhead {overhead:.1f} ms (median); wrote {out / 'validation.json'}, {out / 'validation.png'}")
+    return 0
+
+
+def _head(trace, n: int):
+    from ..workload.traces import Trace
+
+    return Trace(arrival_s=trace.arrival_s[:n], prompt_id=trace.prompt_id[:n],
+                 prompt=None if trace.prompt is None else trace.prompt[:n], source=trace.source,
+                 seed=None if trace.seed is None else trace.seed[:n])
+
+
+def _scaled(trace, time_scale: float):
+    """The trace as the load generator sends it: from 0, arrival times x time_scale."""
+    arrivals = (trace.arrival_s - trace.arrival_s[0]) * time_scale
+    return replace(trace, arrival_s=arrivals)

@@ -1,0 +1,82 @@
+"""``diffsim validate``: the comparison is computed right (by hand on known numbers), and the command runs
+end to end against a small server with fixed-latency fake executors, writing what it promises."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from backends.fake import FixedLatencyFactory
+from diffsim import cli
+from diffsim.config import ControllerConfig
+from diffsim.reports.validation import FIGURES, compare
+from diffsim.server.http import HttpSettings
+from diffsim.server.startup import BackgroundServer, ServeOptions
+from diffsim.workload.traces import Trace, write_trace
+
+
+def test_errors_and_spread_by_hand():
+    real = [{"throughput_qps": 10.0, "slo_violation_ratio": 0.10, "latency_p50_s": 1.0},
+            {"throughput_qps": 12.0, "slo_violation_ratio": 0.16, "latency_p50_s": 1.0}]
+    sim = {"throughput_qps": 11.5, "slo_violation_ratio": 0.20, "latency_p50_s": 1.2}
+    c = compare(sim, real)
+    assert set(c) == {f.name for f in FIGURES}
+    t = c["throughput_qps"]
+    assert t["error"] == pytest.approx(0.5 / 11.0) and t["spread"] == 2.0 and t["error_kind"] == "relative"
+    assert t["within_spread"]  # 4.5% off, inside both the 5% tolerance and the real runs' spread (18%)
+    v = c["slo_violation_ratio"]
+    assert v["error"] == pytest.approx(0.07) and v["error_kind"] == "absolute"
+    assert not v["within_spread"]  # 7 points off: beyond 3 points and beyond the real spread of 6
+    p = c["latency_p50_s"]
+    assert p["error"] == pytest.approx(0.2) and not p["within_spread"]  # 20% > 15%, the runs agree exactly
+    assert c["dropped"]["error"] is None and c["dropped"]["within_spread"] is None  # nothing to compare
+
+
+def fake_profile(path: Path) -> Path:
+    table = lambda ms: {"batch_sizes": [1, 2, 4], "p50_ms": list(ms)}  # noqa: E731
+    path.write_text(yaml.safe_dump({
+        "gpu": "fake", "provenance": {"source": "tests", "gpu": "fake", "date": "2024-01-01"},
+        "models": {"sd-turbo": table([30, 30, 30]), "sd-v1.5": table([60, 60, 60])},
+        "discriminator": table([1, 1, 1]),
+    }))
+    return path
+
+
+def test_validate_end_to_end_on_a_fake_server(tmp_path, capsys):
+    options = ServeOptions(backend="cpu-tiny", cascade="sdturbo-sdv15", gpus=2, policy="static",
+                           static_plan={"threshold": 0.12, "light_workers": 1, "heavy_workers": 1,
+                                        "light_batch": 2, "heavy_batch": 2},
+                           gpu_profile=str(fake_profile(tmp_path / "fake.yaml")), slo_s=5.0, batch_sizes=(1, 2, 4),
+                           controller=ControllerConfig(tick_s=0.5, replan_s=2.0))
+    rng = np.random.default_rng(0)
+    trace = Trace(arrival_s=np.sort(rng.uniform(0, 3.0, 24)), prompt_id=np.arange(24))
+    write_trace(trace, tmp_path / "t.csv")
+    server = BackgroundServer(options, HttpSettings(max_n=4), executor_factory=FixedLatencyFactory(0.03, 0.06))
+    url = server.start()
+    try:
+        described = json.loads(__import__("httpx").get(f"{url}/v1/config").text)
+        assert described["run"]["gpus"] == 2 and described["cascade"]["name"] == "sdturbo-sdv15"
+        rc = cli.main(["validate", "--url", url, "--trace", str(tmp_path / "t.csv"), "--out", str(tmp_path / "v"),
+                       "--repeats", "2", "--pause-s", "0"])
+    finally:
+        server.stop()
+    assert rc == 0
+    report = json.loads((tmp_path / "v" / "validation.json").read_text())
+    assert report["requests"] == 24 and report["repeats"] == 2 and report["prompts_scored"] == 24
+    figs = report["figures"]
+    assert set(figs) == {f.name for f in FIGURES}
+    for name, e in figs.items():
+        assert len(e["real"]) == 2, name
+    thr = figs["throughput_qps"]
+    mean = sum(thr["real"]) / 2
+    assert thr["error"] == pytest.approx((thr["sim"] - mean) / mean)
+    # the fake's confidences (seed / 100, seed = prompt id) reach the simulation: the same deferrals
+    assert figs["deferral_fraction"]["sim"] == pytest.approx(figs["deferral_fraction"]["real"][0]) == 0.5
+    for path in ("validation.png", "real-1/summary.json", "real-2/summary.json", "sim/summary.json"):
+        assert (tmp_path / "v" / path).exists(), path
+    out = capsys.readouterr().out
+    assert "throughput_qps" in out and "within" in out
