@@ -1,8 +1,9 @@
 """The allocator: how many GPUs run each model, at which batch size, with which threshold.
 
 The model is a MILP, the formulation of record, solved with ``scipy.optimize.milp`` (HiGHS) when
-``solver="milp"``; ``solver="exact"`` (the default) returns the same plan from a structured enumeration
-that takes tens of microseconds (see *The exact solver* below).
+``solver="milp"``; ``solver="exact"`` (the default) returns the same plan from a structured enumeration,
+some 20-60 times faster: about a tenth of a millisecond once the cascade's candidates are ranked, 0.15x
+a trivial ``milp`` call (see *The exact solver* below, and ``benchmarks/bench_allocator.py``).
 
 The formulation, for the default ``cascade`` mode:
 
@@ -53,13 +54,17 @@ The exact solver
     meets the SLO (in cascade mode, both paths together); nothing else in the MILP constrains it. The
     objective's first term is the candidate's rank, so the optimum belongs to the best-ranked candidate
     with any feasible pair, and among that candidate's pairs it has the fewest GPUs, then the least summed
-    batch time: exactly ``rank * (G + 2) + sum x + latency / L`` minimised. The solver evaluates every
-    triple at once with numpy (candidates x (light batch sizes + "off") x (heavy batch sizes + "off")) on
-    the same pruned candidates and batch sizes as the MILP, with the same worker rounding, and takes the
-    first feasible candidate; it assumes no monotonicity of feasibility along the ranking. Where two batch
-    pairs tie exactly on all three terms (possible only across the two stages, with equal sums of batch
-    times), it takes the smallest light batch size, then heavy; HiGHS's pick there is arbitrary, as is its
-    pick between plans whose objectives differ by less than its absolute gap (1e-6). The property test
+    batch time: exactly ``rank * (G + 2) + sum x + latency / L`` minimised. The solver works on the same
+    pruned candidates and batch sizes as the MILP, with the same worker rounding. It finds the feasible
+    candidates all at once with numpy, over (candidate, heavy option) with the heavy stage "off" as one
+    more option: for a heavy option, the light batch size of most capacity among those that meet the SLO
+    with it needs the fewest light workers for every candidate (a worker count never rises with
+    capacity), so it alone decides whether any pair with that heavy option fits. It takes the first
+    feasible candidate (no monotonicity of feasibility along the ranking is assumed), then scans that
+    candidate's pairs for the fewest GPUs and least batch time. Where two batch pairs tie exactly on all
+    three terms (possible only across the two stages, with equal sums of batch times), it takes the
+    smallest light batch size, then heavy; HiGHS's pick there is arbitrary, as is its pick between plans
+    whose objectives differ by less than its absolute gap (1e-6). The property test
     ``tests/test_allocator_exact.py`` checks that the two solvers return the same plan.
 
 When nothing meets the constraints the allocator does not raise: it returns the best-effort plan (all
@@ -131,7 +136,7 @@ def allocate(
     DiffServe paper's model (batch time + queueing delay); 1 is the worst case.
 
     ``solver`` picks how the model is solved: ``exact`` (the structured enumeration in
-    :func:`_solve_exact`, tens of microseconds) or ``milp`` (the formulation of record, HiGHS, milliseconds);
+    :func:`_solve_exact`, about 0.1 ms) or ``milp`` (the formulation of record, HiGHS, milliseconds);
     both return the same plan, as ``tests/test_allocator_exact.py`` checks.
     """
     started = time.perf_counter()
@@ -142,8 +147,8 @@ def allocate(
         raise DiffsimError(f"max_utilization must lie in (0, 1], got {max_utilization!r}")
     if not 0 <= batch_wait <= 1:
         raise DiffsimError(f"batch_wait must lie in [0, 1], got {batch_wait!r}")
-    grid = tuple(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
-    if not grid or any(not 0 <= t <= 1 for t in grid):
+    grid = DEFAULT_THRESHOLDS if thresholds is None else tuple(thresholds)
+    if thresholds is not None and (not grid or any(not 0 <= t <= 1 for t in grid)):
         raise DiffsimError("thresholds must be a non-empty list of values in [0, 1]")
     q_light, q_heavy = queue_delay_s
     use_disc = mode == "cascade"
@@ -177,8 +182,17 @@ def _check_inputs(gpus, demand_qps, queue_delay_s, batch_sizes, objective, mode)
 
 def _stage(cascade: Cascade, role: str, batch_sizes, queue_delay: float, with_discriminator: bool,
            batch_wait: float, max_utilization: float) -> _Stage:
+    sizes, lats = _memoised(cascade, ("latency", role, tuple(batch_sizes), with_discriminator),
+                            lambda: _batch_latencies(cascade, role, batch_sizes, with_discriminator))
+    paths = tuple(lat * (1.0 + batch_wait) + queue_delay for lat in lats)
+    caps = tuple(b / lat * max_utilization for b, lat in zip(sizes, lats))  # usable: planned load stays below
+    return _Stage(sizes, lats, paths, caps)
+
+
+def _batch_latencies(cascade: Cascade, role: str, batch_sizes, with_discriminator: bool):
+    """The allowed batch sizes that have a latency in the profile, and that latency in seconds."""
     table = cascade.light if role == "light" else cascade.heavy
-    sizes, lats, paths, caps = [], [], [], []
+    sizes, lats = [], []
     for b in sorted(set(int(b) for b in batch_sizes)):
         ms = table.latency_ms(b)
         if ms is None:
@@ -188,12 +202,27 @@ def _stage(cascade: Cascade, role: str, batch_sizes, queue_delay: float, with_di
             if d is None:
                 continue
             ms += d
-        lat = ms / 1e3
         sizes.append(b)
-        lats.append(lat)
-        paths.append(lat * (1.0 + batch_wait) + queue_delay)
-        caps.append(b / lat * max_utilization)  # usable capacity: planned load stays below the cap
-    return _Stage(tuple(sizes), tuple(lats), tuple(paths), tuple(caps))
+        lats.append(ms / 1e3)
+    return tuple(sizes), tuple(lats)
+
+
+_MEMO: dict[tuple, tuple[Cascade, object]] = {}  # (id(cascade), *key) -> (cascade, value)
+
+
+def _memoised(cascade: Cascade, key: tuple, compute):
+    """``compute()`` once per cascade and key. What is memoised depends on the profile only (never on
+    demand, GPUs or queueing), and a controller asks again every few seconds; the identity check keeps a
+    new cascade that happens to get a freed one's ``id`` from reading its entries."""
+    full = (id(cascade),) + key
+    hit = _MEMO.get(full)
+    if hit is not None and hit[0] is cascade:
+        return hit[1]
+    if len(_MEMO) > 256:
+        _MEMO.clear()
+    value = compute()
+    _MEMO[full] = (cascade, value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -203,28 +232,25 @@ class _Ranked:
     cands: tuple[_Candidate, ...]
     light: np.ndarray  # light_fraction per candidate, best first
     heavy: np.ndarray  # heavy_fraction per candidate, best first
-
-
-_CANDIDATES: dict[tuple, tuple[Cascade, _Ranked]] = {}  # (id(cascade), grid, objective, mode) -> (cascade, ranked)
+    light_off: np.ndarray  # light_fraction == 0: the light stage is not used
+    heavy_off: np.ndarray
+    light_off_cost: np.ndarray  # workers of the light stage's "off" option: 0 where it is off, else inf
+    heavy_off_cost: np.ndarray
 
 
 def _candidates(cascade: Cascade, grid, objective: str, mode: str) -> _Ranked:
     """Threshold (or share) candidates, merged where indistinguishable, best first (memoised per cascade:
-    they depend on neither demand nor GPUs, and a controller asks again every few seconds)."""
-    key = (id(cascade), grid, objective, mode)
-    hit = _CANDIDATES.get(key)
-    if hit is not None and hit[0] is cascade:
-        return hit[1]
-    if len(_CANDIDATES) > 64:
-        _CANDIDATES.clear()
-    cands = _rank_candidates(cascade, grid, objective, mode)
-    ranked = _Ranked(
-        cands,
-        np.array([c.light_fraction for c in cands], dtype=float),
-        np.array([c.heavy_fraction for c in cands], dtype=float),
-    )
-    _CANDIDATES[key] = (cascade, ranked)
-    return ranked
+    they depend on neither demand nor GPUs)."""
+    return _memoised(cascade, ("candidates", grid, objective, mode),
+                     lambda: _ranked(_rank_candidates(cascade, grid, objective, mode)))
+
+
+def _ranked(cands) -> _Ranked:
+    light = np.array([c.light_fraction for c in cands], dtype=float)
+    heavy = np.array([c.heavy_fraction for c in cands], dtype=float)
+    light_off, heavy_off = light == 0, heavy == 0
+    return _Ranked(tuple(cands), light, heavy, light_off, heavy_off,
+                   np.where(light_off, 0.0, np.inf), np.where(heavy_off, 0.0, np.inf))
 
 
 def _rank_candidates(cascade: Cascade, grid, objective: str, mode: str) -> list[_Candidate]:
@@ -274,10 +300,14 @@ def _undominated(stage: _Stage, ok: list[int]) -> list[int]:
     HiGHS, the pick between them would be arbitrary.
     """
     lat, cap = stage.latency_s, stage.capacity
-    return [
-        i for i in ok
-        if not any(lat[j] <= lat[i] and cap[j] >= cap[i] and (lat[j] < lat[i] or cap[j] > cap[i]) for j in ok)
-    ]
+    # Fastest first (at equal latency the larger capacity first): a batch size is undominated iff it
+    # carries strictly more than every one before it. (Equal latency and capacity would be one batch size.)
+    keep, most = [], -math.inf
+    for i in sorted(ok, key=lambda i: (lat[i], -cap[i])):
+        if cap[i] > most:
+            keep.append(i)
+            most = cap[i]
+    return sorted(keep)
 
 
 def _servable(ranked: _Ranked, demand, gpus, light, heavy, light_ok, heavy_ok) -> np.ndarray:
@@ -288,16 +318,16 @@ def _servable(ranked: _Ranked, demand, gpus, light, heavy, light_ok, heavy_ok) -
     eps = 1e-9
     max_light_cap = max((light.capacity[i] for i in light_ok), default=0.0) * gpus
     max_heavy_cap = max((heavy.capacity[i] for i in heavy_ok), default=0.0) * gpus
-    return (
-        (demand * ranked.light <= max_light_cap + eps)
-        & (demand * ranked.heavy <= max_heavy_cap + eps)
-        & ((ranked.light == 0) | bool(light_ok))
-        & ((ranked.heavy == 0) | bool(heavy_ok))
-    )
+    ok = (demand * ranked.light <= max_light_cap + eps) & (demand * ranked.heavy <= max_heavy_cap + eps)
+    if not light_ok:
+        ok &= ranked.light_off
+    if not heavy_ok:
+        ok &= ranked.heavy_off
+    return ok
 
 
 def _solve_exact(cascade, gpus, demand, light, heavy, ranked, mode, objective, waits) -> Optional[Plan]:
-    """The MILP's optimum without the MILP: every (candidate, light batch, heavy batch) at once, in numpy.
+    """The MILP's optimum without the MILP: all candidates at once in numpy, then the chosen one's pairs.
 
     Why this is exact: once the candidate (hence each stage's load) and the two batch sizes are fixed, the
     only decisions left are the worker counts, and each stage independently takes its fewest workers that
@@ -316,48 +346,65 @@ def _solve_exact(cascade, gpus, demand, light, heavy, ranked, mode, objective, w
     servable = _servable(ranked, demand, gpus, light, heavy, light_ok, heavy_ok)
     if not servable.any():
         return None
-    too_many = float(gpus + 1)  # marks an option a candidate cannot use: any sum with it exceeds the GPUs
-    # Options per stage: its usable batch sizes, then "off" (no workers, no latency) as the last column.
-    wl = _fewest_workers(light, light_ok, demand, ranked.light, too_many)  # (candidates, nl + 1)
-    wh = _fewest_workers(heavy, heavy_ok, demand, ranked.heavy, too_many)  # (candidates, nh + 1)
-    path_l = np.array([light.path_s[i] for i in light_ok] + [0.0])
-    path_h = np.array([heavy.path_s[i] for i in heavy_ok] + [0.0])
-    batch_l = np.array([light.latency_s[i] for i in light_ok] + [0.0])
-    batch_h = np.array([heavy.latency_s[i] for i in heavy_ok] + [0.0])
-    if coupled:
-        meets_slo = path_l[:, None] + path_h[None, :] <= slo
-    else:
-        meets_slo = np.ones((len(path_l), len(path_h)), dtype=bool)  # each path was checked alone
-    used = wl[:, :, None] + wh[:, None, :]  # GPUs per (candidate, light option, heavy option)
-    feasible = meets_slo[None, :, :] & (used <= gpus) & servable[:, None, None]
-    per_cand = feasible.reshape(len(ranked.cands), -1).any(axis=1)
+    nl, nh = len(light_ok), len(heavy_ok)
+    # Workers per candidate and option; an option is a usable batch size, then "off" (no workers, no
+    # latency); inf where the candidate cannot take it (a stage it sends traffic to cannot be off, one it
+    # sends none to cannot run). The light stage also gets a last "none" column, inf for every candidate.
+    wl = _fewest_workers(light, light_ok, demand, ranked.light, ranked.light_off, ranked.light_off_cost, 1)
+    wh = _fewest_workers(heavy, heavy_ok, demand, ranked.heavy, ranked.heavy_off, ranked.heavy_off_cost, 0)
+    path_l = [light.path_s[i] for i in light_ok] + [0.0]
+    path_h = [heavy.path_s[i] for i in heavy_ok] + [0.0]
+    # In cascade mode a deferred query pays both paths (off adds nothing); otherwise each path alone meets
+    # the SLO, as _batch_options kept only such batch sizes.
+    slo_rows = [[not coupled or pl + ph <= slo for ph in path_h] for pl in path_l]
+    # Which candidates have a feasible pair, without trying every pair: for a heavy option, the light
+    # batch size of most capacity among those that meet the SLO with it needs the fewest light workers,
+    # for every candidate at once (the count never rises with capacity), so it alone decides.
+    cap_l = [light.capacity[i] for i in light_ok]
+    partner = []
+    for jh in range(nh + 1):
+        fits = [jl for jl in range(nl) if slo_rows[jl][jh]]
+        partner.append(max(fits, key=cap_l.__getitem__) if fits else nl + 1)
+    fewest_light = np.minimum(wl[:, partner], wl[:, nl:nl + 1])  # the off column wins where light is off
+    per_cand = ((fewest_light + wh) <= gpus).any(axis=1) & servable
     if not per_cand.any():
         return None
     k = int(np.argmax(per_cand))  # the best-ranked candidate with a feasible pair
-    # Among its feasible pairs: fewest GPUs, then least summed batch time, then the first in
-    # (light batch, heavy batch) order; lexsort's last key is the primary one.
-    jl, jh = np.nonzero(feasible[k])
-    order = np.lexsort((jh, jl, batch_l[jl] + batch_h[jh], used[k, jl, jh]))
-    jl, jh = int(jl[order[0]]), int(jh[order[0]])
+    # Among its feasible pairs (at most 7 x 7): fewest GPUs, then least summed batch time, then the first
+    # in (light batch, heavy batch) order.
+    row_l, row_h = wl[k].tolist(), wh[k].tolist()
+    batch_l = [light.latency_s[i] for i in light_ok] + [0.0]
+    batch_h = [heavy.latency_s[i] for i in heavy_ok] + [0.0]
+    _, _, jl, jh = min(
+        (row_l[a] + row_h[b], batch_l[a] + batch_h[b], a, b)
+        for a in range(nl + 1) for b in range(nh + 1)
+        if slo_rows[a][b] and row_l[a] + row_h[b] <= gpus
+    )
     light_plan = _exact_stage_plan(cascade, "light", light, light_ok, jl, wl[k, jl])
     heavy_plan = _exact_stage_plan(cascade, "heavy", heavy, heavy_ok, jh, wh[k, jh])
     return _plan(cascade, gpus, demand, light_plan, heavy_plan, ranked.cands[k], mode, objective, waits, True, "")
 
 
-def _fewest_workers(stage: _Stage, ok: list[int], demand: float, fraction: np.ndarray, too_many: float) -> np.ndarray:
-    """Workers each candidate needs on each usable batch size of a stage, and on the trailing "off" option.
+def _fewest_workers(stage: _Stage, ok: list[int], demand: float, fraction: np.ndarray, off: np.ndarray,
+                    off_cost: np.ndarray, extra: int) -> np.ndarray:
+    """Workers each candidate needs on each usable batch size of a stage, then on "off", then inf in
+    ``extra`` columns (options no candidate can use).
 
     A stage is on iff the candidate sends it a fraction of the demand (as the MILP's ``y`` rows say), and
-    then it has at least one worker even at zero demand; off costs nothing. ``too_many`` marks an option
-    the candidate cannot use. The rounding is ``_workers_for``'s, element for element.
+    then it has at least one worker even at zero demand; off costs nothing (``off_cost``: 0 where the
+    stage is off, inf where it is not). The rounding is ``_workers_for``'s, element for element.
     """
-    cap = np.array([stage.capacity[i] for i in ok], dtype=float)
-    on_stage = fraction > 0
-    load = demand * fraction
-    on = np.maximum(1.0, np.ceil(load[:, None] / cap[None, :] - 1e-9))
-    on = np.where(on_stage[:, None], np.minimum(on, too_many), too_many)
-    off = np.where(on_stage, too_many, 0.0)[:, None]
-    return np.concatenate([on, off], axis=1)
+    n = len(ok)
+    out = np.full((len(fraction), n + 1 + extra), np.inf)
+    if n:
+        need = out[:, :n]
+        np.divide((demand * fraction)[:, None], [stage.capacity[i] for i in ok], out=need)
+        need -= 1e-9
+        np.ceil(need, out=need)
+        np.maximum(need, 1.0, out=need)
+        need[off] = np.inf
+    out[:, n] = off_cost
+    return out
 
 
 def _exact_stage_plan(cascade: Cascade, role: str, stage: _Stage, ok: list[int], j: int, workers: float) -> StagePlan:
@@ -602,6 +649,7 @@ def _why(cascade, gpus, demand, stage, role, fits) -> str:
 
 
 def _with_solve_ms(plan: Plan, ms: float) -> Plan:
-    from dataclasses import replace
-
-    return replace(plan, solve_ms=ms)
+    """The plan with its solve time. The plan was built by this call and nobody else holds it yet, so it is
+    set in place (the frozen-dataclass idiom); ``dataclasses.replace`` would cost more than the exact solve."""
+    object.__setattr__(plan, "solve_ms", ms)
+    return plan
