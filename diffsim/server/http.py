@@ -12,6 +12,8 @@ Routes:
   deferred, confidence, served_by, queue/run/total ms, error), so that a client counts deferrals and
   times from every answer, not only from 200s.
 * ``GET /v1/plan`` -- the plan in force and the live state (JSON);
+* ``GET /v1/config`` -- what a simulation of this server needs: cascade curves, the latency profile the
+  allocator plans with, every run setting (``diffsim validate`` reads it);
 * ``GET /v1/quality`` -- with ``--fid-reference``: FID of the sampled served images per window, with the
   sample sizes, or why a window has no FID (JSON); 404 when the server was started without it;
 * ``GET /metrics`` -- Prometheus text;
@@ -51,7 +53,7 @@ from .prometheus import CONTENT_TYPE, ServerMetrics
 log = logging.getLogger("diffsim.server")
 
 MAX_SEED = 2**63 - 1
-ROUTES = ("/v1/images/generations", "/v1/plan", "/v1/quality", "/metrics", "/healthz")
+ROUTES = ("/v1/images/generations", "/v1/plan", "/v1/config", "/v1/quality", "/metrics", "/healthz")
 # Retry-After of a 503: a draining server does not come back by itself, but a replacement (or a sibling
 # behind the same load balancer) usually answers within seconds.
 UNAVAILABLE_RETRY_AFTER_S = 5
@@ -177,6 +179,10 @@ def create_app(engine_factory: Callable[[], Awaitable[Engine]], settings: HttpSe
     @app.get("/v1/plan")
     async def plan(request: Request):
         return request.app.state.engine.snapshot()
+
+    @app.get("/v1/config")
+    async def config(request: Request):
+        return request.app.state.engine.describe()
 
     @app.get("/v1/quality")
     async def quality(request: Request):
