@@ -34,6 +34,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Only tests marked ``cuda`` may skip (on a machine without a GPU). Any other skip -- an importorskip whose
+# package broke, a skipif that became true -- would hide a test silently, so it fails the run instead.
+# DIFFSIM_ALLOW_SKIPS=1 lifts the rule for a developer who runs part of the suite without some extra.
+_unexpected_skips: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "cuda" not in report.keywords:
+        _unexpected_skips.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unexpected_skips and not os.environ.get("DIFFSIM_ALLOW_SKIPS"):
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"{len(_unexpected_skips)} test(s) skipped that must run here (only `cuda` tests "
+                                f"may skip): {', '.join(_unexpected_skips[:5])}", red=True)
+        if session.exitstatus == 0:
+            session.exitstatus = 1
+
+
 @pytest.fixture(scope="session")
 def torch_one_thread():
     """torch on one CPU thread: the CI machines have two cores shared by everything."""
