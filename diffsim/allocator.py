@@ -2,7 +2,7 @@
 
 The model is a MILP, the formulation of record, solved with ``scipy.optimize.milp`` (HiGHS) when
 ``solver="milp"``; ``solver="exact"`` (the default) returns the same plan from a structured enumeration,
-some 20-60 times faster: about a tenth of a millisecond once the cascade's candidates are ranked, 0.15x
+some 15-70 times faster: about a tenth of a millisecond once the cascade's candidates are ranked, 0.15x
 a trivial ``milp`` call (see *The exact solver* below, and ``benchmarks/bench_allocator.py``).
 
 The formulation, for the default ``cascade`` mode:
