@@ -211,9 +211,7 @@ def test_quality_and_discriminator_help_do_not_import_torch():
 
 def test_measurements_are_no_longer_discriminator_actions(capsys):
     for action in ("stats", "fid", "kid", "clip-score"):
-        with pytest.raises(SystemExit) as exc:
-            cli_main(["discriminator", action, "--images", "x"])
-        assert exc.value.code == 2
+        assert cli_main(["discriminator", action, "--images", "x"]) == 2
         assert "invalid choice" in capsys.readouterr().err
 
 
