@@ -41,28 +41,35 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import InputError
-from .policies import DEFAULT_MAX_UTILIZATION
+from . import limits
+from .errors import InputError, SettingError
+from .policies import DEFAULT_MAX_UTILIZATION, StaticPlanSpec
 from .profiles import Cascade, load_cascade, validation_message
 from .resources import profiles_dir, resolve_profile
 from .runtime.routing import ROUTING_KINDS
+from .yamlfile import read_yaml
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 
 def _positive(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise InputError(f"config: {name}: must be a number > 0, got {value!r}")
+        raise SettingError(name, f"must be a number > 0, got {value!r}")
 
 
 def _non_negative(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise InputError(f"config: {name}: must be a number >= 0, got {value!r}")
+        raise SettingError(name, f"must be a number >= 0, got {value!r}")
+
+
+def _within(name: str, value: object, bounds: limits.Range) -> None:
+    """A setting inside its bounds (:mod:`diffsim.limits`); booleans are not numbers."""
+    if not bounds.contains(value):
+        raise SettingError(name, f"must be {bounds.describe()}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -86,14 +93,12 @@ class ControllerConfig:
     initial_demand_qps: float = 10.0
 
     def __post_init__(self) -> None:
-        _positive("controller.tick_s", self.tick_s)
-        _positive("controller.replan_s", self.replan_s)
-        if not (isinstance(self.ewma_alpha, (int, float)) and 0 < self.ewma_alpha <= 1):
-            raise InputError(f"config: controller.ewma_alpha: must lie in (0, 1], got {self.ewma_alpha!r}")
-        _positive("controller.headroom", self.headroom)
-        if not isinstance(self.ewma_window, int) or self.ewma_window < 1:
-            raise InputError(f"config: controller.ewma_window: must be an integer >= 1, got {self.ewma_window!r}")
-        _non_negative("controller.initial_demand_qps", self.initial_demand_qps)
+        _within("controller.tick_s", self.tick_s, limits.TICK_S)
+        _within("controller.replan_s", self.replan_s, limits.REPLAN_S)
+        _within("controller.ewma_alpha", self.ewma_alpha, limits.FRACTION_ABOVE_0)
+        _within("controller.headroom", self.headroom, limits.HEADROOM)
+        _within("controller.ewma_window", self.ewma_window, limits.EWMA_WINDOW)
+        _within("controller.initial_demand_qps", self.initial_demand_qps, limits.DEMAND_QPS)
 
 
 @dataclass(frozen=True)
@@ -128,9 +133,9 @@ class WorkerFault:
     recover: bool = False
 
     def __post_init__(self) -> None:
-        _non_negative("faults.at_s", self.at_s)
-        if not self.workers or any(not isinstance(w, int) or isinstance(w, bool) or w < 0 for w in self.workers):
-            raise InputError(f"config: faults.workers: must be worker indices >= 0, got {list(self.workers)!r}")
+        _within("faults.at_s", self.at_s, limits.SECONDS)
+        if not self.workers or not all(limits.WORKER_INDEX.contains(w) for w in self.workers):
+            raise SettingError("faults.workers", f"must be worker indices >= 0, got {list(self.workers)!r}")
 
 
 def parse_fault(text: str, recover: bool, flag: str) -> WorkerFault:
@@ -176,24 +181,28 @@ class RunConfig:
     deadline_sweep_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or self.gpus < 1:
-            raise InputError(f"config: gpus: must be an integer >= 1, got {self.gpus!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise InputError(f"config: seed: must be an integer, got {self.seed!r}")
+        _within("gpus", self.gpus, limits.GPUS)
+        _within("seed", self.seed, limits.SEED)
         if self.routing not in ROUTING_KINDS:
-            raise InputError(f"config: routing: must be one of {', '.join(ROUTING_KINDS)}, got {self.routing!r}")
-        _positive("drop_factor", self.drop_factor)
-        _non_negative("batch_timeout_s", self.batch_timeout_s)
-        _non_negative("swap_s", self.swap_s)
+            raise SettingError("routing", f"must be one of {', '.join(ROUTING_KINDS)}, got {self.routing!r}")
+        _within("drop_factor", self.drop_factor, limits.DROP_FACTOR)
+        _within("batch_timeout_s", self.batch_timeout_s, limits.SECONDS)
+        _within("swap_s", self.swap_s, limits.SECONDS)
         _non_negative("deadline_sweep_s", self.deadline_sweep_s)
-        if not (isinstance(self.max_utilization, (int, float)) and 0 < self.max_utilization <= 1):
-            raise InputError(f"config: max_utilization: must lie in (0, 1], got {self.max_utilization!r}")
-        if not (isinstance(self.batch_wait, (int, float)) and 0 <= self.batch_wait <= 1):
-            raise InputError(f"config: batch_wait: must lie in [0, 1], got {self.batch_wait!r}")
+        if not limits.FRACTION_ABOVE_0.contains(self.max_utilization):
+            raise SettingError("max_utilization", f"must lie in (0, 1], got {self.max_utilization!r}")
+        if not limits.FRACTION.contains(self.batch_wait):
+            raise SettingError("batch_wait", f"must lie in [0, 1], got {self.batch_wait!r}")
         sizes = tuple(self.batch_sizes)
-        if not sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in sizes):
-            raise InputError(f"config: batch_sizes: must be integers >= 1, got {list(sizes)!r}")
+        if not sizes or len(sizes) > limits.MAX_BATCH_SIZES or not all(limits.BATCH_SIZE.contains(b) for b in sizes):
+            raise SettingError("batch_sizes", f"must be 1 to {limits.MAX_BATCH_SIZES} integers in "
+                               f"{limits.BATCH_SIZE}, got {list(sizes)!r}")
         object.__setattr__(self, "batch_sizes", tuple(sorted(set(sizes))))
+        if self.static_plan is not None:
+            try:  # here, not when the policy is built mid-run: a plan needing more GPUs than it is for
+                StaticPlanSpec.from_dict(self.static_plan, error=ValueError)
+            except ValueError as e:
+                raise SettingError("static_plan", str(e).removeprefix("static plan: ")) from None
         if not isinstance(self.controller, ControllerConfig):
             raise InputError("config: controller: must be a ControllerConfig")
 
@@ -209,13 +218,13 @@ class SimConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive("window_s", self.window_s)
+        _within("window_s", self.window_s, limits.WINDOW_S)
         if self.service_time not in ("p50", "sampled"):
             raise InputError(f"config: service_time: must be p50 or sampled, got {self.service_time!r}")
         for fault in self.faults:
             if max(fault.workers) >= self.gpus:
-                raise InputError(f"config: faults: worker {max(fault.workers)} does not exist "
-                                 f"(workers are 0..{self.gpus - 1})")
+                raise SettingError("faults", f"worker {max(fault.workers)} does not exist "
+                                   f"(with {self.gpus} GPUs the workers are 0..{self.gpus - 1})")
         object.__setattr__(self, "faults", tuple(sorted(self.faults, key=lambda f: f.at_s)))
         if self.confidences_path is not None:
             object.__setattr__(self, "confidences_path", Path(self.confidences_path))
@@ -226,42 +235,75 @@ class SimConfig(RunConfig):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a boolean is not a number (gpus: true is an error, not 1 GPU), a quoted "16" is not an
+    # integer, and no number may be infinite or NaN. The bounds are those of diffsim.limits.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+def _bounded(bounds: limits.Range, **kwargs):
+    """A pydantic field with the bounds of ``bounds`` (default None: the setting is optional)."""
+    kwargs.setdefault("default", None)
+    return Field(**kwargs, **bounds.pydantic())
+
+
+_Name = Annotated[str, Field(min_length=1)]
+_BatchSize = Annotated[int, Field(**limits.BATCH_SIZE.pydantic())]
+_WorkerIndex = Annotated[int, Field(**limits.WORKER_INDEX.pydantic())]
 
 
 class ControllerSection(_Strict):
-    tick_s: Optional[float] = Field(default=None, gt=0)
-    replan_s: Optional[float] = Field(default=None, gt=0)
-    ewma_alpha: Optional[float] = Field(default=None, gt=0, le=1)
-    ewma_window: Optional[int] = Field(default=None, ge=1)
-    headroom: Optional[float] = Field(default=None, gt=0)
-    initial_demand_qps: Optional[float] = Field(default=None, ge=0)
+    tick_s: Optional[float] = _bounded(limits.TICK_S)
+    replan_s: Optional[float] = _bounded(limits.REPLAN_S)
+    ewma_alpha: Optional[float] = _bounded(limits.FRACTION_ABOVE_0)
+    ewma_window: Optional[int] = _bounded(limits.EWMA_WINDOW)
+    headroom: Optional[float] = _bounded(limits.HEADROOM)
+    initial_demand_qps: Optional[float] = _bounded(limits.DEMAND_QPS)
 
 
 class FaultSection(_Strict):
-    at_s: float = Field(ge=0)
-    workers: list[int] = Field(min_length=1)
+    at_s: float = _bounded(limits.SECONDS, default=...)
+    workers: list[_WorkerIndex] = Field(min_length=1)
     recover: bool = False
 
 
+class StaticPlanSection(_Strict):
+    """A fixed plan for the ``static`` policy, written for ``gpus`` GPUs (default 16, the paper's) and
+    scaled to the run's GPU count."""
+
+    threshold: float = _bounded(limits.FRACTION, default=...)
+    light_workers: int = _bounded(limits.WORKERS, default=...)
+    heavy_workers: int = _bounded(limits.WORKERS, default=...)
+    light_batch: _BatchSize
+    heavy_batch: _BatchSize
+    gpus: Optional[int] = _bounded(limits.GPUS)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "StaticPlanSection":
+        try:
+            StaticPlanSpec.from_dict(self.model_dump(exclude_none=True), error=ValueError)
+        except ValueError as e:
+            raise ValueError(str(e).removeprefix("static plan: ")) from None
+        return self
+
+
 class ConfigFile(_Strict):
-    gpu: Optional[str] = None
-    cascades: Optional[str] = None
-    cascade: Optional[str] = None
-    trace: Optional[str] = None
-    gpus: Optional[int] = Field(default=None, ge=1)
-    policy: Optional[str] = None
-    seed: Optional[int] = None
-    routing: Optional[str] = None
-    drop_factor: Optional[float] = Field(default=None, gt=0)
-    batch_timeout_s: Optional[float] = Field(default=None, ge=0)
-    swap_s: Optional[float] = Field(default=None, ge=0)
-    batch_sizes: Optional[list[int]] = Field(default=None, min_length=1)
-    confidences: Optional[str] = None
-    static_plan: Optional[dict[str, Union[int, float]]] = None
-    window_s: Optional[float] = Field(default=None, gt=0)
-    max_utilization: Optional[float] = Field(default=None, gt=0, le=1)
-    batch_wait: Optional[float] = Field(default=None, ge=0, le=1)
+    gpu: Optional[_Name] = None
+    cascades: Optional[_Name] = None
+    cascade: Optional[_Name] = None
+    trace: Optional[_Name] = None
+    gpus: Optional[int] = _bounded(limits.GPUS)
+    policy: Optional[_Name] = None
+    seed: Optional[int] = _bounded(limits.SEED)
+    routing: Optional[_Name] = None
+    drop_factor: Optional[float] = _bounded(limits.DROP_FACTOR)
+    batch_timeout_s: Optional[float] = _bounded(limits.SECONDS)
+    swap_s: Optional[float] = _bounded(limits.SECONDS)
+    batch_sizes: Optional[list[_BatchSize]] = Field(default=None, min_length=1, max_length=limits.MAX_BATCH_SIZES)
+    confidences: Optional[_Name] = None
+    static_plan: Optional[StaticPlanSection] = None
+    window_s: Optional[float] = _bounded(limits.WINDOW_S)
+    max_utilization: Optional[float] = _bounded(limits.FRACTION_ABOVE_0)
+    batch_wait: Optional[float] = _bounded(limits.FRACTION)
     controller: Optional[ControllerSection] = None
     faults: Optional[list[FaultSection]] = None
     service_time: Optional[Literal["p50", "sampled"]] = None
@@ -278,16 +320,7 @@ def read_config_file(path: Path | str) -> dict[str, Any]:
     ``gpu`` is resolved only when it names a file next to the config (``a100`` stays a profile name).
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise InputError(f"{path}: {where}{getattr(e, 'problem', None) or 'invalid YAML'}") from None
+    data = read_yaml(path)  # not UTF-8, bad syntax or a key given twice: one line naming the file and line
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -319,7 +352,7 @@ def check_settings(settings: dict[str, Any]) -> None:
     """Checks that need more than the field types: known routing kind and policy name."""
     routing = settings.get("routing")
     if routing is not None and routing not in ROUTING_KINDS:
-        raise InputError(f"config: routing: must be one of {', '.join(ROUTING_KINDS)}, got {routing!r}")
+        raise SettingError("routing", f"must be one of {', '.join(ROUTING_KINDS)}, got {routing!r}")
     policy = settings.get("policy")
     if policy is not None:
         try:
@@ -327,7 +360,7 @@ def check_settings(settings: dict[str, Any]) -> None:
         except ImportError:  # policies not importable: make_policy checks the name later
             return
         if policy not in POLICY_NAMES:
-            raise InputError(f"config: policy: unknown policy {policy!r} (choose from {', '.join(POLICY_NAMES)})")
+            raise SettingError("policy", f"unknown policy {policy!r} (choose from {', '.join(POLICY_NAMES)})")
 
 
 def build_sim_config(settings: dict[str, Any]) -> SimConfig:

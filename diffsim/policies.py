@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Protocol, Sequence
 
 from .allocator import DEFAULT_BATCH_SIZES, allocate
+from . import limits
 from .errors import DiffsimError
 from .plan import Plan, StagePlan
 from .profiles import Cascade
@@ -65,21 +66,31 @@ class StaticPlanSpec:
     gpus: int = PAPER_STATIC_GPUS  # the GPU count the plan was written for; scaled to the actual count
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StaticPlanSpec":
+    def from_dict(cls, d: dict, error: type[Exception] = DiffsimError) -> "StaticPlanSpec":
+        """A checked plan; a problem raises ``error`` (DiffsimError, or ValueError for a config file's
+        validator) with one line naming the field."""
+        if not isinstance(d, dict):
+            raise error(f"static plan: expected a mapping of fields, got {type(d).__name__}")
         known = {"threshold", "light_workers", "heavy_workers", "light_batch", "heavy_batch", "gpus"}
         unknown = set(d) - known
         if unknown:
-            raise DiffsimError(f"static plan: unknown field(s) {', '.join(sorted(unknown))}")
+            raise error(f"static plan: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
         missing = known - {"gpus"} - set(d)
         if missing:
-            raise DiffsimError(f"static plan: missing field(s) {', '.join(sorted(missing))}")
+            raise error(f"static plan: missing field(s) {', '.join(sorted(missing))}")
+        bounds = {"threshold": limits.FRACTION, "light_workers": limits.WORKERS, "heavy_workers": limits.WORKERS, "light_batch": limits.BATCH_SIZE,
+                  "heavy_batch": limits.BATCH_SIZE, "gpus": limits.GPUS}
+        for name, value in d.items():
+            if not bounds[name].contains(value):
+                raise error(f"static plan: {name} must be {bounds[name].describe()}, got {value!r}")
         spec = cls(**d)
-        if not 0 <= spec.threshold <= 1:
-            raise DiffsimError("static plan: threshold must lie in [0, 1]")
-        if min(spec.light_workers, spec.heavy_workers) < 0 or spec.light_workers + spec.heavy_workers < 1:
-            raise DiffsimError("static plan: worker counts must be >= 0 and not both 0")
-        if min(spec.light_batch, spec.heavy_batch) < 1:
-            raise DiffsimError("static plan: batch sizes must be >= 1")
+        workers = spec.light_workers + spec.heavy_workers
+        if workers < 1:
+            raise error("static plan: worker counts must be >= 0 and not both 0")
+        if workers > spec.gpus:
+            raise error(f"static plan: {spec.light_workers} light + {spec.heavy_workers} heavy workers need {workers} "
+                        f"GPUs but the plan is written for {spec.gpus} (give gpus: {workers}; it is then scaled "
+                        "to the run's GPU count)")
         return spec
 
 

@@ -24,16 +24,17 @@ from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InputError
+from .yamlfile import read_yaml
 
 QUANTILES = ("p50", "p95", "p99")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a boolean is not a number and a quoted "16" is not an integer; infinities and NaN are no latency
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Provenance(_Strict):
@@ -236,17 +237,8 @@ class CascadesFile(_Strict):
 
 
 def _read_yaml(path: Path) -> object:
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(e, "problem", None) or "invalid YAML"
-        raise InputError(f"{path}: {where}{problem}") from None
+    """The file's YAML; not UTF-8, bad syntax or a key given twice is an error naming the file and line."""
+    return read_yaml(path)
 
 
 def validation_message(path: Path | str, err: ValidationError) -> str:
