@@ -157,7 +157,7 @@ def test_json_output(tmp_path, sparse_trace, capsys):
         (["--cascade", "nope"], "nope"),
         (["--gpu", "h900"], "h900"),
         (["--gpus", "0"], "gpus"),
-        (["--window-s", "0"], "window_s"),
+        (["--window-s", "0"], "--window-s"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, sparse_trace, capsys, args, needle):

@@ -20,13 +20,15 @@ from pathlib import Path
 
 from ..reports import metrics
 from ..reports.comparison import COMPARISON_COLUMNS, RunSpec, Scenario, default_jobs, format_table, run_all
+from .. import limits
 from ..errors import DiffsimError
+from .args import bounded, name_list, nonempty, number_list
 from .simulate import add_scenario_arguments, load_scenario, scenario_settings
 
 DEFAULT_POLICIES = "diffserve,clipper-light,clipper-heavy,static,proteus"
 DEFAULT_OUT = "out/compare"
 THRESHOLD_POLICIES = ("diffserve", "diffserve-maxt", "static")  # the cascade policies: a threshold to pin
-CONSOLE_COLUMNS = (  # "threshold" (the pinned one) is added for threshold sweeps
+CONSOLE_COLUMNS = (  # "threshold" (the pinned one) and "pinned_share" are added for threshold sweeps
     "policy",
     "gpus",
     "slo_violation_ratio",
@@ -53,36 +55,28 @@ def add_parser(subparsers) -> None:
         ),
     )
     add_scenario_arguments(p)
-    p.add_argument("--gpus", type=int, metavar="N", help="number of GPUs (default 16; see --sweep-gpus)")
+    p.add_argument("--gpus", type=limits.GPUS, metavar="N",
+                   help=bounded("number of GPUs; see --sweep-gpus", limits.GPUS, 16))
     p.add_argument("--policies", default=DEFAULT_POLICIES, metavar="P,P,...", help=f"policies (default {DEFAULT_POLICIES})")
-    p.add_argument("--sweep-gpus", metavar="N,N,...", help="run every policy at each of these GPU counts")
-    p.add_argument("--sweep-thresholds", metavar="T,T,...", help="run every policy with the threshold pinned at each value")
-    p.add_argument("--jobs", type=int, metavar="N", help="parallel processes (default min(CPUs, runs))")
-    p.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-
-
-def _list(text: str, kind, flag: str) -> list:
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    if not items:
-        raise DiffsimError(f"{flag}: give at least one value")
-    try:
-        values = [kind(s) for s in items]
-    except ValueError:
-        raise DiffsimError(f"{flag}: {text!r} is not a comma-separated list of {kind.__name__} values") from None
-    if len(set(values)) != len(values):
-        raise DiffsimError(f"{flag}: {text!r} repeats a value")
-    return values
+    p.add_argument("--sweep-gpus", metavar="N,N,...",
+                   help=bounded("run every policy at each of these GPU counts", limits.GPUS))
+    p.add_argument("--sweep-thresholds", metavar="T,T,...",
+                   help=bounded("run every policy with the threshold pinned at each value; a run whose plans at "
+                                "that threshold were infeasible fell back to a lower one: the pinned_share column "
+                                "says for what share of the run the pinned threshold was in force", limits.FRACTION))
+    p.add_argument("--jobs", type=limits.JOBS, metavar="N",
+                   help=bounded("parallel processes; default min(CPUs, runs)", limits.JOBS))
+    p.add_argument("--out", metavar="DIR", type=nonempty, default=DEFAULT_OUT,
+                   help=f"output folder (default {DEFAULT_OUT})")
 
 
 def build_specs(args: argparse.Namespace, policies: list[str], gpus: int) -> list[RunSpec]:
-    gpu_counts = _list(args.sweep_gpus, int, "--sweep-gpus") if args.sweep_gpus else [gpus]
-    if any(g < 1 for g in gpu_counts):
-        raise DiffsimError(f"--sweep-gpus: GPU counts must be >= 1, got {args.sweep_gpus!r}")
+    gpu_counts = [gpus]
+    if args.sweep_gpus is not None:  # an empty list is an error, not "no sweep"
+        gpu_counts = number_list(args.sweep_gpus, "--sweep-gpus", limits.GPUS, unique=True)
     thresholds: list = [None]
-    if args.sweep_thresholds:
-        thresholds = _list(args.sweep_thresholds, float, "--sweep-thresholds")
-        if any(not 0 <= t <= 1 for t in thresholds):
-            raise DiffsimError(f"--sweep-thresholds: thresholds must lie in [0, 1], got {args.sweep_thresholds!r}")
+    if args.sweep_thresholds is not None:
+        thresholds = number_list(args.sweep_thresholds, "--sweep-thresholds", limits.FRACTION, unique=True)
         other = [p for p in policies if p not in THRESHOLD_POLICIES]
         if other:
             raise DiffsimError(
@@ -95,15 +89,13 @@ def build_specs(args: argparse.Namespace, policies: list[str], gpus: int) -> lis
 def run(args: argparse.Namespace) -> int:
     from ..policies import POLICY_NAMES
 
-    policies = _list(args.policies, str, "--policies")
+    policies = name_list(args.policies, "--policies")
     for name in policies:
         if name not in POLICY_NAMES:
             raise DiffsimError(f"--policies: unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
-    if args.jobs is not None and args.jobs < 1:
-        raise DiffsimError(f"--jobs: must be >= 1, got {args.jobs}")
     settings = scenario_settings(args, ("gpus",))
     settings.pop("policy", None)  # --policies decides
-    config, trace, trace_name = load_scenario(settings)
+    config, trace, trace_name = load_scenario(settings, args)
     specs = build_specs(args, policies, config.gpus)
     scenario = Scenario(config=config, trace=trace, trace_name=trace_name, window_s=config.window_s)
     jobs = args.jobs or default_jobs(len(specs))
@@ -153,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         columns = CONSOLE_COLUMNS
         if args.sweep_thresholds:
-            columns = columns[:2] + ("threshold",) + columns[2:]
+            columns = columns[:2] + ("threshold", "pinned_share") + columns[2:]
         print(format_table(rows, columns))
         print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import DiffsimError
+from .. import limits
+from .args import bounded, nonempty, number_list
 
 
 def add_parser(sub) -> None:
@@ -15,35 +16,34 @@ def add_parser(sub) -> None:
         description="Solve the allocator for one demand level: workers and batch size per stage, threshold, "
         "predicted capacity, latency, deferral fraction and expected FID.",
     )
-    p.add_argument("--cascade", default="sdturbo-sdv15", help="cascade name (default: %(default)s)")
-    p.add_argument("--gpu", default="a100", help="GPU profile: a shipped name (a100, h100-eager, h100-graph) or a YAML path")
-    p.add_argument("--cascades", default=None, help="cascades/quality YAML (default: the shipped profiles/cascades.yaml)")
-    p.add_argument("--gpus", type=int, default=16, help="GPUs available (default: %(default)s)")
-    p.add_argument("--demand", type=float, required=True, help="demand in queries per second")
+    p.add_argument("--cascade", default="sdturbo-sdv15", type=nonempty, help="cascade name (default: %(default)s)")
+    p.add_argument("--gpu", default="a100", type=nonempty,
+                   help="GPU profile: a shipped name (a100, h100-eager, h100-graph) or a YAML path")
+    p.add_argument("--cascades", default=None, type=nonempty,
+                   help="cascades/quality YAML (default: the shipped profiles/cascades.yaml)")
+    p.add_argument("--gpus", type=limits.GPUS, default=16, help=bounded("GPUs available", limits.GPUS, 16))
+    p.add_argument("--demand", type=limits.DEMAND_QPS, required=True,
+                   help=bounded("demand in queries per second", limits.DEMAND_QPS))
     p.add_argument("--objective", choices=("quality", "max-threshold"), default="quality")
     p.add_argument("--mode", choices=("cascade", "split", "light-only", "heavy-only"), default="cascade",
                    help="cascade (DiffServe), split (Proteus), or a single model (Clipper)")
     p.add_argument("--queue-delay-s", default="0,0", metavar="L,H",
-                   help="queueing delay estimates of the light and heavy stage, seconds (default: 0,0)")
-    p.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="allowed batch sizes (default: %(default)s)")
-    p.add_argument("--max-utilization", type=float, default=None,
-                   help="plan each stage to at most this fraction of its capacity "
-                        "(default: the serving policies' 0.8; 1 is the paper's capacity >= demand)")
-    p.add_argument("--batch-wait", type=float, default=0.0,
-                   help="fraction of a batch time counted as waiting for the batch in flight (default 0, as the paper)")
+                   help=bounded("queueing delay estimates of the light and heavy stage, seconds", limits.QUEUE_DELAY_S,
+                                "0,0"))
+    p.add_argument("--batch-sizes", default="1,2,4,8,16,32",
+                   help=bounded("allowed batch sizes", limits.BATCH_SIZE, "1,2,4,8,16,32"))
+    p.add_argument("--max-utilization", type=limits.FRACTION_ABOVE_0, default=None,
+                   help=bounded("plan each stage to at most this fraction of its capacity; 1 is the paper's "
+                                "capacity >= demand", limits.FRACTION_ABOVE_0, "the serving policies' 0.8"))
+    p.add_argument("--batch-wait", type=limits.FRACTION, default=0.0,
+                   help=bounded("fraction of a batch time counted as waiting for the batch in flight",
+                                limits.FRACTION, "0, as the paper"))
     p.add_argument("--thresholds", default=None,
-                   help="threshold grid, comma-separated (default: 0, 0.005, ..., 1)")
+                   help=bounded("threshold grid, comma-separated", limits.FRACTION, "0, 0.005, ..., 1"))
     p.add_argument("--solver", choices=("exact", "milp"), default="exact",
                    help="exact (structured, microseconds) or milp (the formulation of record, scipy/HiGHS); "
                         "both give the same plan (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise DiffsimError(f"--{what}: expected comma-separated numbers, got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,13 +52,11 @@ def run(args: argparse.Namespace) -> int:
     from ..profiles import load_cascade
     from ..resources import profiles_dir, resolve_profile
 
-    delays = _floats(args.queue_delay_s, "queue-delay-s")
-    if len(delays) != 2:
-        raise DiffsimError(f"--queue-delay-s: expected two numbers L,H, got {args.queue_delay_s!r}")
-    sizes = _floats(args.batch_sizes, "batch-sizes")
-    if any(b != int(b) for b in sizes):
-        raise DiffsimError(f"--batch-sizes: expected integers, got {args.batch_sizes!r}")
-    thresholds = _floats(args.thresholds, "thresholds") if args.thresholds else None
+    delays = number_list(args.queue_delay_s, "--queue-delay-s", limits.QUEUE_DELAY_S, count=2)
+    sizes = number_list(args.batch_sizes, "--batch-sizes", limits.BATCH_SIZE, most=limits.MAX_BATCH_SIZES)
+    thresholds = None
+    if args.thresholds is not None:  # an empty grid is an error, not the default grid
+        thresholds = number_list(args.thresholds, "--thresholds", limits.FRACTION, most=10_000)
     cascades = args.cascades or str(profiles_dir() / "cascades.yaml")
     cascade = load_cascade(args.cascade, resolve_profile(args.gpu), cascades)
     plan = allocate(

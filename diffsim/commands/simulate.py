@@ -16,9 +16,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
+from .. import limits
 from ..reports import metrics
 from ..errors import DiffsimError
+from .args import bounded, nonempty
 
 DEFAULT_TRACE = "dynamic.csv"
 DEFAULT_OUT = "out/simulate"
@@ -26,19 +29,28 @@ DEFAULT_OUT = "out/simulate"
 
 def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
     """The options ``simulate`` and ``compare`` share; each defaults to None so the config file can fill it."""
-    p.add_argument("--config", metavar="FILE", help="YAML config file (flags override its settings)")
-    p.add_argument("--trace", metavar="FILE", help=f"trace CSV, a path or a shipped name (default {DEFAULT_TRACE})")
-    p.add_argument("--cascade", metavar="C", help="cascade name (default sdturbo-sdv15)")
-    p.add_argument("--gpu", metavar="a100|PATH", help="GPU latency profile: shipped name or YAML path (default a100)")
-    p.add_argument("--cascades", metavar="FILE", help="cascades file (default: the shipped profiles/cascades.yaml)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--config", metavar="FILE", type=nonempty,
+                   help="YAML config file (flags override its settings); every key, its type and bounds: "
+                        "README.md, 'Config file'")
+    p.add_argument("--trace", metavar="FILE", type=nonempty,
+                   help=f"trace CSV, a path or a shipped name (default {DEFAULT_TRACE})")
+    p.add_argument("--cascade", metavar="C", type=nonempty, help="cascade name (default sdturbo-sdv15)")
+    p.add_argument("--gpu", metavar="a100|PATH", type=nonempty,
+                   help="GPU latency profile: shipped name or YAML path (default a100)")
+    p.add_argument("--cascades", metavar="FILE", type=nonempty,
+                   help="cascades file (default: the shipped profiles/cascades.yaml)")
+    p.add_argument("--seed", type=limits.SEED, help=bounded("random seed", limits.SEED, 0))
     p.add_argument("--routing", choices=("random", "least-loaded"),
                    help="worker choice within a stage (default least-loaded; random is the paper's)")
-    p.add_argument("--max-utilization", type=float, metavar="U",
-                   help="MILP policies plan each stage to at most this fraction of its capacity (default 0.8)")
-    p.add_argument("--batch-wait", type=float, metavar="W",
-                   help="fraction of a batch time the MILP counts as waiting for the batch in flight (default 0)")
-    p.add_argument("--window-s", type=float, metavar="S", help="time-series window in seconds (default 10)")
+    p.add_argument("--max-utilization", type=limits.FRACTION_ABOVE_0, metavar="U",
+                   help=bounded("MILP policies plan each stage to at most this fraction of its capacity",
+                                limits.FRACTION_ABOVE_0, 0.8))
+    p.add_argument("--batch-wait", type=limits.FRACTION, metavar="W",
+                   help=bounded("fraction of a batch time the MILP counts as waiting for the batch in flight",
+                                limits.FRACTION, 0))
+    p.add_argument("--window-s", type=limits.WINDOW_S, metavar="S",
+                   help=bounded(f"time-series window in seconds, at most {limits.MAX_WINDOWS:,} windows over the "
+                                "trace", limits.WINDOW_S, 10))
     p.add_argument("--service-time", choices=("p50", "sampled"),
                    help="batch times: the profile's p50 (default), or drawn from a log-normal fitted to the "
                         "profile's p50/p95/p99 (what a measured profile says a real batch does)")
@@ -60,13 +72,16 @@ def add_parser(subparsers) -> None:
             f"traces/{DEFAULT_TRACE}, sdturbo-sdv15 on 16 a100 GPUs, policy diffserve, seed 0, output in "
             f"{DEFAULT_OUT}/. Settings: defaults < --config < flags. Writes summary.json, timeseries.csv, "
             "timeline.png, queries.csv and plans.csv; the same settings give byte-identical files, except "
-            "wall_s in summary.json (wall-clock time)."
+            "wall_s in summary.json (wall-clock time). The config file (--config) is YAML with the keys of the "
+            "flags and more (controller, static_plan, faults, ...): every key, its type and bounds are in "
+            "README.md, section 'Config file'."
         ),
     )
     add_scenario_arguments(p)
-    p.add_argument("--gpus", type=int, metavar="N", help="number of GPUs (default 16)")
-    p.add_argument("--policy", metavar="P", help="policy (default diffserve)")
-    p.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--gpus", type=limits.GPUS, metavar="N", help=bounded("number of GPUs", limits.GPUS, 16))
+    p.add_argument("--policy", metavar="P", type=nonempty, help="policy (default diffserve)")
+    p.add_argument("--out", metavar="DIR", type=nonempty, default=DEFAULT_OUT,
+                   help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--quiet", action="store_true", help="no progress bar (shown on stderr when it is a terminal)")
 
 
@@ -90,25 +105,55 @@ def scenario_settings(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> 
     return settings
 
 
-def load_scenario(settings: dict):
-    """The simulator config and the trace the settings name, and the trace's name for the reports."""
+def load_scenario(settings: dict, args: Optional[argparse.Namespace] = None):
+    """The simulator config and the trace the settings name, and the trace's name for the reports.
+
+    With the command's ``args``, a setting that is out of bounds or inconsistent with another is
+    reported under its source: the flag (``--window-s: ...``) or the config file (``run.yaml: faults: ...``).
+    """
     from ..config import build_sim_config
+    from ..errors import SettingError
     from ..resources import resolve_trace
     from ..workload.traces import read_trace
+    from ..yamlfile import read_text
 
     trace_name = str(settings.get("trace", DEFAULT_TRACE))
     trace = read_trace(resolve_trace(trace_name))
     if not len(trace):
         raise DiffsimError(f"{trace_name}: the trace has no requests")
-    config = build_sim_config(settings)
+    try:
+        config = build_sim_config(settings)
+        windows = trace.duration_s / config.window_s
+        if windows > limits.MAX_WINDOWS:
+            raise SettingError("window_s", f"{config.window_s:g} s windows over the trace's {trace.duration_s:g} s "
+                               f"make {windows:,.0f} windows, more than {limits.MAX_WINDOWS:,}: use longer windows")
+    except SettingError as e:
+        if args is None:
+            raise
+        raise DiffsimError(f"{setting_source(args, e.field)}: {e.problem}") from None
+    confidences = config.confidences_path or config.cascade.confidences_path
+    if confidences is not None:
+        read_text(confidences)  # a missing or binary file: one line naming it, before the run starts
     return config, trace, trace_name
+
+
+def setting_source(args: argparse.Namespace, field: str) -> str:
+    """Where a setting came from, as an error message should name it: the flag, or the config file and key."""
+    key = field.split(".")[0]
+    if key == "faults" and (getattr(args, "fail_worker", None) or getattr(args, "recover_worker", None)):
+        return "--fail-worker/--recover-worker"
+    if getattr(args, key, None) is not None:
+        return "--" + key.replace("_", "-")
+    if getattr(args, "config", None):
+        return f"{args.config}: {field}"
+    return "--" + key.replace("_", "-")  # the default is in force: the flag is how to change it
 
 
 def run(args: argparse.Namespace) -> int:
     from ..reports.comparison import summarize_result
     from ..simulator import simulate
 
-    config, trace, trace_name = load_scenario(scenario_settings(args, ("gpus", "policy")))
+    config, trace, trace_name = load_scenario(scenario_settings(args, ("gpus", "policy")), args)
     # The bar is for people watching: on a terminal, unless --quiet (it goes to stderr either way).
     result = simulate(config, trace, progress=not args.quiet and sys.stderr.isatty())
     summary = summarize_result(result, trace_name)
@@ -137,7 +182,8 @@ def _num(v, spec=".3f") -> str:
 def format_summary(s: dict) -> str:
     """The console summary: scenario, outcomes, quality, latency, resources."""
     lines = [
-        f"{s['cascade']} on {s['gpus']} x {s['gpu']}, policy {s['policy']}, trace {s['trace']}, seed {s['seed']}",
+        f"{s['cascade']} on {s['gpus']} x {s['gpu']}, policy {s['policy']}, trace {s['trace']}"
+        + ("" if s.get("seed") is None else f", seed {s['seed']}"),  # a served run (diffsim load) has no seed
         "",
         f"  requests            {s['requests']}",
         f"  completed           {s['completed']}  (on time {s['on_time']}, late {s['late']})",
@@ -154,6 +200,7 @@ def format_summary(s: dict) -> str:
         f"  throughput          {_num(s['throughput_qps'], '.2f')} qps over {_num(s['duration_s'], '.1f')} s",
         f"  GPU utilization     {_pct(s['gpu_utilization'])}",
         f"  plans               {s['plans_applied']} applied, {s['plan_changes']} changes, {s['infeasible_plans']} infeasible",
-        f"  wall time           {_num(s['wall_s'], '.2f')} s ({s.get('events', 0)} events)",
+        f"  wall time           {_num(s['wall_s'], '.2f')} s"
+        + ("" if s.get("events") is None else f" ({s['events']} events)"),  # simulated runs count events
     ]
     return "\n".join(lines)

@@ -15,61 +15,25 @@ import json
 
 import numpy as np
 
+from .. import limits
 from ..errors import DiffsimError
+from .args import bounded, nonempty
 
 WINDOWS_S = (1.0, 10.0)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (np.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (np.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number >= 0")
-    return value
-
-
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} must be >= {minimum}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_nonnegative_int = _int_at_least(0)
-
-
 def _output_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of numpy.random.default_rng (default 0)")
+    p.add_argument("--seed", type=limits.SEED, default=0,
+                   help=bounded("seed of numpy.random.default_rng", limits.SEED, 0))
     p.add_argument(
         "--prompt-ids",
         nargs=2,
-        type=_nonnegative_int,
+        type=limits.PROMPT_ID,
         default=(1, 4999),
         metavar=("FIRST", "LAST"),
         help="prompt ids are drawn uniformly from FIRST..LAST inclusive (default 1 4999, as in the artifact)",
     )
-    p.add_argument("--out", required=True, help="trace file to write")
+    p.add_argument("--out", required=True, type=nonempty, help="trace file to write")
     p.add_argument(
         "--format",
         choices=("diffsim", "artifact"),
@@ -81,51 +45,63 @@ def _output_options(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "trace",
-        help="generate, describe and convert workload traces",
-        description="Generate seeded workload traces, describe a trace, or convert between the artifact's "
-        "format and diffsim's. Formats: traces/README.md.",
+        help="workload traces: generate (poisson, gamma, shape), describe (info), convert",
+        description="Generate seeded workload traces (poisson, gamma, shape), describe a trace (info), or "
+        "convert between the artifact's format and diffsim's (convert). Formats: traces/README.md. A generated "
+        f"trace holds at most {limits.MAX_TRACE_REQUESTS:,} requests and lasts at most {limits.MAX_ARRIVAL_S:,.0f} s.",
     )
     sub = p.add_subparsers(dest="trace_command", metavar="ACTION", required=True)
 
+    rate_help = bounded("mean arrival rate, queries per second; rate x duration at most "
+                        f"{limits.MAX_TRACE_REQUESTS:,} requests", limits.RATE_QPS)
     g = sub.add_parser("poisson", help="constant-rate Poisson arrivals")
-    g.add_argument("--rate", type=_positive_float, required=True, help="mean arrival rate, queries per second")
-    g.add_argument("--duration", type=_positive_float, required=True, help="trace length, seconds")
+    g.add_argument("--rate", type=limits.RATE_QPS, required=True, help=rate_help)
+    g.add_argument("--duration", type=limits.DURATION_S, required=True,
+                   help=bounded("trace length, seconds", limits.DURATION_S))
     _output_options(g)
 
     g = sub.add_parser("gamma", help="bursty arrivals: Gamma inter-arrival times with a given cv")
-    g.add_argument("--rate", type=_positive_float, required=True, help="mean arrival rate, queries per second")
+    g.add_argument("--rate", type=limits.RATE_QPS, required=True, help=rate_help)
     g.add_argument(
-        "--cv", type=_nonnegative_float, required=True, help="coefficient of variation of the gaps (1 = Poisson)"
+        "--cv", type=limits.CV, required=True,
+        help=bounded("coefficient of variation of the gaps (1 = Poisson)", limits.CV)
     )
-    g.add_argument("--duration", type=_positive_float, required=True, help="trace length, seconds")
+    g.add_argument("--duration", type=limits.DURATION_S, required=True,
+                   help=bounded("trace length, seconds", limits.DURATION_S))
     _output_options(g)
 
     g = sub.add_parser("shape", help="arrivals following a rate curve min-max scaled to [lo, hi] qps")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--builtin", help="a built-in curve: diurnal, ramp or step")
-    src.add_argument("--rates", metavar="FILE", help="a rate curve: one number per line, or a CSV column")
+    src.add_argument("--rates", metavar="FILE", type=nonempty, help="a rate curve: one number per line, or a CSV column")
     g.add_argument("--column", help="with --rates: the CSV column, by header name or 1-based number")
     g.add_argument(
-        "--start", type=_nonnegative_int, default=0, help="with --rates: first interval of the file to use (0-based)"
+        "--start", type=limits.INTERVALS_OR_ZERO, default=0,
+        help=bounded("with --rates: first interval of the file to use (0-based)", limits.INTERVALS_OR_ZERO, 0)
     )
     g.add_argument(
         "--intervals",
-        type=_positive_int,
-        help="number of intervals: the built-in curve is sampled at this many points (default 360); "
-        "with --rates, how many of the file's intervals to use from --start (default: all)",
+        type=limits.INTERVALS,
+        help=bounded("number of intervals: the built-in curve is sampled at this many points (default 360); "
+                     "with --rates, how many of the file's intervals to use from --start (default: all)",
+                     limits.INTERVALS),
     )
-    g.add_argument("--interval-s", type=_positive_float, default=1.0, help="seconds per interval (default 1)")
-    g.add_argument("--lo", type=_nonnegative_float, required=True, help="rate of the curve's minimum, qps")
-    g.add_argument("--hi", type=_nonnegative_float, required=True, help="rate of the curve's maximum, qps")
+    g.add_argument("--interval-s", type=limits.DURATION_S, default=1.0,
+                   help=bounded("seconds per interval; intervals x interval-s at most "
+                                f"{limits.MAX_ARRIVAL_S:,.0f} s", limits.DURATION_S, 1))
+    g.add_argument("--lo", type=limits.RATE_OR_ZERO, required=True,
+                   help=bounded("rate of the curve's minimum, qps", limits.RATE_OR_ZERO))
+    g.add_argument("--hi", type=limits.RATE_OR_ZERO, required=True,
+                   help=bounded("rate of the curve's maximum, qps", limits.RATE_OR_ZERO))
     _output_options(g)
 
     g = sub.add_parser("info", help="count, duration, mean and peak rates, prompt-id range")
-    g.add_argument("file", help="trace file (a path, or the name of a shipped trace such as dynamic.csv)")
+    g.add_argument("file", type=nonempty, help="trace file (a path, or the name of a shipped trace such as dynamic.csv)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     g = sub.add_parser("convert", help="rewrite a trace in the other format")
-    g.add_argument("file", help="trace file to read (either format)")
-    g.add_argument("--out", required=True, help="trace file to write")
+    g.add_argument("file", type=nonempty, help="trace file to read (either format)")
+    g.add_argument("--out", required=True, type=nonempty, help="trace file to write")
     g.add_argument(
         "--format", choices=("diffsim", "artifact"), default="diffsim", help="output format (default diffsim)"
     )

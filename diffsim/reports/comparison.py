@@ -24,6 +24,7 @@ COMPARISON_COLUMNS = (
     "policy",
     "gpus",
     "threshold",
+    "pinned_share",
     "requests",
     "completed",
     "late",
@@ -88,6 +89,10 @@ def run_one(scenario: Scenario, spec: RunSpec) -> RunResult:
     result = simulate(config, scenario.trace, progress=False, policy=policy)
     summary = summarize_result(result, scenario.trace_name)
     summary["threshold_pinned"] = spec.threshold
+    # An infeasible plan at the pinned threshold falls back to the best-effort plan (threshold 0): say for
+    # what share of the run the pinned threshold was really in force.
+    summary["pinned_share"] = (None if spec.threshold is None else metrics._time_weighted(
+        result.plans, result.duration_s, lambda p: float(p.threshold == spec.threshold)))
     rows = metrics.timeseries(result.queries, result.plans, result.demand, cascade=config.cascade, window_s=scenario.window_s)
     return RunResult(spec, summary, rows)
 

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .. import limits
 from ..errors import DiffsimError, InputError
 from .traces import Trace, csv_records
 
@@ -34,6 +35,16 @@ def _check_positive(name: str, value: float) -> float:
     if not (math.isfinite(value) and value > 0):
         raise DiffsimError(f"{name} must be a positive number, got {value}")
     return value
+
+
+def _check_size(expected_requests: float, duration_s: float, what: str) -> None:
+    """A trace must fit the bounds every reader applies (:mod:`diffsim.limits`): at most
+    MAX_TRACE_REQUESTS requests (expected) and MAX_ARRIVAL_S seconds; refused before anything is drawn."""
+    if duration_s > limits.MAX_ARRIVAL_S:
+        raise DiffsimError(f"{what} lasts {duration_s:g} s, longer than the {limits.MAX_ARRIVAL_S:,.0f} s a trace may last")
+    if expected_requests > limits.MAX_TRACE_REQUESTS:
+        raise DiffsimError(f"{what} would hold about {expected_requests:.3g} requests, more than the "
+                           f"{limits.MAX_TRACE_REQUESTS:,} a trace may hold: lower the rate or the duration")
 
 
 def _check_prompt_ids(prompt_ids: Sequence[int]) -> tuple[int, int]:
@@ -74,8 +85,9 @@ def gamma_trace(
     rate_qps = _check_positive("rate_qps", rate_qps)
     duration_s = _check_positive("duration_s", duration_s)
     cv = float(cv)
-    if not (math.isfinite(cv) and cv >= 0):
-        raise DiffsimError(f"cv must be a number >= 0, got {cv}")
+    if not limits.CV.contains(cv):
+        raise DiffsimError(f"cv must be {limits.CV.describe()}, got {cv}")
+    _check_size(rate_qps * duration_s, duration_s, f"rate {rate_qps:g} qps over {duration_s:g} s")
     ids = _check_prompt_ids(prompt_ids)
     arrival_rng, id_rng = _streams(seed)
 
@@ -141,6 +153,8 @@ def shape_trace(
     """
     interval_s = _check_positive("interval_s", interval_s)
     scaled = scale_rates(rates, lo_qps, hi_qps)
+    _check_size(float(scaled.sum()) * interval_s, len(scaled) * interval_s,
+                f"a curve of {len(scaled)} intervals of {interval_s:g} s at {lo_qps:g}..{hi_qps:g} qps")
     ids = _check_prompt_ids(prompt_ids)
     arrival_rng, id_rng = _streams(seed)
     counts = arrival_rng.poisson(scaled * interval_s)

@@ -23,12 +23,14 @@ import csv
 import io
 import math
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from ..errors import DiffsimError, InputError
+from ..limits import MAX_ARRIVAL_S
 
 FORMATS = ("diffsim", "artifact")
 DIFFSIM_MARKER = "# diffsim-trace v1"
@@ -178,7 +180,13 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _parse_time(where: str, name: str, text: str) -> float:
+def _parse_time(where: str, name: str, text: str, scale: int = 0) -> float:
+    """A time field in seconds; ``scale`` -3 reads milliseconds (the artifact's ``arrival_ms``).
+
+    Milliseconds are converted by moving the decimal point, so ``304.706`` ms becomes exactly the float
+    nearest 0.304706 s (a division by 1000 would give 0.30470600000000003). Times are finite, >= 0 and
+    at most :data:`diffsim.limits.MAX_ARRIVAL_S` seconds.
+    """
     try:
         value = float(text)
     except ValueError:
@@ -187,6 +195,10 @@ def _parse_time(where: str, name: str, text: str) -> float:
         raise InputError(f"{where}: {name} {text.strip()!r} is not a finite number")
     if value < 0:
         raise InputError(f"{where}: {name} {text.strip()} is negative")
+    if scale:
+        value = float(Decimal(text.strip().replace("_", "")).scaleb(scale))
+    if value > MAX_ARRIVAL_S:
+        raise InputError(f"{where}: {name} {text.strip()} is beyond {MAX_ARRIVAL_S:,.0f} s, the longest a trace may last")
     return value
 
 
@@ -250,7 +262,7 @@ def parse_trace(text: str, source: str = "<trace>") -> Trace:
         if columns is None:
             if len(row) != 2:
                 raise InputError(f"{where}: expected 2 fields arrival_ms,prompt_id, found {len(row)}")
-            arrival.append(_parse_time(where, "arrival_ms", row[0]) / 1000.0)
+            arrival.append(_parse_time(where, "arrival_ms", row[0], scale=-3))
             ids.append(_parse_count(where, "prompt_id", row[1]))
             continue
         if len(row) != len(columns):
