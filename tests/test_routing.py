@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sim_helpers import a100_cascade, fixed_plan
 
-from diffsim.runtime.routing import Router, defers, first_stage
+from diffsim.runtime.routing import LoadIndex, Router, defers, first_stage
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,48 @@ def test_least_loaded_picks_fewest_with_lowest_index_on_ties():
     assert router.choose([0, 1, 2, 3], loads) == 1  # 1 and 3 tie at 2: lowest index
     assert router.choose([0, 2, 4], loads) == 4
     assert router.choose([2], loads) == 2
+
+
+def test_load_index_agrees_with_the_scan_under_random_changes():
+    """The index's choice is the scan's (Router.choose) after any sequence of load and membership changes."""
+    rng = np.random.default_rng(1)
+    gpus = 40
+    index = LoadIndex(gpus)
+    loads = [0] * gpus
+    scan = Router("least-loaded", np.random.default_rng(0))
+    groups = {"light": [], "heavy": []}
+    for step in range(20000):
+        r = rng.random()
+        if r < 0.01 or step == 0:  # new membership: a random split, some workers in no group
+            roles = rng.integers(0, 3, gpus)
+            groups = {"light": [w for w in range(gpus) if roles[w] == 0], "heavy": [w for w in range(gpus) if roles[w] == 1]}
+            index.set_groups(groups)
+        else:
+            w = int(rng.integers(gpus))
+            loads[w] = max(0, loads[w] + int(rng.integers(-3, 4)))
+            index.set(w, loads[w])
+        assert index.load == loads
+        for name, members in groups.items():
+            if members:
+                assert index.least_loaded(name) == scan.choose(members, loads)
+
+
+def test_load_index_heaps_stay_small():
+    index = LoadIndex(3)
+    index.set_groups({"light": [0, 1, 2]})
+    for i in range(10000):  # no choice ever pops: only the rebuild bounds the heap
+        index.set(i % 3, i)
+    assert len(index._heaps["light"]) <= 4 * 3 + 64
+    assert index.least_loaded("light") == 1 and index.load == [9999, 9997, 9998]
+
+
+def test_load_index_refuses_overlapping_groups_and_empty_ones():
+    index = LoadIndex(3)
+    with pytest.raises(ValueError):
+        index.set_groups({"light": [0, 1], "heavy": [1, 2]})
+    index.set_groups({"light": [0], "heavy": []})
+    with pytest.raises(ValueError):
+        index.least_loaded("heavy")
 
 
 def test_unknown_routing():

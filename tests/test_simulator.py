@@ -168,6 +168,46 @@ def test_least_loaded_routing_spreads_a_burst():
     assert per_worker == {0: 2, 1: 2, 2: 2, 3: 2}
 
 
+SCAN_CHECKED = [
+    dict(policy="diffserve", rate=60.0, faults=((20.0, (2, 3, 5), False), (35.0, (2, 5), True))),
+    dict(policy="proteus", rate=80.0, swap_s=1.0, batch_timeout_s=0.1),
+    dict(policy="diffserve", rate=70.0, admission=True, deadline_sweep_s=0.1, service_time="sampled",
+         faults=((10.0, (0, 1, 2, 3), False), (30.0, (0, 1, 2, 3), True))),
+]
+
+
+@pytest.mark.parametrize("case", SCAN_CHECKED)
+def test_least_loaded_index_chooses_what_the_scan_chooses_in_whole_runs(monkeypatch, case):
+    """Every placement of a run with faults, swaps, drops, admission and sweeps: the dispatcher's load
+    index holds every worker's true load and picks the worker the full scan (Router.choose) picks."""
+    from diffsim.config import WorkerFault
+    from diffsim.runtime.dispatcher import Dispatcher
+    from diffsim.runtime.routing import Router
+
+    scan = Router("least-loaded", np.random.default_rng(0))
+    place = Dispatcher._place
+    checked = [0]
+
+    def checked_place(self, query, role, now, front=False):
+        if self.stage_workers[role]:
+            assert self._index.load == [self._loads[w] for w in range(self.gpus)]
+            assert self._index.least_loaded(role) == scan.choose(self.stage_workers[role], self._loads)
+            checked[0] += 1
+        return place(self, query, role, now, front)
+
+    monkeypatch.setattr(Dispatcher, "_place", checked_place)
+    case = dict(case)
+    rate = case.pop("rate")
+    faults = tuple(WorkerFault(t, ws, rec) for t, ws, rec in case.pop("faults", ()))
+    rng = np.random.default_rng(4)
+    n = int(rate * 45)
+    arrivals = np.sort(rng.uniform(0, 45, n))
+    config = SimConfig(cascade=CASCADE, gpus=8, routing="least-loaded", faults=faults, **case)
+    r = simulate(config, trace_of(arrivals, rng.integers(1, 5000, n)))
+    assert checked[0] >= n and all(q.outcome is not None for q in r.queries)
+    assert Counter(q.outcome for q in r.queries)["dropped"] > 0  # overloaded: the drop paths ran too
+
+
 def test_deferral_fraction_follows_the_curve():
     t = 0.1
     plan = fixed_plan(CASCADE, 6, 10, 1, 1, threshold=t)

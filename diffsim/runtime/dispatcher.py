@@ -36,7 +36,7 @@ from ..plan import Plan, Role
 from ..profiles import Cascade
 from ..query import Query
 from .roles import assign_roles, needs_swap, switched
-from .routing import Router, defers, first_stage
+from .routing import LoadIndex, Router, defers, first_stage
 
 STAGES: tuple[Role, Role] = ("light", "heavy")
 
@@ -56,7 +56,8 @@ class Batch:
 
 
 class _Loads:
-    """loads[w] = queued + in-flight queries of worker w (read by least-loaded routing)."""
+    """loads[w] = queued + in-flight queries of worker w, computed when read (what :meth:`Router.choose`
+    is handed; least-loaded routing reads the dispatcher's :class:`LoadIndex` instead)."""
 
     __slots__ = ("queues", "inflight")
 
@@ -110,6 +111,8 @@ class Dispatcher:
         self.backlog: dict[str, deque[Query]] = {"light": deque(), "heavy": deque()}
         self.finished = 0
         self._loads = _Loads(self.queues, self.inflight)
+        # Least-loaded routing's index of worker loads; kept current by _load_changed and _stages_changed.
+        self._index: Optional[LoadIndex] = LoadIndex(gpus) if router.kind == "least-loaded" else None
         self._tick_arrivals = 0
         self._tick_stage = {"light": 0, "heavy": 0}
         # Debug hook: called as on_enqueue(worker, query, now) whenever a query enters a worker queue.
@@ -145,11 +148,12 @@ class Dispatcher:
             else:
                 self.backlog[role].append(query)
             return None
-        w = self.router.choose(workers, self._loads)
+        w = self._index.least_loaded(role) if self._index is not None else self.router.choose(workers, self._loads)
         if front:
             self.queues[w].appendleft(query)
         else:
             self.queues[w].append(query)
+        self._load_changed(w)
         if self.on_enqueue is not None:
             self.on_enqueue(w, query, now)
         return w
@@ -176,6 +180,7 @@ class Dispatcher:
                 q.finish("dropped", now)
             self.finished += len(dropped)
         if not batch:
+            self._load_changed(worker)
             return None, None
         n = len(batch)
         for q in batch:
@@ -183,6 +188,7 @@ class Dispatcher:
             q.stages.append(role)
             q.batch_sizes.append(n)
         self.inflight[worker] = n
+        self._load_changed(worker)
         self.busy_until[worker] = now + times[n]
         return Batch(worker, role, batch, b, now, times[n], with_disc, self.plan.threshold), None
 
@@ -238,6 +244,7 @@ class Dispatcher:
         """The batch is over: book its time, free its worker, start a swap that waited for it."""
         w = batch.worker
         self.inflight[w] = 0
+        self._load_changed(w)
         self.busy_s[w] += run_s
         for q in batch.queries:
             q.service_s += run_s
@@ -268,6 +275,7 @@ class Dispatcher:
             if old[w] is not None:
                 moved.extend((q, old[w]) for q in self.queues[w])
                 self.queues[w].clear()
+                self._load_changed(w)
             self.roles[w] = new[w]
             if preloaded:
                 self.loaded[w] = new[w]
@@ -280,6 +288,7 @@ class Dispatcher:
             else:
                 self.swap_pending[w] = False
         self.stage_workers = {role: [w for w, r in enumerate(self.roles) if r == role] for role in STAGES}
+        self._stages_changed()
         for q, role in moved:
             self._place(q, role, now)
         for role in STAGES:
@@ -328,9 +337,11 @@ class Dispatcher:
         self.swap_pending[worker] = False
         if role is not None:
             self.stage_workers[role] = [w for w in self.stage_workers[role] if w != worker]
+            self._stages_changed()
         woken: set[int] = set()
         if running is not None:
             self.inflight[worker] = 0
+            self._load_changed(worker)
             for q in reversed(running.queries):  # appended at the front: keep their order
                 q.stages.pop()
                 q.batch_sizes.pop()
@@ -340,6 +351,7 @@ class Dispatcher:
                     woken.add(target)
         queued = list(self.queues[worker])
         self.queues[worker].clear()
+        self._load_changed(worker)
         for q in queued:
             target = self._place(q, role, now)
             if target is not None:
@@ -354,6 +366,17 @@ class Dispatcher:
 
     def workers_in_service(self) -> int:
         return sum(self.in_service)
+
+    def _load_changed(self, worker: int) -> None:
+        """The one place a worker's load (queued + in flight) reaches least-loaded routing: called after
+        every change to ``queues[worker]`` or ``inflight[worker]``, so the routing index is never stale."""
+        if self._index is not None:
+            self._index.set(worker, len(self.queues[worker]) + self.inflight[worker])
+
+    def _stages_changed(self) -> None:
+        """The one place a change of ``stage_workers`` reaches least-loaded routing (it rebuilds its heaps)."""
+        if self._index is not None:
+            self._index.set_groups(self.stage_workers)
 
     def _start_swap(self, worker: int, now: float) -> None:
         self.swap_pending[worker] = False
@@ -403,6 +426,7 @@ class Dispatcher:
                     self.finished += 1
             queue.clear()
             queue.extend(keep)
+            self._load_changed(w)
         return count
 
     def holding(self) -> int:

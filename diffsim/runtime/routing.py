@@ -2,7 +2,10 @@
 
 * The load balancer (:class:`Router`) picks one worker of a stage: uniformly at random, as in the
   DiffServe testbed (a seeded ``numpy.random.Generator`` is passed in), or the least-loaded one
-  (fewest queued + in-flight queries; ties go to the lowest worker index).
+  (fewest queued + in-flight queries; ties go to the lowest worker index). The dispatcher makes the
+  least-loaded choice through a :class:`LoadIndex`, which it tells of every load change, so a choice
+  costs O(log n) instead of a scan of the stage's n workers; :meth:`Router.choose` is the scan, the
+  definition the index must agree with.
 * :func:`first_stage`: in ``cascade`` mode every query starts at the light stage; in ``split`` mode a
   fraction ``light_share`` goes to light and the rest to heavy, decided per query by a stable hash of
   (query id, seed) -- the same query is routed the same way on every run.
@@ -12,7 +15,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import heapq
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -58,6 +62,75 @@ class Router:
             if load < best_load or (load == best_load and w < best):
                 best, best_load = w, load
         return best
+
+
+class LoadIndex:
+    """Each worker's load, and for each group of workers (a stage) its least-loaded member.
+
+    Why: least-loaded routing by a scan reads every worker of the stage for every placement, which
+    made it most of a large simulation's time (O(n) per placement with n workers). Here each group
+    keeps a heap of ``(load, worker)`` entries: the smallest entry is the least-loaded worker, ties to
+    the lowest index -- exactly the scan's choice. An entry goes stale when its worker's load changes
+    (a new entry is pushed then); stale entries are dropped when they reach the top (lazy
+    invalidation), so a change costs O(log n) and a choice O(log n) amortised.
+
+    The invariant that makes it exact: for every member w of a group, ``(load[w], w)`` is in the
+    group's heap, and the heap holds entries of members only. :meth:`set` keeps the first half (every
+    load change must come through it), :meth:`set_groups` the second (called whenever membership
+    changes; it rebuilds the heaps).
+    """
+
+    __slots__ = ("load", "_group", "_members", "_heaps")
+
+    def __init__(self, workers: int):
+        self.load = [0] * workers  # the load each worker was last set to (read only: change it by set)
+        self._group: list[Optional[str]] = [None] * workers  # the group a worker is a member of
+        self._members: dict[str, list[int]] = {}
+        self._heaps: dict[str, list[tuple[int, int]]] = {}
+
+    def set_groups(self, groups: dict[str, Sequence[int]]) -> None:
+        """The groups' members from now on (a worker in at most one group)."""
+        self._group = [None] * len(self.load)
+        self._members = {}
+        self._heaps = {}
+        for name, workers in groups.items():
+            for w in workers:
+                if self._group[w] is not None:
+                    raise ValueError(f"worker {w} is in groups {self._group[w]!r} and {name!r}")
+                self._group[w] = name
+            self._members[name] = list(workers)
+            self._rebuild(name)
+
+    def set(self, worker: int, load: int) -> None:
+        """Worker ``worker``'s load is now ``load``."""
+        if self.load[worker] == load:
+            return
+        self.load[worker] = load
+        name = self._group[worker]
+        if name is None:
+            return
+        heap = self._heaps[name]
+        heapq.heappush(heap, (load, worker))
+        if len(heap) > 4 * len(self._members[name]) + 64:  # mostly stale entries: start afresh
+            self._rebuild(name)
+
+    def least_loaded(self, name: str) -> int:
+        """The member of group ``name`` with the lowest load, ties to the lowest index."""
+        heap = self._heaps.get(name)
+        if not heap:
+            raise ValueError(f"group {name!r} has no workers")
+        load = self.load
+        while True:
+            entry = heap[0]
+            if load[entry[1]] == entry[0]:
+                return entry[1]
+            heapq.heappop(heap)  # stale: its worker's load has changed since
+
+    def _rebuild(self, name: str) -> None:
+        load = self.load
+        heap = [(load[w], w) for w in self._members[name]]
+        heapq.heapify(heap)
+        self._heaps[name] = heap
 
 
 def first_stage(plan: Plan, query_id: int, seed: int) -> Role:
