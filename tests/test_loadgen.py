@@ -89,7 +89,7 @@ def test_rejections_and_drops_are_counted_once_each(tmp_path):
     assert len(outcomes) == 30 and None not in outcomes
     assert outcomes.count("rejected") == result.status_counts.get(429, 0) > 0
     assert outcomes.count("completed") == result.status_counts.get(200, 0) > 0
-    assert sum(result.status_counts.values()) == 30
+    assert sum(result.status_counts.values()) == 30 and result.client_errors == {}
     rejected = next(q for q in result.queries if q.outcome == "rejected")
     assert "HTTP 429" in rejected.error
     summary, rows = summary_and_rows(result, _cascade(), trace_name="burst")
@@ -112,24 +112,14 @@ def test_plan_round_trips_through_json():
     assert again == plan
 
 
-class _Resp:
-    def __init__(self, status, body):
-        self.status_code = status
-        self._body = body
-        self.text = json.dumps(body)
-
-    def json(self):
-        return self._body
-
-
 @pytest.mark.parametrize("status, outcome", [(429, "rejected"), (503, "rejected"), (504, "dropped"),
                                              (500, "failed"), (400, "failed")])
 def test_error_answers_map_to_outcomes(status, outcome):
     from diffsim.query import Query
 
     q = Query(0, 1, 0.0, 5.0)
-    _record(q, _Resp(status, {"error": {"message": "nope"}}), 1.0)
-    assert q.outcome == outcome and q.error == f"HTTP {status}: nope"
+    _record(q, status, {"error": {"message": "nope"}}, 1.0)
+    assert q.outcome == outcome and q.error == f"HTTP {status}: nope" and not q.deferred
 
 
 def test_a_completed_answer_fills_the_record():
@@ -138,6 +128,28 @@ def test_a_completed_answer_fills_the_record():
     q = Query(0, 1, 0.0, 0.5)
     body = {"data": [{"b64_json": "", "model": "sd-v1.5", "served_by": "heavy", "confidence": 0.1,
                       "deferred": True, "queue_ms": 100.0, "run_ms": 300.0, "total_ms": 700.0}]}
-    _record(q, _Resp(200, body), 0.7)
+    assert _record(q, 200, body, 0.7) == pytest.approx(0.7)
     assert q.outcome == "completed" and q.late and q.served_by == "heavy" and q.deferred
     assert q.stages == ["light", "heavy"] and q.queue_s == pytest.approx(0.1) and q.service_s == pytest.approx(0.3)
+
+
+def test_an_error_answer_still_counts_what_the_server_says_of_the_query():
+    """A query deferred to the heavy stage and then dropped there is a deferral, though not a 200."""
+    from diffsim.query import Query
+
+    q = Query(0, 1, 0.0, 0.5)
+    body = {"error": {"message": "dropped"},
+            "queries": [{"outcome": "dropped", "model": None, "served_by": None, "confidence": 0.2, "deferred": True,
+                         "queue_ms": 400.0, "run_ms": 50.0, "total_ms": 800.0, "error": None}]}
+    assert _record(q, 504, body, 0.8) == pytest.approx(0.8)
+    assert q.outcome == "dropped" and q.deferred and q.confidence == 0.2 and q.stages == ["light", "heavy"]
+    assert q.queue_s == pytest.approx(0.4) and q.error == "HTTP 504: dropped"
+
+
+def test_a_200_without_an_image_or_json_is_a_failure_not_a_crash():
+    from diffsim.query import Query
+
+    for body in (None, {"data": []}, {"data": [{"model": "x"}]}, ["not", "an", "object"]):
+        q = Query(0, 1, 0.0, 0.5)
+        _record(q, 200, body, 0.1, "<html>")
+        assert q.outcome == "failed" and "without an image" in q.error

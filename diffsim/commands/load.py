@@ -15,10 +15,13 @@ def add_parser(subparsers) -> None:
         help="open-loop load generator: replay a trace against a server, write simulate's reports",
         description=(
             "Send each trace request to URL/v1/images/generations at its arrival time, whatever the answers "
-            "(open loop); record each outcome (completed, late, rejected 429, dropped 504, failed, client "
-            "timeout); poll URL/v1/plan for the plan history; write summary.json and timeseries.csv with "
-            "the same keys as `diffsim simulate`, so sim and real runs compare side by side. Times are on "
-            "the client's clock, from the first request sent."
+            "(open loop); record each outcome the server gives (completed, late, rejected 429/503, dropped "
+            "504, failed), with deferral and times from the server's record whatever the status; poll "
+            "URL/v1/plan for the plan history; write summary.json and timeseries.csv with the same keys as "
+            "`diffsim simulate`, so sim and real runs compare side by side. Requests the client got no answer "
+            "to (timeout, connection refused or reset) have no server outcome: 'unfinished' in summary.json, "
+            "counted by kind in client.json with the client's own overhead (its latency minus the server's "
+            "reported time). Times are on the client's clock, from the first request sent."
         ),
     )
     p.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..reports import metrics
     from ..errors import DiffsimError
-    from ..workload.loadgen import cascade_for, run_load, server_info, write_results
+    from ..workload.loadgen import cascade_for, client_report, run_load, server_info, write_results
     from ..resources import resolve_trace
     from ..workload.traces import read_trace
     from .simulate import format_summary
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise DiffsimError(f"--window-s: must be > 0, got {args.window_s}")
     trace = read_trace(resolve_trace(args.trace))
     cascade_for(server_info(args.url, args.api_key), args.cascade, args.cascades)  # fail before sending
+    raise_open_file_limit()
     result = asyncio.run(run_load(args.url, trace, time_scale=args.time_scale, max_requests=args.max_requests,
                                   timeout_s=args.timeout_s, api_key=args.api_key, poll_s=args.poll_s))
     cascade = cascade_for(result.server, args.cascade, args.cascades)
@@ -63,7 +67,36 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(metrics.rounded(summary), sort_keys=True, indent=2))
     else:
         print(format_summary(summary))
-        codes = ", ".join(f"{'no answer' if k == 0 else k}: {v}" for k, v in sorted(result.status_counts.items()))
-        print(f"  HTTP answers        {codes}")
+        print(format_client(client_report(result)))
         print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def format_client(report: dict) -> str:
+    """The client's side of the run, apart from the server's outcomes above."""
+    codes = ", ".join(f"{k}: {v}" for k, v in report["http_status"].items()) or "none"
+    errors = ", ".join(f"{k}: {v}" for k, v in report["client_errors"].items())
+    lines = [f"  HTTP answers        {codes}",
+             f"  client-side errors  {errors + ' (no answer: unfinished above)' if errors else 'none'}"]
+    over, lag = report["client_overhead_ms"], report["send_lag_ms"]
+    if over["n"]:
+        lines.append(f"  client overhead     p50 {over['p50']:.1f} ms, p99 {over['p99']:.1f} ms (latency minus the "
+                     f"server's total_ms, {over['n']} answers)")
+    if lag["n"]:
+        lines.append(f"  send lag            p50 {lag['p50']:.1f} ms, p99 {lag['p99']:.1f} ms behind the schedule")
+    return "\n".join(lines)
+
+
+def raise_open_file_limit() -> None:
+    """Each open request holds a socket: lift the soft limit on open files to the hard one (often 1,024
+    soft), so thousands of open requests do not fail client-side with 'too many open files'."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # keep the soft limit; errors, if any, are counted as client-side

@@ -1,18 +1,36 @@
-"""Open-loop load generator: replay a trace against a running ``diffsim serve`` and measure it.
+"""Open-loop load generator: replay a trace against a running ``diffsim serve`` and measure what the server did.
 
 Each trace request is sent at its arrival time (times ``time_scale``) whether or not earlier ones have
 been answered -- open loop, as the trace's users would. Each becomes a :class:`~diffsim.query.Query` on
-the client's clock (seconds since the first send) with exactly one outcome:
+the client's clock (seconds since the first send; its arrival is when it was handed to the connection)
+and takes its outcome from the server's answer:
 
 =====================  ==========================================================================
 HTTP answer            outcome
 =====================  ==========================================================================
 200                    ``completed`` (late when arrival-to-answer > SLO), served by light or heavy
-429, 503               ``rejected`` (refused at admission / not accepting)
+429, 503               ``rejected`` (refused at admission / draining)
 504                    ``dropped`` (the server dropped it: it missed its deadline in the queue)
-other status, network  ``failed`` (with the error)
-client timeout         ``failed`` (``client timeout``)
+other status           ``failed`` (with the error)
+no answer              none: a *client-side* error (timeout, connection refused or reset); counted apart
 =====================  ==========================================================================
+
+Whatever the status, the record the server sends with its answer (``data[0]`` of a 200, ``queries[0]``
+of a 504 or 500) gives the query's deferral, confidence, model and times, so a query dropped after it was
+deferred counts as deferred. A request the client got no answer to has no server outcome: it is
+``unfinished`` in summary.json, and ``client.json`` (:func:`client_report`) counts it by kind, apart from
+the server's outcomes, with the client's own overhead: each answer's latency on the client's clock minus
+the time the server says it spent (``total_ms``), and how late each request left against its schedule.
+
+The client is one ``aiohttp`` session with no connection limit: every open request has a connection of
+its own, and a finished one's connection is reused for the next. ``benchmarks/bench_load_client.py``
+measured the choice against a zero-latency server at 100 requests/s: httpx's ``AsyncClient`` (whose pool
+is scanned on every request) added a p99 of ~150 ms at 1,000 open requests with 64 kept-alive
+connections and 9-20 *seconds* with unlimited ones; aiohttp added ~3 ms p50 and ~20 ms p99. Idle
+connections are kept :data:`KEEPALIVE_S`, less than the server keeps them (uvicorn's 5 s default,
+``diffsim serve``'s 30 s), so the client, never the server, closes an idle connection: a request written
+onto a connection the server is closing at that moment fails client-side with a read error without
+reaching it.
 
 Meanwhile ``GET /v1/plan`` is polled (every ``poll_s``) to rebuild the plan history and the controller's
 demand samples on the client's clock, and the workers' busy time is read at the start and the end.
@@ -28,6 +46,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from ..reports import metrics
 from ..errors import DiffsimError
 from ..plan import Plan
@@ -39,6 +59,9 @@ from .prompts import SAMPLE_CAPTIONS
 CAPTIONS = SAMPLE_CAPTIONS
 
 STATUS_OUTCOME = {429: "rejected", 503: "rejected", 504: "dropped"}
+KEEPALIVE_S = 2.0  # idle kept-alive connections are closed by the client after this (see the module docstring)
+PLAN_TIMEOUT_S = 10.0  # one GET /v1/plan
+CLIENT_FILE = "client.json"
 
 
 @dataclass
@@ -50,7 +73,11 @@ class LoadResult:
     duration_s: float  # first send to last answer
     wall_s: float
     server: dict  # the first /v1/plan snapshot (cascade, gpu, policy, routing, ...)
-    status_counts: dict[int, int] = field(default_factory=dict)  # HTTP status -> answers (0: no answer)
+    status_counts: dict[int, int] = field(default_factory=dict)  # HTTP status -> answers
+    client_errors: dict[str, int] = field(default_factory=dict)  # kind -> requests without an answer
+    client_error_examples: dict[str, str] = field(default_factory=dict)  # kind -> its first message
+    server_total_s: list[Optional[float]] = field(default_factory=list)  # per query: the server's total_ms / 1e3
+    send_lag_s: list[float] = field(default_factory=list)  # per query: hand-off time minus its scheduled time
 
 
 def prompt_text(trace: Trace, i: int) -> str:
@@ -66,21 +93,50 @@ def request_seed(trace: Trace, i: int) -> int:
     return int(trace.prompt_id[i])
 
 
+def _aiohttp():
+    try:
+        import aiohttp
+    except ImportError:
+        raise DiffsimError("diffsim load needs aiohttp: pip install aiohttp") from None
+    return aiohttp
+
+
+def _session(api_key: Optional[str], timeout_s: float):
+    """The client: no limit on open connections, idle ones kept :data:`KEEPALIVE_S` (module docstring)."""
+    aiohttp = _aiohttp()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_S)
+    return aiohttp.ClientSession(headers=headers, connector=connector,
+                                 timeout=aiohttp.ClientTimeout(total=timeout_s))
+
+
+async def fetch_plan(session, base: str) -> dict:
+    """The server's ``GET /v1/plan`` snapshot, or a one-line DiffsimError."""
+    aiohttp = _aiohttp()
+    try:
+        async with session.get(f"{base}/v1/plan", timeout=aiohttp.ClientTimeout(total=PLAN_TIMEOUT_S)) as r:
+            if r.status == 401:
+                raise DiffsimError(f"{base}: the server wants an API key (--api-key)")
+            if r.status != 200:
+                raise DiffsimError(f"{base}/v1/plan: HTTP {r.status}")
+            snap = await r.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        raise DiffsimError(f"{base}: cannot reach the server ({_describe(e)})") from None
+    except ValueError:
+        raise DiffsimError(f"{base}/v1/plan: the answer is not JSON (is this a diffsim server?)") from None
+    if not isinstance(snap, dict):
+        raise DiffsimError(f"{base}/v1/plan: expected a JSON object")
+    return snap
+
+
 def server_info(url: str, api_key: Optional[str] = None) -> dict:
     """The server's ``GET /v1/plan`` snapshot (which cascade, SLO, GPUs, policy), or a one-line error."""
-    import httpx
 
-    base = url.rstrip("/")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        r = httpx.get(f"{base}/v1/plan", headers=headers, timeout=10.0)
-    except httpx.HTTPError as e:
-        raise DiffsimError(f"{base}: cannot reach the server ({type(e).__name__}: {e})") from None
-    if r.status_code == 401:
-        raise DiffsimError(f"{base}: the server wants an API key (--api-key)")
-    if r.status_code != 200:
-        raise DiffsimError(f"{base}/v1/plan: HTTP {r.status_code}")
-    return r.json()
+    async def get() -> dict:
+        async with _session(api_key, PLAN_TIMEOUT_S) as session:
+            return await fetch_plan(session, url.rstrip("/"))
+
+    return asyncio.run(get())
 
 
 def cascade_for(server: dict, name: Optional[str] = None, cascades: Optional[str] = None) -> Cascade:
@@ -103,9 +159,9 @@ def cascade_for(server: dict, name: Optional[str] = None, cascades: Optional[str
 class _PlanRecorder:
     """Polls ``GET /v1/plan`` and keeps the plans and demand samples on the client's clock."""
 
-    def __init__(self, client, url: str, clock, poll_s: float):
-        self.client = client
-        self.url = url
+    def __init__(self, session, base: str, clock, poll_s: float):
+        self.session = session
+        self.base = base
         self.clock = clock
         self.poll_s = poll_s
         self.plans: list[tuple[float, Plan]] = []
@@ -117,10 +173,8 @@ class _PlanRecorder:
     async def poll(self) -> Optional[dict]:
         sent = self.clock()
         try:
-            r = await self.client.get(self.url)
-            r.raise_for_status()
-            snap = r.json()
-        except Exception:  # noqa: BLE001 - a missed poll only thins the plan history
+            snap = await fetch_plan(self.session, self.base)
+        except DiffsimError:  # a missed poll only thins the plan history
             self.errors += 1
             return None
         now = (sent + self.clock()) / 2
@@ -157,8 +211,6 @@ async def run_load(
     slo_s: Optional[float] = None,
 ) -> LoadResult:
     """Replay ``trace`` against the server at ``url`` (its base, e.g. ``http://127.0.0.1:8000``)."""
-    import httpx
-
     if not time_scale > 0:
         raise DiffsimError(f"--time-scale: must be > 0, got {time_scale}")
     if not timeout_s > 0:
@@ -167,19 +219,9 @@ async def run_load(
     if n == 0:
         raise DiffsimError("no requests to send (empty trace or --max-requests 0)")
     base = url.rstrip("/")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     wall0 = time.perf_counter()
-    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=httpx.Timeout(timeout_s)) as client:
-        try:
-            r = await client.get(f"{base}/v1/plan", timeout=10.0)
-        except httpx.HTTPError as e:
-            raise DiffsimError(f"{base}: cannot reach the server ({type(e).__name__}: {e})") from None
-        if r.status_code == 401:
-            raise DiffsimError(f"{base}: the server wants an API key (--api-key)")
-        if r.status_code != 200:
-            raise DiffsimError(f"{base}/v1/plan: HTTP {r.status_code}")
-        first = r.json()
+    async with _session(api_key, timeout_s) as session:
+        first = await fetch_plan(session, base)
         slo = float(slo_s if slo_s is not None else first.get("slo_s", 0.0)) or 1.0
         busy0 = list(first.get("workers", {}).get("busy_s", []))
 
@@ -188,85 +230,167 @@ async def run_load(
         def clock() -> float:
             return time.monotonic() - t0
 
-        recorder = _PlanRecorder(client, f"{base}/v1/plan", clock, poll_s)
+        recorder = _PlanRecorder(session, base, clock, poll_s)
         await recorder.poll()
         stop = asyncio.Event()
         poller = asyncio.create_task(recorder.run(stop))
-        queries: list[Query] = []
-        statuses: dict[int, int] = {}
-        last_end = [0.0]
+        result = LoadResult(queries=[], plans=recorder.plans, demand=recorder.demand, worker_busy_s=[],
+                            duration_s=0.0, wall_s=0.0, server=first,
+                            server_total_s=[None] * n, send_lag_s=[0.0] * n)
+        queries: list[Optional[Query]] = [None] * n
+        arrivals = (trace.arrival_s[:n] - trace.arrival_s[0]) * time_scale
 
-        async def one(i: int, q: Query) -> None:
+        aiohttp = _aiohttp()
+
+        async def one(i: int) -> None:
+            now = clock()
+            result.send_lag_s[i] = max(0.0, now - float(arrivals[i]))
+            q = queries[i] = Query(i, int(trace.prompt_id[i]), now, slo, prompt=prompt_text(trace, i),
+                                   seed=request_seed(trace, i))
             body = {"prompt": q.prompt, "n": 1, "response_format": "b64_json", "seed": q.seed}
             try:
-                resp = await client.post(f"{base}/v1/images/generations", json=body)
-            except httpx.TimeoutException:
-                statuses[0] = statuses.get(0, 0) + 1
-                q.finish("failed", clock(), error="client timeout")
-            except httpx.HTTPError as e:
-                statuses[0] = statuses.get(0, 0) + 1
-                q.finish("failed", clock(), error=f"{type(e).__name__}: {e}")
-            else:
-                now = clock()
-                statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
-                _record(q, resp, now)
-            last_end[0] = max(last_end[0], q.finished_s or 0.0)
+                async with session.post(f"{base}/v1/images/generations", json=body) as resp:
+                    status = resp.status
+                    raw = await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                kind = _error_kind(e)
+                result.client_errors[kind] = result.client_errors.get(kind, 0) + 1
+                result.client_error_examples.setdefault(kind, _describe(e))
+                q.error = f"client: {_describe(e)}"  # no server outcome: 'unfinished' in the summary
+                return
+            now = clock()
+            result.status_counts[status] = result.status_counts.get(status, 0) + 1
+            result.server_total_s[i] = _record(q, status, _json_or_none(raw), now, raw[:200].decode("utf-8", "replace"))
 
-        arrivals = trace.arrival_s[:n] - trace.arrival_s[0] if n else trace.arrival_s[:0]
         tasks = []
         for i in range(n):
-            due = float(arrivals[i]) * time_scale
-            delay = due - clock()
+            delay = float(arrivals[i]) - clock()
             if delay > 0:
                 await asyncio.sleep(delay)
-            q = Query(i, int(trace.prompt_id[i]), clock(), slo, prompt=prompt_text(trace, i), seed=request_seed(trace, i))
-            queries.append(q)
-            tasks.append(asyncio.create_task(one(i, q)))
+            tasks.append(asyncio.create_task(one(i)))
         await asyncio.gather(*tasks)
         stop.set()
         await poller
         last = await recorder.poll()
     busy1 = list((last or {}).get("workers", {}).get("busy_s", []))
-    busy = [b1 - b0 for b0, b1 in zip(busy0, busy1)] if busy1 and len(busy1) == len(busy0) else busy1
-    return LoadResult(
-        queries=queries,
-        plans=recorder.plans,
-        demand=recorder.demand,
-        worker_busy_s=busy,
-        duration_s=last_end[0],
-        wall_s=time.perf_counter() - wall0,
-        server=first,
-        status_counts=statuses,
-    )
+    result.queries = [q for q in queries if q is not None]
+    result.worker_busy_s = [b1 - b0 for b0, b1 in zip(busy0, busy1)] if busy1 and len(busy1) == len(busy0) else busy1
+    result.duration_s = max((q.finished_s for q in result.queries if q.finished_s is not None), default=0.0)
+    result.wall_s = time.perf_counter() - wall0
+    return result
 
 
-def _record(q: Query, resp, now: float) -> None:
-    """Give ``q`` its outcome from the server's answer."""
-    status = resp.status_code
-    if status == 200:
-        try:
-            item = resp.json()["data"][0]
-        except (ValueError, KeyError, IndexError, TypeError):
-            q.finish("failed", now, error="HTTP 200 without an image in the body")
-            return
-        q.confidence = item.get("confidence")
-        q.deferred = bool(item.get("deferred"))
-        served_by = item.get("served_by") or ("heavy" if q.deferred else "light")
-        q.stages = ["light", "heavy"] if q.deferred else [served_by]
-        q.queue_s = float(item.get("queue_ms") or 0.0) / 1e3
-        q.service_s = float(item.get("run_ms") or 0.0) / 1e3
-        q.finish("completed", now, served_by)
-        return
-    message = _error_message(resp)
-    outcome = STATUS_OUTCOME.get(status, "failed")
-    q.finish(outcome, now, error=f"HTTP {status}: {message}")
+def _json_or_none(raw: bytes):
+    import json
 
-
-def _error_message(resp) -> str:
     try:
-        return str(resp.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return resp.text[:200]
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _error_kind(e: BaseException) -> str:
+    """A short name for a client-side failure (the keys of ``client_errors``)."""
+    aiohttp = _aiohttp()
+    if isinstance(e, asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return "connect"
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return "disconnected"
+    if isinstance(e, aiohttp.ClientPayloadError):
+        return "payload"
+    if isinstance(e, aiohttp.ClientOSError):
+        return "os-error"
+    return type(e).__name__
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _server_record(status: int, body) -> Optional[dict]:
+    """The server's record of the (first) query of an answer: ``data[0]`` of a 200, ``queries[0]`` of an
+    error that carries records; None when the answer has none."""
+    if not isinstance(body, dict):
+        return None
+    items = body.get("data" if status == 200 else "queries")
+    if isinstance(items, list) and items and isinstance(items[0], dict):
+        return items[0]
+    return None
+
+
+def _record(q: Query, status: int, body, now: float, text: str = "") -> Optional[float]:
+    """Give ``q`` its outcome from the server's answer (``body``: the parsed JSON, or None), and what the
+    server's record says of it whatever the status. Returns the server's total time (s) when it said."""
+    record = _server_record(status, body) or {}
+    q.confidence = _number(record.get("confidence"))
+    q.deferred = bool(record.get("deferred"))
+    served_by = record.get("served_by") or None
+    q.queue_s = (_number(record.get("queue_ms")) or 0.0) / 1e3
+    q.service_s = (_number(record.get("run_ms")) or 0.0) / 1e3
+    total_ms = _number(record.get("total_ms"))
+    if status == 200:
+        if not record or "b64_json" not in record:
+            q.finish("failed", now, error="HTTP 200 without an image in the body")
+            return total_ms / 1e3 if total_ms is not None else None
+        served_by = served_by or ("heavy" if q.deferred else "light")
+        q.stages = ["light", "heavy"] if q.deferred else [served_by]
+        q.finish("completed", now, served_by)
+    else:
+        q.stages = ["light", "heavy"] if q.deferred else ([served_by] if served_by else [])
+        told = record.get("outcome")
+        outcome = told if told in metrics.OUTCOMES and told != "completed" else STATUS_OUTCOME.get(status, "failed")
+        q.finish(outcome, now, served_by if outcome == "completed" else None,
+                 error=f"HTTP {status}: {_error_message(body, text)}")
+    return total_ms / 1e3 if total_ms is not None else None
+
+
+def _number(value) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _error_message(body, text: str) -> str:
+    try:
+        return str(body["error"]["message"])
+    except (KeyError, TypeError):
+        return text[:200]
+
+
+def client_report(result: LoadResult) -> dict:
+    """What the client saw, apart from the server's outcomes (client.json): the HTTP statuses, the
+    server's outcomes among the answers, the requests that got no answer by kind, and the client's own
+    overhead: answer latency on the client's clock minus the server's own ``total_ms``, and how late
+    each request was handed to its connection against the schedule."""
+    overhead, ratios = [], []
+    for q, server_s in zip(result.queries, result.server_total_s):
+        if server_s is None or q.latency_s is None:
+            continue
+        overhead.append(q.latency_s - server_s)
+        if server_s > 0:
+            ratios.append(q.latency_s / server_s)
+    answered = [q for q in result.queries if q.outcome is not None]
+    return {
+        "requests": len(result.queries),
+        "answered": len(answered),
+        "http_status": {str(k): v for k, v in sorted(result.status_counts.items())},
+        "server_outcomes": {name: sum(q.outcome == name for q in answered) for name in metrics.OUTCOMES},
+        "deferred_in_answers": sum(q.deferred for q in answered),
+        "client_errors": dict(sorted(result.client_errors.items())),
+        "client_error_examples": dict(sorted(result.client_error_examples.items())),
+        "client_overhead_ms": _percentiles(overhead, 1e3),
+        "client_over_server_ratio": _percentiles(ratios, 1.0),
+        "send_lag_ms": _percentiles(result.send_lag_s[: len(result.queries)], 1e3),
+    }
+
+
+def _percentiles(values, scale: float) -> dict:
+    if not values:
+        return {"n": 0, "p50": None, "p99": None, "max": None}
+    a = np.asarray(values, dtype=np.float64) * scale
+    return {"n": int(a.size), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
+            "max": float(a.max())}
 
 
 def summary_and_rows(result: LoadResult, cascade: Cascade, *, trace_name: str, window_s: float = 10.0):
@@ -292,10 +416,12 @@ def summary_and_rows(result: LoadResult, cascade: Cascade, *, trace_name: str, w
 
 def write_results(out_dir, result: LoadResult, cascade: Cascade, *, trace_name: str, window_s: float = 10.0,
                   plot: bool = True) -> list[Path]:
-    """summary.json, timeseries.csv (and timeline.png), plus queries.csv and plans.csv, as ``simulate``."""
+    """summary.json, timeseries.csv (and timeline.png), plus queries.csv and plans.csv, as ``simulate``;
+    and client.json (:func:`client_report`), which only a real run has."""
     summary, rows = summary_and_rows(result, cascade, trace_name=trace_name, window_s=window_s)
     out = Path(out_dir)
     written = metrics.write_outputs(out, summary, rows, plot=plot)
     metrics.write_csv(out / metrics.QUERIES_FILE, metrics.query_rows(result.queries), metrics.QUERY_COLUMNS)
     metrics.write_csv(out / metrics.PLANS_FILE, metrics.plan_rows(result.plans), metrics.PLAN_COLUMNS)
-    return written + [out / metrics.QUERIES_FILE, out / metrics.PLANS_FILE]
+    metrics.dump_json(out / CLIENT_FILE, client_report(result))
+    return written + [out / metrics.QUERIES_FILE, out / metrics.PLANS_FILE, out / CLIENT_FILE]
