@@ -49,6 +49,7 @@ OPTIONAL_MODULES = {
     "fastapi": ("fastapi", "serve"),
     "uvicorn": ("uvicorn", "serve"),
     "httpx": ("httpx", "serve"),
+    "aiohttp": ("aiohttp", "serve"),
     "prometheus_client": ("prometheus-client", "serve"),
     "ray": ("ray", "ray"),
 }

@@ -93,6 +93,7 @@ WORKER_INDEX = Range(0, GPUS.hi - 1, integer=True)
 WORKERS = Range(0, GPUS.hi, integer=True)  # workers of one stage
 SEED = Range(0, 2**32 - 1, integer=True)  # what numpy's and the router's generators take
 BATCH_SIZE = Range(1, 4096, integer=True)
+LATENCY_MS = Range(0.001, 1e7)  # one batch, in a GPU profile: from a microsecond to about 3 hours
 MAX_BATCH_SIZES = 64  # entries in a list of allowed batch sizes
 FRACTION = Range(0, 1)  # thresholds, batch_wait
 FRACTION_ABOVE_0 = Range(0, 1, lo_open=True)  # max_utilization, ewma_alpha
@@ -128,3 +129,5 @@ THREADS = Range(1, 1024, integer=True)
 COUNT = Range(1, 1_000_000, integer=True)  # iterations, epochs, images per request, samples
 COUNT_OR_ZERO = Range(0, 1_000_000, integer=True)
 PERIOD_S = Range(0.001, 86_400)  # probe and poll periods, quality windows, client timeouts
+IMAGES_PER_REQUEST = Range(1, 1000, integer=True)
+RESTARTS = Range(-1, 1_000_000, integer=True)  # -1: always

@@ -26,6 +26,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import limits
 from .errors import InputError
 from .yamlfile import read_yaml
 
@@ -52,8 +53,9 @@ def _check_series(name: str, values: Optional[list], n: int) -> None:
     if len(values) != n:
         raise ValueError(f"{name} has {len(values)} values but batch_sizes has {n}")
     for v in values:
-        if v is not None and not v > 0:
-            raise ValueError(f"{name} values must be positive milliseconds (or null), got {v}")
+        if v is not None and not limits.LATENCY_MS.contains(v):
+            raise ValueError(f"{name} values must be positive milliseconds, from {limits.LATENCY_MS.lo} to "
+                             f"{limits.LATENCY_MS.hi:.0f} (or null), got {v}")
 
 
 class LatencyTable(_Strict):
@@ -68,8 +70,8 @@ class LatencyTable(_Strict):
     @field_validator("batch_sizes")
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
-        if any(b < 1 for b in v):
-            raise ValueError("batch sizes must be >= 1")
+        if not all(limits.BATCH_SIZE.contains(b) for b in v):
+            raise ValueError(f"batch sizes must be integers in {limits.BATCH_SIZE}")
         if any(a >= b for a, b in zip(v, v[1:])):
             raise ValueError("batch sizes must be strictly increasing")
         return v
@@ -116,8 +118,8 @@ class Overheads(_Strict):
     server's own time for the request (HTTP, JSON and base64, the network); ``cold_start_s``, how much
     longer each worker's first batch takes than the profile says (a fresh process warming up)."""
 
-    request_ms: float = Field(default=0.0, ge=0)
-    cold_start_s: float = Field(default=0.0, ge=0)
+    request_ms: float = Field(default=0.0, ge=0, le=limits.LATENCY_MS.hi)
+    cold_start_s: float = Field(default=0.0, ge=0, le=limits.SECONDS.hi)
 
 
 class GpuProfile(_Strict):
@@ -129,7 +131,7 @@ class GpuProfile(_Strict):
     discriminator: LatencyTable
     # How many workers were busy at once while it was measured (diffsim profile --concurrency; the server's
     # start-up measurement uses all its workers): under load every worker is busy, and shares the host.
-    concurrency: int = Field(default=1, ge=1)
+    concurrency: int = Field(default=1, ge=1, le=limits.JOBS.hi)
     overheads: Overheads = Field(default_factory=Overheads)
 
 
@@ -217,7 +219,7 @@ class FidCurve(_Strict):
 class CascadeSpec(_Strict):
     light: str = Field(min_length=1)
     heavy: str = Field(min_length=1)
-    slo_s: float = Field(gt=0)
+    slo_s: float = Field(**limits.SLO_S.pydantic())
     deferral_curve: DeferralCurve
     fid: FidCurve
     # FID of a query-agnostic (random) mix, as Proteus serves; when absent, the straight line

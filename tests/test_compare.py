@@ -93,7 +93,21 @@ def test_threshold_sweep_pins_the_threshold(tmp_path, short_trace, capsys):
         assert thresholds == {r["threshold"]}
     assert runs[0]["deferred"] == 0 and runs[0]["light_fraction"] == 1.0
     assert runs[1]["deferred"] > 0
+    assert [r["pinned_share"] for r in runs] == [1.0, 1.0]  # feasible throughout: the pin held
     assert (tmp_path / "sweep_thresholds.png").exists()
+
+
+def test_threshold_sweep_says_when_the_pinned_threshold_was_not_in_force(tmp_path, short_trace, capsys):
+    # On 2 GPUs deferring half the queries to the heavy model is infeasible: the plans fall back to the
+    # best-effort plan (threshold 0), and the table must not pass that run off as one at threshold 0.5.
+    rc = compare(tmp_path, short_trace, "--policies", "diffserve", "--gpus", "2", "--sweep-thresholds", "0.5",
+                 "--jobs", "1", "--no-plot")
+    assert rc == 0
+    assert "pinned_share" in table(capsys)
+    run = json.loads((tmp_path / "comparison.json").read_text())["runs"][0]
+    assert run["threshold"] == 0.5 and run["pinned_share"] < 0.5 and run["infeasible_plans"] > 0
+    with open(tmp_path / "comparison.csv") as fh:
+        assert float(next(csv.DictReader(fh))["pinned_share"]) == run["pinned_share"]
 
 
 @pytest.mark.parametrize(

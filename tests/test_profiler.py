@@ -188,7 +188,10 @@ def test_cli_profile_cpu_tiny_writes_a_loadable_profile(tmp_path, capsys, torch_
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--backend", "tpu"], "unknown backend 'tpu'"),
+        (["--backend", "tpu"], "--backend: invalid choice: 'tpu'"),
+        (["--backend", "cpu-tiny", "--models", ""], "--models: give at least one value"),
+        (["--backend", "cpu-tiny", "--models", "sdxs", "--batch-sizes", ""], "--batch-sizes: expected"),
+        (["--backend", "cpu-tiny", "--models", "sdxs", "--iters", "0"], "--iters: must be an integer in"),
         (["--backend", "cpu-tiny", "--models", "sd-9"], "unknown model 'sd-9'"),
         (["--backend", "cpu-tiny", "--models", "sdxs", "--batch-sizes", "4,2"], "strictly increasing"),
         (["--backend", "cpu-tiny", "--models", "sdxs", "--batch-sizes", "1,x"], "--batch-sizes"),

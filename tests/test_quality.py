@@ -224,7 +224,7 @@ def test_quality_refuses_a_batch_size_below_one(tmp_path, capsys):
                  ["clip-score", "--images", str(images), "--prompts", str(prompts), "--clip", str(tmp_path)]):
         assert cli_main(["quality", *argv, "--batch-size", "0"]) == 2
         err = capsys.readouterr().err.strip()
-        assert "--batch-size must be >= 1" in err and len(err.splitlines()) == 1
+        assert "--batch-size: must be an integer in 1..4096" in err and len(err.splitlines()) == 1
 
 
 # ---------------------------------------------------------------- Inception features and the CLI

@@ -9,6 +9,7 @@ for a list checked in ``run``).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Optional
 
 from ..errors import DiffsimError
@@ -61,3 +62,8 @@ def name_list(text: str, flag: str) -> list[str]:
     if len(set(items)) != len(items):
         raise DiffsimError(f"{flag}: {text!r} repeats a value")
     return items
+
+
+def nonempty_path(text: str) -> Path:
+    """argparse ``type=`` for a file or folder: a Path, never the empty string (which would mean ".")."""
+    return Path(nonempty(text))

@@ -17,32 +17,45 @@ import platform
 import sys
 from pathlib import Path
 
+from .. import limits
 from ..errors import DiffsimError, InputError
+from .args import bounded, nonempty_path
 
 DEFAULT_GPU_PROFILE = "a100"
+DESCRIPTION = """Measure a cascade's quality profile from generated images and write it as a cascades file.
+
+For each prompt the light and the heavy model generate one image (seeded per prompt), the discriminator
+scores the light image, and Inception features of all images are compared with the real images' to give
+the FID of the served mix against the light-served fraction (easiest prompts light), and of a random mix.
+
+Writes --out (a cascades YAML with one cascade, for diffsim simulate --cascades FILE) and the per-prompt
+confidences beside it (<out>.confidences.csv). --images-only only generates and saves images (e.g. the
+light model's images to train the discriminator on)."""
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "calibrate",
         help="measure a cascade's deferral curve and FID-vs-light-fraction from generated images",
-        description=__doc__,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--cascade", required=True, metavar="C",
                    help="cascade name; a shipped one (e.g. sdturbo-sdv15) gives models and SLO, "
                    "any other name needs --light, --heavy and --slo-s")
-    p.add_argument("--prompts", required=True, type=Path, metavar="FILE",
+    p.add_argument("--prompts", required=True, type=nonempty_path, metavar="FILE",
                    help="one prompt per line (ids = 0-based line positions), or CSV with header prompt_id,prompt")
-    p.add_argument("--real", type=Path, metavar="DIR|NPZ",
+    p.add_argument("--real", type=nonempty_path, metavar="DIR|NPZ",
                    help="folder of real images, or their Inception statistics (.npz from "
                    "`diffsim quality stats`), the FID reference")
     p.add_argument("--backend", required=True, choices=("cuda", "cpu-tiny"),
                    help="cuda (full models, fp16) or cpu-tiny (tiny random models, for tests)")
-    p.add_argument("--out", type=Path, metavar="FILE.yaml", help="cascades file to write (e.g. profiles/mine.yaml)")
+    p.add_argument("--out", type=nonempty_path, metavar="FILE.yaml",
+                   help="cascades file to write (e.g. profiles/mine.yaml)")
     p.add_argument("--light", help="light model (default: the shipped cascade's)")
     p.add_argument("--heavy", help="heavy model (default: the shipped cascade's)")
-    p.add_argument("--slo-s", type=float, help="SLO in seconds (default: the shipped cascade's)")
+    p.add_argument("--slo-s", type=limits.SLO_S,
+                   help=bounded("SLO in seconds", limits.SLO_S, "the shipped cascade's"))
     p.add_argument("--weights", default="random",
                    help="random (no download), hub, a pipeline directory, a folder of per-model pipeline "
                    "directories (DIR/sd-turbo, DIR/sd-v1.5), or NAME=SOURCE,... per model (default random)")
@@ -50,21 +63,23 @@ def add_parser(subparsers) -> None:
                    help="trained discriminator .safetensors (FILE.json beside it), or 'random' for a "
                    "random head (smoke tests only: its confidences mean nothing)")
     p.add_argument("--discriminator-arch", help="timm arch when the weights have no FILE.json (or for random)")
-    p.add_argument("--inception-weights", type=Path, metavar="FILE",
+    p.add_argument("--inception-weights", type=nonempty_path, metavar="FILE",
                    help="torchvision Inception-v3 weights as .safetensors (local file; see docs/quality.md)")
     p.add_argument("--feature-dim", type=int, default=2048, choices=(64, 192, 768, 2048),
                    help="Inception feature for FID: 2048 = final pool (standard); smaller ones need fewer images")
     p.add_argument("--allow-small", action="store_true",
                    help="allow FID on n <= feature-dim images (singular covariance: biased upward; tests only)")
-    p.add_argument("--batch-size", type=int, default=8, help="generation batch size (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the per-prompt generation seeds and of the "
-                   "random mix (default 0)")
+    p.add_argument("--batch-size", type=limits.BATCH_SIZE, default=8,
+                   help=bounded("generation batch size", limits.BATCH_SIZE, 8))
+    p.add_argument("--seed", type=limits.SEED, default=0,
+                   help=bounded("seed of the per-prompt generation seeds and of the random mix", limits.SEED, 0))
     p.add_argument("--r-grid", default="0:1:0.1", help="light-served fractions for the FID curves "
                    "(comma list or START:STOP:STEP, from 0 to 1; default 0:1:0.1)")
     p.add_argument("--thresholds", default="0:1:0.005", help="threshold grid of the deferral curve "
                    "(comma list or START:STOP:STEP, from 0 to 1; default 0:1:0.005)")
-    p.add_argument("--limit", type=int, metavar="N", help="use only the first N prompts")
-    p.add_argument("--save-images", type=Path, metavar="DIR",
+    p.add_argument("--limit", type=limits.COUNT, metavar="N",
+                   help=bounded("use only the first N prompts", limits.COUNT))
+    p.add_argument("--save-images", type=nonempty_path, metavar="DIR",
                    help="also write the images: DIR/light/<id>.png, DIR/heavy/<id>.png, DIR/prompts.csv")
     p.add_argument("--images-only", choices=("light", "heavy", "both"),
                    help="only generate and save images (needs --save-images; no profile is written)")

@@ -16,16 +16,30 @@ import math
 import sys
 from pathlib import Path
 
+from .. import limits
 from ..errors import DiffsimError
+from .args import bounded, nonempty_path
 from .quality import add_batch_and_device_args, check_batch_size, write_csv
+
+DESCRIPTION = """Train and run the cascade's discriminator:
+
+  train       real vs generated image folders -> FILE.safetensors + FILE.json
+  score       one CSV row image,confidence (P(real)) per image of a folder, sorted by name
+
+FID, KID, reference statistics and CLIP score are measured by diffsim quality.
+Run diffsim discriminator ACTION --help for an action's options."""
+IMAGE_SIZE = limits.Range(32, 4096, integer=True)
+TRAIN_BATCH_SIZE = limits.Range(2, 4096, integer=True)
+LEARNING_RATE = limits.Range(0, 10, lo_open=True)
+VAL_FRACTION = limits.Range(0, 0.9)
+WORKERS = limits.Range(0, 256, integer=True)
 
 CONFIDENCE_FORMAT = "{:.8f}"
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("discriminator", help="train / score the discriminator (P(real) per image)",
-                              description=__doc__.split("\n\nBuilding")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action", metavar="ACTION")
 
     t = sub.add_parser("train", help="train real vs generated", description=(
@@ -34,29 +48,39 @@ def add_parser(subparsers) -> None:
         "images and an EfficientNet-V2-S (the paper's network) from ImageNet weights: --arch tf_efficientnetv2_s "
         "--init model.safetensors (timm's tf_efficientnetv2_s.in1k file; its 1000-class head is replaced) "
         "--image-size 224 --epochs 20 --lr 1e-4 --device cuda."))
-    t.add_argument("--real", required=True, type=Path, help="folder of real images (class 1)")
-    t.add_argument("--fake", required=True, type=Path, help="folder of generated images (class 0)")
-    t.add_argument("--out", required=True, type=Path, help="output FILE.safetensors (settings go to FILE.json)")
+    t.add_argument("--real", required=True, type=nonempty_path, help="folder of real images (class 1)")
+    t.add_argument("--fake", required=True, type=nonempty_path, help="folder of generated images (class 0)")
+    t.add_argument("--out", required=True, type=nonempty_path,
+                   help="output FILE.safetensors (settings go to FILE.json)")
     t.add_argument("--arch", help="timm EfficientNet name (default: the --init file's, else efficientnet_b0)")
-    t.add_argument("--epochs", type=int, help="passes over the training split (default 10)")
-    t.add_argument("--image-size", type=int, help="input size in px (default 64; 224 for serving quality)")
-    t.add_argument("--batch-size", type=int, help="default 16")
-    t.add_argument("--lr", type=float, help="AdamW learning rate, cosine-decayed (default 0.001)")
-    t.add_argument("--val-fraction", type=float, help="held-out fraction per class (default 0.2)")
-    t.add_argument("--seed", type=int, help="seed for the split, initialisation and augmentation (default 0)")
-    t.add_argument("--init", type=Path, help="start from these safetensors weights (a non-2-class head is replaced)")
+    t.add_argument("--epochs", type=limits.COUNT, help=bounded("passes over the training split", limits.COUNT, 10))
+    t.add_argument("--image-size", type=IMAGE_SIZE,
+                   help=f"input size in px (default 64; 224 for serving quality; {IMAGE_SIZE})")
+    t.add_argument("--batch-size", type=TRAIN_BATCH_SIZE,
+                   help=bounded("images per step (batch norm needs 2)", TRAIN_BATCH_SIZE, 16))
+    t.add_argument("--lr", type=LEARNING_RATE,
+                   help=bounded("AdamW learning rate, cosine-decayed", LEARNING_RATE, 0.001))
+    t.add_argument("--val-fraction", type=VAL_FRACTION,
+                   help=bounded("held-out fraction per class", VAL_FRACTION, 0.2))
+    t.add_argument("--seed", type=limits.SEED,
+                   help=bounded("seed for the split, initialisation and augmentation", limits.SEED, 0))
+    t.add_argument("--init", type=nonempty_path,
+                   help="start from these safetensors weights (a non-2-class head is replaced)")
     t.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    t.add_argument("--workers", type=int, help="image-loading processes (default 0: in-process)")
+    t.add_argument("--workers", type=WORKERS,
+                   help=bounded("image-loading processes; 0 loads in this process", WORKERS, 0))
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
+    t.add_argument("--threads", type=limits.THREADS,
+                   help=bounded("torch CPU threads; 1 on a busy machine", limits.THREADS, "torch's choice"))
 
     s = sub.add_parser("score", help="P(real) per image, as CSV")
-    s.add_argument("--weights", required=True, type=Path, help="FILE.safetensors (FILE.json beside it if any)")
-    s.add_argument("--images", required=True, type=Path, help="folder of images")
-    s.add_argument("--out", type=Path, help="CSV file to write (default: stdout)")
+    s.add_argument("--weights", required=True, type=nonempty_path,
+                   help="FILE.safetensors (FILE.json beside it if any)")
+    s.add_argument("--images", required=True, type=nonempty_path, help="folder of images")
+    s.add_argument("--out", type=nonempty_path, help="CSV file to write (default: stdout)")
     s.add_argument("--arch", help="timm arch when the weights have no FILE.json")
     add_batch_and_device_args(s)
-    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--threads", type=limits.THREADS, help=bounded("torch CPU threads", limits.THREADS, "torch's choice"))
 
     p.set_defaults(_parser=p)
 

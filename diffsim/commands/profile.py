@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from .. import limits
 from ..errors import DiffsimError
+from .args import bounded, name_list, nonempty, number_list
 
 DEFAULT_MODELS = "sd-turbo,sdxs,sd-v1.5,sdxl-lightning,sdxl"
-
-
-def _int_list(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise DiffsimError(f"{flag}: expected comma-separated integers, got {text!r}") from None
 
 
 def add_parser(subparsers) -> None:
@@ -26,18 +21,22 @@ def add_parser(subparsers) -> None:
             "that `diffsim simulate --gpu FILE` and `diffsim plan --gpu FILE` read. A batch that runs out of memory is recorded as null."
         ),
     )
-    p.add_argument("--backend", required=True, help="cuda (full models, fp16) or cpu-tiny (tiny models, fp32)")
+    p.add_argument("--backend", required=True, choices=("cuda", "cpu-tiny"),
+                   help="cuda (full models, fp16) or cpu-tiny (tiny models, fp32)")
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated model names (default {DEFAULT_MODELS})")
-    p.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="strictly increasing batch sizes")
+    p.add_argument("--batch-sizes", default="1,2,4,8,16,32",
+                   help=bounded("strictly increasing batch sizes", limits.BATCH_SIZE, "1,2,4,8,16,32"))
     p.add_argument(
         "--weights", default="random",
         help="random (built from configs, no download), hub, a pipeline directory, a folder of per-model "
         "pipeline directories (DIR/sdxs, ...), or NAME=SOURCE,... per model",
     )
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
-    p.add_argument("--iters", type=int, default=10, help="timed calls per batch size (default 10)")
+    p.add_argument("--warmup", type=limits.COUNT_OR_ZERO, default=2,
+                   help=bounded("untimed calls before timing", limits.COUNT_OR_ZERO, 2))
+    p.add_argument("--iters", type=limits.COUNT, default=10,
+                   help=bounded("timed calls per batch size", limits.COUNT, 10))
     p.add_argument("--device", default="0", help="CUDA device index (cuda backend)")
-    p.add_argument("--concurrency", type=int, default=1, metavar="N",
+    p.add_argument("--concurrency", type=limits.JOBS, default=1, metavar="N",
                    help="measure every batch with N executors busy at once, as N serving workers are under load "
                    "(cpu-tiny: N threads; cuda: devices --device..--device+N-1); recorded in the profile "
                    "(default 1)")
@@ -45,7 +44,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--discriminator-weights", default=None, help="discriminator .safetensors (default: random head)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (mode=reduce-overhead; cuda only, opt-in, unmeasured)")
-    p.add_argument("--out", default=None, help="output YAML (default: profiles/<gpu>.yaml in the data folder)")
+    p.add_argument("--out", default=None, type=nonempty,
+                   help="output YAML (default: profiles/<gpu>.yaml in the data folder)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -59,17 +59,20 @@ def run(args: argparse.Namespace) -> int:
 
     if args.backend not in BACKENDS:
         raise DiffsimError(f"--backend: unknown backend {args.backend!r} (known: {', '.join(BACKENDS)})")
-    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    models = tuple(name_list(args.models, "--models"))
     for model in models:
         check_backend_and_model(args.backend, model)
     try:
         device = int(args.device.removeprefix("cuda:"))
     except ValueError:
         raise DiffsimError(f"--device: expected a CUDA device index, got {args.device!r}") from None
+    if not 0 <= device < 1024:
+        raise DiffsimError(f"--device: expected a CUDA device index in 0..1023, got {args.device!r}")
     settings = ProfileSettings(
         backend=args.backend,
         models=models,
-        batch_sizes=_int_list(args.batch_sizes, "--batch-sizes"),
+        batch_sizes=tuple(number_list(args.batch_sizes, "--batch-sizes", limits.BATCH_SIZE,
+                                      most=limits.MAX_BATCH_SIZES)),
         weights=args.weights,
         warmup=args.warmup,
         iters=args.iters,

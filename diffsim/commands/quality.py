@@ -18,44 +18,60 @@ import json
 import sys
 from pathlib import Path
 
+from .. import limits
 from ..errors import DiffsimError, InputError
+from .args import bounded, nonempty_path
+
+DESCRIPTION = """Image quality of a folder of images:
+
+  stats       Inception feature statistics of a folder, saved as the reference .npz for FID
+  fid         FID of a folder against reference statistics or a reference folder (sample sizes always reported)
+  kid         KID of a folder against a reference folder (fits small samples)
+  clip-score  CLIP score of images against their prompts, with a local CLIP model
+
+Run diffsim quality ACTION --help for an action's options."""
+SUBSET_SIZE = limits.Range(2, 1_000_000, integer=True)
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("quality", help="image quality of a folder: FID, KID, reference stats, CLIP score",
-                              description=__doc__.split("\n\nBuilding")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action", metavar="ACTION")
 
     st = sub.add_parser("stats", help="reference feature statistics (.npz) of an image folder")
-    st.add_argument("--images", required=True, type=Path)
-    st.add_argument("--out", required=True, type=Path, help="output .npz (mu, sigma, n, feature)")
+    st.add_argument("--images", required=True, type=nonempty_path, metavar="DIR",
+                    help="folder of images (e.g. real photographs) to describe")
+    st.add_argument("--out", required=True, type=nonempty_path, help="output .npz (mu, sigma, n, feature)")
     _add_inception_args(st)
 
     f = sub.add_parser("fid", help="FID of a folder against reference statistics or images")
-    f.add_argument("--images", required=True, type=Path)
+    f.add_argument("--images", required=True, type=nonempty_path, metavar="DIR",
+                   help="folder of images to score (e.g. generated ones)")
     ref = f.add_mutually_exclusive_group(required=True)
-    ref.add_argument("--ref-stats", type=Path, help=".npz from `diffsim quality stats`")
-    ref.add_argument("--ref-images", type=Path, help="folder of reference images")
+    ref.add_argument("--ref-stats", type=nonempty_path, help=".npz from `diffsim quality stats`")
+    ref.add_argument("--ref-images", type=nonempty_path, metavar="DIR", help="folder of reference images")
     f.add_argument("--allow-small", action="store_true",
                    help="allow n <= feature dim (singular covariance: FID biased upward, comparable only at equal n)")
     f.add_argument("--json", action="store_true", help="print a JSON object instead of a sentence")
     _add_inception_args(f)
 
     k = sub.add_parser("kid", help="KID of a folder against a reference folder")
-    k.add_argument("--images", required=True, type=Path)
-    k.add_argument("--ref-images", required=True, type=Path)
-    k.add_argument("--subsets", type=int, default=100)
-    k.add_argument("--subset-size", type=int, help="default: min(1000, both folder sizes)")
-    k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--json", action="store_true")
+    k.add_argument("--images", required=True, type=nonempty_path, metavar="DIR", help="folder of images to score")
+    k.add_argument("--ref-images", required=True, type=nonempty_path, metavar="DIR", help="folder of reference images")
+    k.add_argument("--subsets", type=limits.COUNT, default=100,
+                   help=bounded("random subsets the KID is averaged over", limits.COUNT, 100))
+    k.add_argument("--subset-size", type=SUBSET_SIZE,
+                   help=bounded("images per subset; at most the smaller folder", SUBSET_SIZE,
+                                "min(1000, both folder sizes)"))
+    k.add_argument("--seed", type=limits.SEED, default=0, help=bounded("seed of the subsets", limits.SEED, 0))
+    k.add_argument("--json", action="store_true", help="print a JSON object instead of a sentence")
     _add_inception_args(k)
 
     c = sub.add_parser("clip-score", help="CLIP score of images against prompts")
-    c.add_argument("--images", required=True, type=Path)
-    c.add_argument("--prompts", required=True, type=Path, help="CSV with header image,prompt")
-    c.add_argument("--clip", required=True, type=Path, help="local transformers CLIPModel directory")
-    c.add_argument("--out", type=Path, help="per-image CSV image,clip_score (default: only the mean)")
+    c.add_argument("--images", required=True, type=nonempty_path, metavar="DIR", help="folder of images to score")
+    c.add_argument("--prompts", required=True, type=nonempty_path, help="CSV with header image,prompt")
+    c.add_argument("--clip", required=True, type=nonempty_path, help="local transformers CLIPModel directory")
+    c.add_argument("--out", type=nonempty_path, help="per-image CSV image,clip_score (default: only the mean)")
     add_batch_and_device_args(c)
     p.set_defaults(_parser=p)
 
@@ -73,7 +89,8 @@ def run(args) -> int:
 
 def add_batch_and_device_args(parser: argparse.ArgumentParser) -> None:
     """--batch-size (images per forward pass, default 32) and --device (torch device, default cpu)."""
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--batch-size", type=limits.BATCH_SIZE, default=32,
+                        help=bounded("images per forward pass", limits.BATCH_SIZE, 32))
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
@@ -100,7 +117,7 @@ def write_csv(out: Path | None, header: tuple[str, ...], rows: list[tuple]) -> N
 
 
 def _add_inception_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--inception-weights", required=True, type=Path,
+    parser.add_argument("--inception-weights", required=True, type=nonempty_path,
                         help="torchvision Inception-v3 weights as safetensors (local file)")
     parser.add_argument("--feature-dim", type=int, default=2048, choices=(64, 192, 768, 2048),
                         help="Inception feature: 2048 = final pool (standard); smaller ones need fewer images")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from .. import limits
 from ..errors import DiffsimError
+from .args import bounded, nonempty, number_list
 
 DEFAULT_PORT = 8000
 
@@ -23,11 +25,13 @@ def add_parser(subparsers) -> None:
         ),
     )
     p.add_argument("--backend", required=True, choices=("cuda", "cpu-tiny"), help="executors: cuda or cpu-tiny")
-    p.add_argument("--cascade", required=True, metavar="C", help="cascade name, e.g. sdturbo-sdv15")
-    p.add_argument("--gpus", type=int, metavar="N",
+    p.add_argument("--cascade", required=True, metavar="C", type=nonempty, help="cascade name, e.g. sdturbo-sdv15")
+    p.add_argument("--gpus", type=limits.GPUS, metavar="N",
                    help="workers: one per GPU (default: every visible GPU; cpu-tiny: 1 CPU slot)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
+    p.add_argument("--host", default="127.0.0.1", type=nonempty,
+                   help="address to listen on (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=limits.PORT, default=DEFAULT_PORT,
+                   help=bounded("port; 0 = any free port", limits.PORT, DEFAULT_PORT))
     p.add_argument("--policy", default="diffserve", metavar="P", help="policy (default diffserve)")
     p.add_argument("--static-plan", metavar="JSON",
                    help='plan for --policy static, e.g. \'{"threshold": 0.2, "light_workers": 1, '
@@ -44,31 +48,36 @@ def add_parser(subparsers) -> None:
     p.add_argument("--swap", action="store_true",
                    help="keep one model resident per worker, loading the other on a role change "
                    "(default: both resident, as in the paper)")
-    p.add_argument("--slo-s", type=float, metavar="S", help="override the cascade's SLO (seconds)")
-    p.add_argument("--drop-factor", type=float, default=1.5,
-                   help="drop / reject when a query cannot finish within this x SLO (default 1.5)")
+    p.add_argument("--slo-s", type=limits.SLO_S, metavar="S",
+                   help=bounded("override the cascade's SLO (seconds)", limits.SLO_S))
+    p.add_argument("--drop-factor", type=limits.DROP_FACTOR, default=1.5,
+                   help=bounded("drop / reject when a query cannot finish within this x SLO", limits.DROP_FACTOR, 1.5))
     p.add_argument("--no-admission", action="store_true", help="queue every request (no 429 at the door)")
     p.add_argument("--batch-sizes", metavar="LIST", help="batch sizes the policy may use (default: 1,2,4 on "
                    "cpu-tiny, 1,2,4,8,16,32 on cuda)")
     p.add_argument("--routing", choices=("random", "least-loaded"), default="least-loaded",
                    help="worker choice within a stage (default least-loaded; random is the paper's)")
-    p.add_argument("--max-utilization", type=float, default=0.8, metavar="U",
-                   help="plan each stage to at most this fraction of its capacity (default 0.8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the router and of image seeds (default 0)")
-    p.add_argument("--max-n", type=int, default=8, help="most images per request (default 8)")
+    p.add_argument("--max-utilization", type=limits.FRACTION_ABOVE_0, default=0.8, metavar="U",
+                   help=bounded("plan each stage to at most this fraction of its capacity", limits.FRACTION_ABOVE_0,
+                                0.8))
+    p.add_argument("--seed", type=limits.SEED, default=0,
+                   help=bounded("seed of the router and of image seeds", limits.SEED, 0))
+    p.add_argument("--max-n", type=limits.IMAGES_PER_REQUEST, default=8,
+                   help=bounded("most images per request", limits.IMAGES_PER_REQUEST, 8))
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
-    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=limits.THREADS, metavar="N",
+                   help=bounded("torch CPU threads", limits.THREADS, "torch's"))
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    p.add_argument("--ray", metavar="ADDRESS",
+    p.add_argument("--ray", metavar="ADDRESS", type=nonempty,
                    help="run the workers as Ray actors, one per GPU anywhere in a Ray cluster: local (a private "
                    "one-machine cluster), auto (the cluster started here with `ray start --head`) or HOST:PORT "
                    "(its head); the engine, queues and HTTP stay in this process. Needs the ray extra")
-    p.add_argument("--worker-max-failures", type=int, default=3, metavar="N",
+    p.add_argument("--worker-max-failures", type=limits.COUNT, default=3, metavar="N",
                    help="take a worker out of service after N failed batches in a row (default 3); it is probed "
                    "every --worker-probe-s and returns when a probe succeeds")
-    p.add_argument("--worker-probe-s", type=float, default=5.0, metavar="S",
-                   help="how often a worker out of service (failing or lost) is probed (default 5)")
-    p.add_argument("--ray-max-restarts", type=int, default=-1, metavar="N",
+    p.add_argument("--worker-probe-s", type=limits.PERIOD_S, default=5.0, metavar="S",
+                   help=bounded("how often a worker out of service (failing or lost) is probed", limits.PERIOD_S, 5))
+    p.add_argument("--ray-max-restarts", type=limits.RESTARTS, default=-1, metavar="N",
                    help="times Ray restarts a dead worker actor (default -1: always); a restarted worker "
                    "reloads its models and rejoins the plan")
     q = p.add_argument_group(
@@ -86,9 +95,9 @@ def add_parser(subparsers) -> None:
     q.add_argument("--inception-weights", metavar="FILE",
                    help="the Inception-v3 safetensors the statistics were made with (required with "
                    "--fid-reference; statistics from other weights are refused)")
-    q.add_argument("--fid-window-s", type=float, default=60.0, metavar="S",
-                   help="length of a quality window in seconds (default 60)")
-    q.add_argument("--fid-sample", type=int, metavar="N",
+    q.add_argument("--fid-window-s", type=limits.PERIOD_S, default=60.0, metavar="S",
+                   help=bounded("length of a quality window in seconds", limits.PERIOD_S, 60))
+    q.add_argument("--fid-sample", type=limits.COUNT, metavar="N",
                    help="images sampled per window, at most (default: twice the feature dimension)")
     q.add_argument("--fid-device", default="cpu", metavar="DEV",
                    help="torch device for the Inception features (default cpu; e.g. cuda:0 to share a GPU)")
@@ -108,14 +117,16 @@ def options_from_args(args: argparse.Namespace):
             raise DiffsimError(f"--static-plan: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(static_plan, dict):
             raise DiffsimError("--static-plan: expected a JSON object")
+        from ..policies import StaticPlanSpec
+
+        try:  # fields, types and bounds now, not when the first plan is applied
+            StaticPlanSpec.from_dict(static_plan)
+        except DiffsimError as e:
+            raise DiffsimError(f"--static-plan: {str(e).removeprefix('static plan: ')}") from None
     sizes = None
-    if args.batch_sizes:
-        try:
-            sizes = tuple(int(x) for x in args.batch_sizes.split(",") if x.strip())
-        except ValueError:
-            raise DiffsimError(f"--batch-sizes: expected comma-separated integers, got {args.batch_sizes!r}") from None
-    if args.max_n < 1:
-        raise DiffsimError(f"--max-n: must be >= 1, got {args.max_n}")
+    if args.batch_sizes is not None:  # an empty list is an error, not the default
+        sizes = tuple(number_list(args.batch_sizes, "--batch-sizes", limits.BATCH_SIZE, unique=True,
+                                  most=limits.MAX_BATCH_SIZES))
     from ..config import HealthConfig
     from ..errors import InputError
 

@@ -123,6 +123,9 @@ def _read_prompts_csv(path: Path, text: str) -> list[Prompt]:
     return prompts
 
 
+MAX_GRID_POINTS = 100_000
+
+
 def parse_grid(text: str, flag: str) -> tuple[float, ...]:
     """A grid on [0, 1]: ``0,0.1,...,1`` (explicit values) or ``START:STOP:STEP`` (a range, ends included).
 
@@ -135,8 +138,12 @@ def parse_grid(text: str, flag: str) -> tuple[float, ...]:
             if len(parts) != 3:
                 raise ValueError
             start, stop, step = parts
+            if not all(math.isfinite(x) for x in parts):
+                raise ValueError
             if not step > 0:
                 raise DiffsimError(f"{flag}: the step must be > 0, got {step:g}")
+            if (stop - start) / step > MAX_GRID_POINTS:
+                raise DiffsimError(f"{flag}: a step of {step:g} makes more than {MAX_GRID_POINTS:,} grid points")
             count = int(math.floor((stop - start) / step + 1e-9)) + 1
             decimals = max(0, -math.floor(math.log10(step))) + 3
             values = [round(start + i * step, decimals) for i in range(count)]
