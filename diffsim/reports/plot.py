@@ -49,6 +49,29 @@ def _steps(rows: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys + ys[-1:]
 
 
+def _as_drawn(rows: Sequence[dict], end_s) -> list[dict]:
+    """The rows as the timeline draws them (timeseries.csv keeps whole windows).
+
+    The last window usually runs past the run's end (the drain after the last arrival): it is cut at
+    ``end_s`` and its rates are counted over the time it covers, instead of over a whole window, where
+    they would look like a fall in throughput. Windows after the trace's last arrival have no arrival
+    rate (the trace has ended; nothing fell to 0 qps).
+    """
+    drawn = [dict(r) for r in rows]
+    last = drawn[-1]
+    start, end = _num(last["t_start_s"]), _num(last["t_end_s"])
+    if end_s is not None and start < float(end_s) < end:
+        scale = (end - start) / (float(end_s) - start)
+        last["t_end_s"] = float(end_s)
+        for key in ("arrival_qps", "throughput_qps"):
+            if not math.isnan(_num(last.get(key))):
+                last[key] = _num(last[key]) * scale
+    with_arrivals = [i for i, r in enumerate(drawn) if _num(r.get("arrivals")) > 0]
+    for r in drawn[with_arrivals[-1] + 1:] if with_arrivals else []:
+        r["arrival_qps"] = None
+    return drawn
+
+
 def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
@@ -61,6 +84,7 @@ def plot_timeline(rows: Sequence[dict], summary: dict, path: Path | str) -> None
     """The run over time, one panel per quantity, sharing the time axis."""
     if not rows:
         raise ValueError("no time-series rows to plot")
+    rows = _as_drawn(rows, summary.get("duration_s"))
     fig, axes = _figure(11, 13, rows=6, sharex=True)
     ax_demand, ax_workers, ax_batch, ax_threshold, ax_viol, ax_fid = axes[:, 0]
     split = any(r.get("mode") == "split" for r in rows)
