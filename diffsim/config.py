@@ -4,7 +4,8 @@
 and (for the controller part) ``diffsim serve``. Values are checked when the object is built; a bad
 value raises :class:`~diffsim.errors.InputError` naming the field.
 
-The config file (``diffsim simulate --config FILE``) is YAML with any of these keys, all optional::
+The config file (``diffsim simulate --config FILE``) is YAML with any of these keys, all optional (their
+types and bounds, from :mod:`diffsim.limits`, are tabled in README.md, section "Config file")::
 
     gpu: a100                    # GPU profile name or path (relative paths: relative to the file)
     cascades: cascades.yaml      # cascades file (default: the shipped profiles/cascades.yaml)
@@ -188,7 +189,10 @@ class RunConfig:
         _within("drop_factor", self.drop_factor, limits.DROP_FACTOR)
         _within("batch_timeout_s", self.batch_timeout_s, limits.SECONDS)
         _within("swap_s", self.swap_s, limits.SECONDS)
-        _non_negative("deadline_sweep_s", self.deadline_sweep_s)
+        _within("deadline_sweep_s", self.deadline_sweep_s, limits.SECONDS)
+        if 0 < self.deadline_sweep_s < limits.MIN_PERIOD_S:  # a sweep every nanosecond would never end a run
+            raise SettingError("deadline_sweep_s", f"must be 0 (off) or at least {limits.MIN_PERIOD_S} s, "
+                               f"got {self.deadline_sweep_s!r}")
         if not limits.FRACTION_ABOVE_0.contains(self.max_utilization):
             raise SettingError("max_utilization", f"must lie in (0, 1], got {self.max_utilization!r}")
         if not limits.FRACTION.contains(self.batch_wait):
@@ -308,7 +312,7 @@ class ConfigFile(_Strict):
     faults: Optional[list[FaultSection]] = None
     service_time: Optional[Literal["p50", "sampled"]] = None
     admission: Optional[bool] = None
-    deadline_sweep_s: Optional[float] = Field(default=None, ge=0)
+    deadline_sweep_s: Optional[float] = _bounded(limits.SECONDS)
 
 
 _PATH_KEYS = ("cascades", "trace", "confidences")

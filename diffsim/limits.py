@@ -128,6 +128,7 @@ PORT = Range(0, 65_535, integer=True)
 THREADS = Range(1, 1024, integer=True)
 COUNT = Range(1, 1_000_000, integer=True)  # iterations, epochs, images per request, samples
 COUNT_OR_ZERO = Range(0, 1_000_000, integer=True)
-PERIOD_S = Range(0.001, 86_400)  # probe and poll periods, quality windows, client timeouts
+MIN_PERIOD_S = 0.001  # the shortest period of anything that repeats in a run
+PERIOD_S = Range(MIN_PERIOD_S, 86_400)  # probe and poll periods, quality windows, client timeouts
 IMAGES_PER_REQUEST = Range(1, 1000, integer=True)
 RESTARTS = Range(-1, 1_000_000, integer=True)  # -1: always
