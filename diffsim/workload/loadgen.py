@@ -24,9 +24,10 @@ the time the server says it spent (``total_ms``), and how late each request left
 
 The client is one ``aiohttp`` session with no connection limit: every open request has a connection of
 its own, and a finished one's connection is reused for the next. ``benchmarks/bench_load_client.py``
-measured the choice against a zero-latency server at 100 requests/s: httpx's ``AsyncClient`` (whose pool
-is scanned on every request) added a p99 of ~150 ms at 1,000 open requests with 64 kept-alive
-connections and 9-20 *seconds* with unlimited ones; aiohttp added ~3 ms p50 and ~20 ms p99. Idle
+measured the choice against a zero-latency server at 100 requests/s and 1,000 open requests (on two
+shared cores): httpx's ``AsyncClient`` (whose connection pool is scanned on every request) added 0.5 s
+p50 / 2.7 s p99 with 64 kept-alive connections and 41 s p50 with unlimited ones; aiohttp added 2.3 ms
+p50 / 26 ms p99 (2.1 / 7.8 ms at 100 open). Idle
 connections are kept :data:`KEEPALIVE_S`, less than the server keeps them (uvicorn's 5 s default,
 ``diffsim serve``'s 30 s), so the client, never the server, closes an idle connection: a request written
 onto a connection the server is closing at that moment fails client-side with a read error without
