@@ -193,17 +193,29 @@ def run(args: argparse.Namespace) -> int:
         # In the main thread, before the event loop: ray.init may install signal handlers.
         started_ray = ray_worker.connect(options.ray, backend=options.backend, workers=options.gpus)
 
-    # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler makes that
-    # a clean exit (status 0) after the drain instead of death by SIGTERM.
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    # SIGTERM during start-up (model loading, profile measurement) stops it cleanly: the workers are
+    # stopped and a Ray cluster this process started is shut down. Once serving, the server's own
+    # handler takes over and drains (diffsim.server.http.DrainingServer).
+    def stop_starting(signum, frame):
+        raise _StopStarting()
+
+    signal.signal(signal.SIGTERM, stop_starting)
     try:
         asyncio.run(serve(options, settings, sock, on_ready=ready,
                           log_level="info" if args.log_level == "debug" else "warning"))
+    except _StopStarting:
+        print("diffsim serve: stopped by SIGTERM before serving", file=sys.stderr, flush=True)
+        return 0
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if started_ray:
             ray_worker.disconnect()
     print("diffsim serve: drained and stopped", file=sys.stderr, flush=True)
     return 0
+
+
+class _StopStarting(BaseException):
+    """SIGTERM arrived before the server was serving (a BaseException: nothing on the way may swallow it)."""
 
 
 def _image_size(backend: str, light: str, heavy: str):

@@ -202,9 +202,13 @@ class ThreadWorker:
     async def measure(self, batch_sizes: Sequence[int], warmup: int = 1, iters: int = 3) -> dict:
         return await self._call(self.core.measure, tuple(batch_sizes), warmup, iters)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Unload the models; a worker stuck in a batch that never returns is left behind after
+        ``timeout_s`` (its thread cannot be killed) so that stopping the server always ends."""
         try:
-            await self._call(self.core.stop)
+            await asyncio.wait_for(self._call(self.core.stop), timeout_s)
+        except asyncio.TimeoutError:
+            pass
         finally:
             self._pool.shutdown(wait=False)
 
