@@ -269,3 +269,144 @@ def test_rounded():
         "c": True,
         "d": 3,
     }
+
+
+# -- compact records and the direct formatter agree with the per-query definitions ----------------------
+
+awkward_floats = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(0, 1e4),
+    st.sampled_from([0.0, -0.0, 1e-7, -1e-7, 0.5e-6, 2.5e-6, 1e16, 0.1 + 0.2]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(0, 10**12), st.integers(-5, 10**6), st.floats(0, 1e5), st.one_of(st.none(), awkward_floats),
+    st.sampled_from(["completed", "dropped", "failed", "rejected", None]),
+    st.sampled_from(["light", "heavy", None, "odd,role", 'say "x"']), st.booleans(),
+    st.lists(st.sampled_from(["light", "heavy"]), max_size=3), st.lists(st.integers(1, 64), max_size=3),
+    awkward_floats, awkward_floats, st.floats(0, 1e4),
+)
+def test_query_line_is_what_the_csv_module_writes(tmp_path_factory, i, prompt, arrival, confidence, outcome,
+                                                  served_by, deferred, stages, sizes, queue_s, service_s, latency):
+    query = Query(id=i, prompt_id=prompt, arrival_s=arrival, slo_s=SLO, confidence=confidence)
+    query.deferred, query.stages, query.batch_sizes = deferred, stages, sizes
+    query.queue_s, query.service_s = queue_s, service_s
+    if outcome is not None:
+        query.finish(outcome, arrival + latency, served_by=served_by)
+    path = tmp_path_factory.mktemp("q") / "q.csv"
+    metrics.write_csv(path, metrics.query_rows([query]), metrics.QUERY_COLUMNS)
+    assert path.read_text().splitlines(keepends=True)[1] == metrics.query_line(query)
+
+
+def test_query_csv_streams_the_same_file(tmp_path):
+    queries = [q(i, i / 3, latency=1 / 3 + i / 7, served_by="light" if i % 3 else "heavy", confidence=i / 11)
+               for i in range(10000)]
+    queries[5].stages, queries[5].batch_sizes = ["light", "heavy"], [4, 2]
+    metrics.write_csv(tmp_path / "a.csv", metrics.query_rows(queries), metrics.QUERY_COLUMNS)
+    metrics.write_query_csv(tmp_path / "b.csv", queries)
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+
+
+def reference_summary_counts(queries, plans, cascade):
+    """The summary's per-query definitions, one query at a time (what the numpy code must reproduce)."""
+    counts = {name: 0 for name in metrics.OUTCOMES}
+    unfinished = late = violations = deferred = light_served = 0
+    latencies = []
+    for x in queries:
+        if x.outcome is None:
+            unfinished += 1
+        else:
+            counts[x.outcome] += 1
+        late += x.late
+        violations += x.violation
+        deferred += x.deferred
+        if x.outcome == "completed":
+            latencies.append(x.finished_s - x.arrival_s)
+            light_served += x.served_by == "light"
+    times = [t for t, _ in plans]
+    by_mode = {"cascade": [0, 0], "split": [0, 0]}
+    for x in queries:
+        if x.outcome == "completed":
+            plan = metrics.plan_at(plans, x.arrival_s, times)
+            mode = plan.mode if plan is not None else ("cascade" if x.confidence is not None or x.deferred else "split")
+            by_mode[mode][1] += 1
+            by_mode[mode][0] += x.served_by == "light"
+    lat = np.asarray(latencies, dtype=np.float64)
+    return {**counts, "unfinished": unfinished, "late": late, "violations": violations, "deferred": deferred,
+            "light_served": light_served, "by_mode": by_mode,
+            "latency_mean_s": float(lat.mean()) if lat.size else None,
+            "latency_p50_s": float(np.percentile(lat, 50)) if lat.size else None,
+            "latency_p99_s": float(np.percentile(lat, 99)) if lat.size else None}
+
+
+def reference_windows(queries, n, window_s):
+    def window(t):
+        return min(n - 1, max(0, int(t // window_s)))
+
+    arrivals, violations, completions, light = [0] * n, [0] * n, [0] * n, [0] * n
+    for x in queries:
+        arrivals[window(x.arrival_s)] += 1
+        violations[window(x.arrival_s)] += x.violation
+        if x.outcome == "completed":
+            completions[window(x.finished_s)] += 1
+            light[window(x.finished_s)] += x.served_by == "light"
+    return arrivals, violations, completions, light
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 300), st.sampled_from(["completed", "dropped", "failed", "rejected", None]),
+            st.floats(0, 12), st.booleans(), st.booleans(), st.one_of(st.none(), st.floats(0, 1)),
+        ),
+        max_size=80,
+    ),
+    st.sampled_from([0.1, 0.3, 1.0, 7.5, 10.0]),
+    st.sampled_from(["cascade", "split", "mixed", "none"]),
+)
+def test_records_reproduce_the_per_query_definitions(cascade, items, window_s, plan_kind):
+    items = sorted(items, key=lambda item: item[0])  # queries in arrival order, as in a run
+    queries = []
+    for i, (a, o, lat, light, deferred, conf) in enumerate(items):
+        queries.append(q(i, a, outcome=o, latency=lat, served_by="light" if light else "heavy", deferred=deferred,
+                         confidence=conf))
+    plans = {"cascade": [(0.0, make_plan())], "split": [(0.0, make_plan(mode="split", light_share=0.4))],
+             "mixed": [(0.0, make_plan()), (100.0, make_plan(mode="split", light_share=0.4)), (200.0, make_plan())],
+             "none": []}[plan_kind]
+    s = summarize(queries, plans, cascade)
+    ref = reference_summary_counts(queries, plans, cascade)
+    for key in ("completed", "dropped", "failed", "rejected", "unfinished", "late", "violations", "deferred",
+                "light_served", "latency_mean_s", "latency_p50_s", "latency_p99_s"):
+        assert s[key] == ref[key], key
+    rec = metrics.QueryRecords.of(queries)
+    assert metrics.summarize(rec, plans, cascade=cascade, gpus=2, worker_busy_s=[1.0], duration_s=100.0,
+                             wall_s=0.5) == summarize(queries, plans, cascade, busy=(1.0,))
+    rows = metrics.timeseries(queries, plans, [], cascade=cascade, window_s=window_s)
+    assert metrics.timeseries(rec, plans, [], cascade=cascade, window_s=window_s) == rows
+    arrivals, violations, completions, light = reference_windows(queries, len(rows), window_s)
+    assert [r["arrivals"] for r in rows] == arrivals and [r["violations"] for r in rows] == violations
+    assert [r["completions"] for r in rows] == completions and [r["light_served"] for r in rows] == light
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 1e7), max_size=50), st.sampled_from([0.01, 0.1, 0.3, 1.0, 7.5, 10.0, 1 / 3]))
+def test_numpy_floor_division_is_pythons(times, window_s):
+    """The time series puts a time in window ``t // window_s`` with numpy; that must be Python's //."""
+    edges = [k * window_s for k in range(0, 40)] + [np.nextafter(k * window_s, 0) for k in range(1, 40)]
+    t = np.array(times + edges, dtype=np.float64)
+    assert np.floor_divide(t, window_s).tolist() == [x // window_s for x in t.tolist()]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(-1e10, 1e10),
+    st.floats(1e-5, 1e-3),
+    st.integers(0, 2 * 10**15).map(lambda k: k / 10**6 + 5e-7),  # halfway between two 6-decimal numbers
+    st.integers(0, 2 * 10**15).map(lambda k: float(np.nextafter(k / 10**6 + 5e-7, 0))),
+))
+def test_float_cells_are_written_as_rounded_writes_them(v):
+    assert metrics._float_text(v) == metrics._cell(v)

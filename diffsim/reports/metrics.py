@@ -26,17 +26,25 @@ Definitions
 
 Output files are deterministic: floats are rounded to :data:`DIGITS` decimals, JSON keys are sorted.
 The one exception is ``wall_s`` in summary.json (the run's wall-clock time).
+
+Scale: the summary and the time series are computed from :class:`QueryRecords`, nine bytes a query
+(finish time and a byte of flags; arrival times are the trace's own array), with numpy; a simulation of
+millions of requests keeps these instead of its :class:`~diffsim.query.Query` objects, and writes
+queries.csv as queries end (:class:`QueryCsv`, one direct formatter per row, the same bytes as the
+``csv`` module would write).
 """
 
 from __future__ import annotations
 
 import bisect
 import csv
+import io
 import json
 import math
+from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
@@ -118,11 +126,108 @@ PlanTimeline = Sequence[tuple[float, Plan]]
 
 
 # ----------------------------------------------------------------------------------------------
+# Compact per-query records
+
+# QueryRecords.flags: the outcome's code in the low 3 bits, then one bit per property.
+_OUTCOME_CODE = {None: 0, "completed": 1, "dropped": 2, "failed": 3, "rejected": 4}
+_CODE_MASK = 7
+_COMPLETED = 1
+_DROPPED = 2
+LATE = 8
+DEFERRED = 16
+SERVED_LIGHT = 32
+SCORED = 64  # the light image has a confidence (tells cascade routing when no plan is known)
+
+
+def query_flags(q: Query) -> int:
+    """The byte of flags :class:`QueryRecords` keeps of ``q``."""
+    flags = _OUTCOME_CODE[q.outcome]
+    if q.late:
+        flags |= LATE
+    if q.deferred:
+        flags |= DEFERRED
+    if q.served_by == "light":
+        flags |= SERVED_LIGHT
+    if q.confidence is not None:
+        flags |= SCORED
+    return flags
+
+
+class QueryRecords:
+    """What the summary and the time series need of each query: arrival and finish times (NaN: no
+    outcome yet) and a byte of flags (outcome, late, deferred, served light, scored), in query order.
+
+    Why: a :class:`~diffsim.query.Query` with its lists and floats takes about 0.6 KB; these take 9
+    bytes beyond the arrival times, which can be the trace's own array. A simulation of 10M requests
+    holds these, not its queries. :meth:`of` builds them from queries (what a real run and the
+    simulator's tests hand in); :class:`RecordsBuilder` appends them as queries end.
+    """
+
+    __slots__ = ("arrival_s", "finished_s", "flags")
+
+    def __init__(self, arrival_s: np.ndarray, finished_s: np.ndarray, flags: np.ndarray):
+        if not len(arrival_s) == len(finished_s) == len(flags):
+            raise ValueError(f"{len(arrival_s)} arrivals, {len(finished_s)} finish times, {len(flags)} flags")
+        self.arrival_s = np.asarray(arrival_s, dtype=np.float64)
+        self.finished_s = np.asarray(finished_s, dtype=np.float64)
+        self.flags = np.asarray(flags, dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.flags)
+
+    @classmethod
+    def of(cls, queries: Iterable[Query]) -> "QueryRecords":
+        builder = RecordsBuilder()
+        arrival = array("d")
+        for q in queries:
+            arrival.append(q.arrival_s)
+            builder.add(q)
+        return builder.build(np.frombuffer(arrival, dtype=np.float64))
+
+    @property
+    def outcome_codes(self) -> np.ndarray:
+        return self.flags & _CODE_MASK
+
+    def has(self, flag: int) -> np.ndarray:
+        """A boolean mask: which queries have ``flag`` (LATE, DEFERRED, SERVED_LIGHT, SCORED)."""
+        return (self.flags & flag) != 0
+
+
+class RecordsBuilder:
+    """Appends ended queries' records (in query order) to compact arrays; :meth:`build` adds the arrivals."""
+
+    __slots__ = ("_finished", "_flags")
+
+    def __init__(self):
+        self._finished = array("d")
+        self._flags = array("B")
+
+    def add(self, q: Query) -> None:
+        self._finished.append(math.nan if q.finished_s is None else q.finished_s)
+        self._flags.append(query_flags(q))
+
+    def __len__(self) -> int:
+        return len(self._flags)
+
+    def build(self, arrival_s: np.ndarray) -> QueryRecords:
+        """The records, with ``arrival_s`` the queries' arrival times (e.g. the trace's array)."""
+        return QueryRecords(arrival_s, np.frombuffer(self._finished, dtype=np.float64),
+                            np.frombuffer(self._flags, dtype=np.uint8))
+
+
+Queries = Union[Sequence[Query], QueryRecords]
+
+
+def as_records(queries: Queries) -> QueryRecords:
+    return queries if isinstance(queries, QueryRecords) else QueryRecords.of(queries)
+
+
+# ----------------------------------------------------------------------------------------------
 # Summary
 
 
 def summarize(
-    queries: Sequence[Query],
+    queries: Queries,
     plans: PlanTimeline,
     *,
     cascade: Cascade,
@@ -135,24 +240,21 @@ def summarize(
     trace: str = "",
 ) -> dict:
     """The run's headline numbers (see the module docstring for the definitions)."""
-    counts = {name: 0 for name in OUTCOMES}
-    unfinished = late = violations = deferred = light_served = 0
-    latencies: list[float] = []
-    for q in queries:
-        if q.outcome is None:
-            unfinished += 1
-        else:
-            counts[q.outcome] += 1
-        late += q.late
-        violations += q.violation
-        deferred += q.deferred
-        if q.outcome == "completed":
-            latencies.append(q.finished_s - q.arrival_s)
-            light_served += q.served_by == "light"
-    requests = len(queries)
+    rec = as_records(queries)
+    codes = rec.outcome_codes
+    by_code = np.bincount(codes, minlength=len(_OUTCOME_CODE)).tolist()
+    counts = {name: by_code[_OUTCOME_CODE[name]] for name in OUTCOMES}
+    unfinished = by_code[0]
+    late = int(np.count_nonzero(rec.has(LATE)))
+    requests = len(rec)
     completed = counts["completed"]
-    fid, fid_source = served_mix_fid([q for q in queries if q.outcome == "completed"], plans, cascade)
-    lat = np.asarray(latencies, dtype=np.float64)
+    violations = requests - completed + late  # late completions and every query not completed
+    deferred = int(np.count_nonzero(rec.has(DEFERRED)))
+    done = codes == _COMPLETED
+    light = done & rec.has(SERVED_LIGHT)
+    light_served = int(np.count_nonzero(light))
+    fid, fid_source = _served_mix_fid(rec.arrival_s[done], light[done], rec.has(SCORED | DEFERRED)[done], plans, cascade)
+    lat = rec.finished_s[done] - rec.arrival_s[done]  # in query order, as the mean's summation needs
     busy = float(sum(worker_busy_s))
     return {
         "cascade": cascade.name,
@@ -199,15 +301,27 @@ def summarize(
 
 def served_mix_fid(completed: Sequence[Query], plans: PlanTimeline, cascade: Cascade) -> tuple[Optional[float], str]:
     """FID of the images served to ``completed`` queries, and which curve it was read from."""
-    if not completed:
+    rec = QueryRecords.of(completed)
+    return _served_mix_fid(rec.arrival_s, rec.has(SERVED_LIGHT), rec.has(SCORED | DEFERRED), plans, cascade)
+
+
+def _served_mix_fid(arrival_s: np.ndarray, light: np.ndarray, scored: np.ndarray, plans: PlanTimeline,
+                    cascade: Cascade) -> tuple[Optional[float], str]:
+    """:func:`served_mix_fid` of completed queries given as arrays: arrival times, served light, and
+    scored or deferred. With no plan known (a real run without plan records), a scored or deferred
+    light image means cascade routing."""
+    if not len(arrival_s):
         return None, "none"
-    by_mode: dict[str, list[int]] = {"cascade": [0, 0], "split": [0, 0]}  # mode -> [light served, completed]
-    times = [when for when, _ in plans]
-    for q in completed:
-        plan = plan_at(plans, q.arrival_s, times)
-        mode = plan.mode if plan is not None else _guess_mode(q)
-        by_mode[mode][1] += 1
-        by_mode[mode][0] += q.served_by == "light"
+    if plans:
+        # The plan in force at each arrival: the last applied at or before it (the first before any).
+        at = np.maximum(np.searchsorted([when for when, _ in plans], arrival_s, side="right") - 1, 0)
+        cascade_mode = np.array([p.mode == "cascade" for _, p in plans])[at]
+    else:
+        cascade_mode = scored
+    by_mode: dict[str, list[int]] = {  # mode -> [light served, completed]
+        "cascade": [int(np.count_nonzero(light & cascade_mode)), int(np.count_nonzero(cascade_mode))],
+        "split": [int(np.count_nonzero(light & ~cascade_mode)), int(np.count_nonzero(~cascade_mode))],
+    }
     parts = []
     for mode, (light, n) in by_mode.items():
         if n:
@@ -218,11 +332,6 @@ def served_mix_fid(completed: Sequence[Query], plans: PlanTimeline, cascade: Cas
         return float(fid), "cascade" if mode == "cascade" else "random-mix"
     total = sum(n for n, _, _ in parts)
     return float(sum(n * fid for n, fid, _ in parts) / total), "mixed"
-
-
-def _guess_mode(q: Query) -> str:
-    # No plan known (a real run without plan records): a scored light image means cascade routing.
-    return "cascade" if q.confidence is not None or q.deferred else "split"
 
 
 def plan_at(plans: PlanTimeline, t: float, times: Optional[list[float]] = None) -> Optional[Plan]:
@@ -268,11 +377,15 @@ def _ratio(num: float, den: float) -> Optional[float]:
 # Time series
 
 
-def run_end_s(queries: Sequence[Query], plans: PlanTimeline, demand: Sequence[tuple[float, float, float]]) -> float:
+def run_end_s(queries: Queries, plans: PlanTimeline, demand: Sequence[tuple[float, float, float]]) -> float:
     """The last moment anything happened: an arrival, an end, a plan or a demand sample."""
+    rec = as_records(queries)
     end = 0.0
-    for q in queries:
-        end = max(end, q.arrival_s, q.finished_s or 0.0)
+    if len(rec):
+        end = max(end, float(rec.arrival_s.max()))
+        finished = rec.finished_s[~np.isnan(rec.finished_s)]
+        if len(finished):
+            end = max(end, float(finished.max()))
     if plans:
         end = max(end, plans[-1][0])
     if demand:
@@ -281,7 +394,7 @@ def run_end_s(queries: Sequence[Query], plans: PlanTimeline, demand: Sequence[tu
 
 
 def timeseries(
-    queries: Sequence[Query],
+    queries: Queries,
     plans: PlanTimeline,
     demand: Sequence[tuple[float, float, float]],
     *,
@@ -291,28 +404,29 @@ def timeseries(
     """One row per ``window_s`` window from 0 to the end of the run (see the module docstring)."""
     if not window_s > 0:
         raise DiffsimError(f"window_s must be > 0, got {window_s}")
-    end = run_end_s(queries, plans, demand)
+    rec = as_records(queries)
+    end = run_end_s(rec, plans, demand)
     n = max(1, math.ceil(end / window_s))  # an end exactly on a boundary falls in the last window
 
     def window(t: float) -> int:
         return min(n - 1, max(0, int(t // window_s)))
 
-    arrivals = [0] * n
-    violations = [0] * n
-    late = [0] * n
-    dropped = [0] * n
-    completions = [0] * n
-    light_served = [0] * n
-    for q in queries:
-        a = window(q.arrival_s)
-        arrivals[a] += 1
-        violations[a] += q.violation
-        late[a] += q.late
-        dropped[a] += q.outcome == "dropped"
-        if q.outcome == "completed":
-            f = window(q.finished_s)
-            completions[f] += 1
-            light_served[f] += q.served_by == "light"
+    def windows(t: np.ndarray) -> np.ndarray:  # window() of each time (numpy's // is Python's for floats)
+        return np.clip(np.floor_divide(t, window_s), 0, n - 1).astype(np.int64)
+
+    def count(where: np.ndarray) -> list[int]:  # how many of each window's entries are in ``where``
+        return np.bincount(where, minlength=n).tolist()
+
+    codes = rec.outcome_codes
+    done = codes == _COMPLETED
+    a = windows(rec.arrival_s)
+    f = windows(rec.finished_s[done])
+    arrivals = count(a)
+    violations = count(a[~done | rec.has(LATE)])
+    late = count(a[rec.has(LATE)])
+    dropped = count(a[codes == _DROPPED])
+    completions = count(f)
+    light_served = count(f[rec.has(SERVED_LIGHT)[done]])
     measured: list[list[float]] = [[] for _ in range(n)]
     estimate: list[list[float]] = [[] for _ in range(n)]
     for t, rate, est in demand:
@@ -395,6 +509,128 @@ def query_rows(queries: Iterable[Query]) -> list[dict]:
     return rows
 
 
+_FIXED = f"%.{DIGITS}f"
+_FIXED_BELOW = 10.0 ** (15 - DIGITS)  # below this, a number with DIGITS decimals has at most 15 digits
+
+
+def _float_text(v) -> str:
+    """A float cell as :func:`_cell` writes it (rounded, no "-0.0", empty for None/NaN/inf), without its
+    type dispatch for the common case of a Python float."""
+    if type(v) is not float:
+        return _text(_cell(v))
+    if 1e-4 <= abs(v) < _FIXED_BELOW:
+        # "%.6f" has the digits round(v, 6) has (both are the correctly rounded decimal, CPython's dtoa in
+        # mode 3); with at most 15 significant digits that decimal is also the shortest repr of the
+        # rounded float, and repr writes no exponent from 1e-4 up. A third of round + repr's time.
+        text = (_FIXED % v).rstrip("0")
+        return text + "0" if text[-1] == "." else text
+    if v - v != 0:  # NaN or infinite
+        return ""
+    v = round(v, DIGITS)
+    return repr(v) if v else "0.0"
+
+
+_REPEATED: dict[float, str] = {}  # float cell texts of values that recur (confidences, batch times)
+
+
+def _repeated_float_text(v) -> str:
+    """:func:`_float_text` of a value that recurs across queries (a prompt's confidence, a sum of batch
+    times), remembered: a dictionary look-up instead of formatting. Bounded: cleared when full. Floats
+    only: 1 == 1.0 == True as keys, but their cells differ."""
+    if type(v) is not float:
+        return _float_text(v)
+    text = _REPEATED.get(v)
+    if text is None:
+        text = _float_text(v)
+        if len(_REPEATED) >= 1 << 16:
+            _REPEATED.clear()
+        _REPEATED[v] = text
+    return text
+
+
+def _flag_text(v) -> str:
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    return _text(_cell(v))
+
+
+def _text(value: str) -> str:
+    """A field as the csv module writes it: quoted when it holds a delimiter, a quote or a line break."""
+    if "," in value or '"' in value or "\n" in value or "\r" in value:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow([value, ""])
+        return buf.getvalue()[:-2]  # without the trailing ",\n" of the empty field
+    return value
+
+
+def query_line(q: Query) -> str:
+    """``q``'s row of queries.csv, newline included: the bytes :func:`write_csv` writes for its
+    :func:`query_rows` row, formatted directly (the dicts, the rounding of every cell and the csv
+    module took a quarter of a large simulation's time)."""
+    arrival, finished = q.arrival_s, q.finished_s
+    return ",".join((
+        str(q.id) if type(q.id) is int else _text(_cell(q.id)),
+        str(q.prompt_id) if type(q.prompt_id) is int else _text(_cell(q.prompt_id)),
+        _float_text(arrival),
+        _text(q.outcome or "unfinished"),
+        _flag_text(q.late),
+        _float_text(finished),
+        _float_text(None if finished is None else finished - arrival),
+        _text(q.served_by or ""),
+        _flag_text(q.deferred),
+        _repeated_float_text(q.confidence),
+        _text("+".join(q.stages)),
+        "+".join(map(str, q.batch_sizes)),
+        _float_text(q.queue_s),
+        _repeated_float_text(q.service_s),
+    )) + "\n"
+
+
+class QueryCsv:
+    """queries.csv written a row at a time (:meth:`write`, in query order), so a run need not keep its
+    queries until the end; rows are buffered and written in blocks. Use as a context manager, or
+    :meth:`close` it."""
+
+    _BLOCK = 4096
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._fh = open(self.path, "w", newline="")
+        self._fh.write(",".join(QUERY_COLUMNS) + "\n")
+        self._lines: list[str] = []
+        self.rows = 0
+
+    def write(self, q: Query) -> None:
+        self._lines.append(query_line(q))
+        self.rows += 1
+        if len(self._lines) >= self._BLOCK:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._fh.write("".join(self._lines))
+        self._lines.clear()
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._flush()
+            self._fh.close()
+
+    def __enter__(self) -> "QueryCsv":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_query_csv(path: Path | str, queries: Iterable[Query]) -> None:
+    """queries.csv of ``queries``: the same bytes as ``write_csv(path, query_rows(queries), QUERY_COLUMNS)``."""
+    with QueryCsv(path) as out:
+        for q in queries:
+            out.write(q)
+
+
 def plan_rows(plans: Iterable[tuple[float, Plan]]) -> list[dict]:
     """One row per applied plan, for plans.csv (the solver's wall time is left out: it would make the
     file unstable)."""
@@ -464,13 +700,19 @@ def write_csv(path: Path | str, rows: Sequence[dict], columns: Sequence[str]) ->
             writer.writerow([_cell(row.get(c)) for c in columns])
 
 
-def write_outputs(out_dir: Path | str, summary: dict, rows: Sequence[dict], *, plot: bool = True) -> list[Path]:
-    """Write summary.json, timeseries.csv and (unless ``plot`` is False) timeline.png; return the paths."""
+def make_out_dir(out_dir: Path | str) -> Path:
+    """The output folder, created if need be (an error names it if it cannot be)."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DiffsimError(f"{out}: cannot create the output folder: {e.strerror or e}") from None
+    return out
+
+
+def write_outputs(out_dir: Path | str, summary: dict, rows: Sequence[dict], *, plot: bool = True) -> list[Path]:
+    """Write summary.json, timeseries.csv and (unless ``plot`` is False) timeline.png; return the paths."""
+    out = make_out_dir(out_dir)
     written = [out / SUMMARY_FILE, out / TIMESERIES_FILE]
     dump_json(written[0], summary)
     write_csv(written[1], rows, TIMESERIES_COLUMNS)
