@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Optional
 
 from .. import limits
@@ -154,13 +153,22 @@ def run(args: argparse.Namespace) -> int:
     from ..simulator import simulate
 
     config, trace, trace_name = load_scenario(scenario_settings(args, ("gpus", "policy")), args)
-    # The bar is for people watching: on a terminal, unless --quiet (it goes to stderr either way).
-    result = simulate(config, trace, progress=not args.quiet and sys.stderr.isatty())
+    out = metrics.make_out_dir(args.out)
+    # queries.csv is written as queries end, so the run keeps only their compact records (memory stays
+    # bounded on traces of millions of requests); a run that fails leaves no partial file behind.
+    partial = out / (metrics.QUERIES_FILE + ".part")
+    try:
+        with metrics.QueryCsv(partial) as query_csv:
+            # The bar is for people watching: on a terminal, unless --quiet (it goes to stderr either way).
+            result = simulate(config, trace, progress=not args.quiet and sys.stderr.isatty(),
+                              keep_queries=False, on_query=query_csv.write)
+        partial.replace(out / metrics.QUERIES_FILE)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     summary = summarize_result(result, trace_name)
     rows = metrics.timeseries(result.queries, result.plans, result.demand, cascade=config.cascade, window_s=config.window_s)
-    out = Path(args.out)
     written = metrics.write_outputs(out, summary, rows, plot=not args.no_plot)
-    metrics.write_csv(out / metrics.QUERIES_FILE, metrics.query_rows(result.queries), metrics.QUERY_COLUMNS)
     metrics.write_csv(out / metrics.PLANS_FILE, metrics.plan_rows(result.plans), metrics.PLAN_COLUMNS)
     written += [out / metrics.QUERIES_FILE, out / metrics.PLANS_FILE]
     if args.json:
