@@ -187,8 +187,8 @@ class RunConfig:
         if self.routing not in ROUTING_KINDS:
             raise SettingError("routing", f"must be one of {', '.join(ROUTING_KINDS)}, got {self.routing!r}")
         _within("drop_factor", self.drop_factor, limits.DROP_FACTOR)
-        _within("batch_timeout_s", self.batch_timeout_s, limits.SECONDS)
-        _within("swap_s", self.swap_s, limits.SECONDS)
+        _within("batch_timeout_s", self.batch_timeout_s, limits.DELAY_S)
+        _within("swap_s", self.swap_s, limits.DELAY_S)
         _within("deadline_sweep_s", self.deadline_sweep_s, limits.SECONDS)
         if 0 < self.deadline_sweep_s < limits.MIN_PERIOD_S:  # a sweep every nanosecond would never end a run
             raise SettingError("deadline_sweep_s", f"must be 0 (off) or at least {limits.MIN_PERIOD_S} s, "
@@ -300,8 +300,8 @@ class ConfigFile(_Strict):
     seed: Optional[int] = _bounded(limits.SEED)
     routing: Optional[_Name] = None
     drop_factor: Optional[float] = _bounded(limits.DROP_FACTOR)
-    batch_timeout_s: Optional[float] = _bounded(limits.SECONDS)
-    swap_s: Optional[float] = _bounded(limits.SECONDS)
+    batch_timeout_s: Optional[float] = _bounded(limits.DELAY_S)
+    swap_s: Optional[float] = _bounded(limits.DELAY_S)
     batch_sizes: Optional[list[_BatchSize]] = Field(default=None, min_length=1, max_length=limits.MAX_BATCH_SIZES)
     confidences: Optional[_Name] = None
     static_plan: Optional[StaticPlanSection] = None
