@@ -235,3 +235,21 @@ def test_a_missing_extra_is_named_in_one_line(tmp_path, blocked, argv, needle):
     res = run_without(blocked, *argv, cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_prompt_files_binary_or_with_huge_fields_are_one_line(tmp_path):
+    from diffsim.commands.quality import read_prompts as read_image_prompts
+    from diffsim.errors import InputError
+    from diffsim.profiling.calibration import read_prompts
+
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"image,prompt\n" + BINARY)
+    huge = tmp_path / "huge.csv"
+    huge.write_text("image,prompt\na.png," + "x" * 200_000 + "\n")
+    with pytest.raises(InputError, match=r"binary.csv: line 2: not UTF-8"):
+        read_image_prompts(binary)
+    with pytest.raises(InputError, match=r"huge.csv: line 2: bad CSV \(field larger than field limit"):
+        read_image_prompts(huge)
+    huge.write_text("prompt_id,prompt\n1," + "x" * 200_000 + "\n")
+    with pytest.raises(InputError, match=r"huge.csv: line 2: bad CSV"):
+        read_prompts(huge)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -215,20 +216,25 @@ def read_prompts(path: Path) -> dict[str, str]:
     """CSV ``image,prompt`` -> {image file name: prompt}; one-line errors naming the line."""
     if not path.exists():
         raise InputError(f"{path}: no such prompts file")
+    from ..yamlfile import read_text
+
     prompts: dict[str, str] = {}
-    with open(path, newline="") as fh:
+    with io.StringIO(read_text(path), newline="") as fh:  # not UTF-8: one line naming the file
         reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["image", "prompt"]:
-            raise InputError(f"{path}: line 1: expected the header image,prompt")
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != 2:
-                raise InputError(f"{path}: line {line}: expected 2 fields (image,prompt), got {len(row)}")
-            if row[0] in prompts:
-                raise InputError(f"{path}: line {line}: image {row[0]!r} listed twice")
-            prompts[row[0]] = row[1]
+        try:
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:2]] != ["image", "prompt"]:
+                raise InputError(f"{path}: line 1: expected the header image,prompt")
+            for line, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) != 2:
+                    raise InputError(f"{path}: line {line}: expected 2 fields (image,prompt), got {len(row)}")
+                if row[0] in prompts:
+                    raise InputError(f"{path}: line {line}: image {row[0]!r} listed twice")
+                prompts[row[0]] = row[1]
+        except csv.Error as e:  # e.g. a field over the csv module's size limit
+            raise InputError(f"{path}: line {reader.line_num}: bad CSV ({e})") from None
     return prompts
 
 

@@ -100,7 +100,13 @@ def _read_prompts_csv(path: Path, text: str) -> list[Prompt]:
     next(reader)  # header, checked by the caller
     prompts: list[Prompt] = []
     seen: set[int] = set()
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # e.g. a field over the csv module's size limit
+            raise InputError(f"{path}: line {reader.line_num}: bad CSV ({e})") from None
         line = reader.line_num
         if not row or all(not c.strip() for c in row):
             continue
