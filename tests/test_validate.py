@@ -36,6 +36,19 @@ def test_errors_and_spread_by_hand():
     assert c["dropped"]["error"] is None and c["dropped"]["within_spread"] is None  # nothing to compare
 
 
+def test_the_profile_is_scaled_per_stage_by_the_measured_ratio():
+    from diffsim.commands.validate import scaled_profile
+
+    table = lambda ms: {"batch_sizes": [1, 2], "p50_ms": ms, "p99_ms": [2 * v for v in ms]}  # noqa: E731
+    profile = {"gpu": "x", "models": {"l": table([10.0, 20.0]), "h": table([100.0, None])},
+               "discriminator": table([1.0, 2.0])}
+    out = scaled_profile(profile, "l", "h", {"light": 1.5, "heavy": 2.0})
+    assert out["models"]["l"]["p50_ms"] == [15.0, 30.0] and out["models"]["l"]["p99_ms"] == [30.0, 60.0]
+    assert out["models"]["h"]["p50_ms"] == [200.0, None]
+    assert out["discriminator"]["p50_ms"] == [1.5, 3.0]
+    assert profile["models"]["l"]["p50_ms"] == [10.0, 20.0]  # the input is left alone
+
+
 def fake_profile(path: Path) -> Path:
     table = lambda ms: {"batch_sizes": [1, 2, 4], "p50_ms": list(ms)}  # noqa: E731
     path.write_text(yaml.safe_dump({
@@ -67,6 +80,7 @@ def test_validate_end_to_end_on_a_fake_server(tmp_path, capsys):
     assert rc == 0
     report = json.loads((tmp_path / "v" / "validation.json").read_text())
     assert report["requests"] == 24 and report["repeats"] == 2 and report["prompts_scored"] == 24
+    assert report["profile_scaled_by"]["light"] > 0  # the server measured its light batches
     figs = report["figures"]
     assert set(figs) == {f.name for f in FIGURES}
     for name, e in figs.items():

@@ -5,10 +5,12 @@
    admission, deadline sweep).
 2. Replays the trace against it ``--repeats`` times with ``diffsim load`` (open loop), to measure the real
    system and its own run-to-run spread; each run's reports go to ``OUT/real-K/``.
-3. Simulates the same trace with the same settings -- the server's profile with batch times sampled
-   around its p50 (``--service-time``), the request overhead measured in step 2 (client latency minus
-   the server's own time, median), and the per-prompt confidences the server reported -- into
-   ``OUT/sim/``.
+3. Simulates the same trace with the same settings -- the server's profile, scaled per stage by how much
+   slower than it the server's batches really ran during step 2 (the server measures every batch; the
+   mean of measured / profile time, from ``GET /v1/plan``; ``--no-calibrate`` keeps the profile as it
+   is), with batch times sampled around its p50 (``--service-time``), the request overhead measured in
+   step 2 (client latency minus the server's own time, median), and the per-prompt confidences the
+   server reported -- into ``OUT/sim/``.
 4. Writes ``OUT/validation.json`` (per figure: sim, the real values, the error, the real spread,
    within_spread), prints the table, and plots latency CDFs and violations per window
    (``OUT/validation.png``).
@@ -43,6 +45,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pause-s", type=float, default=5.0, metavar="S",
                    help="idle time between real runs, so that one run's backlog and demand estimate do not "
                    "spill into the next (default 5)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="simulate with the server's profile as it is, not scaled by the batch times it measured")
     p.add_argument("--api-key", metavar="KEY", help="the server's API key, if it wants one")
     p.add_argument("--window-s", type=float, default=10.0, metavar="S", help="time-series window (default 10)")
 
@@ -65,13 +69,37 @@ def fetch_config(url: str, api_key=None) -> dict:
     return r.json()
 
 
-def sim_config_from(described: dict, *, service_time: str, request_ms: float):
-    """The :class:`~diffsim.config.SimConfig` of a simulation of the described server."""
+def scaled_profile(profile: dict, light_model: str, heavy_model: str, ratio: dict) -> dict:
+    """``profile`` (as /v1/config gives it) with each stage's latencies times its measured ratio: the
+    light model's and the discriminator's by the light stage's, the heavy model's by the heavy stage's."""
+    def scale(table: dict, r) -> dict:
+        if not r:
+            return table
+        out = dict(table)
+        for key in ("p50_ms", "p95_ms", "p99_ms"):
+            if out.get(key) is not None:
+                out[key] = [None if v is None else round(v * r, 3) for v in out[key]]
+        return out
+
+    data = dict(profile)
+    models = dict(data["models"])
+    models[light_model] = scale(models[light_model], ratio.get("light"))
+    models[heavy_model] = scale(models[heavy_model], ratio.get("heavy"))
+    data["models"] = models
+    data["discriminator"] = scale(data["discriminator"], ratio.get("light"))
+    return data
+
+
+def sim_config_from(described: dict, *, service_time: str, request_ms: float, ratio=None):
+    """The :class:`~diffsim.config.SimConfig` of a simulation of the described server (its profile scaled
+    by ``ratio`` per stage, see :func:`scaled_profile`)."""
     from ..config import ControllerConfig, SimConfig
     from ..profiles import CascadesFile, GpuProfile, build_cascade
 
     c = described["cascade"]
     profile_data = dict(described["profile"])
+    if ratio:
+        profile_data = scaled_profile(profile_data, c["light"], c["heavy"], ratio)
     profile_data["overheads"] = {**profile_data.get("overheads", {}), "request_ms": request_ms}
     profile = GpuProfile.model_validate(profile_data)
     spec = {k: c[k] for k in ("light", "heavy", "slo_s", "deferral_curve", "fid") if k in c}
@@ -94,6 +122,18 @@ def sim_config_from(described: dict, *, service_time: str, request_ms: float):
         batch_wait=float(run["batch_wait"]), admission=bool(run["admission"]),
         deadline_sweep_s=float(run["deadline_sweep_s"]), service_time=service_time,
     )
+
+
+def measured_ratio(url: str, api_key=None) -> dict:
+    """Per stage, how much slower than the profile the server's batches ran (its measured mean)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        snap = httpx.get(f"{url.rstrip('/')}/v1/plan", headers=headers, timeout=10.0).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return {role: r for role, r in (snap.get("service_time_ratio") or {}).items() if r}
 
 
 def request_overhead_ms(runs) -> float:
@@ -155,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
         real_figures.append(figures_of(summary, result.queries))
         real_rows.append(rows)
     overhead = request_overhead_ms(runs)
-    sim_config = sim_config_from(described, service_time=args.service_time, request_ms=overhead)
+    ratio = {} if args.no_calibrate else measured_ratio(args.url, args.api_key)
+    sim_config = sim_config_from(described, service_time=args.service_time, request_ms=overhead, ratio=ratio)
     confidences, scored = measured_confidences(runs, sim_config.cascade, sim_config.seed)
     scaled = _scaled(trace, args.time_scale)
     sim = simulate(sim_config, scaled, confidences=confidences)
@@ -167,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "url": args.url, "trace": args.trace, "requests": len(trace), "repeats": args.repeats,
         "service_time": args.service_time, "request_overhead_ms": overhead, "prompts_scored": scored,
+        "profile_scaled_by": ratio,
         "server": {"cascade": described["cascade"]["name"], "policy": described["run"]["policy"],
                    "gpus": described["run"]["gpus"], "routing": described["run"]["routing"],
                    "slo_s": described["cascade"]["slo_s"]},
@@ -175,7 +217,9 @@ def run(args: argparse.Namespace) -> int:
     (out / "validation.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     plot(out / "validation.png", sim.queries, [r.queries for r in runs], sim_rows, real_rows)
     print(format_table(comparison))
-    print(f"request overhead {overhead:.1f} ms (median); wrote {out / 'validation.json'}, {out / 'validation.png'}")
+    scale_text = ", ".join(f"{role} x{r:.2f}" for role, r in ratio.items() if r) or "not scaled"
+    print(f"request overhead {overhead:.1f} ms (median); profile {scale_text}; "
+          f"wrote {out / 'validation.json'}, {out / 'validation.png'}")
     return 0
 
 

@@ -57,6 +57,7 @@ class ServiceTimes:
         self.alpha = alpha
         self.factor = {"light": 1.0, "heavy": 1.0}
         self.observed = {"light": 0, "heavy": 0}
+        self._ratio_sum = {"light": 0.0, "heavy": 0.0}  # for the mean over every batch (mean_ratio)
         self._cache: dict[tuple[str, int, bool], float] = {}
 
     def profile_s(self, role: Role, batch_size: int, with_discriminator: bool) -> float:
@@ -74,8 +75,16 @@ class ServiceTimes:
         expected = self.profile_s(role, batch_size, with_discriminator)
         if expected <= 0 or not measured_s > 0:
             return
-        self.factor[role] += self.alpha * (measured_s / expected - self.factor[role])
+        ratio = measured_s / expected
+        self.factor[role] += self.alpha * (ratio - self.factor[role])
         self.observed[role] += 1
+        self._ratio_sum[role] += ratio
+
+    def mean_ratio(self) -> dict[str, Optional[float]]:
+        """Per stage, the mean of measured / profile time over every batch so far (None: none measured):
+        how much slower than its profile the stage really ran (``diffsim validate`` scales the profile
+        it simulates with by it)."""
+        return {role: (self._ratio_sum[role] / n if n else None) for role, n in self.observed.items()}
 
 
 def batch_ready(queue_length: int, oldest_enqueued_s: float, now: float, batch_size: int,

@@ -458,7 +458,8 @@ class Engine:
             arrivals, queue_lengths, stage = d.tick_stats()
             try:
                 plan = await asyncio.to_thread(self.controller.on_tick, now, arrivals, queue_lengths,
-                                               (stage[0] / tick, stage[1] / tick), d.workers_in_service())
+                                               (stage[0] / tick, stage[1] / tick), d.workers_in_service(),
+                                               in_system=d.holding())
             except Exception as e:  # noqa: BLE001 - a policy failure keeps the plan in force
                 log.error("re-planning failed, keeping the current plan: %s: %s", type(e).__name__, e)
                 plan = None
@@ -537,6 +538,7 @@ class Engine:
                 "lost_batches": self.lost_batches,
             },
             "queues": {"light": light_q, "heavy": heavy_q},
+            "service_time_ratio": d.service.mean_ratio(),  # measured / profile batch time, per stage
             "pending": len(self._pending),
             "outcomes": dict(self.outcomes),
             "late": self.late,
