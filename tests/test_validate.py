@@ -39,7 +39,7 @@ def test_errors_and_spread_by_hand():
 def test_the_profile_is_scaled_per_stage_by_the_measured_ratio():
     from diffsim.commands.validate import scaled_profile
 
-    table = lambda ms: {"batch_sizes": [1, 2], "p50_ms": ms, "p99_ms": [2 * v for v in ms]}  # noqa: E731
+    table = lambda ms: {"batch_sizes": [1, 2], "p50_ms": ms, "p99_ms": [v and 2 * v for v in ms]}  # noqa: E731
     profile = {"gpu": "x", "models": {"l": table([10.0, 20.0]), "h": table([100.0, None])},
                "discriminator": table([1.0, 2.0])}
     out = scaled_profile(profile, "l", "h", {"light": 1.5, "heavy": 2.0})
