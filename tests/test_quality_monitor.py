@@ -202,7 +202,7 @@ def test_reference_checks(tmp_path, small_inception, inception_weights, referenc
 @pytest.mark.parametrize("extra, message", [
     (["--fid-reference", "REF"], "--fid-reference needs --inception-weights"),
     (["--inception-weights", "W"], "give --fid-reference too"),
-    (["--fid-reference", "REF", "--inception-weights", "W", "--fid-window-s", "0"], "--fid-window-s: must be > 0"),
+    (["--fid-reference", "REF", "--inception-weights", "W", "--fid-window-s", "0"], "--fid-window-s: must be a number >= 0.001"),
     (["--fid-reference", "missing.npz", "--inception-weights", "W"], "missing.npz: no such reference statistics"),
 ])
 def test_serve_refuses_bad_quality_flags_in_one_line(extra, message, capsys, inception_weights, reference):
