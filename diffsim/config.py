@@ -51,6 +51,7 @@ from .errors import InputError, SettingError
 from .policies import DEFAULT_MAX_UTILIZATION, StaticPlanSpec
 from .profiles import Cascade, load_cascade, validation_message
 from .resources import profiles_dir, resolve_profile
+from .runtime.demand import DEMAND_KINDS
 from .runtime.routing import ROUTING_KINDS
 from .yamlfile import read_yaml
 
@@ -84,6 +85,11 @@ class ControllerConfig:
     ``initial_demand_qps``: the demand the very first plan (at t=0, before any arrival was seen) is
     made for; nothing of the trace is looked at in advance. Because that is a guess, the controller
     re-plans at the first tick and every ``replan_s`` after it (see :mod:`diffsim.runtime.controller`).
+
+    ``demand``: what the EWMA is taken of, one sample per tick: ``arrival`` (the tick's arrival rate,
+    diffsim's default) or ``in-system`` (queries admitted and not yet ended, the DiffServe artifact's
+    estimator, which it multiplies by 1.2: give ``headroom`` 1.2 with it, as ``--preset artifact`` does).
+    See :mod:`diffsim.runtime.demand`.
     """
 
     tick_s: float = 1.0
@@ -92,8 +98,11 @@ class ControllerConfig:
     headroom: float = 1.05
     ewma_window: int = 20
     initial_demand_qps: float = 10.0
+    demand: str = "arrival"
 
     def __post_init__(self) -> None:
+        if self.demand not in DEMAND_KINDS:
+            raise SettingError("demand", f"must be one of {', '.join(DEMAND_KINDS)}, got {self.demand!r}")
         _within("controller.tick_s", self.tick_s, limits.TICK_S)
         _within("controller.replan_s", self.replan_s, limits.REPLAN_S)
         _within("controller.ewma_alpha", self.ewma_alpha, limits.FRACTION_ABOVE_0)

@@ -48,6 +48,8 @@ class PolicyInput:
     demand_qps: float  # estimated demand (EWMA x head-room)
     queue_delay_s: tuple[float, float]  # (light, heavy) Little's-law estimates
     gpus: int
+    queue_lengths: tuple[int, int] = (0, 0)  # (light, heavy) queued now: the backlog a new plan inherits
+    current: Optional[Plan] = None  # the plan in force (None at the start)
 
 
 class Policy(Protocol):

@@ -266,7 +266,7 @@ def simulate(
             arrivals_in_tick, queue_lengths, stage_arrivals = dispatcher.tick_stats()
             plan = controller.on_tick(now, arrivals_in_tick, queue_lengths,
                                       (stage_arrivals[0] / tick, stage_arrivals[1] / tick),
-                                      dispatcher.workers_in_service())
+                                      dispatcher.workers_in_service(), in_system=dispatcher.holding())
             demand.append((now, controller.rate_qps, controller.demand_qps))
             if plan is not None:
                 dispatcher.apply_plan(plan, now)

@@ -72,3 +72,19 @@ def test_a_plan_without_workers_is_not_applied(cascade):
     ctl.initial_plan(0.0)
     assert ctl.on_tick(1.0, 5, (0, 0), (5.0, 0.0)) is None
     assert ctl.plan is good
+
+
+def test_the_policy_sees_the_backlog_of_the_replan_tick_and_the_plan_in_force(cascade):
+    """A plan-dependent delay model needs the queues a new plan inherits (the re-plan tick's own, not a
+    mean over the period) and the plan in force (to keep spare workers where they are)."""
+    first = fixed_plan(cascade, 4, 12, 16, 4, 0.02)
+    policy = FixedPolicy(first)
+    ctl = Controller(policy, 16, ControllerConfig(tick_s=1.0, replan_s=2.0))
+    ctl.initial_plan(0.0)
+    assert policy.inputs[0].queue_lengths == (0, 0) and policy.inputs[0].current is None
+    ctl.on_tick(1.0, 10, (7, 3), (10.0, 2.0))  # first tick: re-plans
+    assert policy.inputs[-1].queue_lengths == (7, 3)
+    assert policy.inputs[-1].current is first
+    assert ctl.on_tick(2.0, 10, (50, 40), (10.0, 2.0)) is None
+    ctl.on_tick(3.0, 10, (2, 9), (10.0, 2.0))
+    assert policy.inputs[-1].queue_lengths == (2, 9)

@@ -1,12 +1,20 @@
-"""The demand estimator: pandas-style adjusted EWMA over the last samples, times head-room."""
+"""The demand estimator: pandas-style adjusted EWMA over the last samples (arrival rates or in-system
+counts), times head-room."""
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffsim.runtime.demand import DemandEstimator
+from sim_helpers import FixedPolicy, a100_cascade, fixed_plan
+
+from diffsim.config import ControllerConfig
+from diffsim.errors import InputError
+from diffsim.runtime.controller import Controller
+from diffsim.runtime.demand import ARTIFACT_HEADROOM, DemandEstimator
 
 
 def reference_ewm(samples, alpha):
@@ -63,3 +71,62 @@ def test_bad_arguments():
         DemandEstimator(window=0)
     with pytest.raises(ValueError):
         DemandEstimator().update(-1)
+
+
+# pandas' ewm(com=2.1) has alpha = 1 / (1 + com) = 1 / 3.1, so a sample of age k weighs (1 - alpha)**k =
+# (21/31)**k. The expected values below are that weighted mean written out with exact fractions (pandas
+# itself is not installed here): adjust=True divides by the sum of the weights of the samples present.
+R = Fraction(21, 31)
+
+
+def test_in_system_estimate_is_pandas_ewm_com_2_1_of_the_counts_times_1_2():
+    """The artifact's estimator: the EWMA of queries in the system, x 1.2, through the controller."""
+    policy = FixedPolicy(fixed_plan(a100_cascade(), 4, 12, 16, 4, 0.02))
+    ctl = Controller(policy, 16, ControllerConfig(demand="in-system", headroom=ARTIFACT_HEADROOM, replan_s=1.0))
+    ctl.initial_plan(0.0)
+    # arrivals per tick are ignored by this estimator: only the in-system counts 4, 10, 6 count
+    for t, (arrivals, count) in enumerate([(50, 4), (0, 10), (7, 6)], start=1):
+        ctl.on_tick(float(t), arrivals, (0, 0), (0.0, 0.0), in_system=count)
+    # by hand, times 31^2 = 961 above and below: (6*961 + 10*21*31 + 4*441) / (961 + 21*31 + 441)
+    # = (5766 + 6510 + 1764) / 2053 = 14040 / 2053 = 6.8388...
+    expected = (6 + 10 * R + 4 * R**2) / (1 + R + R**2)
+    assert expected == Fraction(14040, 2053)
+    assert ctl.estimator.estimate_qps == pytest.approx(float(expected), rel=1e-12)
+    assert ctl.demand_qps == pytest.approx(1.2 * 14040 / 2053, rel=1e-12)  # 8.2066...
+    assert policy.inputs[-1].demand_qps == pytest.approx(1.2 * 14040 / 2053, rel=1e-12)
+
+
+def test_in_system_estimate_keeps_the_last_20_samples():
+    """After 21 ticks the first count has left the window: 20 samples of 5 after a 1000 estimate 5."""
+    policy = FixedPolicy(fixed_plan(a100_cascade(), 4, 12, 16, 4, 0.02))
+    ctl = Controller(policy, 16, ControllerConfig(demand="in-system", headroom=1.2))
+    ctl.initial_plan(0.0)
+    counts = [1000] + [5] * 19 + [2]
+    for t, count in enumerate(counts, start=1):
+        ctl.on_tick(float(t), 3, (0, 0), (3.0, 0.0), in_system=count)
+    # 20 samples held: 1000 is gone; 2 (age 0) and 5 (ages 1..19)
+    weights = [R**k for k in range(20)]
+    expected = (2 * weights[0] + 5 * sum(weights[1:])) / sum(weights)
+    assert ctl.estimator.estimate_qps == pytest.approx(float(expected), rel=1e-12)
+    assert ctl.demand_qps == pytest.approx(1.2 * float(expected), rel=1e-12)
+
+
+def test_arrival_estimate_ignores_the_in_system_count():
+    policy = FixedPolicy(fixed_plan(a100_cascade(), 4, 12, 16, 4, 0.02))
+    ctl = Controller(policy, 16, ControllerConfig(headroom=1.0))
+    ctl.initial_plan(0.0)
+    ctl.on_tick(1.0, 12, (0, 0), (12.0, 0.0), in_system=500)
+    ctl.on_tick(2.0, 3, (0, 0), (3.0, 0.0), in_system=500)
+    assert ctl.demand_qps == pytest.approx(float((3 + 12 * R) / (1 + R)), rel=1e-12)
+
+
+def test_in_system_estimate_needs_the_count():
+    ctl = Controller(FixedPolicy(fixed_plan(a100_cascade(), 1, 1, 1, 1)), 2, ControllerConfig(demand="in-system"))
+    ctl.initial_plan(0.0)
+    with pytest.raises(ValueError, match="in_system"):
+        ctl.on_tick(1.0, 3, (0, 0), (3.0, 0.0))
+
+
+def test_unknown_demand_kind_is_refused():
+    with pytest.raises(InputError, match="demand"):
+        ControllerConfig(demand="queued")

@@ -418,3 +418,21 @@ def test_thread_worker_without_swap_keeps_both_models():
         return info
 
     assert run(scenario()).loaded == ("light", "heavy")
+
+
+def test_controller_gets_the_in_system_count_each_tick():
+    """demand: in-system (the artifact's estimator) needs the queries in the system at every tick: the engine
+    hands it over, so re-planning goes on (a missing count would make every re-plan fail)."""
+    async def scenario():
+        engine = make_engine(plan=static(0.3))
+        engine.controller.config = replace(engine.controller.config, demand="in-system")
+        await engine.start()
+        await asyncio.sleep(0.35)
+        snap = engine.snapshot()
+        samples = engine.controller.estimator.samples
+        await engine.stop()
+        return snap, samples
+
+    snap, samples = run(scenario())
+    assert samples >= 3
+    assert snap["plan_id"] >= 3

@@ -3,14 +3,18 @@
 A driver (the simulator or the server) calls :meth:`Controller.on_tick` once per tick (default 1 s) with
 what it measured over that tick. The controller
 
-* feeds the tick's arrival rate to the demand estimator (EWMA x head-room, :mod:`diffsim.runtime.demand`);
+* feeds the demand estimator (EWMA x head-room, :mod:`diffsim.runtime.demand`) the tick's sample: its
+  arrival rate (``demand: arrival``, the default) or the number of queries in the system, which the
+  driver hands in as ``in_system`` (``demand: in-system``, the DiffServe artifact's estimator);
 * re-plans at the first tick and then whenever ``replan_s`` (default 5 s) has passed since the last
-  plan, asking the policy with ``PolicyInput(demand, queue_delay_s, gpus)``, where the per-stage queueing
-  delay is Little's law, W = L / lambda: the mean queue length over the ticks since the last plan
-  divided by the mean arrival rate into that stage over the same ticks (0 when nothing arrived).
-  Averaging over the re-plan period rather than taking one tick's snapshot matters: a stage that sees a
-  handful of arrivals per second gives a one-tick estimate that swings by seconds, and the allocator
-  would swing with it;
+  plan, asking the policy with ``PolicyInput(demand, queue_delay_s, gpus, queue_lengths)``, where the
+  per-stage queueing delay is Little's law, W = L / lambda: the mean queue length over the ticks since
+  the last plan divided by the mean arrival rate into that stage over the same ticks (0 when nothing
+  arrived). Averaging over the re-plan period rather than taking one tick's snapshot matters: a stage
+  that sees a handful of arrivals per second gives a one-tick estimate that swings by seconds, and the
+  allocator would swing with it. ``queue_lengths`` is the re-plan tick's own queue per stage (the
+  backlog a new plan must drain: a policy with a plan-dependent delay model, see
+  :mod:`diffsim.runtime.queueing`, plans for it and never leaves it without a worker);
 * re-plans at once, whatever the period, when the number of workers in service changed (a worker was
   lost, taken out, or came back: :mod:`diffsim.runtime.health`), for the workers that remain;
 * returns the plan to apply, or None.
@@ -52,12 +56,13 @@ class Controller:
         self.policy = policy
         self.gpus = gpus
         self.config = config
-        self.estimator = DemandEstimator(config.ewma_alpha, config.ewma_window, config.headroom)
+        self.estimator = DemandEstimator(config.ewma_alpha, config.ewma_window, config.headroom)  # of config.demand
         self.plan: Optional[Plan] = None  # the plan in force
         self.last_plan_s: Optional[float] = None
         self.ticks = 0
         self.rate_qps = 0.0  # arrival rate measured over the last tick
         self.queue_delay_s: tuple[float, float] = (0.0, 0.0)  # the estimate the last re-plan used
+        self.queue_lengths: tuple[int, int] = (0, 0)  # queued per stage at the last tick
         self._window_ticks = 0  # ticks since the last plan, and sums over them:
         self._queue_sum = [0.0, 0.0]  # queue length samples per stage
         self._rate_sum = [0.0, 0.0]  # arrival rates per stage
@@ -81,15 +86,26 @@ class Controller:
         queue_lengths_by_stage: Sequence[int],
         stage_arrival_rates: Sequence[float],
         gpus: Optional[int] = None,
+        *,
+        in_system: Optional[int] = None,
     ) -> Optional[Plan]:
         """One tick: update the demand estimate; on a re-plan tick return the plan to apply.
 
-        ``gpus``: the workers in service now (None: unchanged). A change re-plans at this tick."""
+        ``gpus``: the workers in service now (None: unchanged). A change re-plans at this tick.
+        ``in_system``: queries admitted and not yet ended at this tick (the dispatcher's ``holding()``);
+        required with ``demand: in-system``, unused otherwise."""
         if self.plan is None:
             raise RuntimeError("Controller.initial_plan() must be called before the first tick")
         self.ticks += 1
         self.rate_qps = arrivals_in_tick / self.config.tick_s
-        self.estimator.update(self.rate_qps)
+        if self.config.demand == "in-system":
+            if in_system is None:
+                raise ValueError("demand 'in-system' needs the number of queries in the system at each tick "
+                                 "(on_tick(..., in_system=...))")
+            self.estimator.update(in_system)
+        else:
+            self.estimator.update(self.rate_qps)
+        self.queue_lengths = (int(queue_lengths_by_stage[0]), int(queue_lengths_by_stage[1]))
         self._window_ticks += 1
         for i in (0, 1):
             self._queue_sum[i] += queue_lengths_by_stage[i]
@@ -109,7 +125,7 @@ class Controller:
         self._rate_sum = [0.0, 0.0]
         if self.gpus < 1:
             return None
-        plan = self._ask(self.demand_qps, self.queue_delay_s)
+        plan = self._ask(self.demand_qps, self.queue_delay_s, self.queue_lengths)
         if plan.gpus_used == 0:
             return None
         self.plan = plan
@@ -123,5 +139,7 @@ class Controller:
         # ticks that come a little late do not push every re-plan one tick further.
         return now - self.last_plan_s >= self.config.replan_s - 0.5 * self.config.tick_s
 
-    def _ask(self, demand_qps: float, queue_delay_s: tuple[float, float]) -> Plan:
-        return self.policy.plan(PolicyInput(demand_qps=demand_qps, queue_delay_s=queue_delay_s, gpus=self.gpus))
+    def _ask(self, demand_qps: float, queue_delay_s: tuple[float, float],
+             queue_lengths: tuple[int, int] = (0, 0)) -> Plan:
+        return self.policy.plan(PolicyInput(demand_qps=demand_qps, queue_delay_s=queue_delay_s, gpus=self.gpus,
+                                            queue_lengths=queue_lengths, current=self.plan))
