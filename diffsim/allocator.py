@@ -39,6 +39,27 @@ of its capacity (``U * capacity >= load``; the serving policies use 0.8, see :mo
 ``batch_wait`` W counts W of a batch time per stage as waiting for the batch in flight, so a stage's latency
 term is ``(1 + W) * lat + q``.
 
+Plan-dependent queueing delay (``queue_model`` ``mean`` or ``tail``; the default ``little`` is the model
+above, the DiffServe artifact's). A delay measured under the plan in force and taken off the SLO for every
+candidate makes every plan that uses a congested stage look infeasible, however many workers it gives
+that stage; the allocator then drops the stage and its queue strands. Here the delay of stage s under a
+candidate is computed from the candidate itself (:mod:`diffsim.runtime.queueing`): the drain of the stage's
+backlog at that plan's capacity plus the steady-state wait at that plan's utilisation (its mean, or in
+``tail`` mode a quantile), for the routing in use. It is a constant per (candidate, stage, batch size,
+workers), precomputed into one path table ``path[s][k, b, n]`` (batch time x (1 + W) + delay, capped above
+the SLO where the plan cannot be) that both solvers read, so the model stays linear and exact:
+
+    latency (SLO):  path[L][k, bL, nL] + path[H][k, bH, nH] <= SLO   for the chosen k, batch sizes, workers
+
+The MILP encodes it with a binary per (stage, batch size, worker count) and big-M rows per candidate
+(:func:`_solve_queued_milp`); the exact solver walks the candidates in rank order and, per batch pair,
+finds the fewest GPUs by a search over the light worker count (the path never rises with workers), then
+the least summed path (:func:`_solve_queued_exact`). The objective's third term is the summed path
+(batch time and delay) instead of the batch time alone. A stage that holds queued work always runs: no
+plan, the best-effort one included, leaves queued work without a worker. In ``tail`` mode the quantile is
+that of all queries' latency (:meth:`_Queueing.path_quantiles`). Dominated batch sizes are not pruned in
+this mode (a slower batch size with less capacity can still wait less: its queue has more slots).
+
 Before the solve, candidates are pruned by two exact bounds: one that needs more GPUs than any batch
 size allows cannot be feasible, and one ranked below an incumbent (a candidate that each stage's
 highest-throughput batch size already serves) cannot be optimal. Batch sizes that another one dominates
@@ -76,7 +97,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional, Sequence
 
 import numpy as np
@@ -85,6 +106,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from .errors import DiffsimError
 from .plan import Plan, StagePlan
 from .profiles import Cascade
+from .runtime.queueing import DEFAULT_TAIL_QUANTILE, QUEUE_MODELS, stage_delay
 
 Objective = Literal["quality", "max-threshold"]
 Mode = Literal["cascade", "split", "light-only", "heavy-only"]
@@ -128,8 +150,18 @@ def allocate(
     batch_wait: float = 0.0,
     max_utilization: float = 1.0,
     solver: Solver = "exact",
+    queue_model: str = "little",
+    backlog: tuple[float, float] = (0.0, 0.0),
+    routing: str = "least-loaded",
+    tail_quantile: float = DEFAULT_TAIL_QUANTILE,
 ) -> Plan:
     """Solve for the best plan; see the module docstring for the model.
+
+    ``queue_model`` says where each stage's queueing delay comes from: ``little`` (default, the DiffServe
+    artifact's) takes ``queue_delay_s``, one measured delay per stage for every candidate plan; ``mean`` and
+    ``tail`` compute it per candidate from the plan itself (*Plan-dependent queueing delay* in the module
+    docstring): ``backlog`` (queries queued per stage, light and heavy), ``routing`` and, for ``tail``, the
+    ``tail_quantile`` of the wait; ``queue_delay_s`` is then not used.
 
     ``batch_wait`` counts, per stage, that fraction of one batch time as waiting for the batch in flight
     (eager batching: a query that arrives while its worker is busy waits for that batch first). 0 is the
@@ -150,11 +182,15 @@ def allocate(
     grid = DEFAULT_THRESHOLDS if thresholds is None else tuple(thresholds)
     if thresholds is not None and (not grid or any(not 0 <= t <= 1 for t in grid)):
         raise DiffsimError("thresholds must be a non-empty list of values in [0, 1]")
-    q_light, q_heavy = queue_delay_s
+    queueing = _queueing(queue_model, backlog, routing, tail_quantile, batch_wait, max_utilization)
+    q_light, q_heavy = queue_delay_s if queueing is None else (0.0, 0.0)
     use_disc = mode == "cascade"
     light = _stage(cascade, "light", batch_sizes, q_light, use_disc, batch_wait, max_utilization)
     heavy = _stage(cascade, "heavy", batch_sizes, q_heavy, False, batch_wait, max_utilization)
     candidates = _candidates(cascade, grid, objective, mode)
+    if queueing is not None:
+        plan = _allocate_queued(cascade, gpus, demand_qps, light, heavy, candidates, mode, objective, queueing, solver)
+        return _with_solve_ms(plan, (time.perf_counter() - started) * 1e3)
 
     waits = (batch_wait, queue_delay_s)
     solve = _solve_exact if solver == "exact" else _solve_milp
@@ -653,3 +689,399 @@ def _with_solve_ms(plan: Plan, ms: float) -> Plan:
     set in place (the frozen-dataclass idiom); ``dataclasses.replace`` would cost more than the exact solve."""
     object.__setattr__(plan, "solve_ms", ms)
     return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan-dependent queueing delay (queue_model "mean" or "tail")
+
+
+# In tail mode a deferred query's path is planned to at least its median, however little is deferred.
+_LEAST_PATH_QUANTILE = 0.5
+
+
+@dataclass(frozen=True)
+class _Queueing:
+    """How a stage's delay depends on the plan: the model's inputs besides load, workers and batch size."""
+
+    quantile: Optional[float]  # None: the mean wait ("mean"); else the quantile of all queries' latency ("tail")
+    routing: str
+    backlog: tuple[float, float]  # queued queries, light and heavy: their drain is part of the delay
+    batch_wait: float
+    max_utilization: float
+    keep: tuple[bool, bool] = (False, False)  # stages that must run (they hold queued work), light and heavy
+
+    def path_quantiles(self, heavy_fractions: np.ndarray, coupled: bool) -> Optional[np.ndarray]:
+        """The quantile each candidate's stage paths are planned to, so that ``quantile`` of all queries
+        meet the SLO (None: the mean).
+
+        In cascade mode only the deferred fraction f pays both stages: if a share v of them is late, a
+        share f v of all queries is, so the deferred path needs the quantile ``1 - (1 - p) / f`` (0.98 for
+        p = 0.99 and half the queries deferred), at least the median; with nothing deferred the light path
+        alone gets ``p``. Each stage is planned to that quantile and their sum meets the SLO: the sum of
+        two quantiles bounds the quantile of the sum from above for the positively related delays of a
+        cascade, so this errs on the safe side. In split mode each path gets ``p``.
+        """
+        if self.quantile is None:
+            return None
+        p = self.quantile
+        if not coupled:
+            return np.full(len(heavy_fractions), p)
+        f = np.asarray(heavy_fractions, dtype=float)
+        with np.errstate(divide="ignore"):
+            deferred = np.where(f > 0, 1.0 - (1.0 - p) / np.where(f > 0, f, 1.0), p)
+        return np.maximum(deferred, _LEAST_PATH_QUANTILE)
+
+
+def _queueing(queue_model, backlog, routing, tail_quantile, batch_wait, max_utilization) -> Optional[_Queueing]:
+    """The checked settings of a plan-dependent delay model; None for ``little`` (a constant delay)."""
+    if queue_model not in QUEUE_MODELS:
+        raise DiffsimError(f"unknown queue model {queue_model!r} (choose from {', '.join(QUEUE_MODELS)})")
+    if len(backlog) != 2 or any(not math.isfinite(q) or q < 0 for q in backlog):
+        raise DiffsimError(f"backlog must be two counts >= 0 (light, heavy), got {backlog!r}")
+    if routing not in ("random", "least-loaded"):
+        raise DiffsimError(f"unknown routing {routing!r} (choose from random, least-loaded)")
+    if not 0 < tail_quantile < 1:
+        raise DiffsimError(f"tail_quantile must lie in (0, 1), got {tail_quantile!r}")
+    if queue_model == "little":
+        return None
+    quantile = tail_quantile if queue_model == "tail" else None
+    return _Queueing(quantile, routing, (float(backlog[0]), float(backlog[1])), batch_wait, max_utilization,
+                     (backlog[0] > 0, backlog[1] > 0))
+
+
+def _queued_options(light: _Stage, heavy: _Stage, coupled: bool, slo: float) -> tuple[list[int], list[int]]:
+    """Batch sizes that could meet the SLO with no queueing at all (in cascade mode a heavy one after the
+    fastest light one). No batch size is dropped as dominated here: with a delay that depends on the batch
+    size through the queue's number of slots, a slower batch size with less capacity can still wait less."""
+    light_ok = [i for i, p in enumerate(light.path_s) if p <= slo]
+    if coupled:
+        fastest = min((light.path_s[i] for i in light_ok), default=math.inf)
+        heavy_ok = [i for i, p in enumerate(heavy.path_s) if p + fastest <= slo]
+    else:
+        heavy_ok = [i for i, p in enumerate(heavy.path_s) if p <= slo]
+    return light_ok, heavy_ok
+
+
+def _cap_s(slo: float) -> float:
+    """The value a path gets where the plan cannot be (too few workers for the load, no steady state):
+    anything above the SLO is infeasible whatever the other stage does, and a finite cap keeps the MILP's
+    coefficients finite."""
+    return 2.0 * slo + 1.0
+
+
+def _stage_paths(stage: _Stage, ok: list[int], loads: np.ndarray, gpus: int, backlog: float, q: _Queueing,
+                 slo: float, quantiles: Optional[np.ndarray]) -> np.ndarray:
+    """``path[k, j, n]``: the latency of stage option ``ok[j]`` on ``n`` workers (n = 0..gpus) for load
+    ``loads[k]`` queries/s: batch time x (1 + batch_wait) + the plan-dependent delay
+    (:func:`diffsim.runtime.queueing.stage_delay`: the mean, or the quantile ``quantiles[k]``), capped at
+    :func:`_cap_s`.
+
+    The cap also marks the worker counts a plan cannot have: none (a stage that runs has a worker), and
+    fewer than the load needs at the utilisation cap, ``max(1, ceil(load / (U cap)))`` (the rounding of
+    the little model's solvers). The path is made non-increasing in ``n`` (a running minimum): a worker
+    more never makes a stage slower, as it could idle; the model already is, up to rounding. Both solvers
+    read this one table, so they judge every (candidate, batch size, workers) by the same number.
+    """
+    cap = _cap_s(slo)
+    loads = np.asarray(loads, dtype=float)
+    n = np.arange(gpus + 1, dtype=float)
+    if not ok:
+        return np.full((len(loads), 0, gpus + 1), cap)
+    b = np.array([stage.batch_sizes[i] for i in ok], dtype=float)
+    lat = np.array([stage.latency_s[i] for i in ok])
+    usable = np.array([stage.capacity[i] for i in ok])  # per worker, at the utilisation cap
+    quantile = None if quantiles is None else np.asarray(quantiles, dtype=float)[:, None, None]
+    delay = stage_delay(loads[:, None, None], n[None, None, :], b[None, :, None], lat[None, :, None],
+                        routing=q.routing, backlog=backlog, quantile=quantile)
+    path = lat[None, :, None] * (1.0 + q.batch_wait) + delay
+    need = np.where(loads[:, None] > 0, np.ceil(loads[:, None] / usable[None, :] - 1e-9), 1.0)
+    need = np.maximum(need, 1.0)
+    path = np.where(n[None, None, :] < need[:, :, None], cap, np.minimum(path, cap))
+    return np.minimum.accumulate(path, axis=2)
+
+
+def _stage_on(coupled: bool, role: str, fraction: float, keep: bool) -> tuple[bool, bool]:
+    """(may run, may be off) for a stage under a candidate: it must run when it gets traffic or has a
+    backlog (no plan leaves queued work without a worker), and the light stage always runs in cascade
+    mode; it is off otherwise (running it would only cost a GPU)."""
+    must = fraction > 0 or keep or (coupled and role == "light")
+    return must, not must
+
+
+def _allocate_queued(cascade, gpus, demand, light, heavy, ranked, mode, objective, q: _Queueing, solver) -> Plan:
+    """Solve with plan-dependent delays. When no plan meets the SLO with the backlog's drain counted, the
+    backlog is already late under any plan (its oldest queries will be dropped at the stages, not served
+    in time): the plan is then made for the new arrivals -- the same model without the drain -- with every
+    stage that holds queued work still running, and reported infeasible with that reason. Only when that
+    fails too is it the best-effort plan."""
+    slo = cascade.slo_s
+    coupled = mode == "cascade"
+    light_ok, heavy_ok = _queued_options(light, heavy, coupled, slo)
+    plan = None
+    if gpus > 0:
+        servable = _servable(ranked, demand, gpus, light, heavy, light_ok, heavy_ok)
+        # A stage with a backlog runs whatever the candidate: none can if that stage has no usable batch size.
+        if (q.keep[0] and not light_ok) or (q.keep[1] and not heavy_ok):
+            servable = np.zeros_like(servable)
+        solve = _solve_queued_exact if solver == "exact" else _solve_queued_milp
+        attempts = [(q, "")]
+        if any(q.backlog):
+            attempts.append((replace(q, backlog=(0.0, 0.0)), (
+                f"no plan drains the backlog ({q.backlog[0]:g} light, {q.backlog[1]:g} heavy queued) within the "
+                f"SLO: planned for new arrivals, with every stage that holds queued work running")))
+        for attempt, reason in attempts:
+            found = solve(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, ranked, servable, coupled, attempt)
+            if found is not None:
+                k, jl, nl, jh, nh, path_l, path_h = found
+                plan = _queued_plan(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, ranked.cands[k], mode,
+                                    objective, (jl, nl, path_l), (jh, nh, path_h), reason)
+                break
+    if plan is None:
+        plan = _best_effort_queued(cascade, gpus, demand, light, heavy, mode, objective, q)
+    return plan
+
+
+def _best_pair(pl: Optional[np.ndarray], ph: Optional[np.ndarray], gpus: int, slo: float, coupled: bool):
+    """The best worker counts for one (light option, heavy option) pair of one candidate:
+    ``(gpus used, summed path, n_light, n_heavy)``, or None when no counts fit.
+
+    ``pl`` / ``ph``: the option's path by worker count (0..gpus), non-increasing, or None for a stage that
+    is off (no workers, no latency). Fewest GPUs first, then the least summed path (the MILP's second and
+    third terms); among splits that tie on both, the fewest light workers.
+    """
+    if pl is None and ph is None:
+        return None
+    if ph is None or pl is None:
+        path = pl if ph is None else ph
+        fits = np.flatnonzero(path <= slo)  # path is non-increasing: the first fit is the fewest workers
+        if not len(fits):
+            return None
+        n = int(fits[0])
+        return (n, float(path[n]), n, 0) if ph is None else (n, float(path[n]), 0, n)
+    budget = slo - pl if coupled else np.where(pl <= slo, slo, -np.inf)
+    # The fewest heavy workers within each light count's budget: ph is non-increasing, so -ph is sorted.
+    fewest_h = np.searchsorted(-ph, -budget, side="left")
+    n_light = np.arange(len(pl))
+    total = n_light + fewest_h
+    ok = (pl <= slo) & (fewest_h <= gpus) & (total <= gpus)
+    if not ok.any():
+        return None
+    best = int(total[ok].min())
+    # Every split of ``best`` GPUs that fits; the least summed path among them (ties: fewest light workers).
+    n_heavy = best - n_light
+    split = ok & (n_heavy >= fewest_h) & (n_heavy >= 0)
+    idx = np.flatnonzero(split)
+    sums = pl[idx] + ph[n_heavy[idx]]
+    fits = sums <= slo if coupled else (pl[idx] <= slo) & (ph[n_heavy[idx]] <= slo)
+    idx, sums = idx[fits], sums[fits]
+    if not len(idx):
+        return None
+    j = int(np.argmin(sums))
+    return best, float(sums[j]), int(idx[j]), int(n_heavy[idx[j]])
+
+
+def _solve_queued_exact(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, ranked, servable, coupled, q):
+    """The best-ranked candidate with any feasible plan; among its plans the fewest GPUs, then the least
+    summed path, then the smallest light batch size, then heavy (an off stage last), then the fewest light
+    workers. Exact, as in the little model: once the candidate is fixed nothing else constrains a pair.
+
+    Candidates are tried in rank order and the search stops at the first feasible one, so a cluster that
+    can serve its demand costs a few candidates' tables (light loads repeat across candidates and their
+    table is computed once per load).
+    """
+    slo = cascade.slo_s
+    quantiles = q.path_quantiles(ranked.heavy, coupled)
+    cache: dict[tuple, np.ndarray] = {}
+
+    def paths(stage, ok, role, load, backlog, quantile):
+        key = (role, load, quantile)
+        if key not in cache:
+            qs = None if quantile is None else np.array([quantile])
+            cache[key] = _stage_paths(stage, ok, np.array([load]), gpus, backlog, q, slo, qs)[0]
+        return cache[key]
+
+    for k in np.flatnonzero(servable):
+        cand = ranked.cands[k]
+        quantile = None if quantiles is None else float(quantiles[k])
+        must_l, off_l = _stage_on(coupled, "light", cand.light_fraction, q.keep[0])
+        must_h, off_h = _stage_on(coupled, "heavy", cand.heavy_fraction, q.keep[1])
+        pl = paths(light, light_ok, "light", demand * cand.light_fraction, q.backlog[0], quantile) if must_l else None
+        ph = paths(heavy, heavy_ok, "heavy", demand * cand.heavy_fraction, q.backlog[1], quantile) if must_h else None
+        options_l = [(j, pl[j]) for j in range(len(light_ok))] if must_l else [(None, None)]
+        options_h = [(j, ph[j]) for j in range(len(heavy_ok))] if must_h else [(None, None)]
+        best = None
+        for jl, row_l in options_l:
+            for jh, row_h in options_h:
+                found = _best_pair(row_l, row_h, gpus, slo, coupled)
+                if found is None:
+                    continue
+                used, total, nl, nh = found
+                key = (used, total)
+                if best is None or key < best[0]:
+                    path_l = float(row_l[nl]) if row_l is not None else 0.0
+                    path_h = float(row_h[nh]) if row_h is not None else 0.0
+                    best = (key, (int(k), jl, nl, jh, nh, path_l, path_h))
+        if best is not None:
+            return best[1]
+    return None
+
+
+def _solve_queued_milp(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, ranked, servable, coupled, q):
+    """The formulation of record for plan-dependent delays.
+
+    The delay depends on the worker count, so each (stage, batch size, worker count) gets a binary
+    ``w[s,j,n]`` (one-hot: at most one per stage) instead of an integer worker count; the candidate's load
+    enters through its path table, which the latency rows read only for the chosen candidate (big-M):
+
+        t_s >= sum_{j,n} path_s[k,j,n] w[s,j,n] - M (1 - z[k])     for every candidate k and stage s
+        t_L + t_H <= SLO (cascade)   or   t_L <= SLO, t_H <= SLO (split)
+
+    with ``path`` capped at :func:`_cap_s` (above the SLO) where a plan cannot be, and M = 2 x that cap.
+    Minimising ``rank * (G + 2) + sum n w + (t_L + t_H) / norm`` makes each ``t_s`` the chosen plan's path,
+    so the third term is the summed path, as in the exact solver. Every other row is the little model's
+    (one candidate, stage on iff needed, GPUs, capacity at the utilisation cap). Its size grows with the GPU
+    count (2 x batch sizes x G binaries): it is for checking the exact solver on small clusters.
+    """
+    slo = cascade.slo_s
+    cands = [int(k) for k in np.flatnonzero(servable)]
+    if not cands:
+        return None
+    fl = np.array([ranked.cands[k].light_fraction for k in cands])
+    fh = np.array([ranked.cands[k].heavy_fraction for k in cands])
+    quantiles = q.path_quantiles(ranked.heavy, coupled)
+    qs = None if quantiles is None else quantiles[cands]
+    pl = _stage_paths(light, light_ok, demand * fl, gpus, q.backlog[0], q, slo, qs)  # (k, j, n)
+    ph = _stage_paths(heavy, heavy_ok, demand * fh, gpus, q.backlog[1], q, slo, qs)
+    nl, nh, nk, g = len(light_ok), len(heavy_ok), len(cands), gpus
+    # Variable layout: wL (nl x g, n = 1..g), wH (nh x g), z (nk), tL, tH
+    iwl, iwh, iz = 0, nl * g, nl * g + nh * g
+    itl, ith = iz + nk, iz + nk + 1
+    n_var = ith + 1
+    lb, ub = np.zeros(n_var), np.ones(n_var)
+    ub[itl] = ub[ith] = slo
+    integrality = np.ones(n_var)
+    integrality[itl] = integrality[ith] = 0
+    workers = np.tile(np.arange(1, g + 1, dtype=float), max(nl, nh))
+    big_m = 2.0 * _cap_s(slo)
+
+    rows, lo, hi = [], [], []
+
+    def add(coeffs: dict[int, float], low: float, high: float) -> None:
+        row = np.zeros(n_var)
+        for i, v in coeffs.items():
+            row[i] += v
+        rows.append(row)
+        lo.append(low)
+        hi.append(high)
+
+    wl = range(iwl, iwl + nl * g)
+    wh = range(iwh, iwh + nh * g)
+    add({iz + k: 1.0 for k in range(nk)}, 1, 1)
+    # Light: always one option in cascade mode; in split mode on iff the candidate sends it traffic or it
+    # has a backlog. Heavy: on when the candidate defers (or splits) to it or it has a backlog, at most once.
+    light_needed = {iz + k: -1.0 for k in range(nk) if fl[k] > 0}
+    if coupled or q.keep[0]:
+        add({i: 1.0 for i in wl}, 1, 1)
+    else:
+        add({**{i: 1.0 for i in wl}, **light_needed}, 0, 0)
+    heavy_needed = {iz + k: -1.0 for k in range(nk) if fh[k] > 0}
+    add({i: 1.0 for i in wh}, 1 if q.keep[1] else 0, 1)
+    add({**{i: 1.0 for i in wh}, **heavy_needed}, 0, np.inf)
+    add({**{i: workers[i - iwl] for i in wl}, **{i: workers[i - iwh] for i in wh}}, 0, gpus)
+    cap_l = [light.capacity[i] for i in light_ok]
+    cap_h = [heavy.capacity[i] for i in heavy_ok]
+    add({**{iwl + j * g + m: (m + 1) * cap_l[j] for j in range(nl) for m in range(g)},
+         **{iz + k: -demand * fl[k] for k in range(nk)}}, 0, np.inf)
+    add({**{iwh + j * g + m: (m + 1) * cap_h[j] for j in range(nh) for m in range(g)},
+         **{iz + k: -demand * fh[k] for k in range(nk)}}, 0, np.inf)
+    for k in range(nk):
+        # t_s - sum path w - M z_k >= -M  (binding only for the chosen candidate)
+        add({itl: 1.0, **{iwl + j * g + m: -pl[k, j, m + 1] for j in range(nl) for m in range(g)}, iz + k: -big_m},
+            -big_m, np.inf)
+        add({ith: 1.0, **{iwh + j * g + m: -ph[k, j, m + 1] for j in range(nh) for m in range(g)}, iz + k: -big_m},
+            -big_m, np.inf)
+    if coupled:
+        add({itl: 1.0, ith: 1.0}, -np.inf, slo)
+
+    norm = 4.0 * slo + 1.0  # t_L + t_H <= 2 SLO, so the third term stays below one GPU
+    c = np.zeros(n_var)
+    c[iz:iz + nk] = np.arange(nk) * (gpus + 2)
+    c[iwl:iwl + nl * g] = workers[:nl * g]
+    c[iwh:iwh + nh * g] = workers[:nh * g]
+    c[itl] = c[ith] = 1.0 / norm
+    res = milp(c, integrality=integrality, bounds=Bounds(lb, ub),
+               constraints=LinearConstraint(np.array(rows), np.array(lo), np.array(hi)),
+               options={"mip_rel_gap": 0.0, "presolve": True})
+    if res.status != 0 or res.x is None:
+        return None
+    x = np.round(res.x[:iz + nk]).astype(int)
+    k = int(np.argmax(x[iz:iz + nk]))
+
+    def chosen(start, count, table):
+        on = np.flatnonzero(x[start:start + count * g])
+        if not len(on):
+            return None, 0, 0.0
+        j, m = divmod(int(on[0]), g)
+        return j, m + 1, float(table[k, j, m + 1])
+
+    jl, n_l, path_l = chosen(iwl, nl, pl)
+    jh, n_h, path_h = chosen(iwh, nh, ph)
+    return cands[k], jl, n_l, jh, n_h, path_l, path_h
+
+
+def _queued_plan(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, cand, mode, objective, lsel, hsel,
+                 reason: str = "") -> Plan:
+    """The plan of a solution: the stages at their batch sizes and worker counts, the predicted latency of
+    a new query from the same path table the solvers used, and each stage's predicted delay in ``extra``."""
+
+    def stage_plan(role, stage, ok, sel):
+        j, n, path = sel
+        model = cascade.light_model if role == "light" else cascade.heavy_model
+        if j is None or n == 0:
+            return StagePlan(role, model, 0, 0, 0.0, 0.0), 0.0
+        i = ok[j]
+        b, lat = stage.batch_sizes[i], stage.latency_s[i]
+        return StagePlan(role, model, n, b, lat, n * b / lat), path
+
+    light_plan, path_l = stage_plan("light", light, light_ok, lsel)
+    heavy_plan, path_h = stage_plan("heavy", heavy, heavy_ok, hsel)
+    if mode == "cascade":
+        latency = path_l + (path_h if cand.heavy_fraction > 0 else 0.0)
+        threshold, light_share = cand.key, 1.0
+    else:
+        latency = max(path_l, path_h)
+        threshold, light_share = 0.0, cand.light_fraction
+    return Plan(
+        cascade=cascade.name, mode="cascade" if mode == "cascade" else "split", stages=(light_plan, heavy_plan),
+        threshold=threshold, light_share=light_share, deferral_fraction=cand.heavy_fraction,
+        expected_fid=cand.fid, predicted_latency_s=latency, demand_qps=demand, gpus=gpus, feasible=not reason,
+        reason=reason, objective=objective,
+        extra={"stage_path_s": (path_l, path_h), "summed_path_s": path_l + path_h},
+    )
+
+
+def _best_effort_queued(cascade, gpus, demand, light, heavy, mode, objective, q: _Queueing) -> Plan:
+    """The little model's best-effort plan, except that a stage with a backlog keeps workers: the fewest
+    that drain it within the SLO at its batch size of most throughput among those within the SLO (at least
+    one, and one GPU left for the other stage). The fallback must not strand queued work either."""
+    plan = _best_effort(cascade, gpus, demand, light, heavy, mode, objective, (q.batch_wait, (0.0, 0.0)))
+    heavy_only = mode == "heavy-only"
+    other_role = "light" if heavy_only else "heavy"
+    other, backlog = (light, q.backlog[0]) if heavy_only else (heavy, q.backlog[1])
+    if backlog <= 0 or gpus < 2 or not other.batch_sizes:
+        return plan
+    # The batch size of most throughput among those that finish within the SLO (a batch that takes longer
+    # serves nobody in time), else the fastest.
+    fits = [i for i, p in enumerate(other.path_s) if p <= cascade.slo_s]
+    pool = fits or [min(range(len(other.path_s)), key=other.path_s.__getitem__)]
+    i = max(pool, key=lambda i: (other.capacity[i], -other.batch_sizes[i]))
+    b, lat = other.batch_sizes[i], other.latency_s[i]
+    keep = min(gpus - 1, max(1, math.ceil(backlog * lat / (b * cascade.slo_s) - 1e-9)))
+    model = cascade.light_model if other_role == "light" else cascade.heavy_model
+    drain = StagePlan(other_role, model, keep, b, lat, keep * b / lat)
+    main = plan.heavy if heavy_only else plan.light
+    main = StagePlan(main.role, main.model, gpus - keep, main.batch_size, main.latency_s,
+                     (gpus - keep) * main.batch_size / main.latency_s if main.latency_s else 0.0)
+    stages = (drain, main) if heavy_only else (main, drain)
+    reason = f"{plan.reason}; {keep} {other_role} worker(s) drain its backlog of {backlog:g}"
+    return Plan(**{**plan.__dict__, "stages": stages, "reason": reason, "extra": {}})

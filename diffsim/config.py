@@ -52,6 +52,7 @@ from .policies import DEFAULT_MAX_UTILIZATION, StaticPlanSpec
 from .profiles import Cascade, load_cascade, validation_message
 from .resources import profiles_dir, resolve_profile
 from .runtime.demand import DEMAND_KINDS
+from .runtime.queueing import DEFAULT_TAIL_QUANTILE, QUEUE_MODELS
 from .runtime.routing import ROUTING_KINDS
 from .yamlfile import read_yaml
 
@@ -189,9 +190,18 @@ class RunConfig:
     # system has neither), on when it must predict a server (diffsim validate).
     admission: bool = False
     deadline_sweep_s: float = 0.0
+    # The queueing delay the MILP policies plan with (diffsim.allocator): "little" (one delay measured under
+    # the plan in force, the artifact's), "mean" or "tail" (computed per candidate plan,
+    # diffsim.runtime.queueing); None: the policy's own default (diffsim.policies.DEFAULT_QUEUE_MODEL).
+    queue_model: Optional[str] = None
+    tail_quantile: float = DEFAULT_TAIL_QUANTILE  # "tail": this quantile of all queries' latency meets the SLO
 
     def __post_init__(self) -> None:
         _within("gpus", self.gpus, limits.GPUS)
+        if self.queue_model is not None and self.queue_model not in QUEUE_MODELS:
+            raise SettingError("queue_model", f"must be one of {', '.join(QUEUE_MODELS)}, got {self.queue_model!r}")
+        if not (isinstance(self.tail_quantile, float) and 0 < self.tail_quantile < 1):
+            raise SettingError("tail_quantile", f"must lie in (0, 1), got {self.tail_quantile!r}")
         _within("seed", self.seed, limits.SEED)
         if self.routing not in ROUTING_KINDS:
             raise SettingError("routing", f"must be one of {', '.join(ROUTING_KINDS)}, got {self.routing!r}")

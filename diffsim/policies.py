@@ -14,6 +14,12 @@ The allocator returns the fewest GPUs that meet the constraints. A serving syste
 rest idle, so the MILP policies hand spare GPUs out afterwards (:func:`spread_spare_gpus`): each goes to
 the stage whose predicted utilisation is highest, which lowers queueing without changing the batch
 sizes, the threshold or any constraint the plan was chosen under.
+
+The MILP policies plan with a queueing delay per stage (``queue_model``): ``little``, the delay measured
+under the plan in force (the DiffServe artifact's, every policy's default), or one computed per candidate
+plan from the queues it inherits (``mean``, or ``tail``: a quantile of latency meets the SLO; see
+:mod:`diffsim.runtime.queueing`). With the latter, spare GPUs first stay on the stage they serve in the
+plan in force, so that plans following the queues do not turn into role switches.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Protocol, Sequence
 
 from .allocator import DEFAULT_BATCH_SIZES, allocate
+from .runtime.queueing import DEFAULT_TAIL_QUANTILE
 from . import limits
 from .errors import DiffsimError
 from .plan import Plan, StagePlan
@@ -41,6 +48,11 @@ PAPER_STATIC_GPUS = 16
 # paper's constraint) a stage runs at ~95% utilisation under the EWMA x 1.05 estimate, and every Poisson
 # burst turns into queueing delay; 0.8 keeps queues short at a small cost in quality (see README).
 DEFAULT_MAX_UTILIZATION = 0.8
+
+# The queueing delay each MILP policy plans with when the run does not say (``queue_model``, see
+# :func:`diffsim.allocator.allocate`): ``little``, one delay per stage measured under the plan in force
+# (the DiffServe artifact's), for every policy.
+DEFAULT_QUEUE_MODEL = {"diffserve": "little", "diffserve-maxt": "little", "proteus": "little"}
 
 
 @dataclass(frozen=True)
@@ -113,30 +125,49 @@ def _stage(cascade: Cascade, role: str, workers: int, batch: int, with_disc: boo
     return StagePlan(role, model, workers, batch, lat, workers * batch / lat)
 
 
-def spread_spare_gpus(plan: Plan) -> Plan:
-    """Give GPUs the allocator left unused to the stage with the highest predicted utilisation."""
+def spread_spare_gpus(plan: Plan, current: Optional[Plan] = None) -> Plan:
+    """Give GPUs the allocator left unused to the stage with the highest predicted utilisation.
+
+    With ``current`` (the plan in force, same routing mode), spare GPUs first go back to the stage they
+    serve now: each stage gets up to as many workers as it has in ``current``, even a stage the new plan
+    gives no load (it keeps its batch size from ``current``), and only the rest are spread by utilisation.
+    Spare GPUs cost nothing where they are, and moving one is a role switch: without this, a plan that
+    briefly stops deferring sends every spare heavy worker to the light stage, and the next plan sends
+    them back.
+    """
     spare = plan.gpus - plan.gpus_used
     if spare <= 0:
         return plan
+    stages = {s.role: s for s in plan.stages}
+    if current is not None and current.mode == plan.mode:
+        for role in ("light", "heavy"):
+            now = current.stage(role)
+            add = min(spare, max(0, now.workers - stages[role].workers))
+            if add == 0:
+                continue
+            base = stages[role] if stages[role].workers else now  # an unused stage keeps its batch size
+            per_worker = base.capacity_qps / base.workers
+            workers = stages[role].workers + add
+            stages[role] = replace(base, workers=workers, capacity_qps=workers * per_worker)
+            spare -= add
     load = {
         "light": plan.demand_qps * (1.0 if plan.mode == "cascade" else plan.light_share),
         "heavy": plan.demand_qps * plan.deferral_fraction,
     }
-    stages = {s.role: s for s in plan.stages}
     used = [r for r in ("light", "heavy") if stages[r].workers > 0]
-    if not used:
+    if used and spare > 0:
+        workers = {r: stages[r].workers for r in used}
+        per_worker = {r: stages[r].capacity_qps / stages[r].workers for r in used}
+        for _ in range(spare):
+            # highest utilisation first; ties to the light stage (it sees every query in cascade mode)
+            role = max(used, key=lambda r: (load[r] / (workers[r] * per_worker[r]), r == "light"))
+            workers[role] += 1
+        for r in used:
+            stages[r] = replace(stages[r], workers=workers[r], capacity_qps=workers[r] * per_worker[r])
+    new = (stages["light"], stages["heavy"])
+    if new == plan.stages:
         return plan
-    workers = {r: stages[r].workers for r in used}
-    per_worker = {r: stages[r].capacity_qps / stages[r].workers for r in used}
-    for _ in range(spare):
-        # highest utilisation first; ties to the light stage (it sees every query in cascade mode)
-        role = max(used, key=lambda r: (load[r] / (workers[r] * per_worker[r]), r == "light"))
-        workers[role] += 1
-    new = tuple(
-        replace(s, workers=workers[s.role], capacity_qps=workers[s.role] * per_worker[s.role]) if s.role in workers else s
-        for s in plan.stages
-    )
-    return replace(plan, stages=new, extra={**plan.extra, "spare_gpus_assigned": spare})
+    return replace(plan, stages=new, extra={**plan.extra, "spare_gpus_assigned": plan.gpus - plan.gpus_used})
 
 
 @dataclass
@@ -151,6 +182,9 @@ class MilpPolicy:
     thresholds: Optional[tuple[float, ...]] = None
     batch_wait: float = 0.0
     max_utilization: float = DEFAULT_MAX_UTILIZATION
+    queue_model: str = "little"  # little: the measured delay; mean / tail: per plan, from the backlog
+    routing: str = "least-loaded"  # the routing the plan-dependent delay models
+    tail_quantile: float = DEFAULT_TAIL_QUANTILE
 
     def plan(self, inp: PolicyInput) -> Plan:
         plan = allocate(
@@ -164,8 +198,15 @@ class MilpPolicy:
             mode=self.mode,
             batch_wait=self.batch_wait,
             max_utilization=self.max_utilization,
+            queue_model=self.queue_model,
+            backlog=inp.queue_lengths,
+            routing=self.routing,
+            tail_quantile=self.tail_quantile,
         )
-        return spread_spare_gpus(plan)
+        # With a delay model that reads the backlog, plans follow the queues more closely; keeping spare
+        # GPUs where they are keeps that from turning into role switches. The little model keeps its
+        # original spreading (the artifact's, and diffsim's outputs unchanged).
+        return spread_spare_gpus(plan, inp.current if self.queue_model != "little" else None)
 
 
 @dataclass
@@ -250,11 +291,15 @@ def make_policy(
     thresholds: Optional[Sequence[float]] = None,
     max_utilization: float = DEFAULT_MAX_UTILIZATION,
     batch_wait: float = 0.0,
+    queue_model: Optional[str] = None,
+    routing: str = "least-loaded",
+    tail_quantile: float = DEFAULT_TAIL_QUANTILE,
 ) -> Policy:
     """Build a policy by name.
 
-    ``thresholds`` pins the MILP's threshold grid (for threshold sweeps); ``max_utilization`` and
-    ``batch_wait`` are passed to the allocator (see :func:`diffsim.allocator.allocate`).
+    ``thresholds`` pins the MILP's threshold grid (for threshold sweeps); ``max_utilization``,
+    ``batch_wait``, ``queue_model`` (None: the policy's default, :data:`DEFAULT_QUEUE_MODEL`), ``routing``
+    and ``tail_quantile`` are passed to the allocator (see :func:`diffsim.allocator.allocate`).
     """
     bs = tuple(int(b) for b in batch_sizes)
     th = None if thresholds is None else tuple(float(t) for t in thresholds)
@@ -262,7 +307,9 @@ def make_policy(
             "proteus": ("quality", "split")}
     if name in milp:
         objective, mode = milp[name]
-        return MilpPolicy(name, cascade, objective, mode, bs, th, batch_wait, max_utilization)
+        model = DEFAULT_QUEUE_MODEL[name] if queue_model is None else queue_model
+        return MilpPolicy(name, cascade, objective, mode, bs, th, batch_wait, max_utilization, model, routing,
+                          tail_quantile)
     if name == "clipper-light":
         return FixedPolicy(name, cascade, "split", 0.0, 1.0, 1.0)
     if name == "clipper-heavy":
@@ -291,4 +338,7 @@ def policy_for(config, *, thresholds: Optional[Sequence[float]] = None) -> Polic
         thresholds=thresholds,
         max_utilization=config.max_utilization,
         batch_wait=config.batch_wait,
+        queue_model=config.queue_model,
+        routing=config.routing,
+        tail_quantile=config.tail_quantile,
     )
