@@ -14,8 +14,12 @@ types and bounds, from :mod:`diffsim.limits`, are tabled in README.md, section "
     gpus: 16
     policy: diffserve
     seed: 0
+    preset: artifact             # settings as the DiffServe artifact has them, under this file's (diffsim/presets.py)
     routing: least-loaded        # or random (the paper's uniform random choice)
     max_utilization: 0.8         # plan each stage to at most this fraction of its capacity
+    queue_model: little          # queueing delay the MILP plans with: little (measured), mean or tail (per plan)
+    tail_quantile: 0.99          # queue_model tail: plan this quantile of all queries' latency to the SLO
+    demand: arrival              # EWMA of arrival rates, or in-system (queries not yet ended, the artifact's)
     batch_wait: 0                # fraction of a batch time counted as waiting for the batch in flight
     drop_factor: 1.5
     batch_timeout_s: 0
@@ -332,6 +336,10 @@ class ConfigFile(_Strict):
     service_time: Optional[Literal["p50", "sampled"]] = None
     admission: Optional[bool] = None
     deadline_sweep_s: Optional[float] = _bounded(limits.SECONDS)
+    preset: Optional[_Name] = None
+    queue_model: Optional[Literal["little", "mean", "tail"]] = None
+    tail_quantile: Optional[float] = Field(default=None, gt=0, lt=1)
+    demand: Optional[Literal["arrival", "in-system"]] = None
 
 
 _PATH_KEYS = ("cascades", "trace", "confidences")
@@ -390,12 +398,16 @@ def build_sim_config(settings: dict[str, Any]) -> SimConfig:
     """A :class:`SimConfig` from merged settings (the keys of the config file; unknown keys are an error).
 
     Defaults: GPU profile ``a100``, the shipped cascades file, cascade ``sdturbo-sdv15``. ``trace`` is
-    ignored here (the command reads it).
+    ignored here (the command reads it). A ``preset`` fills in what the settings do not give
+    (:func:`diffsim.presets.apply_preset`); ``demand`` is the controller's estimator.
     """
     known = set(ConfigFile.model_fields)
     unknown = sorted(set(settings) - known)
     if unknown:
         raise InputError(f"config: {unknown[0]}: unknown setting")
+    from .presets import apply_preset
+
+    settings = apply_preset(settings.get("preset"), settings)
     check_settings(settings)
     profile = resolve_profile(str(settings.get("gpu", "a100")))
     cascades = settings.get("cascades") or str(profiles_dir() / "cascades.yaml")
@@ -407,9 +419,12 @@ def build_sim_config(settings: dict[str, Any]) -> SimConfig:
         raise InputError(f"config: controller.{bad[0]}: unknown setting")
     if "ewma_window" in ctrl:
         ctrl["ewma_window"] = int(ctrl["ewma_window"])
+    if "demand" in settings:
+        ctrl["demand"] = settings["demand"]
     kwargs: dict[str, Any] = {"cascade": cascade, "controller": ControllerConfig(**ctrl)}
     for key in ("gpus", "policy", "seed", "routing", "drop_factor", "batch_timeout_s", "swap_s", "window_s",
-                "static_plan", "max_utilization", "batch_wait", "service_time", "admission", "deadline_sweep_s"):
+                "static_plan", "max_utilization", "batch_wait", "service_time", "admission", "deadline_sweep_s",
+                "queue_model", "tail_quantile"):
         if key in settings:
             kwargs[key] = settings[key]
     if "batch_sizes" in settings:

@@ -55,11 +55,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-admission", action="store_true", help="queue every request (no 429 at the door)")
     p.add_argument("--batch-sizes", metavar="LIST", help="batch sizes the policy may use (default: 1,2,4 on "
                    "cpu-tiny, 1,2,4,8,16,32 on cuda)")
-    p.add_argument("--routing", choices=("random", "least-loaded"), default="least-loaded",
+    p.add_argument("--routing", choices=("random", "least-loaded"),
                    help="worker choice within a stage (default least-loaded; random is the paper's)")
-    p.add_argument("--max-utilization", type=limits.FRACTION_ABOVE_0, default=0.8, metavar="U",
+    p.add_argument("--max-utilization", type=limits.FRACTION_ABOVE_0, metavar="U",
                    help=bounded("plan each stage to at most this fraction of its capacity", limits.FRACTION_ABOVE_0,
                                 0.8))
+    p.add_argument("--preset", choices=("artifact",),
+                   help="the DiffServe artifact's planning settings under the flags given: random routing, "
+                        "capacity >= demand (max utilization 1), demand from the queries in the system x 1.2 "
+                        "(diffsim/presets.py); the server's own promises (admission, deadline sweep) stay as set")
+    p.add_argument("--demand", choices=("arrival", "in-system"),
+                   help="what the demand EWMA is taken of: arrival rate (default) or queries in the system "
+                        "(the artifact's)")
     p.add_argument("--seed", type=limits.SEED, default=0,
                    help=bounded("seed of the router and of image seeds", limits.SEED, 0))
     p.add_argument("--max-n", type=limits.IMAGES_PER_REQUEST, default=8,
@@ -130,6 +137,8 @@ def options_from_args(args: argparse.Namespace):
     from ..config import HealthConfig
     from ..errors import InputError
 
+    planning = _planning(args)
+
     try:
         health = HealthConfig(max_failures=args.worker_max_failures, probe_s=args.worker_probe_s)
     except InputError as e:
@@ -139,12 +148,27 @@ def options_from_args(args: argparse.Namespace):
         backend=args.backend, cascade=args.cascade, gpus=gpus, policy=args.policy, gpu_profile=args.gpu_profile,
         cascades=args.cascades, weights=tuple(args.weights), discriminator_weights=args.discriminator_weights,
         discriminator_arch=args.discriminator_arch, swap=args.swap, slo_s=args.slo_s,
-        drop_factor=args.drop_factor, batch_sizes=sizes, static_plan=static_plan, routing=args.routing,
-        max_utilization=args.max_utilization, seed=args.seed, admission=not args.no_admission, save_profile=args.save_profile,
+        drop_factor=args.drop_factor, batch_sizes=sizes, static_plan=static_plan, routing=planning["routing"],
+        max_utilization=planning["max_utilization"], controller=planning["controller"], seed=args.seed,
+        admission=not args.no_admission, save_profile=args.save_profile,
         fid_reference=args.fid_reference, inception_weights=args.inception_weights, fid_window_s=args.fid_window_s,
         fid_sample=args.fid_sample, fid_device=args.fid_device, ray=args.ray, ray_max_restarts=args.ray_max_restarts,
         health=health,
     )
+
+
+def _planning(args: argparse.Namespace) -> dict:
+    """Routing, utilisation cap and controller: the flags given, over the preset, over the defaults."""
+    from ..config import ControllerConfig
+    from ..policies import DEFAULT_MAX_UTILIZATION
+    from ..presets import apply_preset
+
+    given = {key: value for key, value in (("routing", args.routing), ("max_utilization", args.max_utilization),
+                                           ("demand", args.demand)) if value is not None}
+    chosen = apply_preset(args.preset, given)
+    controller = ControllerConfig(**{**chosen.get("controller", {}), "demand": chosen.get("demand", "arrival")})
+    return {"routing": chosen.get("routing", "least-loaded"),
+            "max_utilization": chosen.get("max_utilization", DEFAULT_MAX_UTILIZATION), "controller": controller}
 
 
 def _visible_gpus() -> int:

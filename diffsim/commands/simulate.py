@@ -47,6 +47,20 @@ def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-wait", type=limits.FRACTION, metavar="W",
                    help=bounded("fraction of a batch time the MILP counts as waiting for the batch in flight",
                                 limits.FRACTION, 0))
+    p.add_argument("--preset", choices=("artifact",),
+                   help="a named set of settings under the config file's and the flags': artifact = every setting "
+                        "as the DiffServe artifact has it (random routing, capacity >= demand, in-system demand "
+                        "x 1.2, Little's-law queue delay, ...; diffsim/presets.py)")
+    p.add_argument("--demand", choices=("arrival", "in-system"),
+                   help="what the demand EWMA is taken of: the arrival rate (default) or the queries in the "
+                        "system (the artifact's; give controller headroom 1.2 with it, as --preset artifact does)")
+    p.add_argument("--queue-model", choices=("little", "mean", "tail"),
+                   help="queueing delay the MILP plans with: little = one delay measured under the plan in force "
+                        "(the artifact's), mean / tail = computed per candidate plan from its workers, batch size, "
+                        "load and the backlog (tail: --tail-quantile of latency meets the SLO); default: little")
+    p.add_argument("--tail-quantile", type=limits.FRACTION_ABOVE_0, metavar="Q",
+                   help=bounded("--queue-model tail plans so that this quantile of all queries' latency meets the SLO",
+                                limits.FRACTION_ABOVE_0, 0.99))
     p.add_argument("--window-s", type=limits.WINDOW_S, metavar="S",
                    help=bounded(f"time-series window in seconds, at most {limits.MAX_WINDOWS:,} windows over the "
                                 "trace", limits.WINDOW_S, 10))
@@ -90,7 +104,7 @@ def scenario_settings(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> 
 
     settings = read_config_file(args.config) if args.config else {}
     for key in ("trace", "cascade", "gpu", "cascades", "seed", "routing", "window_s", "max_utilization",
-                "batch_wait", "service_time") + extra:
+                "batch_wait", "service_time", "preset", "demand", "queue_model", "tail_quantile") + extra:
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
