@@ -133,3 +133,5 @@ MIN_PERIOD_S = 0.001  # the shortest period of anything that repeats in a run
 PERIOD_S = Range(MIN_PERIOD_S, 86_400)  # probe and poll periods, quality windows, client timeouts
 IMAGES_PER_REQUEST = Range(1, 1000, integer=True)
 RESTARTS = Range(-1, 1_000_000, integer=True)  # -1: always
+TIME_SCALE = Range(0, 1e6, lo_open=True)  # a load generator's multiplier of arrival times
+REPEATS = Range(1, 100, integer=True)  # real runs of one trace (diffsim validate)

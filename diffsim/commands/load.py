@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from .. import limits
+from .args import bounded, nonempty
+
 import argparse
 import json
 
@@ -24,18 +27,22 @@ def add_parser(subparsers) -> None:
             "reported time). Times are on the client's clock, from the first request sent."
         ),
     )
-    p.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--trace", required=True, metavar="FILE", help="trace CSV (a path or a shipped name)")
-    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--url", required=True, type=nonempty, help="the server's base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--trace", required=True, type=nonempty, metavar="FILE", help="trace CSV (a path or a shipped name)")
+    p.add_argument("--out", default=DEFAULT_OUT, type=nonempty, metavar="DIR", help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--cascade", metavar="C", help="cascade whose quality curves score the run (default: the server's)")
     p.add_argument("--cascades", metavar="FILE", help="cascades file (default: the shipped one)")
-    p.add_argument("--time-scale", type=float, default=1.0, metavar="X",
+    p.add_argument("--time-scale", type=limits.TIME_SCALE, default=1.0, metavar="X",
                    help="multiply the trace's arrival times by X (0.5 = twice as fast; default 1)")
-    p.add_argument("--max-requests", type=int, metavar="N", help="send only the first N requests")
-    p.add_argument("--timeout-s", type=float, default=60.0, metavar="S", help="client timeout per request (default 60)")
+    p.add_argument("--max-requests", type=limits.COUNT, metavar="N",
+                   help=bounded("send only the first N requests", limits.COUNT))
+    p.add_argument("--timeout-s", type=limits.PERIOD_S, default=60.0, metavar="S",
+                   help=bounded("client timeout per request", limits.PERIOD_S, 60))
     p.add_argument("--api-key", metavar="KEY", help="bearer token, when the server wants one")
-    p.add_argument("--poll-s", type=float, default=1.0, metavar="S", help="GET /v1/plan every S seconds (default 1)")
-    p.add_argument("--window-s", type=float, default=10.0, metavar="S", help="time-series window (default 10)")
+    p.add_argument("--poll-s", type=limits.PERIOD_S, default=1.0, metavar="S",
+                   help=bounded("GET /v1/plan every S seconds", limits.PERIOD_S, 1))
+    p.add_argument("--window-s", type=limits.WINDOW_S, default=10.0, metavar="S",
+                   help=bounded("time-series window", limits.WINDOW_S, 10))
     p.add_argument("--no-plot", action="store_true", help="skip timeline.png")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
 

@@ -24,7 +24,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from .. import limits
 from ..errors import DiffsimError
+from .args import bounded, nonempty
 
 
 def add_parser(subparsers) -> None:
@@ -34,21 +36,25 @@ def add_parser(subparsers) -> None:
         description=__doc__.split("\n\n", 1)[1].replace("``", "'"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--url", required=True, help="the running server, e.g. http://127.0.0.1:8000")
-    p.add_argument("--trace", required=True, metavar="FILE", help="trace CSV, a path or a shipped name")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--repeats", type=int, default=3, metavar="K", help="real runs of the trace (default 3)")
-    p.add_argument("--max-requests", type=int, metavar="N", help="send only the first N requests of the trace")
-    p.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times (default 1)")
+    p.add_argument("--url", required=True, type=nonempty, help="the running server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--trace", required=True, type=nonempty, metavar="FILE", help="trace CSV, a path or a shipped name")
+    p.add_argument("--out", required=True, type=nonempty, metavar="DIR", help="output folder")
+    p.add_argument("--repeats", type=limits.REPEATS, default=3, metavar="K",
+                   help=bounded("real runs of the trace", limits.REPEATS, 3))
+    p.add_argument("--max-requests", type=limits.COUNT, metavar="N",
+                   help=bounded("send only the first N requests of the trace", limits.COUNT))
+    p.add_argument("--time-scale", type=limits.TIME_SCALE, default=1.0,
+                   help=bounded("multiply arrival times", limits.TIME_SCALE, 1))
     p.add_argument("--service-time", choices=("p50", "sampled"), default="sampled",
                    help="the simulator's batch times (default sampled: around the profile's p50 by its p95/p99)")
-    p.add_argument("--pause-s", type=float, default=5.0, metavar="S",
+    p.add_argument("--pause-s", type=limits.DELAY_S, default=5.0, metavar="S",
                    help="idle time between real runs, so that one run's backlog and demand estimate do not "
                    "spill into the next (default 5)")
     p.add_argument("--no-calibrate", action="store_true",
                    help="simulate with the server's profile as it is, not scaled by the batch times it measured")
     p.add_argument("--api-key", metavar="KEY", help="the server's API key, if it wants one")
-    p.add_argument("--window-s", type=float, default=10.0, metavar="S", help="time-series window (default 10)")
+    p.add_argument("--window-s", type=limits.WINDOW_S, default=10.0, metavar="S",
+                   help=bounded("time-series window", limits.WINDOW_S, 10))
 
 
 def fetch_config(url: str, api_key=None) -> dict:
@@ -169,13 +175,9 @@ def run(args: argparse.Namespace) -> int:
     from ..workload.loadgen import run_load, summary_and_rows, write_results
     from ..workload.traces import read_trace
 
-    if args.repeats < 1:
-        raise DiffsimError(f"--repeats: must be >= 1, got {args.repeats}")
     described = fetch_config(args.url, args.api_key)
     trace = read_trace(resolve_trace(args.trace))
     if args.max_requests is not None:
-        if args.max_requests < 1:
-            raise DiffsimError(f"--max-requests: must be >= 1, got {args.max_requests}")
         trace = _head(trace, args.max_requests)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

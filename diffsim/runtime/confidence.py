@@ -98,6 +98,8 @@ def read_confidences(path: Path | str) -> dict[int, float]:
         text = path.read_text()
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
     table: dict[int, float] = {}
     seen_record = False
     for lineno, raw in enumerate(text.splitlines(), start=1):

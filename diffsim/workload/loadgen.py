@@ -98,7 +98,7 @@ def _aiohttp():
     try:
         import aiohttp
     except ImportError:
-        raise DiffsimError("diffsim load needs aiohttp: pip install aiohttp") from None
+        raise DiffsimError("diffsim load needs aiohttp: pip install -e '.[serve]'") from None
     return aiohttp
 
 
