@@ -709,6 +709,7 @@ class _Queueing:
     batch_wait: float
     max_utilization: float
     keep: tuple[bool, bool] = (False, False)  # stages that must run (they hold queued work), light and heavy
+    extra_load: tuple[float, float] = (0.0, 0.0)  # queries/s added to each stage's load (a backlog spread out)
 
     def path_quantiles(self, heavy_fractions: np.ndarray, coupled: bool) -> Optional[np.ndarray]:
         """The quantile each candidate's stage paths are planned to, so that ``quantile`` of all queries
@@ -809,11 +810,15 @@ def _stage_on(coupled: bool, role: str, fraction: float, keep: bool) -> tuple[bo
 
 
 def _allocate_queued(cascade, gpus, demand, light, heavy, ranked, mode, objective, q: _Queueing, solver) -> Plan:
-    """Solve with plan-dependent delays. When no plan meets the SLO with the backlog's drain counted, the
-    backlog is already late under any plan (its oldest queries will be dropped at the stages, not served
-    in time): the plan is then made for the new arrivals -- the same model without the drain -- with every
-    stage that holds queued work still running, and reported infeasible with that reason. Only when that
-    fails too is it the best-effort plan."""
+    """Solve with plan-dependent delays.
+
+    When no plan meets the SLO with the backlog's drain counted, the backlog is late under any plan (its
+    oldest queries will be dropped at the stages rather than served in time), and planning as if every new
+    query waited behind all of it would only swap roles back and forth between an all-light fallback and
+    the plan that fits once the queue is gone. The plan is then made again with the backlog spread over one
+    SLO as extra load on its stage (``backlog / SLO`` queries/s: the stage is sized to work it off while
+    serving new arrivals) instead of as a drain delay, every stage that holds queued work still running,
+    and reported infeasible with that reason. Only when that fails too is it the best-effort plan."""
     slo = cascade.slo_s
     coupled = mode == "cascade"
     light_ok, heavy_ok = _queued_options(light, heavy, coupled, slo)
@@ -826,9 +831,10 @@ def _allocate_queued(cascade, gpus, demand, light, heavy, ranked, mode, objectiv
         solve = _solve_queued_exact if solver == "exact" else _solve_queued_milp
         attempts = [(q, "")]
         if any(q.backlog):
-            attempts.append((replace(q, backlog=(0.0, 0.0)), (
+            spread = (q.backlog[0] / slo, q.backlog[1] / slo)
+            attempts.append((replace(q, backlog=(0.0, 0.0), extra_load=spread), (
                 f"no plan drains the backlog ({q.backlog[0]:g} light, {q.backlog[1]:g} heavy queued) within the "
-                f"SLO: planned for new arrivals, with every stage that holds queued work running")))
+                f"SLO: planned with it spread over one SLO as extra load, every stage that holds queued work running")))
         for attempt, reason in attempts:
             found = solve(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, ranked, servable, coupled, attempt)
             if found is not None:
@@ -905,8 +911,10 @@ def _solve_queued_exact(cascade, gpus, demand, light, heavy, light_ok, heavy_ok,
         quantile = None if quantiles is None else float(quantiles[k])
         must_l, off_l = _stage_on(coupled, "light", cand.light_fraction, q.keep[0])
         must_h, off_h = _stage_on(coupled, "heavy", cand.heavy_fraction, q.keep[1])
-        pl = paths(light, light_ok, "light", demand * cand.light_fraction, q.backlog[0], quantile) if must_l else None
-        ph = paths(heavy, heavy_ok, "heavy", demand * cand.heavy_fraction, q.backlog[1], quantile) if must_h else None
+        load_l = demand * cand.light_fraction + q.extra_load[0]
+        load_h = demand * cand.heavy_fraction + q.extra_load[1]
+        pl = paths(light, light_ok, "light", load_l, q.backlog[0], quantile) if must_l else None
+        ph = paths(heavy, heavy_ok, "heavy", load_h, q.backlog[1], quantile) if must_h else None
         options_l = [(j, pl[j]) for j in range(len(light_ok))] if must_l else [(None, None)]
         options_h = [(j, ph[j]) for j in range(len(heavy_ok))] if must_h else [(None, None)]
         best = None
@@ -950,8 +958,8 @@ def _solve_queued_milp(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, 
     fh = np.array([ranked.cands[k].heavy_fraction for k in cands])
     quantiles = q.path_quantiles(ranked.heavy, coupled)
     qs = None if quantiles is None else quantiles[cands]
-    pl = _stage_paths(light, light_ok, demand * fl, gpus, q.backlog[0], q, slo, qs)  # (k, j, n)
-    ph = _stage_paths(heavy, heavy_ok, demand * fh, gpus, q.backlog[1], q, slo, qs)
+    pl = _stage_paths(light, light_ok, demand * fl + q.extra_load[0], gpus, q.backlog[0], q, slo, qs)  # (k, j, n)
+    ph = _stage_paths(heavy, heavy_ok, demand * fh + q.extra_load[1], gpus, q.backlog[1], q, slo, qs)
     nl, nh, nk, g = len(light_ok), len(heavy_ok), len(cands), gpus
     # Variable layout: wL (nl x g, n = 1..g), wH (nh x g), z (nk), tL, tH
     iwl, iwh, iz = 0, nl * g, nl * g + nh * g

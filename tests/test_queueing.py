@@ -104,4 +104,5 @@ def test_predicted_p99_against_the_simulator(routing, role, workers, batch, dura
     for rho in (0.3, 0.5, 0.7):
         predicted, measured = _measured_p99(routing, role, workers, batch, rho, duration_s)
         error = (predicted - measured) / measured
-        assert lo <= error <= hi, f"rho {rho}: predicted p99 {predicted:.2f} s, measured {measured:.2f} s ({error:+.0%})"
+        assert lo <= error <= hi, \
+            f"rho {rho}: predicted p99 {predicted:.2f} s, measured {measured:.2f} s ({error:+.0%})"
