@@ -58,7 +58,9 @@ the least summed path (:func:`_solve_queued_exact`). The objective's third term 
 (batch time and delay) instead of the batch time alone. A stage that holds queued work always runs: no
 plan, the best-effort one included, leaves queued work without a worker. In ``tail`` mode the quantile is
 that of all queries' latency (:meth:`_Queueing.path_quantiles`). Dominated batch sizes are not pruned in
-this mode (a slower batch size with less capacity can still wait less: its queue has more slots).
+this mode (a slower batch size with less capacity can still wait less: its queue has more slots). The
+exact solver takes 10-45 ms a solve here (16 to 1024 GPUs, sdturbo-sdv15, measured on this project's
+2-core machine), against about 0.1 ms with ``little``: well within a 5 s re-plan period, not yet tuned.
 
 Before the solve, candidates are pruned by two exact bounds: one that needs more GPUs than any batch
 size allows cannot be feasible, and one ranked below an incumbent (a candidate that each stage's

@@ -1,0 +1,121 @@
+"""What ``diffsim compare`` reports, plus what it does not: violations at peak load, role switches, and
+plans that leave queued work without a worker (issue 13's targets).
+
+    python benchmarks/policy_targets.py [compare's scenario flags] --policies P,P --sweep-gpus 8,12,16
+
+Takes the scenario flags of ``diffsim compare`` (``--preset``, ``--routing``, ``--max-utilization``,
+``--queue-model``, ``--demand``, ``--config``, ...) and runs the same simulations (same settings, same
+seed: the violation ratio and FID columns are those ``diffsim compare`` prints for the same flags), then
+prints one markdown row per run:
+
+* ``viol`` / ``FID``: the run's SLO-violation ratio and the FID of its served mix (summary.json);
+* ``peak viol``: the violation ratio over the ``--window-s`` windows whose arrival rate exceeds
+  ``--peak-qps`` (default 25 qps: on ``traces/dynamic.csv`` the eight 10 s windows of its peak, 2,392
+  requests), counted by arrival time as timeseries.csv does;
+* ``switches/min``: role switches (workers whose role changes when a plan is applied, as the
+  dispatcher assigns them: fewest switches) per minute of the run, and the most in any 60 s;
+* ``stranded``: applied plans that gave a stage no worker while it had queued work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from diffsim.commands.simulate import add_scenario_arguments, load_scenario, scenario_settings  # noqa: E402
+from diffsim.reports import metrics  # noqa: E402
+from diffsim.reports.comparison import summarize_result  # noqa: E402
+from diffsim.runtime.roles import assign_roles, switched  # noqa: E402
+
+
+class _Recorder:
+    """Wraps a policy to remember the input each plan was made for (the backlog it saw)."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.name = policy.name
+        self.inputs = {}
+
+    def plan(self, inp):
+        plan = self.policy.plan(inp)
+        self.inputs[id(plan)] = inp
+        return plan
+
+
+def role_switches(plans, gpus: int) -> list[tuple[float, int]]:
+    """(time, workers switched) per applied plan after the first, replaying the dispatcher's assignment."""
+    roles = [None] * gpus
+    out = []
+    for i, (t, plan) in enumerate(plans):
+        new = assign_roles(roles, plan.light.workers, plan.heavy.workers)
+        if i:
+            out.append((t, len(switched(roles, new))))
+        roles = new
+    return out
+
+
+def run(args_and_spec):
+    settings, policy, gpus, peak_qps = args_and_spec
+    from diffsim.policies import policy_for
+    from diffsim.simulator import simulate
+
+    config, trace, trace_name = load_scenario(settings)
+    config = replace(config, policy=policy, gpus=gpus)
+    recorder = _Recorder(policy_for(config))
+    result = simulate(config, trace, policy=recorder)
+    summary = summarize_result(result, trace_name)
+    rows = metrics.timeseries(result.queries, result.plans, result.demand, cascade=config.cascade,
+                              window_s=config.window_s)
+    peak = [r for r in rows if r["arrival_qps"] > peak_qps]
+    peak_arrivals = sum(r["arrivals"] for r in peak)
+    switches = role_switches(result.plans, gpus)
+    minutes = result.duration_s / 60.0
+    worst = max((sum(n for t, n in switches if s <= t < s + 60.0) for s, _ in switches), default=0)
+    stranded = 0
+    for _, plan in result.plans[1:]:
+        inp = recorder.inputs.get(id(plan))
+        if inp is not None and any(q > 0 and st.workers == 0 for q, st in zip(inp.queue_lengths, plan.stages)):
+            stranded += 1
+    return {
+        "policy": policy, "gpus": gpus,
+        "violations": summary["slo_violation_ratio"], "fid": summary["mean_fid"],
+        "peak_violations": sum(r["violations"] for r in peak) / peak_arrivals if peak_arrivals else None,
+        "peak_requests": peak_arrivals, "peak_windows": len(peak),
+        "switches_per_min": sum(n for _, n in switches) / minutes if minutes else 0.0,
+        "max_switches_60s": worst, "stranded": stranded,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_scenario_arguments(p)
+    p.add_argument("--policies", default="diffserve,diffserve-maxt,static,clipper-light,clipper-heavy,proteus")
+    p.add_argument("--sweep-gpus", default="16")
+    p.add_argument("--peak-qps", type=float, default=25.0)
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+    settings = scenario_settings(args)
+    specs = [(settings, pol, int(g), args.peak_qps) for pol in args.policies.split(",")
+             for g in args.sweep_gpus.split(",")]
+    with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(specs)))) as pool:
+        results = list(pool.map(run, specs))
+    peak = results[0]
+    print(f"peak windows: {peak['peak_windows']} ({peak['peak_requests']} requests, > {args.peak_qps:g} qps)")
+    print("| policy | GPUs | viol | FID | peak viol | switches/min (max in 60 s) | stranded |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        pv = "-" if r["peak_violations"] is None else f"{100 * r['peak_violations']:.2f}%"
+        fid = "-" if r["fid"] is None else f"{r['fid']:.2f}"
+        print(f"| {r['policy']} | {r['gpus']} | {100 * r['violations']:.2f}% | {fid} | {pv} | "
+              f"{r['switches_per_min']:.1f} ({r['max_switches_60s']}) | {r['stranded']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
