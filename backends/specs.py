@@ -3,15 +3,22 @@
 Serving settings follow the DiffServe artifact (shared/reference/diffserve_artifact.yaml and the notes in
 shared/reference/h100/README.md, which read the artifact's ``src/worker/model.py``):
 
-==============  =================================================  =====  ========  ==========  ======================
-name            weights on the hub                                 steps  guidance  resolution  scheduler
-==============  =================================================  =====  ========  ==========  ======================
-sd-turbo        stabilityai/sd-turbo                               1      0         512         Euler, trailing
-sdxs            IDKiro/sdxs-512-0.9 (tiny VAE, TAESD)              1      0         512         Euler, trailing
-sd-v1.5         runwayml/stable-diffusion-v1-5 (+ safety checker)  50     7.5       512         PNDM (see below)
-sdxl-lightning  SDXL base + ByteDance/SDXL-Lightning 2-step UNet   2      0         1024        Euler, trailing
-sdxl            stabilityai/stable-diffusion-xl-base-1.0           50     5.0       1024        Euler, leading
-==============  =================================================  =====  ========  ==========  ======================
+==============  =======================================================  =====  ========  ==========  ================
+name            weights on the hub (fp16: its fp16 variant files)        steps  guidance  resolution  scheduler
+==============  =======================================================  =====  ========  ==========  ================
+sd-turbo        stabilityai/sd-turbo (fp16)                              1      0         512         Euler, trailing
+sdxs            IDKiro/sdxs-512-0.9 (tiny VAE, TAESD)                    1      0         512         Euler, trailing
+sd-v1.5         stable-diffusion-v1-5/stable-diffusion-v1-5 (fp16)       50     7.5       512         PNDM (see below)
+sdxl-lightning  SDXL base (fp16) + ByteDance/SDXL-Lightning 2-step UNet  2      0         1024        Euler, trailing
+sdxl            stabilityai/stable-diffusion-xl-base-1.0 (fp16)          50     5.0       1024        Euler, leading
+==============  =======================================================  =====  ========  ==========  ================
+
+Hub ids: SD v1.5's original repo (``runwayml/stable-diffusion-v1-5``) was taken down; the maintained
+copy is ``stable-diffusion-v1-5/stable-diffusion-v1-5``. ``hub_variant="fp16"`` marks repos
+that ship ``*.fp16.safetensors`` files (their model cards load them with ``variant="fp16"``): half the
+bytes of the fp32 files, and what the ``cuda`` backend runs anyway. Asking diffusers for a variant a repo
+lacks is an error (``variant_compatible_siblings`` raises "no such modeling files"), so SDXS, whose file
+list could not be checked from here, downloads its default files.
 
 SD v1.5: the artifact asks for DDIM but never applies it, so it really runs the pipeline's default PNDM
 (50 steps = 51 UNet calls); we do the same. Guidance > 1 means classifier-free guidance (UNet batch 2b).
@@ -61,7 +68,9 @@ class ModelSpec:
     text_encoder: dict[str, Any]  # CLIPTextConfig kwargs
     text_encoder_2: Optional[dict[str, Any]] = None  # SDXL's second encoder (CLIPTextModelWithProjection)
     safety_checker: Optional[dict[str, Any]] = None  # {"vision": CLIPVisionConfig kwargs, "projection_dim": n}
-    # SDXL-Lightning: (hub repo, file) of a UNet state dict loaded onto the base pipeline's UNet.
+    # The hub repo's weights variant ("fp16": *.fp16.safetensors files) or None (its default files).
+    hub_variant: Optional[str] = None
+    # SDXL-Lightning: (hub repo, file) of the UNet state dict that replaces the base pipeline's UNet.
     unet_weights_file: Optional[tuple[str, str]] = None
     notes: str = ""
     # The architecture-independent scheduler settings (Stable Diffusion's training noise schedule).
@@ -312,7 +321,7 @@ def _specs(size: str) -> dict[str, ModelSpec]:
 
     specs = [
         ModelSpec(
-            name="sd-turbo", size=size, family="sd", hub_id="stabilityai/sd-turbo",
+            name="sd-turbo", size=size, family="sd", hub_id="stabilityai/sd-turbo", hub_variant="fp16",
             steps=1, guidance_scale=0.0, resolution=res_sd,
             scheduler="EulerDiscreteScheduler", scheduler_overrides=dict(_TRAILING),
             unet=sd21_unet, vae_kind="kl", vae=vae_sd, text_encoder=clip_h,
@@ -326,7 +335,8 @@ def _specs(size: str) -> dict[str, ModelSpec]:
             notes="UNet reconstructed (no public config); the released model's scheduler is not verified",
         ),
         ModelSpec(
-            name="sd-v1.5", size=size, family="sd", hub_id="runwayml/stable-diffusion-v1-5",
+            name="sd-v1.5", size=size, family="sd", hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            hub_variant="fp16",
             steps=50, guidance_scale=7.5, resolution=res_sd,
             scheduler="PNDMScheduler", scheduler_overrides=dict(_PNDM),
             unet=sd15_unet, vae_kind="kl", vae=vae_sd, text_encoder=clip_l, safety_checker=safety,
@@ -334,6 +344,7 @@ def _specs(size: str) -> dict[str, ModelSpec]:
         ),
         ModelSpec(
             name="sdxl-lightning", size=size, family="sdxl", hub_id="stabilityai/stable-diffusion-xl-base-1.0",
+            hub_variant="fp16",
             steps=2, guidance_scale=0.0, resolution=res_xl,
             scheduler="EulerDiscreteScheduler", scheduler_overrides=dict(_TRAILING),
             unet=sdxl_unet, vae_kind="kl", vae=vae_xl, text_encoder=clip_l, text_encoder_2=clip_bigg,
@@ -342,6 +353,7 @@ def _specs(size: str) -> dict[str, ModelSpec]:
         ),
         ModelSpec(
             name="sdxl", size=size, family="sdxl", hub_id="stabilityai/stable-diffusion-xl-base-1.0",
+            hub_variant="fp16",
             steps=50, guidance_scale=5.0, resolution=res_xl,
             scheduler="EulerDiscreteScheduler", scheduler_overrides=dict(_LEADING),
             unet=sdxl_unet, vae_kind="kl", vae=vae_xl, text_encoder=clip_l, text_encoder_2=clip_bigg,

@@ -91,6 +91,8 @@ def test_full_size_random_pipelines_assemble_on_the_meta_device(torch_one_thread
         assert pipe.unet.dtype == torch_one_thread.float16 and pipe.unet.device.type == "meta"
         assert type(pipe.scheduler).__name__ == spec.scheduler
         assert pipe.scheduler.config.timestep_spacing == spec.scheduler_config().get("timestep_spacing", "leading")
+        # SDXL class (1024 px, fp32 decode): one image at a time, not ~110 GiB for a batch of 32.
+        assert pipe.vae.use_slicing == (spec.family == "sdxl")
     assert pipe.vae.config.force_upcast  # SDXL decodes in fp32
 
 

