@@ -10,6 +10,11 @@ so a worker can later host it in another process or on another machine without c
 Seeding: image i of a batch is generated from its own ``torch.Generator`` seeded with ``seeds[i]``, so an
 image depends on its prompt and seed, not on the other prompts it was batched with (up to the last bits of
 batched arithmetic).
+
+A call that raises (out of memory, typically) leaves the pipeline as :meth:`PipelineExecutor.load` built
+it: SDXL's pipeline casts its fp16 VAE to fp32 for the decode and back only after a decode that succeeded,
+so one OOM there used to leave an fp32 VAE and every later call failed with "Input type (c10::Half) and
+bias type (float) should be the same". See :meth:`PipelineExecutor._recover`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import abc
 import gc
 import io
 import os
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -160,6 +166,7 @@ class PipelineExecutor(Executor):
         self.seed = seed
         self._pipe = None
         self._discriminator = None
+        self._vae_dtype = None  # the VAE's dtype as loaded: restored after a failed call (see _recover)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -173,6 +180,7 @@ class PipelineExecutor(Executor):
         from .pipelines import build_pipeline
 
         pipe = build_pipeline(self.spec, self.weights, device=self.device, dtype=self.dtype, seed=self.seed)
+        self._vae_dtype = pipe.vae.dtype
         if self.compile_unet:
             import torch
 
@@ -218,17 +226,43 @@ class PipelineExecutor(Executor):
 
         spec = self.spec
         generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
-        with torch.inference_mode():
-            out = self._pipe(
-                prompt=prompts,
-                num_inference_steps=spec.steps,
-                guidance_scale=spec.guidance_scale,
-                height=spec.resolution,
-                width=spec.resolution,
-                generator=generators,
-                output_type="pil",
-            )
+        try:
+            with torch.inference_mode():
+                out = self._pipe(
+                    prompt=prompts,
+                    num_inference_steps=spec.steps,
+                    guidance_scale=spec.guidance_scale,
+                    height=spec.resolution,
+                    width=spec.resolution,
+                    generator=generators,
+                    output_type="pil",
+                )
+        except Exception as e:
+            self._recover(e)
+            raise
         return list(out.images)
+
+    def _recover(self, error: BaseException) -> None:
+        """Undo what a call that raised left behind, so that the next call works:
+
+        * the VAE's dtype: SDXL's ``__call__`` casts a ``force_upcast`` VAE to fp32 before decoding and back to
+          fp16 only after a decode that returned (diffusers' pipeline_stable_diffusion_xl.py); after an OOM in
+          the decode it stayed fp32 and fed fp16 latents to fp32 convolutions on every later call;
+        * the memory: the failed call's frames (latents, activations) are still referenced by the exception's
+          traceback; their locals are cleared (line numbers stay) and the CUDA cache emptied, so the memory
+          goes back before the next batch instead of when the caller drops the exception.
+        """
+        traceback.clear_frames(error.__traceback__)
+        try:
+            vae = self._pipe.vae
+            if self._vae_dtype is not None and vae.dtype != self._vae_dtype:
+                vae.to(dtype=self._vae_dtype)
+        finally:
+            gc.collect()
+            if self.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
 
     def score(self, images: Sequence["PIL.Image.Image"]) -> np.ndarray:
         images = list(images)

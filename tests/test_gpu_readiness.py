@@ -32,6 +32,78 @@ def pixels(image) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# 1. One OOM in SDXL's decode no longer poisons the worker
+
+
+def test_an_oom_in_the_sdxl_decode_is_followed_by_a_successful_call(torch_one_thread):
+    """fp16 tiny SDXL on the CPU: the pipeline upcasts its VAE to fp32 for the decode; the decode runs out
+    of memory (simulated); the next call must work, with the VAE back in fp16 and the same images."""
+    torch = torch_one_thread
+    ex = PipelineExecutor(get_spec("sdxl", "tiny"), backend="cpu-tiny", dtype="fp16", discriminator=False)
+    before = ex.generate(PROMPTS, [1, 2])
+    vae = ex._pipe.vae
+    assert vae.dtype == torch.float16 and vae.config.force_upcast
+
+    def out_of_memory(*args, **kwargs):
+        assert vae.dtype == torch.float32  # the pipeline upcast it for this decode
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 110.00 GiB")
+
+    vae._decode = out_of_memory
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        ex.generate(PROMPTS, [1, 2])
+    del vae._decode
+    assert vae.dtype == torch.float16  # restored (it stayed fp32 before: every later call failed)
+    after = ex.generate(PROMPTS, [1, 2])
+    for x, y in zip(before, after):
+        assert np.array_equal(pixels(x), pixels(y))
+
+
+def test_the_server_measurement_skips_larger_batches_after_an_oom():
+    """measure_profile (serve --gpu-profile measure) stops growing a model's batch after an OOM, as
+    diffsim profile does: the larger sizes are null and never run."""
+    from diffsim.server.worker import WorkerCore
+    from backends.fake import FixedLatencyExecutor
+
+    class RunsOutAt4(FixedLatencyExecutor):
+        def __init__(self, model):
+            super().__init__(model)
+            self.sizes = []
+            self.spec = type("Spec", (), {"resolution": 8})()
+            self.device = "cpu"
+
+        def generate(self, prompts, seeds):
+            self.sizes.append(len(prompts))
+            if len(prompts) >= 4:
+                raise MemoryError("out of memory")
+            return super().generate(prompts, seeds)
+
+        def score(self, images):
+            self.sizes.append(-len(images))  # negative: a discriminator batch
+            if len(images) >= 4:
+                raise MemoryError("out of memory")
+            return super().score(images)
+
+        def reset_peak_memory(self):
+            pass
+
+        def memory(self):
+            from backends.base import MemoryUsage
+
+            return MemoryUsage("cpu", "process-rss", 1, None)
+
+    made = {}
+    core = WorkerCore(0, lambda role: made.setdefault(role, RunsOutAt4(f"{role}-model")))
+    core.start(None)
+    result = core.measure((1, 2, 4, 8, 16), warmup=0, iters=1)
+    for role in ("light", "heavy"):
+        table = result["models"][f"{role}-model"]
+        assert table["p50_ms"][:2] != [None, None] and table["p50_ms"][2:] == [None, None, None]
+        assert max(made[role].sizes) == 4  # 8 and 16 were not attempted
+    assert result["discriminator"]["p50_ms"][2:] == [None, None, None]
+    assert min(made["light"].sizes) == -4
+
+
+# ----------------------------------------------------------------------------------------------
 # 3. Scheduler overrides survive a config that lacks them
 
 

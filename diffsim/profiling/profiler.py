@@ -15,8 +15,11 @@ Peak memory (GiB) per model and batch size, on CUDA, is ``torch.cuda.max_memory_
 calls: what the worker holds (pipeline weights, the discriminator's weights, activations). On CPU it is
 recorded as null, since the process RSS is shared and its peak cannot be reset; the discriminator's row has
 no peak memory either (it runs beside a resident diffusion model, whose weights would dominate it).
-A batch that runs out of memory is recorded as null, and larger batch sizes of that model are not attempted
-(recorded as null too); profiling goes on with the next model.
+A batch that runs out of memory is recorded as null, and larger batch sizes of that model (or of the
+discriminator) are not attempted (recorded as null too); profiling goes on with the next model. The executor
+puts its pipeline back as it was loaded after the failed call (:meth:`backends.base.PipelineExecutor._recover`),
+so the discriminator measured next through it, and a server's worker that met the OOM while measuring at
+start-up, go on working.
 
 Concurrency (``--concurrency N``): a serving worker rarely runs alone. With N, every measurement runs on N
 executors of the model at once (N threads started together; on CUDA on N devices, one each, as N serving
@@ -249,12 +252,18 @@ def profile_discriminator(executors, batch_sizes, *, warmup: int, iters: int, pr
     size = group[0].spec.resolution
     rng = np.random.default_rng(0)
     series = Series(list(batch_sizes))
+    out_of_memory = False
     for b in batch_sizes:
+        if out_of_memory:  # as for the models: larger batches are not attempted after an OOM
+            series.add(None, None)
+            progress(f"[profile] discriminator b={b}: skipped (a smaller batch ran out of memory)")
+            continue
         images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(b)]
         samples, _ = measure_group(group, lambda ex: (lambda: ex.score(images)), warmup=warmup, iters=iters,
                                    clock=clock)
         series.add(samples, None)  # its peak would be mostly the resident diffusion model's weights
         if samples is None:
+            out_of_memory = True
             progress(f"[profile] discriminator b={b}: out of memory, recorded as null")
         else:
             progress(f"[profile] discriminator b={b} ({size}x{size} images): p50 {series.p50_ms[-1]:.1f} ms")

@@ -218,6 +218,9 @@ def measure_profile(executor_of: Callable[[str], object], ensure: Callable[[str]
     """Latency tables of the light model, the heavy model and the discriminator, measured the way
     ``diffsim profile`` measures them (:mod:`diffsim.profiling.profiler`), on already built executors.
 
+    A batch size that runs out of memory is null, and so are the larger ones (not attempted: each would
+    run out too, and an OOM is the slowest way to learn it).
+
     Returns ``{"models": {name: table}, "discriminator": table, "load_s": {role: s}}`` with tables in
     the GPU-profile format. In swap mode measuring the heavy model unloads the light one, so the light
     model is measured first and re-loaded at the end.
@@ -231,10 +234,15 @@ def measure_profile(executor_of: Callable[[str], object], ensure: Callable[[str]
         load_s[role] = ensure(role)
         ex = executor_of(role)
         series = Series(list(batch_sizes))
+        out_of_memory = False
         for b in batch_sizes:
+            if out_of_memory:
+                series.add(None, None)
+                continue
             prompts, seeds = prompts_for(b), list(range(b))
             samples, peak = measure_batch(ex, lambda: ex.generate(prompts, seeds), warmup=warmup, iters=iters)
             series.add(samples, peak)
+            out_of_memory = samples is None
         tables[str(ex.model)] = series.to_table()
         if role == "light":
             disc_table = profile_discriminator(ex, batch_sizes, warmup=warmup, iters=iters,
