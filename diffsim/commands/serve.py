@@ -64,6 +64,12 @@ def add_parser(subparsers) -> None:
                    help="the DiffServe artifact's planning settings under the flags given: random routing, "
                         "capacity >= demand (max utilization 1), demand from the queries in the system x 1.2 "
                         "(diffsim/presets.py); the server's own promises (admission, deadline sweep) stay as set")
+    p.add_argument("--queue-model", choices=("little", "mean", "tail"),
+                   help="queueing delay the MILP plans with: little (measured under the plan in force, default), "
+                        "mean or tail (per candidate plan; tail: --tail-quantile of latency meets the SLO)")
+    p.add_argument("--tail-quantile", type=limits.FRACTION_ABOVE_0, default=0.99, metavar="Q",
+                   help=bounded("with --queue-model tail, this quantile of all queries' latency meets the SLO",
+                                limits.FRACTION_ABOVE_0, 0.99))
     p.add_argument("--demand", choices=("arrival", "in-system"),
                    help="what the demand EWMA is taken of: arrival rate (default) or queries in the system "
                         "(the artifact's)")
@@ -153,6 +159,7 @@ def options_from_args(args: argparse.Namespace):
         admission=not args.no_admission, save_profile=args.save_profile,
         fid_reference=args.fid_reference, inception_weights=args.inception_weights, fid_window_s=args.fid_window_s,
         fid_sample=args.fid_sample, fid_device=args.fid_device, ray=args.ray, ray_max_restarts=args.ray_max_restarts,
+        queue_model=args.queue_model, tail_quantile=args.tail_quantile,
         health=health,
     )
 

@@ -127,6 +127,7 @@ def sim_config_from(described: dict, *, service_time: str, request_ms: float, ra
         static_plan=dict(static_plan) if static_plan else None, max_utilization=float(run["max_utilization"]),
         batch_wait=float(run["batch_wait"]), admission=bool(run["admission"]),
         deadline_sweep_s=float(run["deadline_sweep_s"]), service_time=service_time,
+        queue_model=run.get("queue_model"), tail_quantile=float(run.get("tail_quantile", 0.99)),
     )
 
 

@@ -281,6 +281,7 @@ class Engine:
                 "batch_sizes": list(cfg.batch_sizes), "static_plan": cfg.static_plan,
                 "max_utilization": cfg.max_utilization, "batch_wait": cfg.batch_wait,
                 "admission": cfg.admission, "deadline_sweep_s": cfg.deadline_sweep_s,
+                "queue_model": cfg.queue_model, "tail_quantile": cfg.tail_quantile,
                 "controller": dataclasses.asdict(cfg.controller), "health": dataclasses.asdict(cfg.health),
             },
             "policy_name": getattr(self.policy, "name", cfg.policy),
