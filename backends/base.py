@@ -130,7 +130,8 @@ class PipelineExecutor(Executor):
     ``weights``: "random", "hub", a hub id or a pipeline directory (see :mod:`backends.pipelines`).
     ``discriminator``: build and load the discriminator (``discriminator_weights`` None = seeded random head,
     fine for profiling; a ``.safetensors`` file otherwise). ``compile_unet``: wrap the UNet in
-    ``torch.compile(mode="reduce-overhead")`` (opt-in; its first calls compile and are slow).
+    ``torch.compile(mode="reduce-overhead")`` with a dynamic batch dimension (opt-in; its first calls
+    compile and are slow); a call whose UNet ran eagerly after all is an error (:mod:`backends.compiling`).
     """
 
     def __init__(
@@ -167,6 +168,7 @@ class PipelineExecutor(Executor):
         self._pipe = None
         self._discriminator = None
         self._vae_dtype = None  # the VAE's dtype as loaded: restored after a failed call (see _recover)
+        self._compile_watch = None  # backends.compiling.CompileWatch when the UNet is compiled
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -182,9 +184,9 @@ class PipelineExecutor(Executor):
         pipe = build_pipeline(self.spec, self.weights, device=self.device, dtype=self.dtype, seed=self.seed)
         self._vae_dtype = pipe.vae.dtype
         if self.compile_unet:
-            import torch
+            from .compiling import compile_unet
 
-            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")
+            self._compile_watch = compile_unet(pipe, self.model)
         if self.want_discriminator:
             self._discriminator = self._build_discriminator()
         self._pipe = pipe
@@ -203,6 +205,9 @@ class PipelineExecutor(Executor):
         )
 
     def unload(self) -> None:
+        if self._compile_watch is not None:
+            self._compile_watch.release()
+            self._compile_watch = None
         self._pipe = None
         self._discriminator = None
         gc.collect()
@@ -240,6 +245,7 @@ class PipelineExecutor(Executor):
         except Exception as e:
             self._recover(e)
             raise
+        self._check_compiled()
         return list(out.images)
 
     def _recover(self, error: BaseException) -> None:
@@ -263,6 +269,14 @@ class PipelineExecutor(Executor):
                 import torch
 
                 torch.cuda.empty_cache()
+
+    def _check_compiled(self) -> None:
+        """With ``compile_unet``, refuse a result whose UNet ran eagerly (dynamo fell back): a profile of it
+        would carry the label "compiled" with eager latencies."""
+        watch = self._compile_watch
+        if watch is not None and watch.eager_runs:
+            raise DiffsimError(f"torch.compile: the UNet of {self.model} ran eagerly ({watch.describe()}): dynamo "
+                               f"fell back (recompile limit, or a frame it skips); TORCH_LOGS=recompiles says why")
 
     def score(self, images: Sequence["PIL.Image.Image"]) -> np.ndarray:
         images = list(images)

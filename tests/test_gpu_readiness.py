@@ -268,3 +268,46 @@ def test_sdxl_lightning_from_the_hub_loads_fp16_files_and_never_the_base_unet(li
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["spacing"] == "trailing" and got["images"] == 1
     assert got["digest"] == pytest.approx(float(sum(v.double().sum() for v in state.values())))
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. torch.compile: one model's cache at a time, a dynamic batch, and no silent fallback
+
+
+@pytest.fixture
+def dynamo_eager_backend(monkeypatch, torch_one_thread):
+    """Compile with dynamo's ``eager`` backend (same frames, guards and recompile limits; no code
+    generation, which takes minutes per tiny UNet on a CPU) and a recompile limit of 1, so that any
+    second entry for the UNet's forward -- another model's, or another batch size's -- falls back."""
+    import backends.compiling as compiling
+
+    torch = torch_one_thread
+    monkeypatch.setattr(compiling, "COMPILE_OPTIONS", {"backend": "eager"})
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = 1
+    yield compiling
+    torch._dynamo.config.recompile_limit = limit
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow  # dynamo traces each tiny UNet (~10-20 s each on the 2-core machine)
+def test_compile_runs_all_five_models_compiled_one_after_another(dynamo_eager_backend):
+    """As diffsim profile --compile does: each model loaded, run at two batch sizes, unloaded, in one
+    process. Before, all UNets shared one dynamo cache and the later models ran eagerly."""
+    for model in MODEL_NAMES:
+        ex = PipelineExecutor(get_spec(model, "tiny"), backend="cpu-tiny", discriminator=False, compile_unet=True)
+        for batch in (2, 3):  # both dynamic: one compiled graph serves both
+            assert len(ex.generate(PROMPTS[:1] * batch, list(range(batch)))) == batch
+        watch = ex._compile_watch
+        assert watch.calls > 0 and watch.eager_runs == 0, watch.describe()
+        ex.unload()
+
+
+def test_a_unet_that_runs_eagerly_under_compile_is_an_error(dynamo_eager_backend, monkeypatch):
+    """The watch sees eager UNet calls: with compilation disabled outright every call is one, and the
+    executor refuses the result instead of passing eager latencies off as compiled."""
+    monkeypatch.setattr(dynamo_eager_backend, "COMPILE_OPTIONS", {"backend": "eager", "disable": True})
+    ex = PipelineExecutor(get_spec("sd-turbo", "tiny"), backend="cpu-tiny", discriminator=False, compile_unet=True)
+    with pytest.raises(DiffsimError, match="the UNet of sd-turbo ran eagerly"):
+        ex.generate(PROMPTS[:1], [0])
+    ex.unload()
