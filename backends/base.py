@@ -15,6 +15,10 @@ A call that raises (out of memory, typically) leaves the pipeline as :meth:`Pipe
 it: SDXL's pipeline casts its fp16 VAE to fp32 for the decode and back only after a decode that succeeded,
 so one OOM there used to leave an fp32 VAE and every later call failed with "Input type (c10::Half) and
 bias type (float) should be the same". See :meth:`PipelineExecutor._recover`.
+
+PNG encoding (:func:`to_png`, :func:`encode_pngs`) runs on a small shared thread pool and through ``zlib``,
+which releases the interpreter lock, so the images of a batch are encoded in parallel and the other
+workers' threads of the process keep running meanwhile (Pillow's PNG writer holds the lock throughout).
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ import abc
 import gc
 import io
 import os
+import struct
+import threading
 import traceback
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -91,7 +99,7 @@ class Executor(abc.ABC):
 
     def generate_png(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[bytes]:
         """:meth:`generate`, with each image encoded as PNG bytes (for a worker in another process)."""
-        return [to_png(img) for img in self.generate(prompts, seeds)]
+        return encode_pngs(self.generate(prompts, seeds))
 
     def __enter__(self) -> "Executor":
         self.load()
@@ -101,10 +109,64 @@ class Executor(abc.ABC):
         self.unload()
 
 
+# zlib level 1: about 3x faster than Pillow's default PNG (level 6, adaptive filters) on 1024 px images
+# (~65 against ~200 ms here), for files ~9% larger.
+PNG_COMPRESS_LEVEL = 1
+_PNG_COLOR_TYPES = {"L": (0, 1), "RGB": (2, 3), "RGBA": (6, 4)}  # mode -> (PNG colour type, bytes per pixel)
+
+
 def to_png(image: "PIL.Image.Image") -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+    """PNG bytes of ``image``. 8-bit L / RGB / RGBA images (every generated image) are written here: each
+    row with PNG's "Sub" filter (the difference to the pixel on its left, computed by numpy) and the whole
+    compressed by ``zlib``, which -- unlike Pillow's PNG writer -- releases the interpreter lock while it
+    works. Other modes go through Pillow."""
+    if image.mode not in _PNG_COLOR_TYPES:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+    color_type, channels = _PNG_COLOR_TYPES[image.mode]
+    pixels = np.asarray(image, dtype=np.uint8).reshape(image.height, image.width * channels)
+    rows = np.empty((image.height, image.width * channels + 1), dtype=np.uint8)
+    rows[:, 0] = 1  # filter type 1, Sub: byte - the same byte of the previous pixel (mod 256)
+    rows[:, 1:channels + 1] = pixels[:, :channels]
+    np.subtract(pixels[:, channels:], pixels[:, :-channels], out=rows[:, channels + 1:])
+    header = struct.pack(">IIBBBBB", image.width, image.height, 8, color_type, 0, 0, 0)
+    return b"".join([
+        b"\x89PNG\r\n\x1a\n",
+        _png_chunk(b"IHDR", header),
+        _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), PNG_COMPRESS_LEVEL)),
+        _png_chunk(b"IEND", b""),
+    ])
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+_encode_pool: Optional[ThreadPoolExecutor] = None
+_encode_pool_lock = threading.Lock()
+
+
+def _png_pool() -> ThreadPoolExecutor:
+    """The process's PNG-encoding threads (up to 8: a batch's images at once on a GPU host's many cores)."""
+    global _encode_pool
+    with _encode_pool_lock:
+        if _encode_pool is None:
+            _encode_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                              thread_name_prefix="diffsim-png")
+        return _encode_pool
+
+
+def start_png_encoding(images: Sequence["PIL.Image.Image"]) -> list[Future]:
+    """Encode ``images`` on the encoding threads; one future of PNG bytes per image, in order. The caller
+    can go on (run the discriminator) while they are encoded."""
+    pool = _png_pool()
+    return [pool.submit(to_png, image) for image in images]
+
+
+def encode_pngs(images: Sequence["PIL.Image.Image"]) -> list[bytes]:
+    """PNG bytes of every image, encoded in parallel on the encoding threads."""
+    return [future.result() for future in start_png_encoding(images)]
 
 
 def from_png(data: bytes) -> "PIL.Image.Image":

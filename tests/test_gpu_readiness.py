@@ -311,3 +311,77 @@ def test_a_unet_that_runs_eagerly_under_compile_is_an_error(dynamo_eager_backend
     with pytest.raises(DiffsimError, match="the UNet of sd-turbo ran eagerly"):
         ex.generate(PROMPTS[:1], [0])
     ex.unload()
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. PNG encoding off the worker's thread, and counted in the server's measured profile
+
+
+@pytest.mark.parametrize("mode,shape", [("RGB", (33, 17, 3)), ("RGBA", (5, 9, 4)), ("L", (7, 3)), ("P", (6, 6))])
+def test_png_encoding_round_trips(mode, shape):
+    from PIL import Image
+
+    values = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    image = Image.fromarray(values) if mode in ("RGB", "RGBA", "L") else Image.fromarray(values, "L").convert("P")
+    data = to_png(image)
+    Image.open(io.BytesIO(data)).verify()  # CRCs and structure
+    back = from_png(data)
+    assert back.mode == image.mode and back.size == image.size
+    assert np.array_equal(np.asarray(back), np.asarray(image))
+
+
+def test_a_worker_encodes_its_pngs_on_the_encoding_threads_while_it_scores(monkeypatch):
+    """The batch's images are encoded on the PNG threads, and encoding has begun before the discriminator
+    returns (the fake's score waits for it: run() would hang, not pass, if it encoded after scoring)."""
+    import backends.base as base
+    from backends.fake import FixedLatencyExecutor
+    from diffsim.server.worker import BatchJob, WorkerCore
+
+    threads: list[str] = []
+    encoding_started = threading.Event()
+    real_to_png = base.to_png
+
+    def recording_to_png(image):
+        threads.append(threading.current_thread().name)
+        encoding_started.set()
+        return real_to_png(image)
+
+    monkeypatch.setattr(base, "to_png", recording_to_png)
+
+    class WaitsForEncoding(FixedLatencyExecutor):
+        def score(self, images):
+            assert encoding_started.wait(30), "no image was being encoded while the batch was scored"
+            return super().score(images)
+
+    core = WorkerCore(0, lambda role: WaitsForEncoding(f"{role}-model"))
+    core.start(None)
+    result = core.run(BatchJob("light", ("a", "b", "c"), (1, 2, 3), True))
+    assert len(result.images_png) == 3 and len(threads) == 3
+    assert all(name.startswith("diffsim-png") for name in threads)
+    assert [from_png(p).getpixel((0, 0))[0] for p in result.images_png] == [1, 2, 3]
+    core.stop()
+
+
+def test_the_server_measurement_times_each_batch_with_its_png_encoding(monkeypatch):
+    import backends.base as base
+    from backends.fake import FixedLatencyExecutor
+    from diffsim.server.worker import WorkerCore
+
+    encoded = []
+    real_to_png = base.to_png
+    monkeypatch.setattr(base, "to_png", lambda image: encoded.append(1) or real_to_png(image))
+
+    class Measurable(FixedLatencyExecutor):
+        spec = type("Spec", (), {"resolution": 8})()
+        device = "cpu"
+
+        def reset_peak_memory(self):
+            pass
+
+        def memory(self):
+            return base.MemoryUsage("cpu", "process-rss", 1, None)
+
+    core = WorkerCore(0, lambda role: Measurable(f"{role}-model"))
+    core.start(None)
+    core.measure((1, 2), warmup=1, iters=2)
+    assert len(encoded) == 2 * (1 + 2) * (1 + 2)  # both models, sizes 1 and 2, warm-up + 2 timed calls
