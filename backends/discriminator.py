@@ -10,6 +10,12 @@ latency profiles measured for it apply. Any timm EfficientNet name can be given 
 Weights are read only from safetensors files (never unpickled). A settings file ``FILE.json`` beside
 ``FILE.safetensors`` (written by ``diffsim discriminator train``) gives the architecture, input size and
 normalisation the weights were trained with.
+
+Normalisation, where no settings file says otherwise, is the one timm's pretrained weights of the
+architecture were trained with (:func:`normalisation`: the ``mean``/``std`` of its default pretrained
+config), not ImageNet's for every architecture: the recommended starting weights for fine-tuning,
+``tf_efficientnetv2_s.in1k``, expect inputs scaled to [-1, 1] (mean = std = 0.5), and fed ImageNet-normalised
+inputs they start from features computed on inputs of the wrong scale.
 """
 
 from __future__ import annotations
@@ -57,6 +63,25 @@ class DiscriminatorSettings:
         return {**d, **extra}
 
 
+def normalisation(arch: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """(mean, std) of the inputs timm's pretrained weights for ``arch`` expect -- its default pretrained
+    config's (``timm.models.get_pretrained_cfg``): 0.5 / 0.5 for ``tf_efficientnetv2_s``, ImageNet's for
+    ``efficientnet_b0``. ImageNet's when timm has no such config or it is not a 3-channel one."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    mean, std = getattr(cfg, "mean", None), getattr(cfg, "std", None)
+    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)  # type: ignore[return-value]
+
+
+def default_settings(arch: str, image_size: int = DEFAULT_IMAGE_SIZE) -> DiscriminatorSettings:
+    """Settings for ``arch`` when no settings file gives them: its timm normalisation (:func:`normalisation`)."""
+    mean, std = normalisation(arch)
+    return DiscriminatorSettings(arch=arch, image_size=image_size, mean=mean, std=std)
+
+
 def settings_path(weights: str | Path) -> Path:
     """``disc.safetensors`` -> ``disc.json``."""
     return Path(weights).with_suffix(".json")
@@ -81,8 +106,9 @@ def read_settings(path: str | Path) -> DiscriminatorSettings:
         image_size = data.get("image_size", DEFAULT_IMAGE_SIZE)
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
             raise ValueError("image_size: expected an integer >= 8")
-        mean = _triple(data.get("mean", IMAGENET_MEAN), "mean")
-        std = _triple(data.get("std", IMAGENET_STD), "std")
+        default_mean, default_std = normalisation(arch)
+        mean = _triple(data.get("mean", default_mean), "mean")
+        std = _triple(data.get("std", default_std), "std")
         if min(std) <= 0:
             raise ValueError("std: values must be > 0")
         real_class = data.get("real_class", REAL_CLASS)
@@ -240,7 +266,8 @@ def build_discriminator(arch: str | None = None, *, weights: str | Path | None =
     """Build a discriminator from a safetensors file, or with random weights when ``weights`` is None.
 
     With weights, ``FILE.json`` beside them (when present) supplies arch, image size and normalisation;
-    an explicit ``arch`` that contradicts it is an error, an explicit ``image_size`` overrides it.
+    an explicit ``arch`` that contradicts it is an error, an explicit ``image_size`` overrides it. Without
+    that file the normalisation is the architecture's timm one (:func:`normalisation`).
     Random weights (for profiling and tests) are seeded from (arch, :data:`RANDOM_INIT_SEED`) with private
     generators (:func:`backends.building.seed_weights`), so two builds give the same network, even when
     workers build at the same time; pass ``pretrained_random_ok=False`` to refuse them where scores must
@@ -253,7 +280,7 @@ def build_discriminator(arch: str | None = None, *, weights: str | Path | None =
         if not pretrained_random_ok:
             raise DiffsimError("no discriminator weights given: pass a .safetensors file "
                                "(random weights give meaningless confidences)")
-        settings = DiscriminatorSettings(arch=arch or DEFAULT_ARCH)
+        settings = default_settings(arch or DEFAULT_ARCH)
         with BUILD_LOCK:
             model = seed_weights(create_model(settings.arch), f"discriminator/{settings.arch}", RANDOM_INIT_SEED)
         weights_path = None
@@ -265,7 +292,7 @@ def build_discriminator(arch: str | None = None, *, weights: str | Path | None =
             if arch is not None and arch != settings.arch:
                 raise InputError(f"{sidecar}: arch is {settings.arch!r} but {arch!r} was requested")
         else:
-            settings = DiscriminatorSettings(arch=arch or DEFAULT_ARCH)
+            settings = default_settings(arch or DEFAULT_ARCH)
         state = load_weights_file(weights_path)
         with BUILD_LOCK:
             model = create_model(settings.arch)

@@ -32,6 +32,7 @@ from backends.discriminator import (
     REAL_CLASS,
     DiscriminatorSettings,
     create_model,
+    default_settings,
     eval_transform,
     load_state_into,
     load_weights_file,
@@ -187,6 +188,21 @@ def _init_model(arch: str, init: Optional[Path]) -> tuple["object", str]:
     return model, note
 
 
+def _training_settings(config: TrainConfig) -> DiscriminatorSettings:
+    """Architecture and normalisation to train with. An ``--init`` file with a settings file beside it (an
+    earlier discriminator) brings its own arch and normalisation; otherwise the normalisation is the one
+    timm's pretrained weights of the arch expect (:func:`backends.discriminator.normalisation`), since
+    an ``--init`` file without settings is normally those weights (e.g. ``tf_efficientnetv2_s.in1k``:
+    mean = std = 0.5, not ImageNet's)."""
+    init_settings = None
+    if config.init is not None and settings_path(config.init).exists():
+        init_settings = read_settings(settings_path(config.init))
+    arch = config.arch or (init_settings.arch if init_settings is not None else DEFAULT_TRAIN_ARCH)
+    if init_settings is not None and init_settings.arch == arch:
+        return DiscriminatorSettings(arch, config.image_size, init_settings.mean, init_settings.std)
+    return default_settings(arch, config.image_size)
+
+
 def train_discriminator(real: list[Path], fake: list[Path], config: TrainConfig, *,
                         progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
     """Train on image files; ``log`` receives one line per epoch (and the set-up lines)."""
@@ -200,10 +216,7 @@ def train_discriminator(real: list[Path], fake: list[Path], config: TrainConfig,
         raise DiffsimError(f"need at least 2 real and 2 generated images to hold out a validation split "
                            f"(have {len(real)} real, {len(fake)} generated); or pass --val-fraction 0")
 
-    arch = config.arch
-    if arch is None and config.init is not None and settings_path(config.init).exists():
-        arch = read_settings(settings_path(config.init)).arch
-    settings = DiscriminatorSettings(arch=arch or DEFAULT_TRAIN_ARCH, image_size=config.image_size)
+    settings = _training_settings(config)
 
     paths = list(real) + list(fake)
     labels = np.array([REAL_CLASS] * len(real) + [GENERATED_CLASS] * len(fake), dtype=np.int64)

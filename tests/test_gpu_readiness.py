@@ -385,3 +385,28 @@ def test_the_server_measurement_times_each_batch_with_its_png_encoding(monkeypat
     core.start(None)
     core.measure((1, 2), warmup=1, iters=2)
     assert len(encoded) == 2 * (1 + 2) * (1 + 2)  # both models, sizes 1 and 2, warm-up + 2 timed calls
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. The discriminator's normalisation is its architecture's
+
+
+def test_discriminator_normalisation_follows_timm_s_pretrained_config(tmp_path):
+    from backends.discriminator import IMAGENET_MEAN, default_settings, normalisation, read_settings
+    from backends.discriminator_training import TrainConfig, _training_settings
+
+    assert normalisation("tf_efficientnetv2_s") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert normalisation("efficientnet_b0")[0] == IMAGENET_MEAN
+    assert default_settings("tf_efficientnetv2_s").mean == (0.5, 0.5, 0.5)
+    # Fine-tuning from timm's tf_efficientnetv2_s.in1k weights (a file without a settings file).
+    init = tmp_path / "tf_efficientnetv2_s.in1k.safetensors"
+    init.write_bytes(b"")
+    settings = _training_settings(TrainConfig(arch="tf_efficientnetv2_s", init=init, image_size=224))
+    assert (settings.mean, settings.std, settings.image_size) == ((0.5,) * 3, (0.5,) * 3, 224)
+    # An earlier discriminator's settings file keeps its own normalisation.
+    (tmp_path / "tf_efficientnetv2_s.in1k.json").write_text(json.dumps(
+        {"arch": "tf_efficientnetv2_s", "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}))
+    assert _training_settings(TrainConfig(init=init)).mean == (0.1, 0.2, 0.3)
+    # A settings file without mean/std: the arch's.
+    (tmp_path / "old.json").write_text(json.dumps({"arch": "tf_efficientnetv2_s"}))
+    assert read_settings(tmp_path / "old.json").std == (0.5, 0.5, 0.5)
