@@ -175,12 +175,16 @@ class Dispatcher:
             if retry is not None:
                 return None, retry
         batch, dropped = form_batch(queue, now, b, times.__getitem__, self.limit_s)
+        # Queued + in flight changes only by the drops (and any batch still marked in flight): taking
+        # queued queries into a batch moves them from one to the other.
+        load_changes = bool(dropped) or self.inflight[worker] > 0
         if dropped:
             for q in dropped:
                 q.finish("dropped", now)
             self.finished += len(dropped)
         if not batch:
-            self._load_changed(worker)
+            if load_changes:
+                self._load_changed(worker)
             return None, None
         n = len(batch)
         for q in batch:
@@ -188,7 +192,8 @@ class Dispatcher:
             q.stages.append(role)
             q.batch_sizes.append(n)
         self.inflight[worker] = n
-        self._load_changed(worker)
+        if load_changes:
+            self._load_changed(worker)
         self.busy_until[worker] = now + times[n]
         return Batch(worker, role, batch, b, now, times[n], with_disc, self.plan.threshold), None
 
@@ -213,9 +218,9 @@ class Dispatcher:
                 if self.confidences is None:
                     raise ValueError("a light batch completed without confidences, and the dispatcher has no source")
                 confidence_of = self.confidences.of
-                confidences = [confidence_of(q.prompt_id) for q in batch.queries]
             threshold = batch.threshold
-            for q, c in zip(batch.queries, confidences):
+            for i, q in enumerate(batch.queries):
+                c = confidence_of(q.prompt_id) if confidences is None else confidences[i]
                 q.confidence = c
                 if defers(c, threshold):
                     q.deferred = True

@@ -80,25 +80,28 @@ class LoadIndex:
     changes; it rebuilds the heaps).
     """
 
-    __slots__ = ("load", "_group", "_members", "_heaps")
+    __slots__ = ("load", "_group", "_members", "_heaps", "_max_heap")
 
     def __init__(self, workers: int):
         self.load = [0] * workers  # the load each worker was last set to (read only: change it by set)
         self._group: list[Optional[str]] = [None] * workers  # the group a worker is a member of
         self._members: dict[str, list[int]] = {}
         self._heaps: dict[str, list[tuple[int, int]]] = {}
+        self._max_heap: dict[str, int] = {}  # a heap longer than this is mostly stale: rebuilt
 
     def set_groups(self, groups: dict[str, Sequence[int]]) -> None:
         """The groups' members from now on (a worker in at most one group)."""
         self._group = [None] * len(self.load)
         self._members = {}
         self._heaps = {}
+        self._max_heap = {}
         for name, workers in groups.items():
             for w in workers:
                 if self._group[w] is not None:
                     raise ValueError(f"worker {w} is in groups {self._group[w]!r} and {name!r}")
                 self._group[w] = name
             self._members[name] = list(workers)
+            self._max_heap[name] = 4 * len(workers) + 64
             self._rebuild(name)
 
     def set(self, worker: int, load: int) -> None:
@@ -110,8 +113,13 @@ class LoadIndex:
         if name is None:
             return
         heap = self._heaps[name]
+        if heap[0][1] == worker:
+            # Its entry on top is stale now: replace it rather than push beside it (a placement goes
+            # to the top worker, so this halves the heap operations of routing).
+            heapq.heapreplace(heap, (load, worker))
+            return
         heapq.heappush(heap, (load, worker))
-        if len(heap) > 4 * len(self._members[name]) + 64:  # mostly stale entries: start afresh
+        if len(heap) > self._max_heap[name]:  # mostly stale entries: start afresh
             self._rebuild(name)
 
     def least_loaded(self, name: str) -> int:
