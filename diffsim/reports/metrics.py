@@ -548,6 +548,20 @@ def _repeated_float_text(v) -> str:
     return text
 
 
+_SIZES: dict[tuple, str] = {}  # batch_sizes cells by value: a few distinct ones recur on every row
+
+
+def _sizes_text(batch_sizes) -> str:
+    key = tuple(batch_sizes)
+    text = _SIZES.get(key)
+    if text is None:
+        text = "+".join(str(b) for b in batch_sizes)
+        if len(_SIZES) >= 1 << 12:
+            _SIZES.clear()
+        _SIZES[key] = text
+    return text
+
+
 def _flag_text(v) -> str:
     if v is True:
         return "true"
@@ -556,8 +570,14 @@ def _flag_text(v) -> str:
     return _text(_cell(v))
 
 
+# Texts queries.csv writes on most rows, known to need no quoting.
+_PLAIN_TEXT = frozenset(("", "unfinished", "light", "heavy", "light+heavy") + OUTCOMES)
+
+
 def _text(value: str) -> str:
     """A field as the csv module writes it: quoted when it holds a delimiter, a quote or a line break."""
+    if value in _PLAIN_TEXT:
+        return value
     if "," in value or '"' in value or "\n" in value or "\r" in value:
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow([value, ""])
@@ -582,7 +602,7 @@ def query_line(q: Query) -> str:
         _flag_text(q.deferred),
         _repeated_float_text(q.confidence),
         _text("+".join(q.stages)),
-        "+".join(map(str, q.batch_sizes)),
+        _sizes_text(q.batch_sizes),
         _float_text(q.queue_s),
         _repeated_float_text(q.service_s),
     )) + "\n"
