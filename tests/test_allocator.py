@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import event, HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from diffsim.allocator import allocate
@@ -104,13 +104,21 @@ def plan_key(plan, objective):
 
 @pytest.mark.parametrize("solver", ["milp", "exact"])
 @SETTINGS
-@given(cascade=cascades(), gpus=st.integers(0, 6), demand=st.floats(0, 30),
+@given(cascade=cascades(), gpus=st.integers(1, 6), load=st.floats(0, 0.6),
        objective=st.sampled_from(["quality", "max-threshold"]),
        ql=st.floats(0, 1), qh=st.floats(0, 1))
-def test_solvers_match_brute_force(solver, cascade, gpus, demand, objective, ql, qh):
+def test_solvers_match_brute_force(solver, cascade, gpus, load, objective, ql, qh):
+    # Demand relative to what the GPUs could serve all light: most examples are feasible, and the
+    # interesting ones (a heavy stage, a tight GPU count) are reached, not only "both infeasible".
+    light_best = max((cap for _, _, cap in _stage_options(cascade, "light", True, (1, 2, 4, 8))), default=1.0)
+    demand = load * max(gpus, 1) * light_best
+    ql, qh = ql * cascade.slo_s / 4, qh * cascade.slo_s / 4  # waits that leave room for a batch
     plan = allocate(cascade, gpus, demand, queue_delay_s=(ql, qh), batch_sizes=(1, 2, 4, 8),
                     thresholds=GRID, objective=objective, solver=solver)
     best = brute_force(cascade, gpus, demand, (ql, qh), objective)
+    event("feasible" if best is not None else "infeasible")
+    if best is not None:
+        event("defers to the heavy stage" if plan.heavy.workers else "all light")
     assert plan.feasible == (best is not None)
     if best is not None:
         key = plan_key(plan, objective)
