@@ -388,6 +388,34 @@ def test_the_server_measurement_times_each_batch_with_its_png_encoding(monkeypat
 
 
 # ----------------------------------------------------------------------------------------------
+# 8. Ray: a cuda worker actor builds on device 0
+
+
+def test_ray_workers_build_their_cuda_executors_on_device_0(monkeypatch):
+    """Inside a Ray actor the one GPU Ray gave it is cuda:0, whatever the worker's index: the start-up
+    hands the executor factory device 0 for every Ray worker on the cuda backend."""
+    import diffsim.server.ray_worker as ray_worker
+    from diffsim.server.startup import ServeOptions, make_workers
+
+    made = []
+
+    class RecordingWorker:
+        def __init__(self, index, make_executor, **kwargs):
+            self.index, self.make_executor = index, make_executor
+
+    monkeypatch.setattr(ray_worker, "connect", lambda *a, **k: False)
+    monkeypatch.setattr(ray_worker, "check_capacity", lambda *a, **k: None)
+    monkeypatch.setattr(ray_worker, "RayWorker", RecordingWorker)
+    options = ServeOptions(backend="cuda", cascade="sdturbo-sdv15", gpus=3, ray="local")
+    workers = make_workers(options, lambda w, role, model: made.append((w, role, model)),
+                           {"light": "sd-turbo", "heavy": "sd-v1.5"})
+    for worker in workers:
+        worker.make_executor("light")
+        worker.make_executor("heavy")
+    assert {w for w, _, _ in made} == {0} and len(made) == 6
+
+
+# ----------------------------------------------------------------------------------------------
 # 9. The discriminator's normalisation is its architecture's
 
 
@@ -410,3 +438,106 @@ def test_discriminator_normalisation_follows_timm_s_pretrained_config(tmp_path):
     # A settings file without mean/std: the arch's.
     (tmp_path / "old.json").write_text(json.dumps({"arch": "tf_efficientnetv2_s"}))
     assert read_settings(tmp_path / "old.json").std == (0.5, 0.5, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/gpu_smoke.py: the first GPU run's one command
+
+
+SMOKE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_smoke.py"
+
+
+def test_gpu_smoke_refuses_cleanly_without_cuda(tmp_path):
+    """Run as a script with no CUDA device visible: one line on stderr, exit status 2, nothing written."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, str(SMOKE), "--out", str(tmp_path / "smoke.json")], capture_output=True,
+                         text=True, timeout=300, env=env, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stdout == ""
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "gpu_smoke: no CUDA device" in out.stderr
+    assert not (tmp_path / "smoke.json").exists()
+
+
+def test_gpu_smoke_imports_and_checks_its_arguments(monkeypatch, capsys, torch_one_thread):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_smoke", SMOKE)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    args = smoke.parse_args(["--only", "models,oom", "--compile", "--batch-sizes", "1,4"])
+    assert args.sections == ["models", "oom", "compile"] and args.batch_sizes == [1, 4]
+    assert args.models == list(MODEL_NAMES)
+    for bad in (["--only", "everything"], ["--models", "sd-9"], ["--batch-sizes", "0"]):
+        with pytest.raises(SystemExit) as e:
+            smoke.parse_args(bad)
+        assert e.value.code == 2
+    monkeypatch.setattr(torch_one_thread.cuda, "is_available", lambda: False)
+    assert smoke.main(["--only", "models"]) == smoke.REFUSED
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# On a GPU (skipped without one)
+
+
+@pytest.mark.cuda
+def test_cuda_executor_on_a_device_index_above_0():
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    ex = make_executor("cuda", "sdxs", device=1, discriminator=False)
+    with ex:
+        images = ex.generate(PROMPTS, [1, 2])
+        assert [img.size for img in images] == [(512, 512)] * 2
+        assert next(ex._pipe.unet.parameters()).device == torch.device("cuda:1")
+        assert torch.cuda.memory_allocated(1) > 0
+
+
+@pytest.mark.cuda
+def test_cuda_fp16_sdxl_recovers_from_an_oom_in_its_decode():
+    """Full-size SDXL-Lightning in fp16 (random weights): fp32 sliced decode, a simulated OOM there, then a
+    normal batch again."""
+    import torch
+
+    ex = make_executor("cuda", "sdxl-lightning", discriminator=False)
+    with ex:
+        vae = ex._pipe.vae
+        assert vae.dtype == torch.float16 and vae.use_slicing
+        first = ex.generate(PROMPTS, [1, 2])
+
+        def out_of_memory(*args, **kwargs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        vae._decode = out_of_memory
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            ex.generate(PROMPTS, [1, 2])
+        del vae._decode
+        assert vae.dtype == torch.float16
+        again = ex.generate(PROMPTS, [1, 2])
+        assert [img.size for img in again] == [(1024, 1024)] * 2
+        assert np.abs(pixels(again[0]) - pixels(first[0])).mean() < 2.0
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_cuda_server_with_several_workers_answers(tmp_path):
+    """Every GPU of the machine (up to 2) a worker of one server on the cuda backend, random weights."""
+    import base64
+
+    import httpx
+    import torch
+
+    from diffsim.server.http import HttpSettings
+    from diffsim.server.startup import BackgroundServer, ServeOptions
+
+    gpus = min(2, torch.cuda.device_count())
+    options = ServeOptions(backend="cuda", cascade="sdturbo-sdv15", gpus=gpus, gpu_profile="a100",
+                           batch_sizes=(1, 2, 4), slo_s=120.0)
+    with BackgroundServer(options, HttpSettings(max_n=4)) as server:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            reply = client.post("/v1/images/generations", json={"prompt": "a red bus", "n": 2, "seed": 3})
+            assert reply.status_code == 200, reply.text
+            data = reply.json()["data"]
+            assert len(data) == 2
+            assert from_png(base64.b64decode(data[0]["b64_json"])).size == (512, 512)
