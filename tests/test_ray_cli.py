@@ -5,18 +5,16 @@ the cluster gone. In a module of its own so that its cluster never overlaps the 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import httpx
 import pytest
 
-from test_server_http import tiny_profile
+from test_server_http import tiny_profile, wait_listening
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -33,17 +31,7 @@ def test_serve_on_a_local_ray_cluster_answers_the_readme_example(tmp_path):
            "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        url = None
-        deadline = time.monotonic() + 240  # a guard: a fresh cluster plus torch in the actor
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            m = re.search(r"listening on (http://\S+)", line)
-            if m:
-                url = m.group(1)
-                break
-        assert url, proc.stderr.read() if proc.poll() is not None else "no 'listening on' line"
+        url, line = wait_listening(proc, 240)  # a guard: a fresh cluster plus torch in the actor
         assert "Ray actors, cluster local" in line
         r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a cat on a laptop", "n": 2, "seed": 7},
                        timeout=120)

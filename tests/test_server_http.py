@@ -41,6 +41,20 @@ def tiny_profile(path: Path) -> Path:
     return path
 
 
+def wait_listening(proc: subprocess.Popen, guard_s: float) -> tuple[str, str]:
+    """The URL a `diffsim serve` subprocess prints once it listens, and that line (the guard is a failure
+    guard: a server that never says so fails the test, with its stderr)."""
+    deadline = time.monotonic() + guard_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        m = re.search(r"listening on (http://\S+)", line)
+        if m:
+            return m.group(1), line
+    raise AssertionError(proc.stderr.read() if proc.poll() is not None else "no 'listening on' line")
+
+
 def plan(threshold, light, heavy, lb=4, hb=4):
     return {"threshold": threshold, "light_workers": light, "heavy_workers": heavy, "light_batch": lb,
             "heavy_batch": hb}
@@ -264,17 +278,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
     guard_s = 180.0  # failure guards only
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        url = None
-        deadline = time.monotonic() + guard_s
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            m = re.search(r"listening on (http://\S+)", line)
-            if m:
-                url = m.group(1)
-                break
-        assert url, proc.stderr.read() if proc.poll() is not None else "no 'listening on' line"
+        url, _ = wait_listening(proc, guard_s)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(post, url, {"prompt": f"p{i}", "n": 4}, {}) for i in range(2)]
             deadline = time.monotonic() + guard_s
