@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+from bench_promises import _wait_listening, stop_server  # the same serve subprocess handling
 
 from diffsim import cli
 
@@ -49,14 +47,7 @@ def main() -> None:
         cmd += ["--ray", "local"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        url = None
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and url is None:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            m = re.search(r"listening on (http://\S+)", line)
-            url = m.group(1) if m else None
+        url = _wait_listening(proc, 600)
         if url is None:
             sys.exit(f"the server did not start: {proc.stderr.read()[-800:]}")
         plan = httpx.get(f"{url}/v1/plan", timeout=10).json()["plan"]
@@ -74,11 +65,7 @@ def main() -> None:
             cli.main(["validate", "--url", url, "--trace", str(trace), "--out", str(out / name),
                       "--repeats", str(args.repeats)])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
 
 if __name__ == "__main__":

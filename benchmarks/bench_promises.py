@@ -112,11 +112,7 @@ def scenario_burst(profile: str, burst_s: float) -> None:
         records = asyncio.run(open_loop(url, 10 * cap, burst_s))
         text = httpx.get(f"{url}/metrics", timeout=30).text
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     codes = [r["status"] for r in records]
     accepted = [r for r in records if r["status"] not in (429, 0)]
     ok = [r for r in accepted if r["status"] == 200 and r["latency"] <= 1.5 * SLO_S]
@@ -178,6 +174,15 @@ def _serve_cmd(profile: str, gpus: int = 2) -> list[str]:
     return [sys.executable, "-m", "diffsim.cli", "serve", "--backend", "cpu-tiny", "--cascade", CASCADE,
             "--gpus", str(gpus), "--port", "0", "--gpu-profile", profile, "--slo-s", str(SLO_S),
             "--discriminator-arch", "test_efficientnet", "--batch-sizes", "1,2,4", "--log-level", "warning", *RAY]
+
+
+def stop_server(proc, timeout_s: float = 300) -> None:
+    """SIGTERM (the server drains), then kill if it has not exited within ``timeout_s``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _wait_listening(proc, timeout_s: float = 300) -> str | None:
@@ -245,11 +250,7 @@ def scenario_starts(profile: str, starts: int) -> None:
                                        range(gpus)))
             images = {r.json()["data"][0]["b64_json"] for r in rs if r.status_code == 200}
             same += len(images) == 1
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc, 120)
     print(f"\n[4] clean starts (--gpus 2 and 4 alternately): {ok}/{starts} started   (target 20/20); "
           f"identical image from every worker for one (prompt, seed): {same}/{ok}")
 
