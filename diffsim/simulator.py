@@ -46,7 +46,7 @@ from .query import Query
 from .reports.metrics import QueryRecords, RecordsBuilder
 from .runtime.admission import predict
 from .runtime.routing import Router, first_stage
-from .runtime.service_time import ServiceTimeModel
+from .runtime.service_time import ServiceTimeModel, request_overhead
 
 
 _TRACE_BLOCK = 8192  # trace entries turned into Python objects at a time
@@ -134,7 +134,7 @@ def simulate(
         drop_factor=config.drop_factor,
         batch_timeout_s=config.batch_timeout_s,
         swap_s=config.swap_s,
-        answer_overhead_s=cascade.overheads.request_ms / 1e3,
+        answer_overhead_s=request_overhead(cascade, config.service_time, config.seed),
     )
     dispatcher.on_enqueue = on_enqueue
     controller = Controller(timed, config.gpus, config.controller)

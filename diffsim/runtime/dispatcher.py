@@ -81,7 +81,7 @@ class Dispatcher:
         drop_factor: float = 1.5,
         batch_timeout_s: float = 0.0,
         swap_s: float = 0.0,
-        answer_overhead_s: float = 0.0,
+        answer_overhead_s: float | Callable[[], float] = 0.0,
     ):
         self.cascade = cascade
         self.gpus = gpus
@@ -92,8 +92,13 @@ class Dispatcher:
         self.batch_timeout_s = batch_timeout_s
         self.swap_s = swap_s
         # Added to a completed query's finish time: what the client waits beyond the batches (HTTP and
-        # encoding). The simulator models it from the profile; the server measures it for real (0 here).
-        self.answer_overhead_s = answer_overhead_s
+        # encoding). The simulator models it from the profile -- a constant, or a callable drawing one
+        # query's overhead (:func:`~diffsim.runtime.service_time.request_overhead`); the server measures it
+        # for real (0 here).
+        if callable(answer_overhead_s):
+            self.answer_overhead_s, self._draw_overhead = 0.0, answer_overhead_s
+        else:
+            self.answer_overhead_s, self._draw_overhead = answer_overhead_s, None
         self.service = ServiceTimes(cascade)
         self.plan: Optional[Plan] = None
         # role -> (batch size, with discriminator, service time of a batch of n for n = 0..batch size)
@@ -228,14 +233,19 @@ class Dispatcher:
                     if target is not None:
                         woken.append(target)
                 else:
-                    q.finish("completed", now + self.answer_overhead_s, "light")
+                    q.finish("completed", now + self._overhead(), "light")
                     self.finished += 1
         else:
             role = batch.role
             for q in batch.queries:
-                q.finish("completed", now + self.answer_overhead_s, role)
+                q.finish("completed", now + self._overhead(), role)
             self.finished += len(batch.queries)
         return woken
+
+    def _overhead(self) -> float:
+        """One completed query's answer overhead (seconds)."""
+        draw = self._draw_overhead
+        return self.answer_overhead_s if draw is None else draw()
 
     def fail_batch(self, batch: Batch, now: float, error: str, *, run_s: Optional[float] = None) -> None:
         """A batch raised: each of its queries ends ``failed`` with ``error``; the worker is freed as by

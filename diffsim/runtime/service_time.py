@@ -20,7 +20,7 @@ random number is drawn and results are those of a fixed-time simulator.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -98,3 +98,9 @@ class ServiceTimeModel:
             i = 0
         self._next = i + 1
         return median * math.exp(sigma * self._z[i])
+
+
+def request_overhead(cascade: Cascade, mode: str = "p50", seed: int = 0) -> "float | Callable[[], float]":
+    """What a completed query waits beyond its batches (HTTP, encoding), in seconds, for the dispatcher:
+    the profile's ``overheads.request_ms`` as a constant."""
+    return cascade.overheads.request_ms / 1e3
