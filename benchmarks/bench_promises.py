@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 
 from diffsim.server.http import HttpSettings
+from diffsim.workload import loadgen
 from diffsim.server.startup import BackgroundServer, ServeOptions, default_executor_factory
 
 CASCADE = "sdturbo-sdv15"
@@ -48,21 +49,27 @@ def capacity_qps(url: str) -> float:
 
 
 async def open_loop(url: str, rate: float, seconds: float, *, seed: int = 0, stop_after=None) -> list[dict]:
-    """Requests at ``rate`` per second (Poisson) for ``seconds``; one record per request."""
+    """Requests at ``rate`` per second (Poisson) for ``seconds``; one record per request.
+
+    The client is ``diffsim load``'s aiohttp session (no connection limit): httpx's pool was measured to add
+    seconds of client-side latency at ~1,000 open requests (``benchmarks/bench_load_client.py``), which a
+    10x burst reaches."""
+    import aiohttp
+
     rng = np.random.default_rng(seed)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     records: list[dict] = []
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(120.0)) as client:
+    async with loadgen._session(None, 120.0) as client:
         t0 = time.monotonic()
 
         async def one(i: int) -> None:
             sent = time.monotonic()
             rec = {"i": i, "sent": sent - t0}
             try:
-                r = await client.post(f"{url}/v1/images/generations",
-                                      json={"prompt": f"request {i}", "n": 1, "seed": i})
-                rec.update(status=r.status_code, latency=time.monotonic() - sent)
-            except httpx.HTTPError as e:
+                async with client.post(f"{url}/v1/images/generations",
+                                       json={"prompt": f"request {i}", "n": 1, "seed": i}) as r:
+                    await r.read()
+                    rec.update(status=r.status, latency=time.monotonic() - sent)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 rec.update(status=0, latency=time.monotonic() - sent, error=type(e).__name__)
             records.append(rec)
 
