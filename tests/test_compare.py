@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -134,3 +135,51 @@ def test_run_names_and_table():
     assert RunSpec("diffserve", 8, 0.05).name == "diffserve_g8_t0.05"
     text = format_table([{"policy": "a", "x": 0.5, "n": None}], ("policy", "x", "n"))
     assert text.splitlines() == ["policy  x       n", "------  ------  -", "a       0.5000  -"]
+
+
+def test_table_and_csv_carry_both_fid_and_violation_figures(tmp_path, short_trace, capsys):
+    assert compare(tmp_path, short_trace, "--policies", "diffserve", "--jobs", "1", "--no-plot") == 0
+    captured = capsys.readouterr()
+    header = captured.out.splitlines()[0].split()
+    for column in ("slo_violation_ratio", "slo_violation_window_mean", "mean_fid", "fid_overall_mix"):
+        assert column in header and column in COMPARISON_COLUMNS
+    with open(tmp_path / "comparison.csv") as fh:
+        row = next(csv.DictReader(fh))
+    run = json.loads((tmp_path / "runs" / "diffserve_g16" / "summary.json").read_text())
+    assert float(row["mean_fid"]) == run["mean_fid"] and float(row["fid_overall_mix"]) == run["fid_overall_mix"]
+    assert float(row["slo_violation_window_mean"]) == run["slo_violation_window_mean"]
+    # stderr is not a terminal here: one plain line per finished run, no bar.
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[1/1] diffserve_g16: violations ") and "\r" not in captured.err
+    assert compare(tmp_path, short_trace, "--policies", "diffserve", "--jobs", "1", "--no-plot", "--quiet") == 0
+    assert capsys.readouterr().err == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal():
+    from types import SimpleNamespace
+
+    from diffsim.commands.compare import Progress
+
+    summary = {"slo_violation_ratio": 0.25, "slo_violation_window_mean": 0.125, "mean_fid": 17.5,
+               "fid_overall_mix": 17.25, "wall_s": 1.0}
+    results = [SimpleNamespace(spec=RunSpec("diffserve", g), summary=summary) for g in (8, 16)]
+    line = "diffserve_g8: violations 25.00% (per-window mean 12.50%), FID 17.50 (overall mix 17.25) (1.0 s)"
+    plain = io.StringIO()
+    progress = Progress(2, plain)
+    for r in results:
+        progress.done(r)
+    progress.close()
+    assert plain.getvalue().splitlines() == [f"[1/2] {line}", f"[2/2] {line.replace('g8', 'g16')}"]
+    terminal = _Terminal()
+    progress = Progress(2, terminal)
+    for r in results:
+        progress.done(r)
+    progress.close()
+    text = terminal.getvalue()
+    assert "\r" in text and "runs" in text and "2/2" in text  # tqdm's bar, redrawn in place
+    assert f"[1/2] {line}" in text

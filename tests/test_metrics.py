@@ -51,9 +51,9 @@ def q(i, arrival, outcome="completed", latency=1.0, served_by="light", deferred=
     return query
 
 
-def summarize(queries, plans, cascade, duration=100.0, busy=(50.0, 30.0)):
+def summarize(queries, plans, cascade, duration=100.0, busy=(50.0, 30.0), **kw):
     return metrics.summarize(
-        queries, plans, cascade=cascade, gpus=2, worker_busy_s=list(busy), duration_s=duration, wall_s=0.5
+        queries, plans, cascade=cascade, gpus=2, worker_busy_s=list(busy), duration_s=duration, wall_s=0.5, **kw
     )
 
 
@@ -122,7 +122,53 @@ def test_fid_mixed_modes_weighted_by_count(cascade):
     queries += [q(10 + i, 20.0 + i, served_by="light") for i in range(5)]  # split, r = 1
     s = summarize(queries, plans, cascade)
     assert s["fid_source"] == "mixed"
-    assert s["mean_fid"] == pytest.approx((10 * cascade.fid(0.5) + 5 * cascade.random_mix_fid(1.0)) / 15)
+    assert s["fid_overall_mix"] == pytest.approx((10 * cascade.fid(0.5) + 5 * cascade.random_mix_fid(1.0)) / 15)
+    # Per 10 s window (by finish): q0..q8 end in [1, 10) with 4 of 9 light (cascade, FID 16.79 + 0.16 * 4/9 / 0.1
+    # past r = 0.4 = 16.861111), q9 ends at 10 alone and light (22.77), the split queries end in [21, 25], all
+    # light (random mix at r = 1: 22.77).
+    assert s["mean_fid"] == pytest.approx((9 * 16.861111 + 1 * 22.77 + 5 * 22.77) / 15)
+    # One window holding every completion: both modes in it, weighted by count, as the overall mix.
+    one = summarize(queries, plans, cascade, window_s=100.0)
+    assert one["mean_fid"] == pytest.approx(one["fid_overall_mix"]) == pytest.approx(s["fid_overall_mix"])
+
+
+def test_windowed_fid_and_violation_mean_by_hand(cascade):
+    plans = [(0.0, make_plan())]
+    queries = [
+        q(0, 0.0, served_by="light"),  # window 0 [0, 10): 4 arrivals, 4 completions, 1 light, 1 late
+        q(1, 1.0, served_by="heavy"),
+        q(2, 2.0, served_by="heavy"),
+        q(3, 3.0, latency=6.0, served_by="heavy"),  # ends at 9.0, late (6 s > 5 s SLO)
+        q(4, 12.0, outcome="dropped", latency=3.0),  # window 1: an arrival, a violation, no completion
+        q(5, 20.0, served_by="light"),  # window 2: 2 arrivals, 2 light completions
+        q(6, 21.0, served_by="light"),
+        # window 3 [30, 40): nothing arrives or ends
+        q(7, 41.0, latency=1.5, served_by="heavy"),  # window 4, partial: the run ends at 42.5
+    ]
+    s = summarize(queries, plans, cascade)
+    # r = 1/4 -> halfway between 17.33 and 16.98; r = 1 -> 22.77; r = 0 -> 18.55; weights 4, 2, 1.
+    assert s["mean_fid"] == pytest.approx((4 * 17.155 + 2 * 22.77 + 1 * 18.55) / 7)
+    # Overall: 3 of 7 light -> 16.79 + 0.16 * (3/7 - 0.4) / 0.1.
+    assert s["fid_overall_mix"] == pytest.approx(16.79 + 1.6 * (3 / 7 - 0.4))
+    assert s["slo_violation_ratio"] == pytest.approx(2 / 8)
+    # Windows with arrivals: 1/4, 1/1, 0/2, (window 3 has none), 0/1.
+    assert s["slo_violation_window_mean"] == pytest.approx((0.25 + 1.0 + 0.0 + 0.0) / 4)
+    rows = metrics.timeseries(queries, plans, [], cascade=cascade, window_s=10.0)
+    assert len(rows) == 5 and rows[1]["fid"] is None and rows[3]["fid"] is None
+    assert [r["fid"] for r in rows] == pytest.approx([17.155, None, 22.77, None, 18.55])
+
+
+def test_windowed_fid_end_on_a_boundary(cascade):
+    plans = [(0.0, make_plan())]
+    queries = [q(0, 5.0, served_by="light"), q(1, 15.0, latency=4.0, served_by="light"),
+               q(2, 16.0, latency=4.0, served_by="heavy")]  # the run ends at 20.0 exactly
+    # Two windows; an end exactly on the boundary falls in the last: window 1 has r = 1/2 (16.95).
+    assert summarize(queries, plans, cascade)["mean_fid"] == pytest.approx((22.77 + 2 * 16.95) / 3)
+    # A demand sample at 25 s extends the run to a third window, which then holds q2 alone (r = 0).
+    later = summarize(queries, plans, cascade, demand=[(25.0, 1.0, 1.0)])
+    assert later["mean_fid"] == pytest.approx((22.77 + 22.77 + 18.55) / 3)
+    with pytest.raises(Exception, match="window_s"):
+        summarize(queries, plans, cascade, window_s=0.0)
 
 
 def test_no_completions_gives_nulls(cascade):
@@ -200,8 +246,13 @@ def test_timeseries_sums_match_summary(cascade, items, window_s):
     queries = [q(i, a, outcome=o, latency=lat, served_by="light" if light else "heavy") for i, (a, o, lat, light) in enumerate(items)]
     plans = [(0.0, make_plan())]
     rows = metrics.timeseries(queries, plans, [], cascade=cascade, window_s=window_s)
-    s = summarize(queries, plans, cascade)
+    s = summarize(queries, plans, cascade, window_s=window_s)
     end = metrics.run_end_s(queries, plans, [])
+    # The per-window figures are those of the time series' rows.
+    done = [(r["completions"], r["fid"]) for r in rows if r["completions"]]
+    assert s["mean_fid"] == (pytest.approx(sum(c * f for c, f in done) / sum(c for c, _ in done)) if done else None)
+    busy = [r["slo_violation_ratio"] for r in rows if r["arrivals"]]
+    assert s["slo_violation_window_mean"] == (pytest.approx(sum(busy) / len(busy)) if busy else None)
     # Windows are contiguous, start at 0 and cover the run.
     assert rows[0]["t_start_s"] == 0.0
     assert all(a["t_end_s"] == b["t_start_s"] for a, b in zip(rows, rows[1:]))

@@ -32,7 +32,9 @@ CONSOLE_COLUMNS = (  # "threshold" (the pinned one) and "pinned_share" are added
     "policy",
     "gpus",
     "slo_violation_ratio",
+    "slo_violation_window_mean",
     "mean_fid",
+    "fid_overall_mix",
     "latency_p50_s",
     "latency_p99_s",
     "light_fraction",
@@ -68,6 +70,8 @@ def add_parser(subparsers) -> None:
                    help=bounded("parallel processes; default min(CPUs, runs)", limits.JOBS))
     p.add_argument("--out", metavar="DIR", type=nonempty, default=DEFAULT_OUT,
                    help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress on stderr (a bar when stderr is a terminal, else a line per finished run)")
 
 
 def build_specs(args: argparse.Namespace, policies: list[str], gpus: int) -> list[RunSpec]:
@@ -100,18 +104,12 @@ def run(args: argparse.Namespace) -> int:
     scenario = Scenario(config=config, trace=trace, trace_name=trace_name, window_s=config.window_s)
     jobs = args.jobs or default_jobs(len(specs))
 
-    done = [0]
-
-    def report(result) -> None:
-        done[0] += 1
-        s = result.summary
-        print(
-            f"[{done[0]}/{len(specs)}] {result.spec.name}: violations {100 * (s['slo_violation_ratio'] or 0):.2f}%, "
-            f"FID {s['mean_fid'] if s['mean_fid'] is None else round(s['mean_fid'], 2)} ({s['wall_s']:.1f} s)",
-            file=sys.stderr,
-        )
-
-    results = run_all(scenario, specs, jobs, on_done=report)
+    progress = None if args.quiet else Progress(len(specs), sys.stderr)
+    try:
+        results = run_all(scenario, specs, jobs, on_done=progress.done if progress else None)
+    finally:
+        if progress:
+            progress.close()
 
     out = Path(args.out)
     try:
@@ -149,6 +147,50 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(rows, columns))
         print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def run_line(result) -> str:
+    """One finished run, as the progress shows it: its name, violations (per request and the per-window
+    average) and FID (per window and of the overall mix)."""
+    s = result.summary
+
+    def pct(v) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    def fid(v) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    return (f"{result.spec.name}: violations {pct(s['slo_violation_ratio'])} (per-window mean "
+            f"{pct(s.get('slo_violation_window_mean'))}), FID {fid(s['mean_fid'])} (overall mix "
+            f"{fid(s.get('fid_overall_mix'))}) ({s['wall_s']:.1f} s)")
+
+
+class Progress:
+    """Progress of a comparison on ``stream`` (stderr): on a terminal a tqdm bar with each finished run's
+    line above it; otherwise (a log file, a pipe) the plain lines only, no bar's control characters."""
+
+    def __init__(self, total: int, stream):
+        self.stream = stream
+        self.total = total
+        self.finished = 0
+        self.bar = None
+        if stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="runs", unit="run", file=stream, dynamic_ncols=True, leave=False)
+
+    def done(self, result) -> None:
+        self.finished += 1
+        line = f"[{self.finished}/{self.total}] {run_line(result)}"
+        if self.bar is None:
+            print(line, file=self.stream, flush=True)
+        else:
+            self.bar.write(line, file=self.stream)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _plots(out: Path, rows: list[dict], args: argparse.Namespace, config) -> list[Path]:

@@ -30,7 +30,9 @@ COMPARISON_COLUMNS = (
     "late",
     "dropped",
     "slo_violation_ratio",
+    "slo_violation_window_mean",
     "mean_fid",
+    "fid_overall_mix",
     "fid_source",
     "latency_p50_s",
     "latency_p99_s",
@@ -111,6 +113,8 @@ def summarize_result(result, trace_name: str) -> dict:
         policy=config.policy,
         seed=config.seed,
         trace=trace_name,
+        window_s=config.window_s,
+        demand=result.demand,
     )
     summary["events"] = result.events
     summary["routing"] = config.routing

@@ -10,12 +10,20 @@ Definitions
   ``dropped``, ``failed``, ``rejected``, or ``unfinished`` (no outcome yet: a real run cut short).
 * An SLO **violation** is a late completion or any non-completion; the violation ratio is
   violations / requests.
-* **FID** of the served mix: when the plans route in ``cascade`` mode the discriminator picks which
+* **FID** of a served mix: when the plans route in ``cascade`` mode the discriminator picks which
   queries stay light, so the cascade's FID curve is read at r = light-served fraction of the completed
   queries (``fid_source: cascade``); in ``split`` mode (Clipper, Proteus) the light share is a random
-  mix, read from ``Cascade.random_mix_fid`` (``fid_source: random-mix``). When a run mixes both modes,
-  the completed queries are split by the mode in force at their arrival and the two FIDs are weighted
+  mix, read from ``Cascade.random_mix_fid`` (``fid_source: random-mix``). When a mix holds both modes,
+  its completed queries are split by the mode in force at their arrival and the two FIDs are weighted
   by count (``fid_source: mixed``).
+* ``mean_fid`` is per window: the FID of each ``window_s`` window's served mix (completions by finish
+  time, as in the time series), averaged with each window weighted by its completions. With a
+  threshold that moves, the FID of the run's overall light fraction flatters a policy whose deferral
+  swings (the curve is U-shaped: windows at r = 0.2 and 0.6 do not average to the FID at 0.4); that
+  figure is kept as ``fid_overall_mix``. Both are equal when one window holds every completion.
+* ``slo_violation_window_mean`` is the DiffServe artifact's figure: the unweighted mean over windows
+  with arrivals of each window's violation ratio (by arrival time); ``slo_violation_ratio`` counts per
+  request. A quiet window weighs as much as a peak one in the former.
 * Latency percentiles are over completed queries (late ones included), numpy's linear interpolation.
 * Time series windows of ``window_s`` start at 0 and cover the whole run (to the last arrival, end or
   plan). A query is assigned to the window of its **arrival** for arrivals, violations, late and drops
@@ -238,8 +246,16 @@ def summarize(
     policy: str = "",
     seed: Optional[int] = None,
     trace: str = "",
+    window_s: float = 10.0,
+    demand: Sequence[tuple[float, float, float]] = (),
 ) -> dict:
-    """The run's headline numbers (see the module docstring for the definitions)."""
+    """The run's headline numbers (see the module docstring for the definitions).
+
+    ``window_s`` and ``demand`` (the controller's samples, which can extend the run's end) place the
+    windows of ``mean_fid`` and ``slo_violation_window_mean`` exactly as :func:`timeseries` does.
+    """
+    if not window_s > 0:
+        raise DiffsimError(f"window_s must be > 0, got {window_s}")
     rec = as_records(queries)
     codes = rec.outcome_codes
     by_code = np.bincount(codes, minlength=len(_OUTCOME_CODE)).tolist()
@@ -253,7 +269,14 @@ def summarize(
     done = codes == _COMPLETED
     light = done & rec.has(SERVED_LIGHT)
     light_served = int(np.count_nonzero(light))
-    fid, fid_source = _served_mix_fid(rec.arrival_s[done], light[done], rec.has(SCORED | DEFERRED)[done], plans, cascade)
+    cascade_mode = _cascade_mode(rec.arrival_s[done], rec.has(SCORED | DEFERRED)[done], plans)
+    overall_fid, fid_source = _mix_fid(light[done], cascade_mode, cascade)
+    n = window_count(rec, plans, demand, window_s)
+    fids, completions = _window_fids(_windows(rec.finished_s[done], window_s, n), light[done], cascade_mode, n, cascade)
+    a = _windows(rec.arrival_s, window_s, n)
+    arrivals = np.bincount(a, minlength=n)
+    window_violations = np.bincount(a[~done | rec.has(LATE)], minlength=n)
+    busy_windows = arrivals > 0
     lat = rec.finished_s[done] - rec.arrival_s[done]  # in query order, as the mean's summation needs
     busy = float(sum(worker_busy_s))
     return {
@@ -274,7 +297,10 @@ def summarize(
         "unfinished": unfinished,
         "violations": violations,
         "slo_violation_ratio": _ratio(violations, requests),
-        "mean_fid": fid,
+        "slo_violation_window_mean": (float(np.mean(window_violations[busy_windows] / arrivals[busy_windows]))
+                                      if busy_windows.any() else None),
+        "mean_fid": _weighted_mean(fids, completions),
+        "fid_overall_mix": overall_fid,
         "fid_source": fid_source,
         "light_served": light_served,
         "light_fraction": _ratio(light_served, completed),
@@ -300,38 +326,64 @@ def summarize(
 
 
 def served_mix_fid(completed: Sequence[Query], plans: PlanTimeline, cascade: Cascade) -> tuple[Optional[float], str]:
-    """FID of the images served to ``completed`` queries, and which curve it was read from."""
+    """FID of the images served to ``completed`` queries as one mix, and which curve it was read from."""
     rec = QueryRecords.of(completed)
-    return _served_mix_fid(rec.arrival_s, rec.has(SERVED_LIGHT), rec.has(SCORED | DEFERRED), plans, cascade)
+    return _mix_fid(rec.has(SERVED_LIGHT), _cascade_mode(rec.arrival_s, rec.has(SCORED | DEFERRED), plans), cascade)
 
 
-def _served_mix_fid(arrival_s: np.ndarray, light: np.ndarray, scored: np.ndarray, plans: PlanTimeline,
-                    cascade: Cascade) -> tuple[Optional[float], str]:
-    """:func:`served_mix_fid` of completed queries given as arrays: arrival times, served light, and
-    scored or deferred. With no plan known (a real run without plan records), a scored or deferred
-    light image means cascade routing."""
-    if not len(arrival_s):
-        return None, "none"
-    if plans:
-        # The plan in force at each arrival: the last applied at or before it (the first before any).
-        at = np.maximum(np.searchsorted([when for when, _ in plans], arrival_s, side="right") - 1, 0)
-        cascade_mode = np.array([p.mode == "cascade" for _, p in plans])[at]
-    else:
-        cascade_mode = scored
-    by_mode: dict[str, list[int]] = {  # mode -> [light served, completed]
-        "cascade": [int(np.count_nonzero(light & cascade_mode)), int(np.count_nonzero(cascade_mode))],
-        "split": [int(np.count_nonzero(light & ~cascade_mode)), int(np.count_nonzero(~cascade_mode))],
-    }
+def _cascade_mode(arrival_s: np.ndarray, scored: np.ndarray, plans: PlanTimeline) -> np.ndarray:
+    """Which completed queries (arrival times; scored or deferred) were routed in cascade mode: the mode
+    of the plan in force at their arrival (the last applied at or before it, the first before any). With
+    no plan known (a real run without plan records), a scored or deferred light image means cascade."""
+    if not plans:
+        return np.asarray(scored, dtype=bool)
+    at = np.maximum(np.searchsorted([when for when, _ in plans], arrival_s, side="right") - 1, 0)
+    return np.array([p.mode == "cascade" for _, p in plans], dtype=bool)[at]
+
+
+def _mode_fids(light_c, n_c, light_s, n_s, cascade: Cascade) -> list[tuple[int, float, str]]:
+    """(completed, FID, mode) of each mode that served something: cascade mode reads the cascade's curve
+    at its light fraction, split mode the random-mix line."""
     parts = []
-    for mode, (light, n) in by_mode.items():
-        if n:
-            r = light / n
-            parts.append((n, cascade.fid(r) if mode == "cascade" else cascade.random_mix_fid(r), mode))
+    if n_c:
+        parts.append((n_c, float(cascade.fid(light_c / n_c)), "cascade"))
+    if n_s:
+        parts.append((n_s, float(cascade.random_mix_fid(light_s / n_s)), "split"))
+    return parts
+
+
+def _mix_fid(light: np.ndarray, cascade_mode: np.ndarray, cascade: Cascade) -> tuple[Optional[float], str]:
+    """FID of one served mix (completed queries: served light, routed in cascade mode) and its source."""
+    parts = _mode_fids(int(np.count_nonzero(light & cascade_mode)), int(np.count_nonzero(cascade_mode)),
+                       int(np.count_nonzero(light & ~cascade_mode)), int(np.count_nonzero(~cascade_mode)), cascade)
+    if not parts:
+        return None, "none"
     if len(parts) == 1:
-        n, fid, mode = parts[0]
-        return float(fid), "cascade" if mode == "cascade" else "random-mix"
-    total = sum(n for n, _, _ in parts)
-    return float(sum(n * fid for n, fid, _ in parts) / total), "mixed"
+        _, fid, mode = parts[0]
+        return fid, "cascade" if mode == "cascade" else "random-mix"
+    return sum(n * fid for n, fid, _ in parts) / sum(n for n, _, _ in parts), "mixed"
+
+
+def _window_fids(window: np.ndarray, light: np.ndarray, cascade_mode: np.ndarray, n: int,
+                 cascade: Cascade) -> tuple[list[Optional[float]], list[int]]:
+    """Each of ``n`` windows' served-mix FID (None: nothing completed) and completions, given each
+    completed query's window (by finish), served light, and cascade mode."""
+    def count(where: np.ndarray) -> list[int]:
+        return np.bincount(window[where], minlength=n).tolist()
+
+    light_c, n_c = count(light & cascade_mode), count(cascade_mode)
+    light_s, n_s = count(light & ~cascade_mode), count(~cascade_mode)
+    fids: list[Optional[float]] = []
+    for w in range(n):
+        parts = _mode_fids(light_c[w], n_c[w], light_s[w], n_s[w], cascade)
+        fids.append(sum(c * fid for c, fid, _ in parts) / (n_c[w] + n_s[w]) if parts else None)
+    return fids, [c + s for c, s in zip(n_c, n_s)]
+
+
+def _weighted_mean(values: Sequence[Optional[float]], weights: Sequence[int]) -> Optional[float]:
+    """Mean of the values that are not None, each weighted by its weight; None when the weights are 0."""
+    total = sum(w for v, w in zip(values, weights) if v is not None)
+    return sum(v * w for v, w in zip(values, weights) if v is not None) / total if total else None
 
 
 def plan_at(plans: PlanTimeline, t: float, times: Optional[list[float]] = None) -> Optional[Plan]:
@@ -393,6 +445,18 @@ def run_end_s(queries: Queries, plans: PlanTimeline, demand: Sequence[tuple[floa
     return end
 
 
+def window_count(queries: Queries, plans: PlanTimeline, demand: Sequence[tuple[float, float, float]],
+                 window_s: float) -> int:
+    """How many ``window_s`` windows cover the run, from 0 to :func:`run_end_s` (at least one; an end
+    exactly on a boundary falls in the last window)."""
+    return max(1, math.ceil(run_end_s(queries, plans, demand) / window_s))
+
+
+def _windows(t: np.ndarray, window_s: float, n: int) -> np.ndarray:
+    """The window of each time in ``t``, clipped to the ``n`` windows (numpy's // is Python's for floats)."""
+    return np.clip(np.floor_divide(t, window_s), 0, n - 1).astype(np.int64)
+
+
 def timeseries(
     queries: Queries,
     plans: PlanTimeline,
@@ -405,28 +469,26 @@ def timeseries(
     if not window_s > 0:
         raise DiffsimError(f"window_s must be > 0, got {window_s}")
     rec = as_records(queries)
-    end = run_end_s(rec, plans, demand)
-    n = max(1, math.ceil(end / window_s))  # an end exactly on a boundary falls in the last window
+    n = window_count(rec, plans, demand, window_s)
 
     def window(t: float) -> int:
         return min(n - 1, max(0, int(t // window_s)))
-
-    def windows(t: np.ndarray) -> np.ndarray:  # window() of each time (numpy's // is Python's for floats)
-        return np.clip(np.floor_divide(t, window_s), 0, n - 1).astype(np.int64)
 
     def count(where: np.ndarray) -> list[int]:  # how many of each window's entries are in ``where``
         return np.bincount(where, minlength=n).tolist()
 
     codes = rec.outcome_codes
     done = codes == _COMPLETED
-    a = windows(rec.arrival_s)
-    f = windows(rec.finished_s[done])
+    a = _windows(rec.arrival_s, window_s, n)
+    f = _windows(rec.finished_s[done], window_s, n)
     arrivals = count(a)
     violations = count(a[~done | rec.has(LATE)])
     late = count(a[rec.has(LATE)])
     dropped = count(a[codes == _DROPPED])
-    completions = count(f)
-    light_served = count(f[rec.has(SERVED_LIGHT)[done]])
+    served_light = rec.has(SERVED_LIGHT)[done]
+    light_served = count(f[served_light])
+    cascade_mode = _cascade_mode(rec.arrival_s[done], rec.has(SCORED | DEFERRED)[done], plans)
+    fids, completions = _window_fids(f, served_light, cascade_mode, n, cascade)
     measured: list[list[float]] = [[] for _ in range(n)]
     estimate: list[list[float]] = [[] for _ in range(n)]
     for t, rate, est in demand:
@@ -440,12 +502,6 @@ def timeseries(
         plan = plan_at(plans, t1) if plans and plans[0][0] <= t1 else None
         mode = plan.mode if plan is not None else ""
         r = _ratio(light_served[w], completions[w])
-        if r is None:
-            fid = None
-        elif mode == "split":
-            fid = float(cascade.random_mix_fid(r))
-        else:
-            fid = float(cascade.fid(r))
         rows.append(
             {
                 "t_start_s": t0,
@@ -470,7 +526,7 @@ def timeseries(
                 "plan_feasible": plan.feasible if plan else None,
                 "light_served": light_served[w],
                 "light_fraction": r,
-                "fid": fid,
+                "fid": fids[w],
             }
         )
     return rows

@@ -408,6 +408,8 @@ def summary_and_rows(result: LoadResult, cascade: Cascade, *, trace_name: str, w
         policy=str(server.get("policy", "")),
         seed=None,
         trace=trace_name,
+        window_s=window_s,
+        demand=result.demand,
     )
     summary["events"] = None  # a real run has no simulator events
     summary["routing"] = server.get("routing")
