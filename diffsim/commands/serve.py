@@ -24,7 +24,9 @@ def add_parser(subparsers) -> None:
             "--fid-reference). SIGTERM drains in-flight work and exits 0."
         ),
     )
-    p.add_argument("--backend", required=True, choices=("cuda", "cpu-tiny"), help="executors: cuda or cpu-tiny")
+    p.add_argument("--backend", required=True, choices=("cuda", "cpu-tiny", "emulated"),
+                   help="executors: cuda, cpu-tiny, or emulated (no model: each batch sleeps for the "
+                   "--gpu-profile's time; stand-in images, confidences from the deferral curve)")
     p.add_argument("--cascade", required=True, metavar="C", type=nonempty, help="cascade name, e.g. sdturbo-sdv15")
     p.add_argument("--gpus", type=limits.GPUS, metavar="N",
                    help="workers: one per GPU (default: every visible GPU; cpu-tiny: 1 CPU slot)")
@@ -37,7 +39,8 @@ def add_parser(subparsers) -> None:
                    help='plan for --policy static, e.g. \'{"threshold": 0.2, "light_workers": 1, '
                    '"heavy_workers": 1, "light_batch": 4, "heavy_batch": 2}\' (default: the paper\'s, scaled)')
     p.add_argument("--gpu-profile", metavar="a100|PATH|measure",
-                   help="latency profile the allocator plans with (default: measure on cpu-tiny, a100 on cuda)")
+                   help="latency profile the allocator plans with (default: measure on cpu-tiny, a100 on cuda and "
+                   "emulated)")
     p.add_argument("--save-profile", metavar="PATH", help="write the profile the server plans with (YAML)")
     p.add_argument("--cascades", metavar="FILE", help="cascades file (default: the shipped profiles/cascades.yaml)")
     p.add_argument("--weights", nargs="+", default=["random"], metavar="SRC",
@@ -253,6 +256,8 @@ def _image_size(backend: str, light: str, heavy: str):
     """'WxH' when both models make images of one size (what a request's ``size`` must say)."""
     from backends.specs import get_spec
 
+    if backend == "emulated":
+        return None  # 8x8 stand-ins: any size a request names is accepted
     size = "tiny" if backend == "cpu-tiny" else "full"
     res = {get_spec(light, size).resolution, get_spec(heavy, size).resolution}
     if len(res) != 1:

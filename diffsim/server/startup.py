@@ -28,6 +28,7 @@ log = logging.getLogger("diffsim.server")
 
 MEASURE = "measure"
 CPU_TINY_BATCH_SIZES = (1, 2, 4)
+EMULATED = "emulated"
 CUDA_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 
@@ -35,7 +36,7 @@ CUDA_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 class ServeOptions:
     """Everything ``diffsim serve`` needs, as plain data."""
 
-    backend: str  # "cuda" or "cpu-tiny"
+    backend: str  # "cuda", "cpu-tiny" or "emulated" (backends.emulated: profile-timed stand-ins)
     cascade: str
     gpus: int
     policy: str = "diffserve"
@@ -74,7 +75,7 @@ class ServeOptions:
     def profile_source(self) -> str:
         if self.gpu_profile is not None:
             return self.gpu_profile
-        return MEASURE if self.backend == "cpu-tiny" else "a100"
+        return MEASURE if self.backend == "cpu-tiny" else "a100"  # emulated: a100 unless given
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -154,8 +155,11 @@ def check_options(options: ServeOptions) -> None:
         raise DiffsimError("--batch-sizes: give positive batch sizes")
     light, heavy, _ = cascade_models(options)
     for model in (light, heavy):
-        check_backend_and_model(options.backend, model)
+        check_backend_and_model("cuda" if options.backend == EMULATED else options.backend, model)
     model_weights(options, light, heavy)
+    if options.backend == EMULATED and options.profile_source == MEASURE:
+        raise DiffsimError("--gpu-profile: backend emulated takes its batch times from a profile; "
+                           "give a shipped name (e.g. a100) or a profile file, not measure")
     if options.profile_source != MEASURE:
         resolve_profile(options.profile_source)
     if options.discriminator_weights is not None and not Path(options.discriminator_weights).is_file():
@@ -193,6 +197,8 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
     check_options(options)
     light, heavy, cascades_path = cascade_models(options)
     weights = model_weights(options, light, heavy)
+    if executor_factory is None and options.backend == EMULATED:
+        executor_factory = emulated_factory(options, cascades_path)
     factory = executor_factory or default_executor_factory(options, weights)
     models = {"light": light, "heavy": heavy}
     workers = make_workers(options, factory, models)
@@ -264,6 +270,19 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
                 pass
         raise
     return engine
+
+
+def emulated_factory(options: ServeOptions, cascades_path: Path) -> ExecutorFactory:
+    """Executors that sleep for the profile's batch times (:mod:`backends.emulated`)."""
+    from backends.emulated import EmulatedFactory
+
+    from ..profiles import build_cascade, load_cascades, load_gpu_profile
+    from ..resources import resolve_profile
+
+    profile_path = resolve_profile(options.profile_source)
+    cascade = build_cascade(options.cascade, load_gpu_profile(profile_path), load_cascades(cascades_path),
+                            profile_path, cascades_path)
+    return EmulatedFactory(cascade, seed=options.seed)
 
 
 def make_workers(options: ServeOptions, factory: ExecutorFactory, models: dict[str, str]) -> list:
