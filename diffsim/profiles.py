@@ -114,12 +114,30 @@ class LatencyTable(_Strict):
 
 class Overheads(_Strict):
     """What a served request pays outside the batches, for the simulator to add (``diffsim validate`` and
-    ``diffsim load`` measure them): ``request_ms``, from the client's send to its receipt minus the
-    server's own time for the request (HTTP, JSON and base64, the network); ``cold_start_s``, how much
+    ``diffsim load`` measure them): ``request_ms``, the median over requests of the client's send to its
+    receipt minus the server's own time for the request (HTTP, JSON and base64, the network, the event
+    loop), with its spread as ``request_p95_ms`` / ``request_p99_ms`` where measured (``--service-time
+    sampled`` draws each request's overhead from a log-normal fitted to them); ``cold_start_s``, how much
     longer each worker's first batch takes than the profile says (a fresh process warming up)."""
 
     request_ms: float = Field(default=0.0, ge=0, le=limits.LATENCY_MS.hi)
+    request_p95_ms: Optional[float] = Field(default=None, ge=0, le=limits.LATENCY_MS.hi)
+    request_p99_ms: Optional[float] = Field(default=None, ge=0, le=limits.LATENCY_MS.hi)
     cold_start_s: float = Field(default=0.0, ge=0, le=limits.SECONDS.hi)
+
+    @field_validator("request_p95_ms", "request_p99_ms")
+    @classmethod
+    def _ordered(cls, v: Optional[float], info) -> Optional[float]:
+        """p50 <= p95 <= p99: each percentile at least the ones below it that are given."""
+        if v is None:
+            return v
+        for below in ("request_ms", "request_p95_ms"):
+            if below == info.field_name:
+                break
+            lower = info.data.get(below)
+            if lower is not None and v < lower:
+                raise ValueError(f"must be at least {below} ({lower:g}), got {v:g}")
+        return v
 
 
 class GpuProfile(_Strict):

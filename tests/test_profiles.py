@@ -34,6 +34,14 @@ def test_slos():
     assert {k: v.slo_s for k, v in cascades.items()} == {"sdturbo-sdv15": 5, "sdxs-sdv15": 5, "sdxlltn-sdxl": 15}
 
 
+def test_overhead_percentiles_load_in_order(tmp_path):
+    data = _good_gpu()
+    data["overheads"] = {"request_ms": 30, "request_p95_ms": 30.0, "request_p99_ms": 400.5, "cold_start_s": 1.0}
+    o = load_gpu_profile(_write(tmp_path, data)).overheads
+    assert (o.request_ms, o.request_p95_ms, o.request_p99_ms, o.cold_start_s) == (30, 30.0, 400.5, 1.0)
+    assert load_gpu_profile(PROFILES / "a100.yaml").overheads.request_p99_ms is None  # not measured
+
+
 def test_interpolation_rule():
     t = LatencyTable(batch_sizes=[1, 4, 8, 16], p50_ms=[100, 220, 410, None], p99_ms=[110, 250, 450, None])
     assert t.latency_ms(1) == 100
@@ -83,6 +91,13 @@ GPU_CASES = [
     (lambda d: d["provenance"].pop("source"), "provenance.source", "missing"),
     (lambda d: d.update(colour="blue"), "colour", "not permitted"),
     (lambda d: d.pop("discriminator"), "discriminator", "missing"),
+    (lambda d: d.update(overheads={"request_ms": 30.0, "request_p95_ms": 20.0}), "overheads.request_p95_ms",
+     "at least request_ms"),
+    (lambda d: d.update(overheads={"request_ms": 30.0, "request_p95_ms": 50.0, "request_p99_ms": 40.0}),
+     "overheads.request_p99_ms", "at least request_p95_ms"),
+    (lambda d: d.update(overheads={"request_ms": 30.0, "request_p99_ms": 29.0}), "overheads.request_p99_ms",
+     "at least request_ms"),
+    (lambda d: d.update(overheads={"request_p95_ms": -1.0}), "overheads.request_p95_ms", "greater than or equal"),
 ]
 
 

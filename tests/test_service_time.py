@@ -106,3 +106,60 @@ def test_profile_overheads_reach_the_simulated_latency():
     result = simulate(SimConfig(cascade=cold, gpus=4, seed=0), trace)
     first_query = min(firsts.values(), key=lambda b: b.start_s).queries[0]
     assert result.queries[first_query.id].service_s >= 2.0  # the first batch paid the cold start
+
+
+def overhead_cascade(request_ms=35.0, sigma=0.8, **kw):
+    from diffsim.profiles import Overheads
+
+    spread = {} if sigma is None else {"request_p95_ms": request_ms * float(np.exp(sigma * Z95)),
+                                       "request_p99_ms": request_ms * float(np.exp(sigma * Z99))}
+    return replace(spread_cascade(), overheads=Overheads(request_ms=request_ms, **spread, **kw))
+
+
+def test_request_overhead_draws_reproduce_the_measured_percentiles():
+    from diffsim.runtime.service_time import request_overhead
+
+    draw = request_overhead(overhead_cascade(35.0, 0.8), "sampled", seed=3)
+    draws = np.array([draw() for _ in range(60_000)])
+    p50, p95, p99 = np.percentile(draws, [50, 95, 99])
+    assert p50 == pytest.approx(0.035, rel=0.03)
+    assert p95 == pytest.approx(0.035 * np.exp(0.8 * Z95), rel=0.04)
+    assert p99 == pytest.approx(0.035 * np.exp(0.8 * Z99), rel=0.07)
+    again = request_overhead(overhead_cascade(35.0, 0.8), "sampled", seed=3)
+    assert [again() for _ in range(5000)] == list(draws[:5000])  # across a block boundary (4096)
+    other = request_overhead(overhead_cascade(35.0, 0.8), "sampled", seed=4)
+    assert [other() for _ in range(5)] != list(draws[:5])
+
+
+def test_request_overhead_is_the_median_in_p50_mode_or_without_spread():
+    from diffsim.runtime.service_time import request_overhead
+
+    assert request_overhead(overhead_cascade(35.0, 0.8), "p50", seed=3) == pytest.approx(0.035)
+    assert request_overhead(overhead_cascade(35.0, None), "sampled", seed=3) == pytest.approx(0.035)
+    assert request_overhead(a100_cascade(), "sampled", seed=3) == 0.0  # no overheads in the profile
+    with pytest.raises(Exception, match="unknown service-time mode"):
+        request_overhead(a100_cascade(), "p99")
+
+
+def test_a_sampled_overhead_changes_only_the_answer_times():
+    """The overhead's draws have a stream of their own: the router's choices and the batch-time draws (and
+    so every query's batches, queueing and outcome) are those of the run with a constant overhead; only the
+    completed queries' finish times move, by the drawn overhead in place of the median."""
+    trace = poisson_trace(6.0, 120.0, seed=7)
+    constant = simulate(SimConfig(cascade=overhead_cascade(35.0, None), gpus=8, seed=3, service_time="sampled",
+                                  routing="random"), trace)
+    sampled = simulate(SimConfig(cascade=overhead_cascade(35.0, 0.8), gpus=8, seed=3, service_time="sampled",
+                                 routing="random"), trace)
+    same = lambda r: [(q.outcome, q.stages, q.batch_sizes, q.queue_s, q.service_s) for q in r.queries]  # noqa: E731
+    assert same(constant) == same(sampled)
+    gaps = np.array([b.finished_s - a.finished_s + 0.035 for a, b in zip(constant.queries, sampled.queries)
+                     if a.outcome == "completed"])
+    assert len(gaps) > 500 and (gaps > 0).all() and len(set(gaps.round(9))) > 100  # one draw per query
+    assert np.median(gaps) == pytest.approx(0.035, rel=0.15)
+
+
+def test_p50_mode_ignores_the_overhead_spread():
+    trace = poisson_trace(6.0, 60.0, seed=8)
+    a = simulate(SimConfig(cascade=overhead_cascade(35.0, None), gpus=8, seed=1), trace)
+    b = simulate(SimConfig(cascade=overhead_cascade(35.0, 0.8), gpus=8, seed=1), trace)
+    assert [(q.outcome, q.finished_s) for q in a.queries] == [(q.outcome, q.finished_s) for q in b.queries]

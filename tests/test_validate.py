@@ -49,6 +49,30 @@ def test_the_profile_is_scaled_per_stage_by_the_measured_ratio():
     assert profile["models"]["l"]["p50_ms"] == [10.0, 20.0]  # the input is left alone
 
 
+def test_request_overhead_percentiles_by_hand():
+    """Client latency minus the server's queueing and batches, over the completed requests only."""
+    from types import SimpleNamespace
+
+    from diffsim.commands.validate import request_overhead_ms
+    from diffsim.query import Query
+
+    def answered(gap_ms, outcome="completed"):
+        q = Query(0, 0, 10.0, 2.0)
+        q.queue_s, q.service_s = 0.25, 0.5
+        q.finish(outcome, 10.0 + 0.75 + gap_ms / 1e3)
+        return q
+
+    gaps = list(range(1, 101))  # 1..100 ms over two runs; a dropped and a rejected one do not count
+    runs = [SimpleNamespace(queries=[answered(g) for g in gaps[:60]] + [answered(5000, "dropped")]),
+            SimpleNamespace(queries=[answered(g) for g in gaps[60:]] + [answered(9000, "rejected")])]
+    o = request_overhead_ms(runs)
+    assert o["request_ms"] == pytest.approx(np.percentile(gaps, 50), abs=1e-3)  # 50.5
+    assert o["request_p95_ms"] == pytest.approx(np.percentile(gaps, 95), abs=1e-3)  # 95.05
+    assert o["request_p99_ms"] == pytest.approx(np.percentile(gaps, 99), abs=1e-3)  # 99.01
+    assert request_overhead_ms([SimpleNamespace(queries=[])]) == {"request_ms": 0.0, "request_p95_ms": 0.0,
+                                                                  "request_p99_ms": 0.0}
+
+
 def fake_profile(path: Path) -> Path:
     table = lambda ms: {"batch_sizes": [1, 2, 4], "p50_ms": list(ms)}  # noqa: E731
     path.write_text(yaml.safe_dump({
@@ -94,3 +118,19 @@ def test_validate_end_to_end_on_a_fake_server(tmp_path, capsys):
         assert (tmp_path / "v" / path).exists(), path
     out = capsys.readouterr().out
     assert "throughput_qps" in out and "within" in out
+    # the request overhead's spread, from the real runs' own records (queries.csv: client latency minus
+    # the server's queueing and batches, completed requests), reaches the simulated profile
+    import csv
+
+    gaps = [1e3 * max(0.0, float(r["latency_s"]) - float(r["queue_s"]) - float(r["service_s"]))
+            for k in (1, 2) for r in csv.DictReader(open(tmp_path / "v" / f"real-{k}" / "queries.csv"))
+            if r["outcome"] == "completed"]
+    overhead = report["request_overhead_ms"]
+    for key, q in (("request_ms", 50), ("request_p95_ms", 95), ("request_p99_ms", 99)):
+        assert overhead[key] == pytest.approx(np.percentile(gaps, q), abs=0.02), key
+    assert 0 < overhead["request_ms"] <= overhead["request_p95_ms"] <= overhead["request_p99_ms"]
+    from diffsim.commands.validate import sim_config_from
+
+    o = sim_config_from(described, service_time="sampled", overhead=overhead).cascade.overheads
+    assert (o.request_ms, o.request_p95_ms, o.request_p99_ms) == tuple(overhead[k] for k in
+                                                                       ("request_ms", "request_p95_ms", "request_p99_ms"))

@@ -9,7 +9,8 @@
    slower than it the server's batches really ran during step 2 (the server measures every batch; the
    mean of measured / profile time, from ``GET /v1/plan``; ``--no-calibrate`` keeps the profile as it
    is), with batch times sampled around its p50 (``--service-time``), the request overhead measured in
-   step 2 (client latency minus the server's own time, median), and the per-prompt confidences the
+   step 2 (client latency minus the server's own time; its p50, p95 and p99, each request's drawn from
+   a log-normal fitted to them with ``--service-time sampled``), and the per-prompt confidences the
    server reported -- into ``OUT/sim/``.
 4. Writes ``OUT/validation.json`` (per figure: sim, the real values, the error, the real spread,
    within_spread), prints the table, and plots latency CDFs and violations per window
@@ -96,9 +97,10 @@ def scaled_profile(profile: dict, light_model: str, heavy_model: str, ratio: dic
     return data
 
 
-def sim_config_from(described: dict, *, service_time: str, request_ms: float, ratio=None):
+def sim_config_from(described: dict, *, service_time: str, overhead=None, ratio=None):
     """The :class:`~diffsim.config.SimConfig` of a simulation of the described server (its profile scaled
-    by ``ratio`` per stage, see :func:`scaled_profile`)."""
+    by ``ratio`` per stage, see :func:`scaled_profile`; its request overhead replaced by ``overhead``, the
+    ``overheads`` fields of :func:`request_overhead_ms`)."""
     from ..config import ControllerConfig, SimConfig
     from ..profiles import CascadesFile, GpuProfile, build_cascade
 
@@ -106,7 +108,9 @@ def sim_config_from(described: dict, *, service_time: str, request_ms: float, ra
     profile_data = dict(described["profile"])
     if ratio:
         profile_data = scaled_profile(profile_data, c["light"], c["heavy"], ratio)
-    profile_data["overheads"] = {**profile_data.get("overheads", {}), "request_ms": request_ms}
+    if overhead is not None:
+        kept = {k: v for k, v in profile_data.get("overheads", {}).items() if not k.startswith("request_")}
+        profile_data["overheads"] = {**kept, **overhead}
     profile = GpuProfile.model_validate(profile_data)
     spec = {k: c[k] for k in ("light", "heavy", "slo_s", "deferral_curve", "fid") if k in c}
     spec["deferral_curve"] = c["deferral_curve"]
@@ -143,13 +147,18 @@ def measured_ratio(url: str, api_key=None) -> dict:
     return {role: r for role, r in (snap.get("service_time_ratio") or {}).items() if r}
 
 
-def request_overhead_ms(runs) -> float:
-    """Median over every request answered 200 of client latency minus the server's own time for it."""
+def request_overhead_ms(runs) -> dict:
+    """The request overhead's percentiles (ms) over every request answered 200, as the profile's
+    ``overheads`` takes them: ``request_ms`` (p50), ``request_p95_ms``, ``request_p99_ms`` of client
+    latency minus the server's own time for the request (its queueing and batches). All 0 without answers."""
     import numpy as np
 
     gaps = [1e3 * (q.latency_s - q.queue_s - q.service_s) for result in runs for q in result.queries
             if q.outcome == "completed" and q.latency_s is not None]
-    return max(0.0, float(np.median(gaps))) if gaps else 0.0
+    if not gaps:
+        return {"request_ms": 0.0, "request_p95_ms": 0.0, "request_p99_ms": 0.0}
+    p50, p95, p99 = (round(float(v), 3) for v in np.percentile(np.maximum(gaps, 0.0), [50, 95, 99]))
+    return {"request_ms": p50, "request_p95_ms": p95, "request_p99_ms": p99}
 
 
 def measured_confidences(runs, cascade, seed: int):
@@ -182,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         trace = _head(trace, args.max_requests)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sim_config = sim_config_from(described, service_time=args.service_time, request_ms=0.0)
+    sim_config = sim_config_from(described, service_time=args.service_time)
     cascade = sim_config.cascade
     runs, real_figures, real_rows = [], [], []
     for k in range(args.repeats):
@@ -199,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         real_rows.append(rows)
     overhead = request_overhead_ms(runs)
     ratio = {} if args.no_calibrate else measured_ratio(args.url, args.api_key)
-    sim_config = sim_config_from(described, service_time=args.service_time, request_ms=overhead, ratio=ratio)
+    sim_config = sim_config_from(described, service_time=args.service_time, overhead=overhead, ratio=ratio)
     confidences, scored = measured_confidences(runs, sim_config.cascade, sim_config.seed)
     scaled = _scaled(trace, args.time_scale)
     sim = simulate(sim_config, scaled, confidences=confidences)
@@ -221,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
     plot(out / "validation.png", sim.queries, [r.queries for r in runs], sim_rows, real_rows)
     print(format_table(comparison))
     scale_text = ", ".join(f"{role} x{r:.2f}" for role, r in ratio.items() if r) or "not scaled"
-    print(f"request overhead {overhead:.1f} ms (median); profile {scale_text}; "
+    print(f"request overhead p50 {overhead['request_ms']:.1f} ms, p95 {overhead['request_p95_ms']:.1f} ms, "
+          f"p99 {overhead['request_p99_ms']:.1f} ms; profile {scale_text}; "
           f"wrote {out / 'validation.json'}, {out / 'validation.png'}")
     return 0
 

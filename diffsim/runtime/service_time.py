@@ -15,6 +15,12 @@ the two tables' percentiles (an upper bound of the sum's, as the two are positiv
 Draws come from a generator of their own, seeded with the run's seed, so a seed still fixes every
 result, and the router's random choices are the same whether times are sampled or not. With ``p50`` no
 random number is drawn and results are those of a fixed-time simulator.
+
+The request overhead (what a client waits beyond the server's queueing and batches: HTTP, JSON and
+base64, the server's event loop) is drawn the same way, per completed query, by :func:`request_overhead`:
+a log-normal whose median is the profile's ``overheads.request_ms`` and whose sigma is fitted to its
+``request_p95_ms`` / ``request_p99_ms``, from a second stream of its own (so sampling it changes no router
+choice and no batch time); the median as a constant with ``p50``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from ..profiles import Cascade
 SERVICE_TIME_MODES = ("p50", "sampled")
 Z95 = 1.6448536269514722  # standard normal quantiles
 Z99 = 2.3263478740408408
-_STREAM = 0x5E1F  # the draws' own stream of the run's seed
+_STREAM = 0x5E1F  # the batch-time draws' own stream of the run's seed
+_OVERHEAD_STREAM = 0x0E4D  # the request overheads' own stream
 _BLOCK = 4096
 
 
@@ -100,7 +107,38 @@ class ServiceTimeModel:
         return median * math.exp(sigma * self._z[i])
 
 
+class LogNormalDraws:
+    """A callable drawing one value (seconds) from a log-normal of this median and sigma, from its own
+    generator, a block of standard normals at a time."""
+
+    def __init__(self, median_s: float, sigma: float, rng: np.random.Generator):
+        self.median_s = median_s
+        self.sigma = sigma
+        self._rng = rng
+        self._values: list[float] = []
+        self._next = 0
+
+    def __call__(self) -> float:
+        i = self._next
+        if i == len(self._values):
+            self._values = (self.median_s * np.exp(self.sigma * self._rng.standard_normal(_BLOCK))).tolist()
+            i = 0
+        self._next = i + 1
+        return self._values[i]
+
+
 def request_overhead(cascade: Cascade, mode: str = "p50", seed: int = 0) -> "float | Callable[[], float]":
-    """What a completed query waits beyond its batches (HTTP, encoding), in seconds, for the dispatcher:
-    the profile's ``overheads.request_ms`` as a constant."""
-    return cascade.overheads.request_ms / 1e3
+    """What a completed query waits beyond its batches (HTTP, encoding, the event loop), in seconds, for
+    the dispatcher: the profile's ``overheads.request_ms`` as a constant with ``p50`` (or where the profile
+    gives no spread); with ``sampled`` a :class:`LogNormalDraws` of that median, its sigma fitted to
+    ``request_p95_ms`` / ``request_p99_ms`` as batch times are (:func:`lognormal_sigma`), drawing from a
+    stream of the run's seed of its own -- so the router's choices and the batch-time draws are the same
+    whether the overhead is sampled or not."""
+    if mode not in SERVICE_TIME_MODES:
+        raise DiffsimError(f"unknown service-time mode {mode!r} (choose from {', '.join(SERVICE_TIME_MODES)})")
+    o = cascade.overheads
+    median_s = o.request_ms / 1e3
+    sigma = lognormal_sigma(o.request_ms, o.request_p95_ms, o.request_p99_ms)
+    if mode == "p50" or sigma == 0.0:
+        return median_s
+    return LogNormalDraws(median_s, sigma, np.random.default_rng([seed, _OVERHEAD_STREAM]))
