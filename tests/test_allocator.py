@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import event, HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from diffsim.allocator import allocate
+from diffsim.allocator import (DEFAULT_THRESHOLDS, MODES, _interpolate, _rank_candidates, _round_like_python,
+                               allocate)
 from diffsim.errors import DiffsimError
 from diffsim.profiles import Cascade, DeferralCurve, FidCurve, LatencyTable, load_cascade
 
@@ -302,3 +304,94 @@ def test_utilization_cap_and_batch_wait_hold(cascade, gpus, demand, rho, wait, q
     # a looser cap never makes the objective worse
     loose = allocate(cascade, gpus, demand, queue_delay_s=(ql, qh), thresholds=GRID, batch_wait=wait)
     assert loose.feasible and loose.expected_fid <= plan.expected_fid + 1e-9
+
+
+# ----------------------------------------------------------------------------------------------
+# The candidates' ranking in numpy (a cold solve's main cost) against the one-threshold-at-a-time loop
+
+
+def _ranking_by_loop(cascade: Cascade, grid, objective: str, mode: str) -> list[tuple]:
+    """The ranking as the allocator computed it before it was vectorised: each threshold through the curves'
+    ``__call__`` and ``round``, merged in a dict, sorted, then the frontier by pairwise comparison."""
+    if mode == "cascade":
+        raw = [(t, cascade.deferral(t), 1.0, cascade.fid(1.0 - cascade.deferral(t))) for t in grid]
+    else:
+        shares = {"split": grid, "light-only": (0.0,), "heavy-only": (1.0,)}[mode]
+        raw = [(p, p, 1.0 - p, cascade.random_mix_fid(1.0 - p)) for p in shares]
+    merged: dict[float, tuple] = {}
+    for key, h, l, fid in sorted(raw):
+        h = round(h, 12)
+        if h not in merged or objective == "max-threshold":
+            merged[h] = (key, h, l, fid)
+    cands = list(merged.values())
+    if objective == "quality":
+        cands.sort(key=lambda c: (round(c[3], 9), c[1], c[0]))
+    else:
+        cands.sort(key=lambda c: -c[0])
+    frontier: list[tuple] = []
+    for c in cands:
+        if all(c[1] < f[1] or c[2] < f[2] for f in frontier):
+            frontier.append(c)
+    return frontier
+
+
+# Values that land on (or within an ulp of) a half at 9 and 12 digits, where rounding is hardest.
+_HALVES = st.builds(lambda k, d, step: float(np.nextafter((k + 0.5) / 10 ** d, step)),
+                    st.integers(0, 10 ** 6), st.sampled_from([9, 12]), st.sampled_from([-np.inf, 0.0, np.inf]))
+
+
+@st.composite
+def ranking_inputs(draw):
+    knots = draw(st.lists(st.floats(0, 1).map(lambda v: round(v, 3)), max_size=8, unique=True))
+    t = sorted({0.0, 1.0, *knots})
+    # Deferral with flat stretches (equal heavy fractions to merge) and values at awkward halves.
+    f = sorted(draw(st.lists(st.one_of(st.sampled_from([0.0, 0.25, 0.5, 1.0]), st.floats(0, 1), _HALVES),
+                             min_size=len(t), max_size=len(t))))
+    f = [min(v, 1.0) for v in f]
+    r = sorted({0.0, 1.0, *draw(st.lists(st.floats(0, 1), max_size=5))})
+    values = st.one_of(st.floats(5, 60), st.floats(5, 60).map(lambda v: round(v, 2)), _HALVES.map(lambda v: 10 + v))
+    fid = draw(st.lists(values, min_size=len(r), max_size=len(r)))
+    fid_random = None
+    if draw(st.booleans()):
+        fid_random = FidCurve(r=r, fid=draw(st.lists(values, min_size=len(r), max_size=len(r))))
+    cascade = Cascade(
+        name="random", slo_s=1.0, light_model="light", heavy_model="heavy",
+        light=LatencyTable(batch_sizes=[1], p50_ms=[10.0]), heavy=LatencyTable(batch_sizes=[1], p50_ms=[100.0]),
+        discriminator=LatencyTable(batch_sizes=[1], p50_ms=[1.0]),
+        deferral=DeferralCurve(t=t, f=f), fid=FidCurve(r=r, fid=fid), fid_random=fid_random, gpu="test")
+    grid = draw(st.one_of(
+        st.just(DEFAULT_THRESHOLDS),
+        st.lists(st.one_of(st.sampled_from(t), st.floats(0, 1), st.floats(0, 1).map(lambda v: round(v, 2))),
+                 min_size=1, max_size=60).map(tuple)))  # knots, duplicates, anything between
+    return cascade, grid, draw(st.sampled_from(["quality", "max-threshold"])), draw(st.sampled_from(list(MODES)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(ranking_inputs())
+def test_vectorised_ranking_equals_the_python_loop(inputs):
+    cascade, grid, objective, mode = inputs
+    ranked = _rank_candidates(cascade, grid, objective, mode)
+    expect = _ranking_by_loop(cascade, grid, objective, mode)
+    assert [(c.key, c.heavy_fraction, c.light_fraction, c.fid) for c in ranked.cands] == expect
+    assert [ranked.candidate(k) for k in range(len(expect))] == list(ranked.cands)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.floats(-1e6, 1e6), st.floats(allow_nan=False), _HALVES, _HALVES.map(lambda v: -v),
+                          _HALVES.map(lambda v: v * 2 ** 30)), min_size=1, max_size=20),
+       st.sampled_from([9, 12]))
+def test_round_like_python_is_round(values, digits):
+    got = _round_like_python(np.array(values), digits).tolist()
+    expect = [round(v, digits) for v in values]
+    assert [v.hex() for v in got] == [v.hex() for v in expect]  # bit for bit, signed zeros included
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=6, unique=True),
+       st.lists(st.floats(0, 100), min_size=8, max_size=8), st.lists(st.floats(-0.1, 1.1), max_size=30))
+def test_interpolate_is_the_curves_call(knots, ys, xs):
+    x = sorted({0.0, 1.0, *knots})
+    curve = FidCurve(r=x, fid=ys[:len(x)] + [1.0] * (len(x) - len(ys[:len(x)]))).curve
+    xs = xs + x  # the knots themselves, where a curve switches segments
+    got = _interpolate(curve, np.array(xs)).tolist()
+    assert [v.hex() for v in got] == [float(curve(v)).hex() for v in xs]
