@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -39,12 +39,6 @@ IMAGE_SIZE = 8
 _KEY = "diffsim_confidence"  # PIL image info key carrying the stand-in's confidence to score()
 
 
-def batch_times_ms(table: LatencyTable) -> dict[int, float]:
-    """{batch size: p50 ms} of the sizes the table has a time for."""
-    times = {b: table.latency_ms(b) for b in table.batch_sizes}
-    return {b: ms for b, ms in times.items() if ms is not None}
-
-
 def prompt_key(prompt: str, seed: int) -> int:
     """A 64-bit key of (prompt, seed): the same in every process (unlike ``hash``)."""
     return (zlib.crc32(prompt.encode("utf-8")) << 32) | (int(seed) & 0xFFFFFFFF)
@@ -53,18 +47,18 @@ def prompt_key(prompt: str, seed: int) -> int:
 class EmulatedExecutor(Executor):
     """One model (and, for a light worker, the discriminator) timed by a profile; see the module docstring.
 
-    ``batch_ms`` / ``score_ms``: p50 milliseconds per batch size of the model and of the discriminator
-    (None: this worker does not score). ``sleep`` is injectable so tests need not wait."""
+    ``times`` / ``score_times``: the profile's latency tables of the model and of the discriminator (None:
+    this worker does not score); a batch takes the table's p50 for its size, interpolated between measured
+    sizes as the simulator and the allocator read it (:meth:`~diffsim.profiles.LatencyTable.latency_ms`).
+    ``sleep`` is injectable so tests need not wait."""
 
     backend = "emulated"
 
-    def __init__(self, model: str, batch_ms: Mapping[int, float], *, score_ms: Optional[Mapping[int, float]],
+    def __init__(self, model: str, times: LatencyTable, *, score_times: Optional[LatencyTable],
                  deferral: DeferralCurve, seed: int = 0, sleep: Callable[[float], None] = time.sleep):
-        if not batch_ms:
-            raise DiffsimError(f"backend emulated: the profile has no batch time for {model}")
         self.model = model
-        self.batch_ms = dict(batch_ms)
-        self.score_ms = None if score_ms is None else dict(score_ms)
+        self.times = times
+        self.score_times = score_times
         self.deferral = deferral
         self.seed = seed
         self.sleep = sleep
@@ -80,11 +74,11 @@ class EmulatedExecutor(Executor):
     def unload(self) -> None:
         self._loaded = False
 
-    def _time_s(self, table: Mapping[int, float], n: int, what: str) -> float:
-        ms = table.get(n)
+    def _time_s(self, table: LatencyTable, n: int, what: str) -> float:
+        ms = table.latency_ms(n)
         if ms is None:
             raise DiffsimError(f"backend emulated: the profile has no {what} time at batch size {n} "
-                               f"(it has {', '.join(map(str, sorted(table)))})")
+                               f"(measured: {', '.join(map(str, table.batch_sizes))})")
         return ms / 1e3
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]):
@@ -94,7 +88,7 @@ class EmulatedExecutor(Executor):
             raise RuntimeError(f"{self.model}: generate() before load()")
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        self.sleep(self._time_s(self.batch_ms, len(prompts), self.model))
+        self.sleep(self._time_s(self.times, len(prompts), self.model))
         images = []
         for prompt, seed in zip(prompts, seeds):
             s = int(seed)
@@ -105,9 +99,9 @@ class EmulatedExecutor(Executor):
         return images
 
     def score(self, images) -> np.ndarray:
-        if self.score_ms is None:
+        if self.score_times is None:
             raise RuntimeError(f"{self.model}: this worker has no discriminator")
-        self.sleep(self._time_s(self.score_ms, len(images), "discriminator"))
+        self.sleep(self._time_s(self.score_times, len(images), "discriminator"))
         try:
             return np.array([im.info[_KEY] for im in images], dtype=float)
         except KeyError:
@@ -122,9 +116,9 @@ class EmulatedFactory:
     so it pickles for Ray actors."""
 
     def __init__(self, cascade: Cascade, seed: int = 0):
-        self.tables = {"light": batch_times_ms(cascade.light), "heavy": batch_times_ms(cascade.heavy)}
+        self.tables = {"light": cascade.light, "heavy": cascade.heavy}
         self.models = {"light": cascade.light_model, "heavy": cascade.heavy_model}
-        self.score_ms = batch_times_ms(cascade.discriminator)
+        self.score_times = cascade.discriminator
         self.deferral = cascade.deferral
         self.seed = seed
 
@@ -132,5 +126,5 @@ class EmulatedFactory:
         if model != self.models[role]:
             raise DiffsimError(f"backend emulated: the {role} worker was asked for {model}, "
                                f"the cascade's {role} model is {self.models[role]}")
-        return EmulatedExecutor(model, self.tables[role], score_ms=self.score_ms if role == "light" else None,
+        return EmulatedExecutor(model, self.tables[role], score_times=self.score_times if role == "light" else None,
                                 deferral=self.deferral, seed=self.seed)

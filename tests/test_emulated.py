@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from backends.emulated import EmulatedExecutor, EmulatedFactory, batch_times_ms
+from backends.emulated import EmulatedFactory
 from diffsim.errors import DiffsimError
 from diffsim.profiles import load_cascade
 from diffsim.resources import profiles_dir, resolve_profile
@@ -55,11 +55,16 @@ def test_confidences_follow_the_deferral_curve_and_depend_only_on_prompt_and_see
     assert changed.tolist() != scores[:4].tolist()  # another seed: another image, another score
 
 
-def test_a_batch_size_the_profile_lacks_is_a_clear_error(cascade):
-    light, _ = executors(cascade, [])
-    light.batch_ms.pop(2, None)
-    with pytest.raises(DiffsimError, match="no sdturbo time at batch size 2|no .* time at batch size 2"):
-        light.generate(["a", "b"], [1, 2])
+def test_sizes_between_measured_ones_are_interpolated_as_the_simulator_reads_them(cascade):
+    sleeps: list[float] = []
+    light, _ = executors(cascade, sleeps)
+    assert 3 not in cascade.light.batch_sizes  # the dispatcher forms a batch of 3 when 3 are queued
+    light.generate(["a", "b", "c"], [1, 2, 3])
+    assert sleeps == [cascade.light.latency_ms(3) / 1e3]
+    assert cascade.light.latency_ms(2) < 1e3 * sleeps[0] < cascade.light.latency_ms(4)
+    too_many = cascade.light.batch_sizes[-1] + 1
+    with pytest.raises(DiffsimError, match=f"no sd-turbo time at batch size {too_many}"):
+        light.generate(["a"] * too_many, list(range(too_many)))
 
 
 def test_heavy_workers_do_not_score_and_factory_pickles(cascade):
@@ -68,7 +73,7 @@ def test_heavy_workers_do_not_score_and_factory_pickles(cascade):
     heavy.load()
     with pytest.raises(RuntimeError, match="no discriminator"):
         heavy.score([])
-    assert batch_times_ms(cascade.heavy) == heavy.batch_ms
+    assert heavy.times == cascade.heavy
     with pytest.raises(DiffsimError, match="light model is"):
         factory(0, "light", cascade.heavy_model)
 
