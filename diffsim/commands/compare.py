@@ -9,6 +9,11 @@ Writes into ``--out``: ``comparison.csv`` (a row per run, byte-stable), ``compar
 scenario and every run's full summary, wall_s included), ``comparison.png`` (FID against
 SLO-violation ratio, a point per run), ``sweep_gpus.png`` / ``sweep_thresholds.png`` for sweeps, and
 ``runs/<policy>_g<gpus>[_t<threshold>]/`` with each run's summary.json and timeseries.csv.
+
+Progress goes to stderr as runs finish: a tqdm bar with each run's line above it when stderr is a
+terminal, the plain lines otherwise (a log, a pipe), nothing with ``--quiet``. The table and the files
+carry the per-request violation ratio and its per-window mean, and the windowed FID and the FID of the
+overall mix (:mod:`diffsim.reports.metrics`).
 """
 
 from __future__ import annotations
