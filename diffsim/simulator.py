@@ -11,6 +11,12 @@ Processes (all rules live in the pure layer; this module only advances simulated
   with nothing to do it sleeps until a query is routed to it (or a swap / batching timeout ends);
 * **the controller process** ticks every ``tick_s``: expires backlog, feeds the
   :class:`~diffsim.runtime.controller.Controller` the tick's measurements and applies the plans it returns.
+  Through idle time -- nothing in the system until the next arrival -- it does not tick one by one: once
+  the controller is idle-steady (its demand estimate at 0, its last plan what an idle re-plan would get)
+  it takes every tick before the next arrival (or fault) at once, with the same demand rows and plans
+  as ticking would give (:meth:`~diffsim.runtime.controller.Controller.on_idle_ticks`), and sleeps until
+  then: a gap of any length costs a few ticks and policy calls and one event (a few on a fractional
+  tick), plus a demand row per tick and a plan row per re-plan in the result. Not with deadline sweeps.
 
 The run ends when every query has its outcome. Same config + trace (+ seed) -> identical results: the
 router's randomness comes from ``numpy.random.default_rng(seed)``, confidences and split decisions from
@@ -26,10 +32,12 @@ requests holds only the queries in flight.
 from __future__ import annotations
 
 import gc
+import math
 import sys
 import time
 from collections import deque
 from contextlib import contextmanager
+from itertools import repeat
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Union
 
@@ -108,6 +116,7 @@ def simulate(
     confidences: Optional[Confidences] = None,
     keep_queries: bool = True,
     on_query: Optional[Callable[[Query], None]] = None,
+    skip_idle: bool = True,
 ) -> SimResult:
     """Simulate ``trace`` under ``config``.
 
@@ -116,7 +125,9 @@ def simulate(
     ``on_batch(batch)`` and ``on_enqueue(worker, query, now)`` are debug hooks called as batches start
     and as queries enter worker queues. ``keep_queries=False``: ``result.queries`` is the queries'
     :class:`QueryRecords`, and a query is let go once it has ended; ``on_query(query)`` is called for
-    each query once it and every query before it in the trace have ended.
+    each query once it and every query before it in the trace have ended. ``skip_idle=False``: the
+    controller ticks through idle time one tick at a time (the reference the skip is tested against; the
+    results are the same, only the events and the time differ).
     """
     started = time.perf_counter()
     cascade = config.cascade
@@ -178,6 +189,8 @@ def simulate(
             done.succeed()
 
     admitted = [0]  # how many queries the arrival process has admitted
+    next_arrival = [float("inf")]  # the time the arrival process waits for (inf: none left)
+    next_fault = [float("inf")]  # the time the fault process waits for (inf: none left)
 
     def arrivals():
         slo = cascade.slo_s
@@ -194,6 +207,7 @@ def simulate(
                     admitted[0] = i
                     group_t = t
                     if t > env.now:
+                        next_arrival[0] = t
                         yield env.timeout(t - env.now)
                     now = env.now
                 q = Query(i, prompt_id, t, slo, seed=seed)
@@ -211,6 +225,7 @@ def simulate(
                     wake(w)
                 i += 1
         admitted[0] = i
+        next_arrival[0] = float("inf")
 
     sampled = config.service_time == "sampled"
     times = ServiceTimeModel(cascade, config.service_time, config.seed)
@@ -255,6 +270,11 @@ def simulate(
         bar = tqdm(total=round(float(trace.duration_s) if total else 0.0, 1), unit="s", desc="simulated",
                    file=sys.stderr, leave=False, delay=2.0)  # shown only on runs longer than ~2 s
 
+    # Skipping idle ticks is exact only when no other process acts on a grid of its own in idle time:
+    # with deadline sweeps, ticks and sweeps that fall at the same instant keep SimPy's order only if the
+    # ticks are scheduled one by one.
+    skip_idle = skip_idle and not config.deadline_sweep_s > 0
+
     def control():
         tick = config.controller.tick_s
         k = 0
@@ -264,9 +284,10 @@ def simulate(
             now = env.now
             dispatcher.expire_backlog(now)
             arrivals_in_tick, queue_lengths, stage_arrivals = dispatcher.tick_stats()
+            held = dispatcher.holding()
             plan = controller.on_tick(now, arrivals_in_tick, queue_lengths,
                                       (stage_arrivals[0] / tick, stage_arrivals[1] / tick),
-                                      dispatcher.workers_in_service(), in_system=dispatcher.holding())
+                                      dispatcher.workers_in_service(), in_system=held)
             demand.append((now, controller.rate_qps, controller.demand_qps))
             if plan is not None:
                 dispatcher.apply_plan(plan, now)
@@ -274,15 +295,31 @@ def simulate(
                 for w in range(config.gpus):
                     if waiting[w] is not None:
                         wake(w)
-            if admitted[0] == total and dispatcher.finished < total and not dispatcher.holding():
+            if admitted[0] == total and dispatcher.finished < total and not held:
                 raise RuntimeError(f"{total - dispatcher.finished} queries neither ended nor are held (a bug)")
             if bar is not None and bar.n < bar.total:
                 bar.update(round(min(now, bar.total) - bar.n, 6))
             check_done()
+            if skip_idle and not held and controller.idle_steady():
+                m = _first_tick_at_or_after(min(next_arrival[0], next_fault[0]), tick)
+                if m is not None and m - 1 > k:
+                    take_idle_ticks([j * tick for j in range(k + 1, m)])
+                    for j in _exact_hops(k, m, tick):
+                        yield env.timeout(j * tick - env.now)
+                    k = m - 1  # the loop sleeps until tick m and processes it as usual
+
+    def take_idle_ticks(times: list[float]) -> None:
+        """Idle ticks at ``times``, at once: their demand rows and re-plans, as ticking would record them.
+        The dispatcher is not told: each re-plan returns the plan in force (equal in value), which changes
+        no role, and with nothing queued a plan moves nothing."""
+        replans = controller.on_idle_ticks(times)
+        demand.extend(zip(times, repeat(controller.rate_qps), repeat(controller.demand_qps)))
+        plans.extend(replans)
 
     def faults():
         for fault in config.faults:
             if fault.at_s > env.now:
+                next_fault[0] = fault.at_s
                 yield env.timeout(fault.at_s - env.now)
             now = env.now
             for w in fault.workers:
@@ -300,6 +337,7 @@ def simulate(
                     if waiting[target] is not None:
                         wake(target)
             fault_log.append((now, tuple(fault.workers), fault.recover))
+        next_fault[0] = float("inf")
 
     def deadlines():
         period = config.deadline_sweep_s
@@ -340,6 +378,36 @@ def simulate(
         policy_calls=timed.calls,
         faults=fault_log,
     )
+
+
+def _first_tick_at_or_after(t: float, tick: float) -> Optional[int]:
+    """The index m of the first controller tick (at ``m * tick``) at or after ``t``; None for t = inf."""
+    if t == float("inf"):
+        return None
+    m = max(1, math.ceil(t / tick))
+    while m * tick < t:
+        m += 1
+    while m > 1 and (m - 1) * tick >= t:
+        m -= 1
+    return m
+
+
+def _exact_hops(k: int, m: int, tick: float) -> list[int]:
+    """Tick indices for the controller to sleep to on its way from tick k to tick m (k >= 1), so that each
+    sleep, and the last one to m, ends exactly at its tick's time. SimPy ends a timeout at now + delay,
+    which for delay = m * tick - now is exactly m * tick when the two times are within a factor of two
+    (the subtraction is exact then), not always over a long gap. Doubling the index from k keeps each
+    hop exact ((2j) * tick is twice j * tick) until the last one is. Empty when one sleep is exact (always
+    for a tick of a whole number of seconds)."""
+    hops = []
+    j = k
+    target = m * tick
+    while True:
+        now = j * tick
+        if now + (target - now) == target:
+            return hops
+        j *= 2
+        hops.append(j)
 
 
 def _trace_blocks(trace) -> Iterator[tuple[list, list, list]]:

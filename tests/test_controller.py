@@ -88,3 +88,121 @@ def test_the_policy_sees_the_backlog_of_the_replan_tick_and_the_plan_in_force(ca
     assert ctl.on_tick(2.0, 10, (50, 40), (10.0, 2.0)) is None
     ctl.on_tick(3.0, 10, (2, 9), (10.0, 2.0))
     assert policy.inputs[-1].queue_lengths == (2, 9)
+
+
+class DemandPolicy:
+    """A pure policy whose plan follows the demand (more light workers, its demand on the plan); at zero
+    demand it answers ``idle`` (e.g. a plan without workers). Counts its calls."""
+
+    name = "demand"
+
+    def __init__(self, cascade, idle=None):
+        self.cascade = cascade
+        self.idle = idle
+        self.calls = 0
+
+    def plan(self, inp):
+        from dataclasses import replace
+
+        self.calls += 1
+        if inp.demand_qps == 0 and self.idle is not None:
+            return self.idle
+        light = 1 + min(int(inp.demand_qps) // 4, 10)
+        return replace(fixed_plan(self.cascade, light, 16 - light - 1, 4, 2, 0.2), demand_qps=inp.demand_qps,
+                       predicted_latency_s=inp.queue_delay_s[0] + inp.queue_delay_s[1])
+
+
+BUSY = [(12, (3, 1), (12.0, 5.0)), (30, (9, 4), (30.0, 11.0)), (7, (0, 2), (7.0, 2.0))]
+
+
+@pytest.mark.parametrize("tick_s, replan_s, window, idle_ticks", [
+    (1.0, 5.0, 20, 400),
+    (0.1, 0.25, 20, 1000),  # re-plan period not a whole number of ticks: the half-tick tolerance decides
+    (0.7, 3.5, 5, 333),
+    (1.0, 1.0, 1, 50),
+    (0.5, 7.0, 40, 2000),
+])
+@pytest.mark.parametrize("demand", ["arrival", "in-system"])
+@pytest.mark.parametrize("idle_plan", [False, True])
+def test_idle_ticks_taken_at_once_equal_ticking_them_one_by_one(cascade, tick_s, replan_s, window, idle_ticks,
+                                                                demand, idle_plan):
+    """Two controllers see the same busy ticks, then idle ticks: one ticks through them, the other ticks
+    only until it is idle-steady and takes the rest at once. Every demand row, re-plan and plan is the
+    same, so is the state after (a busy tick then gives the same answer), and the policy is asked a
+    number of times that does not grow with the idle stretch."""
+    cfg = ControllerConfig(tick_s=tick_s, replan_s=replan_s, ewma_window=window, demand=demand)
+    empty = fixed_plan(cascade, 0, 0, 1, 1) if idle_plan else None
+    ticking, skipping = DemandPolicy(cascade, empty), DemandPolicy(cascade, empty)
+    a, b = Controller(ticking, 16, cfg), Controller(skipping, 16, cfg)
+    rows = {id(a): [], id(b): []}
+    k = 0
+
+    def tick(ctl, arrivals=0, queues=(0, 0), rates=(0.0, 0.0), in_system=0):
+        plan = ctl.on_tick(k * tick_s, arrivals, queues, rates, 16, in_system=in_system)
+        rows[id(ctl)].append((k * tick_s, ctl.rate_qps, ctl.demand_qps, plan))
+
+    for ctl in (a, b):
+        ctl.initial_plan(0.0)
+    for arrivals, queues, rates in BUSY:
+        k += 1
+        for ctl in (a, b):
+            tick(ctl, arrivals, queues, rates, in_system=sum(queues) + 3)
+    assert not b.idle_steady()
+    end = k + idle_ticks
+    while k < end and not b.idle_steady():
+        k += 1
+        tick(a)
+        tick(b)
+    assert b.idle_steady(), "never idle-steady"
+    steady_at = k
+    times = [j * tick_s for j in range(k + 1, end + 1)]
+    for t in times:
+        k += 1
+        tick(a)
+    assert a.idle_steady()
+    replans = b.on_idle_ticks(times)
+    rows[id(b)] += [(t, b.rate_qps, b.demand_qps, None) for t in times]
+    for t, plan in replans:
+        rows[id(b)][-len(times) + times.index(t)] = (t, b.rate_qps, b.demand_qps, plan)
+    assert rows[id(a)] == rows[id(b)]
+    assert any(plan is not None for *_, plan in rows[id(a)][steady_at:]) == (not idle_plan)
+    for attr in ("ticks", "last_plan_s", "plan", "queue_delay_s", "queue_lengths", "rate_qps", "demand_qps",
+                 "_window_ticks", "_queue_sum", "_rate_sum"):
+        assert getattr(a, attr) == getattr(b, attr), attr
+    assert a.estimator.estimate_qps == b.estimator.estimate_qps
+    assert a.estimator.samples == b.estimator.samples
+    calls = skipping.calls
+    assert calls < ticking.calls
+    for arrivals, queues, rates in reversed(BUSY):  # busy again: the same answers
+        k += 1
+        for ctl in (a, b):
+            tick(ctl, arrivals, queues, rates, in_system=5)
+        assert rows[id(a)][-1] == rows[id(b)][-1]
+    # The policy calls up to steady do not depend on the idle stretch's length: a controller that took
+    # ten times as many idle ticks at once asks exactly as often.
+    assert calls == _calls_until_steady(cascade, cfg, empty)
+
+
+def _calls_until_steady(cascade, cfg, empty) -> int:
+    policy = DemandPolicy(cascade, empty)
+    ctl = Controller(policy, 16, cfg)
+    ctl.initial_plan(0.0)
+    k = 0
+    for arrivals, queues, rates in BUSY:
+        k += 1
+        ctl.on_tick(k * cfg.tick_s, arrivals, queues, rates, 16, in_system=sum(queues) + 3)
+    while not ctl.idle_steady():
+        k += 1
+        ctl.on_tick(k * cfg.tick_s, 0, (0, 0), (0.0, 0.0), 16, in_system=0)
+    ctl.on_idle_ticks([j * cfg.tick_s for j in range(k + 1, k + 10 * 2000)])
+    return policy.calls
+
+
+def test_idle_ticks_need_an_idle_steady_controller(cascade):
+    ctl = Controller(DemandPolicy(cascade), 16, ControllerConfig())
+    ctl.initial_plan(0.0)
+    assert not ctl.idle_steady()  # no tick yet
+    ctl.on_tick(1.0, 10, (0, 0), (10.0, 0.0), 16)
+    assert not ctl.idle_steady()  # the estimate is not 0
+    with pytest.raises(RuntimeError):
+        ctl.on_idle_ticks([2.0])

@@ -130,3 +130,18 @@ def test_in_system_estimate_needs_the_count():
 def test_unknown_demand_kind_is_refused():
     with pytest.raises(InputError, match="demand"):
         ControllerConfig(demand="queued")
+
+
+@given(st.lists(st.floats(0, 1e4), min_size=0, max_size=30), st.integers(0, 60), st.integers(1, 25))
+@settings(max_examples=200, deadline=None)
+def test_zeros_added_at_once_equal_zeros_added_one_by_one(samples, zeros, window):
+    one, many = DemandEstimator(window=window), DemandEstimator(window=window)
+    for x in samples:
+        one.update(x)
+        many.update(x)
+    for _ in range(zeros):
+        one.update(0)
+    many.add_zeros(zeros)
+    assert one.estimate_qps == many.estimate_qps
+    assert one.samples == many.samples
+    assert many.all_zero == (bool(one.samples) and all(x == 0 for x in list(one._samples)))

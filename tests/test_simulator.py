@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from sim_helpers import FixedPolicy, ScriptedPolicy, a100_cascade, fixed_plan
 
 from diffsim.runtime.batching import service_time_s
-from diffsim.config import ControllerConfig, SimConfig
+from diffsim.config import ControllerConfig, SimConfig, WorkerFault
 from diffsim.errors import InputError
 from diffsim.simulator import simulate
 from diffsim.workload.traces import Trace
@@ -467,3 +467,119 @@ def test_trace_read_in_blocks_keeps_same_time_arrivals_together(monkeypatch):
     monkeypatch.setattr(simulator, "_TRACE_BLOCK", 3)
     blocks = run(plan, arrivals, gpus=8)
     assert blocks.queries == whole.queries and blocks.events == whole.events
+
+
+# -- idle time (issue 14): the controller does not tick through empty stretches ------------------------
+
+
+class CountingPolicy:
+    """The shipped diffserve policy, with its calls counted."""
+
+    name = "diffserve"
+
+    def __init__(self, cascade=CASCADE):
+        from diffsim.policies import make_policy
+
+        self.inner = make_policy("diffserve", cascade)
+        self.calls = 0
+
+    def plan(self, inp):
+        self.calls += 1
+        return self.inner.plan(inp)
+
+
+def bursts_with_gaps(gaps, per_burst=40, seed=0):
+    """Bursts of Poisson arrivals at ~20 qps separated by the given idle gaps (seconds)."""
+    rng = np.random.default_rng(seed)
+    t, times = 0.3, []
+    for gap in list(gaps) + [0.0]:
+        burst = t + np.cumsum(rng.exponential(1 / 20, per_burst))
+        times.extend(burst.tolist())
+        t = burst[-1] + gap
+    return trace_of(times, rng.integers(1, 5000, len(times)))
+
+
+def outputs(result):
+    from diffsim.reports.metrics import query_line
+
+    return ([query_line(q) for q in result.queries], result.plans, result.demand, result.worker_busy_s,
+            result.duration_s, result.faults)
+
+
+IDLE_CASES = {
+    "default": {},
+    "random routing, in-system demand": dict(routing="random", controller=ControllerConfig(demand="in-system",
+                                                                                          headroom=1.2)),
+    "swaps and a batching timeout": dict(swap_s=0.4, batch_timeout_s=0.05),
+    "tick 0.1 s, re-plan 0.25 s": dict(controller=ControllerConfig(tick_s=0.1, replan_s=0.25)),
+    "tick 0.7 s, window 3": dict(controller=ControllerConfig(tick_s=0.7, replan_s=3.5, ewma_window=3)),
+    "faults in a gap": dict(faults=(WorkerFault(300.0, (0, 1)), WorkerFault(377.7, (0, 1), recover=True))),
+    "sampled times, admission": dict(service_time="sampled", admission=True, seed=5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IDLE_CASES))
+def test_skipping_idle_ticks_gives_what_ticking_through_them_gives(case):
+    """Idle stretches taken at once give the same queries, plans (each re-plan, at its time) and demand
+    rows as a run that ticks through them one by one, with fewer events."""
+    trace = bursts_with_gaps([120.0, 33.3, 0.9, 400.0, 61.7])
+    config = SimConfig(cascade=CASCADE, gpus=8, **IDLE_CASES[case])
+    skipping = simulate(config, trace, policy=CountingPolicy())
+    ticking = simulate(config, trace, policy=CountingPolicy(), skip_idle=False)
+    assert outputs(skipping) == outputs(ticking)
+    assert len(skipping.demand) == len(ticking.demand) > 600
+    assert skipping.events < ticking.events - 300
+
+
+def test_idle_time_costs_the_same_events_and_policy_calls_however_long():
+    """Two requests 10^3 s or 10^6 s apart: the same SimPy events and policy calls (the demand rows and
+    re-plans of the gap are still all there)."""
+    counts = {}
+    for gap in (1e3, 1e6):
+        policy = CountingPolicy()
+        result = simulate(SimConfig(cascade=CASCADE, gpus=16), trace_of([0.5, 0.5 + gap]), policy=policy)
+        assert [q.outcome for q in result.queries] == ["completed", "completed"]
+        assert len(result.demand) == int(gap) + 2  # a tick a second until the second ends at gap + 2.4 s
+        assert len(result.plans) == 2 + int(gap) // 5  # the first, then a re-plan every 5 s from 1 s
+        counts[gap] = (result.events, policy.calls, result.policy_calls)
+    assert counts[1e3] == counts[1e6]
+    assert counts[1e3][0] < 200
+
+
+def test_long_gaps_on_a_fractional_tick_reach_each_tick_exactly(monkeypatch):
+    """With a tick of 0.1 s, one sleep over a gap longer than the run so far does not always end exactly on
+    its tick's time; the controller then hops there (:func:`diffsim.simulator._exact_hops`)."""
+    import diffsim.simulator as sim
+
+    hopped = []
+
+    def spy(k, m, tick):
+        hops = sim_hops(k, m, tick)
+        hopped.append(bool(hops))
+        return hops
+
+    sim_hops = sim._exact_hops
+    monkeypatch.setattr(sim, "_exact_hops", spy)
+    config = SimConfig(cascade=CASCADE, gpus=4, controller=ControllerConfig(tick_s=0.1, replan_s=0.5, ewma_window=4))
+    for gap in np.linspace(7.0, 60.0, 12):
+        trace = trace_of([0.05, 0.07, 0.05 + gap, 0.06 + gap])
+        assert outputs(simulate(config, trace, policy=CountingPolicy())) == \
+            outputs(simulate(config, trace, policy=CountingPolicy(), skip_idle=False))
+    assert any(hopped) and len(hopped) == 12
+
+
+def test_exact_hops_land_on_the_tick_times():
+    from diffsim.simulator import _exact_hops, _first_tick_at_or_after
+
+    assert _exact_hops(30, 100_001, 1.0) == []
+    tick = 0.1
+    hops = _exact_hops(34, 238, tick)
+    assert hops == [68]  # 3.4 + (23.8 - 3.4) is not 23.8 in floating point; 6.8 + (23.8 - 6.8) is
+    now = 34 * tick
+    for j in hops + [238]:
+        now = now + (j * tick - now)  # what SimPy's timeout does
+        assert now == j * tick
+    for t in (0.05, 0.1, 0.15, 23.8, 1e5 + 0.5):
+        m = _first_tick_at_or_after(t, tick)
+        assert (m - 1) * tick < t <= m * tick
+    assert _first_tick_at_or_after(float("inf"), tick) is None

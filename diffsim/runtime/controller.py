@@ -30,6 +30,12 @@ policy is not asked at all.
 
 The re-plan period is checked with a tolerance of half a tick: a driver on the wall clock ticks a little
 late every time, and ``now - last >= replan_s`` alone would then re-plan every ``replan_s + tick_s``.
+
+Idle time (the simulator's long gaps between arrivals): once the controller is :meth:`~Controller.idle_steady`
+-- the EWMA holds only zero samples and the policy was last asked exactly what an idle re-plan would ask
+-- further idle ticks change nothing but the clock, and :meth:`Controller.on_idle_ticks` takes any number
+of them at once without asking the policy again. Policies are pure (:mod:`diffsim.policies`): the same
+input gives the same plan, so the result is the one ticking one by one would give.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ class Controller:
         self._window_ticks = 0  # ticks since the last plan, and sums over them:
         self._queue_sum = [0.0, 0.0]  # queue length samples per stage
         self._rate_sum = [0.0, 0.0]  # arrival rates per stage
+        self._asked: Optional[PolicyInput] = None  # the policy's last input, and its answer
+        self._answer: Optional[Plan] = None
 
     @property
     def demand_qps(self) -> float:
@@ -139,7 +147,60 @@ class Controller:
         # ticks that come a little late do not push every re-plan one tick further.
         return now - self.last_plan_s >= self.config.replan_s - 0.5 * self.config.tick_s
 
+    def idle_steady(self) -> bool:
+        """Whether idle ticks -- no arrival, nothing queued or in the system, the same workers in service --
+        would from now on change nothing but the clock: every one gives the same demand (the EWMA holds only
+        zeros), and every re-plan asks the policy what it was last asked (zero demand and queueing delay, an
+        empty queue, the plan in force), so it returns the same plan."""
+        if self._asked is None or self.ticks == 0 or not self.estimator.all_zero:
+            return False
+        if any(self._queue_sum) or any(self._rate_sum):  # the next re-plan's delay would not be 0
+            return False
+        if self.gpus < 1:  # re-plans ask nothing
+            return True
+        return self._asked == self._idle_input()
+
+    def on_idle_ticks(self, times: Sequence[float]) -> list[tuple[float, Plan]]:
+        """Idle ticks at ``times`` (ascending, after the last tick), taken at once: the same state and
+        plans as ``on_tick(t, 0, (0, 0), (0.0, 0.0), in_system=0)`` for each ``t`` in turn, with the
+        policy not asked again. Only while :meth:`idle_steady`. Returns the re-plans among them as
+        ``(time, plan)``: the plan in force each time (none when the policy's answer is not applied)."""
+        if not self.idle_steady():
+            raise RuntimeError("on_idle_ticks needs an idle-steady controller (see idle_steady)")
+        if not times:
+            return []
+        self.ticks += len(times)
+        self.rate_qps = 0.0
+        self.estimator.add_zeros(len(times))
+        self.queue_lengths = (0, 0)
+        due = self.config.replan_s - 0.5 * self.config.tick_s  # as replan_due
+        last = self.last_plan_s
+        window = self._window_ticks
+        replans = []
+        for t in times:
+            window += 1
+            if t - last >= due:
+                last = t
+                window = 0
+                replans.append(t)
+        self.last_plan_s = last
+        self._window_ticks = window
+        if not replans:
+            return []
+        self.queue_delay_s = (little_delay_s(0.0, 0.0), little_delay_s(0.0, 0.0))
+        if self.gpus < 1 or self._answer.gpus_used == 0:
+            return []
+        self.plan = self._answer
+        return [(t, self.plan) for t in replans]
+
+    def _idle_input(self) -> PolicyInput:
+        """What a re-plan at an idle tick asks the policy, once the EWMA and the delay sums are at zero."""
+        return PolicyInput(demand_qps=self.demand_qps, queue_delay_s=(0.0, 0.0), gpus=self.gpus,
+                           queue_lengths=(0, 0), current=self.plan)
+
     def _ask(self, demand_qps: float, queue_delay_s: tuple[float, float],
              queue_lengths: tuple[int, int] = (0, 0)) -> Plan:
-        return self.policy.plan(PolicyInput(demand_qps=demand_qps, queue_delay_s=queue_delay_s, gpus=self.gpus,
-                                            queue_lengths=queue_lengths, current=self.plan))
+        inp = PolicyInput(demand_qps=demand_qps, queue_delay_s=queue_delay_s, gpus=self.gpus,
+                          queue_lengths=queue_lengths, current=self.plan)
+        self._asked, self._answer = inp, self.policy.plan(inp)
+        return self._answer

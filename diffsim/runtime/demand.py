@@ -23,6 +23,7 @@ start-up bias towards zero. :class:`DemandEstimator` computes exactly that; the 
 from __future__ import annotations
 
 from collections import deque
+from itertools import repeat
 from typing import Optional
 
 DEMAND_KINDS = ("arrival", "in-system")
@@ -53,6 +54,16 @@ class DemandEstimator:
             raise ValueError(f"a demand sample cannot be negative, got {sample}")
         self._samples.append(float(sample))
         return self.estimate_qps  # type: ignore[return-value]
+
+    def add_zeros(self, count: int) -> None:
+        """Add ``count`` samples of 0 (idle ticks) at the cost of at most ``window`` of them: older ones
+        would leave the window anyway. The same state as ``count`` calls of ``update(0)``."""
+        self._samples.extend(repeat(0.0, min(count, self._samples.maxlen)))
+
+    @property
+    def all_zero(self) -> bool:
+        """At least one sample, and every sample held is 0: the estimate is 0 and more zeros keep it 0."""
+        return bool(self._samples) and not any(self._samples)
 
     @property
     def samples(self) -> int:
