@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from hypothesis import given
+import pytest
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from diffsim.runtime.admission import StageLoad, batch_size_for_new, decide, queue_wait_s
@@ -48,7 +49,7 @@ def test_decide_boundary_and_retry_after():
     workers=st.integers(1, 8),
     batch=st.integers(1, 32),
     queued=st.integers(0, 500),
-    more=st.integers(0, 500),
+    more=st.one_of(st.integers(0, 40), st.integers(0, 500)),  # small: often within the same round
     busy=st.floats(0, 10),
     service=st.floats(0.001, 5),
 )
@@ -56,12 +57,21 @@ def test_a_longer_queue_never_waits_less(workers, batch, queued, more, busy, ser
     shorter = queue_wait_s(StageLoad(workers, batch, queued, busy), service)
     longer = queue_wait_s(StageLoad(workers, batch, queued + more, busy), service)
     assert longer >= shorter >= busy
+    rounds = (queued + more) // (workers * batch) - queued // (workers * batch)
+    assert longer == pytest.approx(shorter + rounds * service)  # one batch time per full round more
+    event("more queued: none" if more == 0 else f"more queued: {'same round' if rounds == 0 else 'more rounds'}")
 
 
-@given(wait=st.floats(0, 100), service=st.floats(0, 10), slo=st.floats(0.1, 30), factor=st.floats(1, 3))
-def test_accepted_exactly_when_the_prediction_fits(wait, service, slo, factor):
+@given(slo=st.floats(0.1, 30), factor=st.floats(1, 3), service=st.floats(0, 10),
+       over=st.one_of(st.floats(-20, 20), st.just(0.0)))
+def test_accepted_exactly_when_the_prediction_fits(slo, factor, service, over):
+    """The predicted completion is drawn around the deadline (``over``: seconds past it; exactly on it
+    too), so both decisions and the boundary are reached."""
+    wait = max(0.0, factor * slo - service + over)
     d = decide(50.0, 50.0, wait, service, slo, factor)
     assert d.accept == (50.0 + wait + service <= 50.0 + factor * slo)
     assert (d.retry_after_s == 0.0) == d.accept
     if not d.accept:
-        assert d.retry_after_s >= 1.0
+        assert d.retry_after_s == max(1.0, math.ceil(d.predicted_completion_s - d.deadline_s))
+    event("accepted" if d.accept else "refused")
+    event(f"on the deadline: {over == 0.0 and wait > 0}")

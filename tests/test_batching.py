@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from sim_helpers import a100_cascade
 
@@ -65,13 +65,21 @@ def test_batch_checked_against_size_it_would_have():
     assert [x.id for x in dropped] == [0] and [x.id for x in batch] == [1]
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.floats(0, 20), min_size=0, max_size=30), st.integers(1, 8), st.floats(0, 25))
-def test_form_batch_properties(arrivals, b, now):
-    arrivals = sorted(arrivals)
+LIMIT_S = 7.5
+
+
+@settings(max_examples=200, deadline=None)
+@given(now=st.floats(0, 30), b=st.integers(1, 8),
+       waits=st.one_of(st.lists(st.one_of(st.floats(0, 10), st.floats(6.3, 7.4)), max_size=30),
+                       st.lists(st.floats(6.3, 10), max_size=12)))
+def test_form_batch_properties(now, b, waits):
+    """Queued queries waited 0-10 s, many of them where the drop depends on the batch's size (7.5 s limit
+    minus a batch time of 0.3-1.0 s), or every one of them near or past the limit (a stale queue), so
+    drops, full batches, batches that shrink and queues dropped whole are all common."""
+    arrivals = sorted(now - w for w in waits)  # FIFO: the oldest first
     queue = deque(q(i, a) for i, a in enumerate(arrivals))
     service = lambda n: 0.2 + 0.1 * n  # noqa: E731
-    batch, dropped = form_batch(queue, now, b, service, 7.5)
+    batch, dropped = form_batch(queue, now, b, service, LIMIT_S)
     assert len(batch) <= b
     taken = batch + dropped
     # FIFO: batch, dropped and what remains partition the queue, in order.
@@ -79,10 +87,16 @@ def test_form_batch_properties(arrivals, b, now):
     assert [x.id for x in queue] == list(range(len(taken), len(arrivals)))
     assert [x.id for x in batch] == sorted(x.id for x in batch)
     for x in batch:
-        assert (now - x.arrival_s) + service(len(batch)) <= 7.5 + 1e-12
+        assert (now - x.arrival_s) + service(len(batch)) <= LIMIT_S + 1e-12
+    largest = min(b, len(arrivals))  # the batch a drop is judged against is never larger than this
     for x in dropped:
-        assert (now - x.arrival_s) + service(1) > 7.5 - 1e-12 or (now - x.arrival_s) + service(b) > 7.5
+        assert (now - x.arrival_s) + service(largest) > LIMIT_S - 1e-12
     assert len(batch) == b or not queue
+    shrunk = any((now - x.arrival_s) + service(largest) > LIMIT_S for x in batch)
+    event("queue: empty" if not arrivals else "drops: none" if not dropped else
+          "drops: all taken" if not batch else "drops: some")
+    event(f"batch full, queue left: {len(batch) == b and bool(queue)}")
+    event(f"kept only because drops shrank the batch: {shrunk}")
 
 
 def test_batch_ready_with_and_without_timeout():

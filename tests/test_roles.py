@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from diffsim.runtime.roles import assign_roles, needs_swap, switched
@@ -49,10 +49,35 @@ def test_assignment_properties(current, data):
     n = len(current)
     light = data.draw(st.integers(0, n))
     heavy = data.draw(st.integers(0, n - light))
+    before = list(current)
     new = assign_roles(current, light, heavy)
+    assert current == before  # the input is not changed
     assert new.count(L) == light and new.count(H) == heavy
-    assert new == assign_roles(list(current), light, heavy)  # deterministic
     assert len(switched(current, new)) == min_switches(current, light, heavy)
+    # the rules, as the module states them: a role keeps its lowest-index current workers ...
+    for role, want in ((L, light), (H, heavy)):
+        had = [w for w, r in enumerate(current) if r == role]
+        assert [w for w in had if new[w] == role] == had[:want]
+    # ... a worker released from one role goes straight to the other before an idle worker is woken ...
+    moved = [w for w in range(n) if current[w] in (L, H) and new[w] not in (current[w], I)]
+    woken = [w for w in range(n) if current[w] is I and new[w] is not I]
+    idled = [w for w in range(n) if current[w] is not I and new[w] is I]
+    assert not (woken and idled)
+    # ... and a role's places are filled from the front of its candidates: the workers released from the
+    # other role, then the idle ones, each lowest index first (less those the other role took)
+    for role, other in ((L, H), (H, L)):
+        filled = {w for w in moved + woken if new[w] == role}
+        released = [w for w in range(n) if current[w] == other and new[w] != other]
+        idle = [w for w in range(n) if current[w] is I]
+        candidates = [w for w in released + idle if new[w] != other]
+        assert filled == set(candidates[:len(filled)])
+    # light fills first: it wakes the lower idle indices
+    woken_light, woken_heavy = [w for w in woken if new[w] == L], [w for w in woken if new[w] == H]
+    assert not (woken_light and woken_heavy) or max(woken_light) < min(woken_heavy)
+    event(f"moved between roles: {bool(moved)}")
+    event(f"woken from idle: {bool(woken)}")
+    event(f"sent to idle: {bool(idled)}")
+    event("no change" if new == current else "some change")
 
 
 def test_switched_and_needs_swap():
