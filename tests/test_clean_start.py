@@ -69,7 +69,7 @@ def build_together(n: int = THREADS) -> list:
 
     def one(i: int) -> None:
         try:
-            barrier.wait(timeout=60)
+            barrier.wait(timeout=60)  # a failure guard: the threads start in milliseconds
             built[i] = build()
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
@@ -78,7 +78,7 @@ def build_together(n: int = THREADS) -> list:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=600)
+        t.join(timeout=600)  # a failure guard (a hung builder fails the test below instead of hanging it)
     assert not any(t.is_alive() for t in threads), "a builder did not finish"
     if errors:
         raise errors[0]
@@ -142,7 +142,8 @@ def test_a_fresh_process_builds_on_threads_without_import_errors_and_the_same_we
     from pathlib import Path
 
     code = _FRESH_PROCESS.format(tests=str(Path(__file__).parent))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)  # a failure guard
     assert out.returncode == 0, out.stderr[-3000:]
     digests = json.loads(out.stdout.strip().splitlines()[-1])
     assert digests == [weights_digest(build())]

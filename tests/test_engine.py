@@ -44,8 +44,9 @@ def confidence_of_seed(seed: int) -> float:
 
 
 class FakeWorker:
-    """A worker that sleeps (virtual time: exactly ``delay_s``) instead of generating; images are ``b"<role>:<prompt>"``, the confidence of
-    the image of seed s is (s mod 100) / 100; ``fail(job)`` makes a batch raise."""
+    """A worker that sleeps (on virtual time: exactly ``delay_s``) instead of generating; images are
+    ``b"<role>:<prompt>"``, the confidence of the image of seed s is (s mod 100) / 100; ``fail(job)`` makes
+    a batch raise."""
 
     def __init__(self, index: int, delay_s=None, fail=None):
         self.index = index

@@ -22,7 +22,7 @@ def test_random_router_is_uniform_and_seeded():
     r2 = Router("random", np.random.default_rng(7))
     a = [r1.choose(workers, None) for _ in range(4000)]
     b = [r2.choose(workers, None) for _ in range(4000)]
-    assert a == b
+    assert a == b and a[:12] == [8, 9, 9, 3, 5, 9, 3, 9, 9, 5, 5, 5]  # seeded: known choices
     counts = Counter(a)
     assert set(counts) == set(workers)
     assert all(abs(c / 4000 - 0.25) < 0.04 for c in counts.values())
@@ -45,6 +45,7 @@ def test_load_index_agrees_with_the_scan_under_random_changes():
     loads = [0] * gpus
     scan = Router("least-loaded", np.random.default_rng(0))
     groups = {"light": [], "heavy": []}
+    ties = 0
     for step in range(20000):
         r = rng.random()
         if r < 0.01 or step == 0:  # new membership: a random split, some workers in no group
@@ -58,7 +59,10 @@ def test_load_index_agrees_with_the_scan_under_random_changes():
         assert index.load == loads
         for name, members in groups.items():
             if members:
-                assert index.least_loaded(name) == scan.choose(members, loads)
+                choice = scan.choose(members, loads)
+                assert index.least_loaded(name) == choice
+                ties += sum(loads[w] == loads[choice] for w in members) > 1
+    assert ties > 5000  # choices among tied workers (lowest index wins), where an index can go wrong: 9,065 of 40,000
 
 
 def test_load_index_heaps_stay_small():
@@ -89,11 +93,11 @@ def test_cascade_mode_starts_everything_light(cascade):
     assert {first_stage(plan, i, 0) for i in range(200)} == {"light"}
 
 
-@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
-def test_split_mode_sends_light_share_to_light_deterministically(cascade, share):
+@pytest.mark.parametrize("share, first", [(0.0, "H" * 20), (0.3, "LLHLHHLHHHHLHLHLHHHH"), (1.0, "L" * 20)])
+def test_split_mode_sends_light_share_to_light_deterministically(cascade, share, first):
     plan = fixed_plan(cascade, 8, 8, 1, 1, mode="split", light_share=share)
     stages = [first_stage(plan, i, 5) for i in range(20000)]
-    assert stages == [first_stage(plan, i, 5) for i in range(20000)]  # same query, same stage
+    assert "".join(s[0].upper() for s in stages[:20]) == first  # a query's stage: known values, every run
     frac = stages.count("light") / len(stages)
     assert frac == pytest.approx(share, abs=0.015)
 

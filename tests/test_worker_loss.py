@@ -209,8 +209,8 @@ def test_simulated_loss_shrinks_the_plan_serves_the_lost_batch_and_grows_back():
             assert q.outcome == "completed" and q.stages.count(b.role) == 1
     assert not any(b.worker in (0, 1) and 20.0 <= b.start_s < 40.0 for b in started)
     assert result.faults == [(20.0, (0, 1), False), (40.0, (0, 1), True)]
-    again = simulate(config, trace)
-    assert [(q.outcome, q.finished_s) for q in again.queries] == [(q.outcome, q.finished_s) for q in result.queries]
+    # deterministic: known values (a change in the rules or the plans moves them; so does tests/test_golden.py)
+    assert len(trace) == 317 and sum(q.latency_s for q in result.queries) == pytest.approx(511.124713, abs=1e-6)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
