@@ -59,7 +59,9 @@ def test_demand_follows_the_tick_rate_and_queue_delay_is_littles_law_over_the_pe
     assert ctl.on_tick(1.0, 20, (0, 0), (40.0, 4.0)) is None
     assert ctl.on_tick(1.5, 20, (8, 2), (40.0, 4.0)) is not None
     inp = policy.inputs[-1]
-    assert 20.0 < inp.demand_qps < 40.0  # EWMA of 20, 40, 40
+    # EWMA (pandas ewm(com=2.1): weights (1 - 1/3.1)^age) of 20, 40, 40
+    w = [(1 - 1 / 3.1) ** age for age in (2, 1, 0)]
+    assert inp.demand_qps == pytest.approx((20 * w[0] + 40 * w[1] + 40 * w[2]) / sum(w))
     # Means over the two ticks since the last plan: light (0 + 8) / 2 queued at 40 qps, heavy 1 at 4 qps.
     assert inp.queue_delay_s == (pytest.approx(0.1), pytest.approx(0.25))
     assert ctl.queue_delay_s == inp.queue_delay_s
