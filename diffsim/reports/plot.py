@@ -139,7 +139,8 @@ def plot_timeline(rows: Sequence[dict], summary: dict, path: Path | str) -> None
     ax_viol.set_ylabel("violations (%)")
     ax_viol.set_ylim(bottom=0)
     ax_viol.set_title(
-        f"SLO-violation ratio per window (by arrival; run: {_pct(summary.get('slo_violation_ratio'))})",
+        f"SLO-violation ratio per window (by arrival; run: {_pct(summary.get('slo_violation_ratio'))}, "
+        f"mean of windows: {_pct(summary.get('slo_violation_window_mean'))})",
         loc="left",
         fontsize=10,
     )
@@ -148,7 +149,8 @@ def plot_timeline(rows: Sequence[dict], summary: dict, path: Path | str) -> None
     ax_fid.step(x, y, where="post", color="tab:brown", lw=1.3)
     ax_fid.set_ylabel("FID")
     ax_fid.set_title(
-        f"FID of the served mix per window (by finish; run: {_fmt(summary.get('mean_fid'))})",
+        f"FID of the served mix per window (by finish; run, weighted by completions: "
+        f"{_fmt(summary.get('mean_fid'))}; at the overall mix: {_fmt(summary.get('fid_overall_mix'))})",
         loc="left",
         fontsize=10,
     )
