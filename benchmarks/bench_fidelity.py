@@ -3,8 +3,10 @@
 Starts ``diffsim serve --backend cpu-tiny`` (2 workers, SLO 2 s, the start-up profile measured on both
 workers at once) in a process of its own, reads its planned capacity, and validates the simulator against
 it on a steady Poisson trace at ~70% of that capacity and a bursty one (Gamma gaps, cv 3) above it, each
-replayed ``--repeats`` times for the real system's own spread. Prints validate's tables; writes its
-reports under ``--out``.
+replayed ``--repeats`` times for the real system's own spread (validate simulates each real run from its
+own start state, with the batch times and request overhead measured in it). Prints validate's tables and
+the machine's load average before and after each trace (the figures move with it on a shared machine);
+writes validate's reports under ``--out``.
 
     .venv/bin/python benchmarks/bench_fidelity.py --out out/fidelity           # ~15 min on 2 cores
     .venv/bin/python benchmarks/bench_fidelity.py --out out/fidelity --ray     # workers in their own processes
@@ -61,11 +63,17 @@ def main() -> None:
         for name, spec in traces.items():
             trace = out / f"{name}.csv"
             cli.main(["trace", *spec, "--duration", str(args.seconds), "--seed", "1", "--out", str(trace)])
-            print(f"\n== {name}: {' '.join(spec)} for {args.seconds:g} s", flush=True)
+            print(f"\n== {name}: {' '.join(spec)} for {args.seconds:g} s; load average {_load()}", flush=True)
             cli.main(["validate", "--url", url, "--trace", str(trace), "--out", str(out / name),
                       "--repeats", str(args.repeats)])
+            print(f"load average after {name}: {_load()}", flush=True)
     finally:
         stop_server(proc)
+
+
+def _load() -> str:
+    """The 1, 5 and 15 min load averages, with the CPU count."""
+    return " / ".join(f"{v:.1f}" for v in os.getloadavg()) + f" on {os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":

@@ -125,6 +125,7 @@ def test_request_overhead_draws_reproduce_the_measured_percentiles():
     assert p50 == pytest.approx(0.035, rel=0.03)
     assert p95 == pytest.approx(0.035 * np.exp(0.8 * Z95), rel=0.04)
     assert p99 == pytest.approx(0.035 * np.exp(0.8 * Z99), rel=0.07)
+    assert draws.max() == pytest.approx(0.035 * np.exp(0.8 * 3.090232306167813))  # capped at the fitted p99.9
     again = request_overhead(overhead_cascade(35.0, 0.8), "sampled", seed=3)
     assert [again() for _ in range(5000)] == list(draws[:5000])  # across a block boundary (4096)
     other = request_overhead(overhead_cascade(35.0, 0.8), "sampled", seed=4)

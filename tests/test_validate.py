@@ -73,6 +73,82 @@ def test_request_overhead_percentiles_by_hand():
                                                                   "request_p99_ms": 0.0}
 
 
+def answered_query(arrival_s, queue_s, run_s, served_by="light", confidence=0.5, deferred=False, gap_s=0.01):
+    from diffsim.query import Query
+
+    q = Query(0, 0, arrival_s, 2.0)
+    q.queue_s, q.service_s, q.confidence, q.deferred = queue_s, run_s, confidence, deferred
+    q.finish("completed", arrival_s + queue_s + run_s + gap_s, served_by)
+    return q
+
+
+def test_batches_are_rebuilt_from_the_answers_and_give_the_measured_spread():
+    """Batch-mates share their batch's run time: grouped by it (and a start within 2 s), a run's answers
+    give each batch's size and time, hence measured / profile per batch and its percentiles."""
+    from diffsim.commands.validate import calibrated_profile, measured_spread, rebuilt_batches
+    from diffsim.runtime.batching import service_time_s
+    from sim_helpers import a100_cascade
+
+    cascade = a100_cascade()
+    queries = []
+    ratios = np.linspace(0.8, 2.4, 40)  # one batch per ratio, sizes 1, 2, 4 in turn
+    for i, r in enumerate(ratios):
+        n = (1, 2, 4)[i % 3]
+        run_s = round(r * service_time_s(cascade, "light", n, True), 6)
+        queries += [answered_query(10.0 * i + 0.3 * j, 0.1, run_s, gap_s=0.05 * j) for j in range(n)]
+    queries.append(answered_query(5.0, 0.1, 3.0, deferred=True))  # ran in two batches: left out
+    queries.append(answered_query(6.0, 0.1, 0.5, served_by="heavy", confidence=None))
+    batches = rebuilt_batches(queries, cascade)
+    assert sorted(n for n, _, _ in batches["light"]) == sorted((1, 2, 4)[i % 3] for i in range(40))
+    assert [n for n, _, _ in batches["heavy"]] == [1]
+    spread = measured_spread(queries, cascade)
+    assert set(spread) == {"light"}  # one heavy batch is too few
+    light = spread["light"]
+    assert light["batches"] == 40
+    for q in (50, 95, 99):
+        assert light[f"p{q}"] == pytest.approx(np.percentile(ratios, q), rel=1e-4)
+    profile = {"models": {"l": {"batch_sizes": [1, 2], "p50_ms": [10.0, 20.0], "p99_ms": [11.0, 22.0]},
+                          "h": {"batch_sizes": [1, 2], "p50_ms": [100.0, None]}},
+               "discriminator": {"batch_sizes": [1, 2], "p50_ms": [1.0, 2.0]}}
+    out = calibrated_profile(profile, "l", "h", {"light": {"p50": 1.5, "p95": 2.0, "p99": 3.0}}, {"heavy": 2.0})
+    assert out["models"]["l"] == {"batch_sizes": [1, 2], "p50_ms": [15.0, 30.0], "p95_ms": [20.0, 40.0],
+                                  "p99_ms": [30.0, 60.0]}
+    assert out["discriminator"]["p99_ms"] == [3.0, 6.0]
+    assert out["models"]["h"]["p50_ms"] == [200.0, None]  # no measured spread: the server's mean ratio
+
+
+def test_the_lead_in_puts_the_simulated_ticks_and_replans_on_the_server_s():
+    from diffsim.commands.validate import lead_in_s
+
+    controller = ControllerConfig(tick_s=1.0, replan_s=5.0)  # re-plans every 5 ticks
+    for now, applied in ((103.37, 101.002), (7.9, 6.001), (1000.2, 997.0)):
+        lead = lead_in_s({"now_s": now, "applied_s": applied, "controller": {"ticks": int(now)}}, controller)
+        assert (controller.ewma_window + 1) <= lead < (controller.ewma_window + 1) + 5
+        # simulated tick k falls at the run's k - lead; the server's tick j at j - now: the same instants
+        assert (lead - now) % 1.0 == pytest.approx(0.0, abs=1e-9) or (lead - now) % 1.0 == pytest.approx(1.0)
+        # the simulator re-plans at ticks 1, 6, 11, ...; the server next at round(applied) + 5, then every 5
+        sim_replans = {round(k - lead + now) for k in range(1, 200, 5)}
+        assert round(applied) + 5 in sim_replans and round(applied) + 10 in sim_replans
+    fresh = lead_in_s({"now_s": 0.4, "applied_s": 0.0, "controller": {"ticks": 0}}, controller)
+    assert round(1 - fresh + 0.4) % 5 == 1 % 5  # a server that has not ticked re-plans at its first tick
+    assert lead_in_s({}, controller) == 0.0  # an older server's snapshot: no lead-in
+
+
+def test_simulate_run_moves_the_lead_in_out_of_the_results():
+    from diffsim.commands.validate import simulate_run
+    from diffsim.config import SimConfig
+    from sim_helpers import a100_cascade
+    from test_worker_loss import poisson_trace
+
+    config = SimConfig(cascade=a100_cascade(), gpus=4, seed=0)
+    trace = poisson_trace(2.0, 30.0, seed=1)
+    plain = simulate_run(config, trace, None, 0.0)
+    led = simulate_run(config, trace, None, 21.5)
+    assert [q.arrival_s for q in led.queries] == pytest.approx([q.arrival_s for q in plain.queries])
+    assert led.plans[0][0] == 0.0 and all(t > 0 for t, _ in led.plans[1:])
+    assert led.duration_s == pytest.approx(max(q.finished_s for q in led.queries))
+
+
 def fake_profile(path: Path) -> Path:
     table = lambda ms: {"batch_sizes": [1, 2, 4], "p50_ms": list(ms)}  # noqa: E731
     path.write_text(yaml.safe_dump({
@@ -104,7 +180,11 @@ def test_validate_end_to_end_on_a_fake_server(tmp_path, capsys):
     assert rc == 0
     report = json.loads((tmp_path / "v" / "validation.json").read_text())
     assert report["requests"] == 24 and report["repeats"] == 2 and report["prompts_scored"] == 24
-    assert report["profile_scaled_by"]["light"] > 0  # the server measured its light batches
+    assert len(report["runs"]) == 2
+    for run in report["runs"]:
+        assert run["scaled_by_server_mean"]["light"] > 0  # too few batches to rebuild: the server's mean ratio
+        assert run["lead_in_s"] >= (20 + 1) * 0.5  # at least ewma_window + 1 idle ticks
+        assert sum(run["outcomes"].values()) == 24
     figs = report["figures"]
     assert set(figs) == {f.name for f in FIGURES}
     for name, e in figs.items():
@@ -114,7 +194,8 @@ def test_validate_end_to_end_on_a_fake_server(tmp_path, capsys):
     assert thr["error"] == pytest.approx((thr["sim"] - mean) / mean)
     # the fake's confidences (seed / 100, seed = prompt id) reach the simulation: the same deferrals
     assert figs["deferral_fraction"]["sim"] == pytest.approx(figs["deferral_fraction"]["real"][0]) == 0.5
-    for path in ("validation.png", "real-1/summary.json", "real-2/summary.json", "sim/summary.json"):
+    for path in ("validation.png", "server.json", "real-1/summary.json", "real-2/summary.json", "sim-1/summary.json",
+                 "sim-2/queries.csv"):
         assert (tmp_path / "v" / path).exists(), path
     out = capsys.readouterr().out
     assert "throughput_qps" in out and "within" in out
@@ -122,13 +203,13 @@ def test_validate_end_to_end_on_a_fake_server(tmp_path, capsys):
     # the server's queueing and batches, completed requests), reaches the simulated profile
     import csv
 
-    gaps = [1e3 * max(0.0, float(r["latency_s"]) - float(r["queue_s"]) - float(r["service_s"]))
-            for k in (1, 2) for r in csv.DictReader(open(tmp_path / "v" / f"real-{k}" / "queries.csv"))
-            if r["outcome"] == "completed"]
-    overhead = report["request_overhead_ms"]
-    for key, q in (("request_ms", 50), ("request_p95_ms", 95), ("request_p99_ms", 99)):
-        assert overhead[key] == pytest.approx(np.percentile(gaps, q), abs=0.02), key
-    assert 0 < overhead["request_ms"] <= overhead["request_p95_ms"] <= overhead["request_p99_ms"]
+    for k in (1, 2):  # per run, from that run's records
+        gaps = [1e3 * max(0.0, float(r["latency_s"]) - float(r["queue_s"]) - float(r["service_s"]))
+                for r in csv.DictReader(open(tmp_path / "v" / f"real-{k}" / "queries.csv")) if r["outcome"] == "completed"]
+        overhead = report["runs"][k - 1]["request_overhead_ms"]
+        for key, q in (("request_ms", 50), ("request_p95_ms", 95), ("request_p99_ms", 99)):
+            assert overhead[key] == pytest.approx(np.percentile(gaps, q), abs=0.02), key
+        assert 0 < overhead["request_ms"] <= overhead["request_p95_ms"] <= overhead["request_p99_ms"]
     from diffsim.commands.validate import sim_config_from
 
     o = sim_config_from(described, service_time="sampled", overhead=overhead).cascade.overheads

@@ -5,16 +5,24 @@
    admission, deadline sweep).
 2. Replays the trace against it ``--repeats`` times with ``diffsim load`` (open loop), to measure the real
    system and its own run-to-run spread; each run's reports go to ``OUT/real-K/``.
-3. Simulates the same trace with the same settings -- the server's profile, scaled per stage by how much
-   slower than it the server's batches really ran during step 2 (the server measures every batch; the
-   mean of measured / profile time, from ``GET /v1/plan``; ``--no-calibrate`` keeps the profile as it
-   is), with batch times sampled around its p50 (``--service-time``), the request overhead measured in
-   step 2 (client latency minus the server's own time; its p50, p95 and p99, each request's drawn from
-   a log-normal fitted to them with ``--service-time sampled``), and the per-prompt confidences the
-   server reported -- into ``OUT/sim/``.
-4. Writes ``OUT/validation.json`` (per figure: sim, the real values, the error, the real spread,
-   within_spread), prints the table, and plots latency CDFs and violations per window
-   (``OUT/validation.png``).
+3. Simulates the same trace once per real run, each as that run went (into ``OUT/sim-K/``):
+
+   * from the server's state at the run's start (an idle lead-in): a server idle before the run plans
+     for its decayed demand and re-plans at its own phase, not afresh at the first second;
+   * with the batch times the run itself measured: each answer carries its
+     batch's run time, so the run's batches are rebuilt from them, and the profile's p50 per stage is
+     scaled by their measured / profile p50, p95 and p99 (a stage with too few rebuilt batches, e.g. a
+     heavy stage whose queries were all deferred, is scaled by the server's mean ratio since it started,
+     from ``GET /v1/plan``; ``--no-calibrate`` keeps the profile as it is); batch times are drawn around
+     p50 by p95 / p99 with ``--service-time sampled`` (the default);
+   * with the run's request overhead (client latency minus the server's own time for the request: p50,
+     p95 and p99, each request's drawn from a log-normal fitted to them with ``--service-time sampled``);
+   * with the per-prompt confidences the server reported and every setting it described (admission and
+     deadline sweep included).
+4. Writes ``OUT/validation.json`` (per figure: sim -- the mean over the simulated runs --, each simulated
+   and each real value, the error, the real spread, within_spread; per run its calibration and, request
+   by request, how simulated and real outcomes pair up), ``OUT/server.json`` (what the server described),
+   prints the table, and plots latency CDFs and violations per window (``OUT/validation.png``).
 """
 
 from __future__ import annotations
@@ -97,16 +105,19 @@ def scaled_profile(profile: dict, light_model: str, heavy_model: str, ratio: dic
     return data
 
 
-def sim_config_from(described: dict, *, service_time: str, overhead=None, ratio=None):
-    """The :class:`~diffsim.config.SimConfig` of a simulation of the described server (its profile scaled
-    by ``ratio`` per stage, see :func:`scaled_profile`; its request overhead replaced by ``overhead``, the
-    ``overheads`` fields of :func:`request_overhead_ms`)."""
+def sim_config_from(described: dict, *, service_time: str, overhead=None, ratio=None, spread=None):
+    """The :class:`~diffsim.config.SimConfig` of a simulation of the described server: its profile's
+    batch times as one run measured them (``spread``, see :func:`calibrated_profile`), or scaled by
+    ``ratio`` per stage (:func:`scaled_profile`); its request overhead replaced by ``overhead``, the
+    ``overheads`` fields of :func:`request_overhead_ms`."""
     from ..config import ControllerConfig, SimConfig
     from ..profiles import CascadesFile, GpuProfile, build_cascade
 
     c = described["cascade"]
     profile_data = dict(described["profile"])
-    if ratio:
+    if spread:
+        profile_data = calibrated_profile(profile_data, c["light"], c["heavy"], spread, ratio or {})
+    elif ratio:
         profile_data = scaled_profile(profile_data, c["light"], c["heavy"], ratio)
     if overhead is not None:
         kept = {k: v for k, v in profile_data.get("overheads", {}).items() if not k.startswith("request_")}
@@ -161,6 +172,113 @@ def request_overhead_ms(runs) -> dict:
     return {"request_ms": p50, "request_p95_ms": p95, "request_p99_ms": p99}
 
 
+BATCH_WINDOW_S = 2.0  # batch-mates' (arrival + queueing) on the client's clock lie this close at most
+MIN_BATCHES = 20  # a stage's measured spread is used from this many rebuilt batches on
+
+
+def rebuilt_batches(queries, cascade) -> dict:
+    """The batches a run's answers reveal, per stage: ``{role: [(size, run_s, profile_s), ...]}``.
+
+    Each answer carries the run time of the batch it ran in (``run_ms``): batch-mates share it to the
+    microsecond, so the completed queries served in one stage (deferred ones ran in two batches and are
+    left out) are grouped by it, among those that started (arrival + queueing) within
+    :data:`BATCH_WINDOW_S` of each other. ``profile_s`` is the profile's p50 for that batch (with the
+    discriminator when the image was scored). Sizes the profile has no time for are left out."""
+    from ..runtime.batching import service_time_s
+
+    groups: dict[tuple[str, bool, float], list[float]] = {}
+    for q in queries:
+        if q.outcome != "completed" or q.deferred or not q.service_s or q.served_by not in ("light", "heavy"):
+            continue
+        key = (q.served_by, q.served_by == "light" and q.confidence is not None, round(q.service_s, 6))
+        groups.setdefault(key, []).append(q.arrival_s + q.queue_s)
+    out: dict[str, list] = {"light": [], "heavy": []}
+    for (role, scored, run_s), starts in groups.items():
+        starts.sort()
+        sizes, first = [0], starts[0]
+        for t in starts:
+            if t - first > BATCH_WINDOW_S:
+                sizes.append(0)
+                first = t
+            sizes[-1] += 1
+        for n in sizes:
+            try:
+                out[role].append((n, run_s, service_time_s(cascade, role, n, scored)))
+            except DiffsimError:
+                continue
+    return out
+
+
+def measured_spread(queries, cascade) -> dict:
+    """Per stage, the p50 / p95 / p99 of measured over profile batch time in one run (from
+    :func:`rebuilt_batches`), with the number of batches; a stage with fewer than :data:`MIN_BATCHES` is
+    left out."""
+    import numpy as np
+
+    spread = {}
+    for role, batches in rebuilt_batches(queries, cascade).items():
+        if len(batches) < MIN_BATCHES:
+            continue
+        r = np.array([run_s / profile_s for _, run_s, profile_s in batches])
+        p50, p95, p99 = (round(float(v), 4) for v in np.percentile(r, [50, 95, 99]))
+        spread[role] = {"p50": p50, "p95": p95, "p99": p99, "batches": len(batches)}
+    return spread
+
+
+def calibrated_profile(profile: dict, light_model: str, heavy_model: str, spread: dict, ratio: dict) -> dict:
+    """``profile`` (as /v1/config gives it) with each stage's batch times as one run measured them: where
+    ``spread`` has the stage (:func:`measured_spread`), its p50 / p95 / p99 are the profile's p50 times the
+    measured ratios (the light model's and the discriminator's alike); otherwise the stage is scaled by
+    ``ratio`` as in :func:`scaled_profile`."""
+    def measured(table: dict, r: dict) -> dict:
+        out = dict(table)
+        base = table["p50_ms"]
+        for key, q in (("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99")):
+            out[key] = [None if v is None else round(v * r[q], 3) for v in base]
+        return out
+
+    data = scaled_profile(profile, light_model, heavy_model, {k: v for k, v in ratio.items() if k not in spread})
+    models = dict(data["models"])
+    if "light" in spread:
+        models[light_model] = measured(profile["models"][light_model], spread["light"])
+        data["discriminator"] = measured(profile["discriminator"], spread["light"])
+    if "heavy" in spread:
+        models[heavy_model] = measured(profile["models"][heavy_model], spread["heavy"])
+    data["models"] = models
+    return data
+
+
+def lead_in_s(snapshot: dict, controller) -> float:
+    """How long to simulate the server idle before the trace, so that the simulation starts as the real
+    run did (``snapshot``: the server's ``GET /v1/plan`` at the run's start; 0 when it lacks the fields).
+
+    The server's controller does not start afresh with each run: it has ticked since the server started,
+    its demand estimate has decayed over the idle time before the run (to about 0 after ``ewma_window``
+    idle ticks), the plan in force is the one made for that demand (on cpu-tiny: batch 1), and its next
+    re-plan falls anywhere in the re-plan period -- which decides how long the first seconds of a run
+    are served under that idle plan. The simulator's controller starts with ``initial_demand_qps`` and
+    re-plans at its first tick. An idle lead-in of at least ``ewma_window + 1`` ticks empties its demand
+    estimate, and its length is chosen so that the simulated ticks and re-plans fall at the run's times
+    as the server's did (ticks every ``tick_s`` of the server's clock, re-plans every ``n`` ticks from
+    the last one, ``applied_s``)."""
+    import math
+
+    try:
+        now = float(snapshot["now_s"])
+        applied = float(snapshot["applied_s"])
+        ticks = int(snapshot["controller"]["ticks"])
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    tick = controller.tick_s
+    period = max(1, math.ceil(controller.replan_s / tick - 0.5))  # ticks per re-plan (Controller.replan_due)
+    next_replan = 1 if ticks == 0 else round(applied / tick) + period  # the server's tick index
+    # Simulated time S is the server's S - lead + now: its ticks must fall on the server's (lead = now +
+    # d x tick) and its re-plans (ticks 1, 1 + period, ...) on the server's (d = 1 - next_replan, mod period).
+    lead = now + ((1 - next_replan) % period) * tick
+    least = (controller.ewma_window + 1) * tick
+    return least + (lead - least) % (period * tick)  # the shortest such lead of at least ``least``
+
+
 def measured_confidences(runs, cascade, seed: int):
     """Per-prompt confidences the server reported (light images are scored, whatever the request's
     status), falling back to the cascade's deferral curve for prompts never scored."""
@@ -179,9 +297,8 @@ def measured_confidences(runs, cascade, seed: int):
 def run(args: argparse.Namespace) -> int:
     from ..reports import metrics
     from ..reports.comparison import summarize_result
-    from ..reports.validation import compare, figures_of, format_table, plot
+    from ..reports.validation import compare, figures_of, format_table, mean_figures, outcome_pairs, plot
     from ..resources import resolve_trace
-    from ..simulator import simulate
     from ..workload.loadgen import run_load, summary_and_rows, write_results
     from ..workload.traces import read_trace
 
@@ -206,34 +323,70 @@ def run(args: argparse.Namespace) -> int:
         write_results(out / f"real-{k + 1}", result, cascade, trace_name=args.trace, window_s=args.window_s)
         real_figures.append(figures_of(summary, result.queries))
         real_rows.append(rows)
-    overhead = request_overhead_ms(runs)
-    ratio = {} if args.no_calibrate else measured_ratio(args.url, args.api_key)
-    sim_config = sim_config_from(described, service_time=args.service_time, overhead=overhead, ratio=ratio)
-    confidences, scored = measured_confidences(runs, sim_config.cascade, sim_config.seed)
+    fallback = {} if args.no_calibrate else measured_ratio(args.url, args.api_key)
+    confidences, scored = measured_confidences(runs, cascade, sim_config.seed)
     scaled = _scaled(trace, args.time_scale)
-    sim = simulate(sim_config, scaled, confidences=confidences)
-    sim_summary = summarize_result(sim, args.trace)
-    sim_rows = metrics.timeseries(sim.queries, sim.plans, sim.demand, cascade=sim_config.cascade,
-                                  window_s=args.window_s)
-    metrics.write_outputs(out / "sim", sim_summary, sim_rows, plot=False)
-    comparison = compare(figures_of(sim_summary, sim.queries), real_figures)
+    sims, sim_figures, sim_rows, per_run = [], [], [], []
+    for k, result in enumerate(runs):
+        overhead = request_overhead_ms([result])
+        spread = {} if args.no_calibrate else measured_spread(result.queries, cascade)
+        config_k = sim_config_from(described, service_time=args.service_time, overhead=overhead, ratio=fallback,
+                                   spread=spread)
+        lead = lead_in_s(result.server, config_k.controller)
+        sim = simulate_run(config_k, scaled, confidences, lead)
+        summary = summarize_result(sim, args.trace)
+        rows = metrics.timeseries(sim.queries, sim.plans, sim.demand, cascade=config_k.cascade, window_s=args.window_s)
+        metrics.write_outputs(out / f"sim-{k + 1}", summary, rows, plot=False)
+        metrics.write_csv(out / f"sim-{k + 1}" / metrics.QUERIES_FILE, metrics.query_rows(sim.queries),
+                          metrics.QUERY_COLUMNS)
+        sims.append(sim)
+        sim_figures.append(figures_of(summary, sim.queries))
+        sim_rows.append(rows)
+        per_run.append({"lead_in_s": round(lead, 3), "request_overhead_ms": overhead,
+                        "batch_time_ratio": spread,
+                        "scaled_by_server_mean": {r: v for r, v in fallback.items() if r not in spread},
+                        "outcomes": outcome_pairs(sim.queries, result.queries)})
+    comparison = compare(mean_figures(sim_figures), real_figures, sim_runs=sim_figures)
     report = {
         "url": args.url, "trace": args.trace, "requests": len(trace), "repeats": args.repeats,
-        "service_time": args.service_time, "request_overhead_ms": overhead, "prompts_scored": scored,
-        "profile_scaled_by": ratio,
+        "service_time": args.service_time, "prompts_scored": scored, "runs": per_run,
         "server": {"cascade": described["cascade"]["name"], "policy": described["run"]["policy"],
                    "gpus": described["run"]["gpus"], "routing": described["run"]["routing"],
                    "slo_s": described["cascade"]["slo_s"]},
         "figures": comparison,
     }
     (out / "validation.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    plot(out / "validation.png", sim.queries, [r.queries for r in runs], sim_rows, real_rows)
+    (out / "server.json").write_text(json.dumps(described, indent=2, sort_keys=True) + "\n")
+    plot(out / "validation.png", [s.queries for s in sims], [r.queries for r in runs], sim_rows, real_rows)
     print(format_table(comparison))
-    scale_text = ", ".join(f"{role} x{r:.2f}" for role, r in ratio.items() if r) or "not scaled"
-    print(f"request overhead p50 {overhead['request_ms']:.1f} ms, p95 {overhead['request_p95_ms']:.1f} ms, "
-          f"p99 {overhead['request_p99_ms']:.1f} ms; profile {scale_text}; "
-          f"wrote {out / 'validation.json'}, {out / 'validation.png'}")
+    for k, run_k in enumerate(per_run):
+        light = run_k["batch_time_ratio"].get("light")
+        speed = (f"light batches x{light['p50']:.2f} (p95 x{light['p95']:.2f}, p99 x{light['p99']:.2f}) of the "
+                 f"profile over {light['batches']}" if light else "profile as the server's mean ratio scales it")
+        o = run_k["request_overhead_ms"]
+        print(f"run {k + 1}: simulated from its start state (idle lead-in {run_k['lead_in_s']:.1f} s); {speed}; "
+              f"request overhead p50 {o['request_ms']:.0f} ms, p99 {o['request_p99_ms']:.0f} ms")
+    print(f"wrote {out / 'validation.json'}, {out / 'validation.png'}")
     return 0
+
+
+def simulate_run(config, trace, confidences, lead_s: float):
+    """The simulation of ``trace`` after ``lead_s`` of idle time (:func:`lead_in_s`), with every time of
+    the result moved back by ``lead_s``: the run's t = 0 is the trace's first arrival, as on the client."""
+    from ..simulator import simulate
+
+    result = simulate(config, replace(trace, arrival_s=trace.arrival_s + lead_s), confidences=confidences)
+    if not lead_s:
+        return result
+    for q in result.queries:
+        q.arrival_s -= lead_s
+        q.enqueued_s -= lead_s
+        if q.finished_s is not None:
+            q.finished_s -= lead_s
+    in_force = [p for t, p in result.plans if t <= lead_s][-1]
+    plans = [(0.0, in_force)] + [(t - lead_s, p) for t, p in result.plans if t > lead_s]
+    demand = [(t - lead_s, rate, d) for t, rate, d in result.demand if t >= lead_s]
+    return replace(result, plans=plans, demand=demand, duration_s=result.duration_s - lead_s)
 
 
 def _head(trace, n: int):

@@ -1,7 +1,9 @@
 """How far the simulator predicts a real server: one simulated run set beside K real runs of the same trace.
 
 For each figure the real runs give K values; their own spread (max - min) says how much two runs of the
-same server differ. The simulator's value is judged against their mean: a relative error for rates and
+same server differ. ``diffsim validate`` simulates each real run from its own start state and with its
+own measured batch times; the simulator's value is the mean over those simulations, judged against the
+real runs' mean: a relative error for rates and
 times, an absolute one (in points) for ratios and counts, and ``within_spread`` says whether it is no
 further from the mean than the real runs' spread or the figure's tolerance (the issue's targets:
 throughput 5%, latency 15%, ratios 3 points), whichever is larger.
@@ -31,6 +33,7 @@ FIGURES = (
     Figure("latency_p99_s", True, 0.15),
     Figure("slo_violation_ratio", False, 0.03),
     Figure("dropped", False, 0.0),
+    Figure("rejected", False, 0.0),
     Figure("deferral_fraction", False, 0.03),
     Figure("light_fraction", False, 0.03),
     Figure("plans_applied", False, 0.0),
@@ -45,8 +48,39 @@ def figures_of(summary: dict, queries: Sequence[Query]) -> dict[str, Optional[fl
     return out
 
 
-def compare(sim: dict, real: Sequence[dict]) -> dict:
-    """``{figure: {"sim", "real": [...], "error", "error_kind", "spread", "tolerance", "within_spread"}}``."""
+def mean_figures(runs: Sequence[dict]) -> dict[str, Optional[float]]:
+    """Per figure, the mean over runs of the values known (None where no run has one)."""
+    out = {}
+    for f in FIGURES:
+        known = [r.get(f.name) for r in runs if r.get(f.name) is not None]
+        out[f.name] = float(np.mean(known)) if known else None
+    return out
+
+
+OUTCOME_CLASSES = ("on_time", "late", "dropped", "rejected", "failed", "unfinished")
+
+
+def outcome_class(q: Query) -> str:
+    if q.outcome is None:
+        return "unfinished"
+    if q.outcome == "completed":
+        return "late" if q.late else "on_time"
+    return q.outcome
+
+
+def outcome_pairs(sim_queries: Sequence[Query], real_queries: Sequence[Query]) -> dict[str, int]:
+    """Request by request (the same trace, in order), how the simulated and the real outcome pair up:
+    ``{"sim/real": count}`` (e.g. ``"late/dropped"``: late in the simulation, dropped for real)."""
+    pairs: dict[str, int] = {}
+    for a, b in zip(sim_queries, real_queries):
+        key = f"{outcome_class(a)}/{outcome_class(b)}"
+        pairs[key] = pairs.get(key, 0) + 1
+    return dict(sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def compare(sim: dict, real: Sequence[dict], sim_runs: Optional[Sequence[dict]] = None) -> dict:
+    """``{figure: {"sim", "real": [...], "error", "error_kind", "spread", "tolerance", "within_spread"}}``,
+    plus ``"sim_runs": [...]`` (one simulation per real run) when given."""
     result = {}
     for f in FIGURES:
         s = sim.get(f.name)
@@ -54,6 +88,8 @@ def compare(sim: dict, real: Sequence[dict]) -> dict:
         known = [v for v in values if v is not None]
         entry = {"sim": s, "real": values, "error": None, "error_kind": "relative" if f.relative else "absolute",
                  "spread": None, "tolerance": f.tolerance, "within_spread": None}
+        if sim_runs is not None:
+            entry["sim_runs"] = [r.get(f.name) for r in sim_runs]
         if s is not None and known:
             mean = float(np.mean(known))
             spread = float(max(known) - min(known))
@@ -88,8 +124,8 @@ def format_table(comparison: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(path, sim_queries: Sequence[Query], real_runs: Sequence[Sequence[Query]], sim_rows, real_rows) -> None:
-    """Latency CDFs (sim against each real run) and SLO violations per window."""
+def plot(path, sim_runs: Sequence[Sequence[Query]], real_runs: Sequence[Sequence[Query]], sim_rows, real_rows) -> None:
+    """Latency CDFs (each simulated run against each real run) and SLO violations per window."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,15 +138,17 @@ def plot(path, sim_queries: Sequence[Query], real_runs: Sequence[Sequence[Query]
         if lat.size:
             ax.plot(lat, np.arange(1, lat.size + 1) / lat.size, **kw)
 
-    cdf(a, sim_queries, color="C0", lw=2, label="simulated")
+    for k, queries in enumerate(sim_runs):
+        cdf(a, queries, color="C0", lw=1.5, alpha=0.8, label="simulated" if k == 0 else None)
     for k, queries in enumerate(real_runs):
         cdf(a, queries, color="C1", alpha=0.7, label="real" if k == 0 else None)
     a.set_xlabel("latency of completed requests (s)")
     a.set_ylabel("fraction")
     a.set_title("latency CDF")
     a.legend()
-    b.plot([r["t_start_s"] for r in sim_rows], [r["violations"] for r in sim_rows], color="C0", lw=2,
-           label="simulated")
+    for k, rows in enumerate(sim_rows):
+        b.plot([r["t_start_s"] for r in rows], [r["violations"] for r in rows], color="C0", lw=1.5, alpha=0.8,
+               label="simulated" if k == 0 else None)
     for k, rows in enumerate(real_rows):
         b.plot([r["t_start_s"] for r in rows], [r["violations"] for r in rows], color="C1", alpha=0.7,
                label="real" if k == 0 else None)
