@@ -11,7 +11,7 @@ engine's own ceiling with zero-latency workers. It imports neither torch nor dif
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -20,16 +20,27 @@ def seed_confidence(seed: int) -> float:
     return (int(seed) % 100) / 100.0
 
 
+_CONFIDENCE = "diffsim_confidence"  # PIL image info key: a stand-in's confidence, from generate() to score()
+
+
 class FixedLatencyExecutor:
-    """``latency_s``: seconds per batch, a number or a function of the batch size (0: as fast as it can)."""
+    """``latency_s`` / ``score_latency_s``: seconds per batch, a number or a function of the batch size (0: as
+    fast as it can). ``confidence(prompt, seed)``: the score of that image (default: from the seed, as
+    :func:`seed_confidence`). ``sleep`` is injectable so tests need not wait."""
 
     backend = "fake"
 
     def __init__(self, model: str, latency_s: Union[float, Callable[[int], float]] = 0.0, *,
-                 score_latency_s: float = 0.0):
+                 score_latency_s: Union[float, Callable[[int], float]] = 0.0,
+                 confidence: Optional[Callable[[str, int], float]] = None,
+                 sleep: Callable[[float], None] = time.sleep, backend: str = "fake"):
         self.model = model
         self._latency = latency_s if callable(latency_s) else (lambda n, s=float(latency_s): s)
-        self.score_latency_s = score_latency_s
+        self._score_latency = (score_latency_s if callable(score_latency_s)
+                               else (lambda n, s=float(score_latency_s): s))
+        self.confidence = confidence
+        self.sleep = sleep
+        self.backend = backend
         self.loaded = False
 
     def load(self) -> None:
@@ -47,13 +58,19 @@ class FixedLatencyExecutor:
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         delay = self._latency(len(prompts))
         if delay > 0:
-            time.sleep(delay)
-        return [Image.new("RGB", (8, 8), (int(s) % 256, (int(s) // 256) % 256, 0)) for s in seeds]
+            self.sleep(delay)
+        images = [Image.new("RGB", (8, 8), (int(s) % 256, (int(s) // 256) % 256, 0)) for s in seeds]
+        if self.confidence is not None:
+            for image, prompt, seed in zip(images, prompts, seeds):
+                image.info[_CONFIDENCE] = self.confidence(prompt, int(seed))
+        return images
 
     def score(self, images) -> np.ndarray:
-        if self.score_latency_s > 0:
-            time.sleep(self.score_latency_s)
-        return np.array([seed_confidence(im.getpixel((0, 0))[0] + 256 * im.getpixel((0, 0))[1]) for im in images])
+        delay = self._score_latency(len(images))
+        if delay > 0:
+            self.sleep(delay)
+        return np.array([im.info[_CONFIDENCE] if _CONFIDENCE in im.info
+                         else seed_confidence(im.getpixel((0, 0))[0] + 256 * im.getpixel((0, 0))[1]) for im in images])
 
     def synchronize(self) -> None:
         pass

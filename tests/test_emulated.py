@@ -1,4 +1,4 @@
-"""backends.emulated: profile-timed stand-in executors, and ``diffsim serve --backend emulated``."""
+"""diffsim.server.emulation: profile-timed stand-in executors, and ``diffsim serve --backend emulated``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import httpx
 import numpy as np
 import pytest
 
-from backends.emulated import EmulatedFactory
 from diffsim.errors import DiffsimError
 from diffsim.profiles import load_cascade
 from diffsim.resources import profiles_dir, resolve_profile
+from diffsim.server.emulation import EmulatedFactory
 from diffsim.server.startup import BackgroundServer, ServeOptions, check_options
 
 
@@ -67,13 +67,14 @@ def test_sizes_between_measured_ones_are_interpolated_as_the_simulator_reads_the
         light.generate(["a"] * too_many, list(range(too_many)))
 
 
-def test_heavy_workers_do_not_score_and_factory_pickles(cascade):
+def test_the_factory_pickles_and_checks_the_model(cascade):
     factory = EmulatedFactory(cascade)
     heavy = pickle.loads(pickle.dumps(factory))(0, "heavy", cascade.heavy_model)
     heavy.load()
-    with pytest.raises(RuntimeError, match="no discriminator"):
-        heavy.score([])
-    assert heavy.times == cascade.heavy
+    sleeps: list[float] = []
+    heavy.sleep = sleeps.append
+    heavy.generate(["a", "b"], [1, 2])
+    assert sleeps == [cascade.heavy.latency_ms(2) / 1e3] and heavy.backend == "emulated"
     with pytest.raises(DiffsimError, match="light model is"):
         factory(0, "light", cascade.heavy_model)
 

@@ -23,12 +23,12 @@ from typing import Callable, Optional
 from ..config import ControllerConfig, HealthConfig
 from ..policies import DEFAULT_MAX_UTILIZATION
 from ..errors import DiffsimError, InputError
+from .emulation import BACKEND as EMULATED
 
 log = logging.getLogger("diffsim.server")
 
 MEASURE = "measure"
 CPU_TINY_BATCH_SIZES = (1, 2, 4)
-EMULATED = "emulated"
 CUDA_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 
@@ -36,7 +36,7 @@ CUDA_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 class ServeOptions:
     """Everything ``diffsim serve`` needs, as plain data."""
 
-    backend: str  # "cuda", "cpu-tiny" or "emulated" (backends.emulated: profile-timed stand-ins)
+    backend: str  # "cuda", "cpu-tiny" or "emulated" (diffsim.server.emulation: profile-timed stand-ins)
     cascade: str
     gpus: int
     policy: str = "diffserve"
@@ -273,8 +273,8 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
 
 
 def emulated_factory(options: ServeOptions, cascades_path: Path) -> ExecutorFactory:
-    """Executors that sleep for the profile's batch times (:mod:`backends.emulated`)."""
-    from backends.emulated import EmulatedFactory
+    """Executors that sleep for the profile's batch times (:mod:`diffsim.server.emulation`)."""
+    from .emulation import EmulatedFactory
 
     from ..profiles import build_cascade, load_cascades, load_gpu_profile
     from ..resources import resolve_profile
