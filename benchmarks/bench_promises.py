@@ -248,6 +248,11 @@ def scenario_sigterm(profile: str) -> None:
     conn_errors = sum(r["status"] == 0 for r in before_exit)
     print(f"\n[3] SIGTERM after 4 s of load at {cap:.2f}/s; exit status {rc}; drained in {exited['at'] - term_at:.1f} s")
     print(f"    connection errors before exit: {conn_errors}   (target 0)")
+    errors = [r for r in before_exit if r["status"] == 0]
+    if errors:
+        kinds = sorted({r.get("error", "?") for r in errors})
+        sent = [t0 + r["sent"] - exited["at"] for r in errors]
+        print(f"    they were sent {min(sent):+.2f} to {max(sent):+.2f} s from the exit ({', '.join(kinds)})")
     print(f"    sent before SIGTERM: {len(in_flight)}, answered: "
           + ", ".join(f"{c}: {sum(r['status'] == c for r in in_flight)}" for c in sorted({r['status'] for r in in_flight})))
     print(f"    sent during the drain: {len(after_term)}, answered 503: {sum(r['status'] == 503 for r in after_term)}")
