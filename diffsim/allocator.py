@@ -849,43 +849,62 @@ def _cap_s(slo: float) -> float:
     return 2.0 * slo + 1.0
 
 
-def _stage_paths(stage: _Stage, ok: list[int], loads: np.ndarray, gpus: int, backlog: float, q: _Queueing,
-                 slo: float, quantiles: Optional[np.ndarray]) -> np.ndarray:
-    """``path[k, j, n]``: the latency of stage option ``ok[j]`` on ``n`` workers (n = 0..gpus) for load
-    ``loads[k]`` queries/s: batch time x (1 + batch_wait) + the plan-dependent delay
+def _stage_paths(stage: _Stage, ok: list[int], loads: np.ndarray, backlog: float, q: _Queueing, slo: float,
+                 quantiles: Optional[np.ndarray], first: int, width: int) -> np.ndarray:
+    """``path[k, j, i]``: the latency of stage option ``ok[j]`` on ``n = first + i`` workers (a window of
+    ``width`` worker counts; the full table is ``first`` 0 and ``width`` gpus + 1) for load ``loads[k]``
+    queries/s: batch time x (1 + batch_wait) + the plan-dependent delay
     (:func:`diffsim.runtime.queueing.stage_delay`: the mean, or the quantile ``quantiles[k]``), capped at
     :func:`_cap_s`.
 
     The cap also marks the worker counts a plan cannot have: none (a stage that runs has a worker), and
-    fewer than the load needs at the utilisation cap, ``max(1, ceil(load / (U cap)))`` (the rounding of
-    the little model's solvers). The path is made non-increasing in ``n`` (a running minimum): a worker
-    more never makes a stage slower, as it could idle; the model already is, up to rounding. Both solvers
-    read this one table, so they judge every (candidate, batch size, workers) by the same number.
+    fewer than the load needs at the utilisation cap, :func:`_queued_need` (the rounding of the little
+    model's solvers). The path is made non-increasing in ``n`` (a running minimum): a worker more never
+    makes a stage slower, as it could idle; the model already is, up to rounding. Both solvers read this
+    one table, so they judge every (candidate, batch size, workers) by the same number. A window must start
+    at or below every row's fewest workers: the counts it leaves out are all at the cap, so its running
+    minimum is the full table's, entry for entry.
     """
     cap = _cap_s(slo)
     loads = np.asarray(loads, dtype=float)
-    n = np.arange(gpus + 1, dtype=float)
     if not ok:
-        return np.full((len(loads), 0, gpus + 1), cap)
+        return np.full((len(loads), 0, width), cap)
+    n = np.arange(first, first + width, dtype=float)
     b = np.array([stage.batch_sizes[i] for i in ok], dtype=float)
     lat = np.array([stage.latency_s[i] for i in ok])
-    usable = np.array([stage.capacity[i] for i in ok])  # per worker, at the utilisation cap
     quantile = None if quantiles is None else np.asarray(quantiles, dtype=float)[:, None, None]
-    delay = stage_delay(loads[:, None, None], n[None, None, :], b[None, :, None], lat[None, :, None],
+    # One load for every candidate (the light stage in cascade mode): its queue is computed once, and only
+    # the quantile, if any, per candidate (stage_delay broadcasts).
+    lam = loads[:1] if len(loads) > 1 and (loads == loads[0]).all() else loads
+    delay = stage_delay(lam[:, None, None], n[None, None, :], b[None, :, None], lat[None, :, None],
                         routing=q.routing, backlog=backlog, quantile=quantile)
     path = lat[None, :, None] * (1.0 + q.batch_wait) + delay
-    need = np.where(loads[:, None] > 0, np.ceil(loads[:, None] / usable[None, :] - 1e-9), 1.0)
-    need = np.maximum(need, 1.0)
+    need = _queued_need(stage, ok, loads)
     path = np.where(n[None, None, :] < need[:, :, None], cap, np.minimum(path, cap))
     return np.minimum.accumulate(path, axis=2)
 
 
-def _stage_on(coupled: bool, role: str, fraction: float, keep: bool) -> tuple[bool, bool]:
-    """(may run, may be off) for a stage under a candidate: it must run when it gets traffic or has a
-    backlog (no plan leaves queued work without a worker), and the light stage always runs in cascade
-    mode; it is off otherwise (running it would only cost a GPU)."""
-    must = fraction > 0 or keep or (coupled and role == "light")
-    return must, not must
+def _queued_need(stage: _Stage, ok: list[int], loads: np.ndarray) -> np.ndarray:
+    """``need[k, j]``: the fewest workers of option ``ok[j]`` that carry load ``loads[k]`` at the utilisation
+    cap, ``max(1, ceil(load / (U cap)))``; below it a path is at the cap."""
+    usable = np.array([stage.capacity[i] for i in ok], dtype=float).reshape(1, len(ok))  # per worker
+    need = np.where(loads[:, None] > 0, np.ceil(loads[:, None] / usable - 1e-9), 1.0)
+    return np.maximum(need, 1.0)
+
+
+def _candidate_paths(ks: np.ndarray, ranked: _Ranked, demand: float, light: _Stage, heavy: _Stage, light_ok, heavy_ok,
+                     q: _Queueing, coupled: bool, slo: float, first: tuple[int, int], width: tuple[int, int]):
+    """Both stages' path tables (:func:`_stage_paths`) of candidates ``ks``, light then heavy: each
+    candidate's load on each stage (a fraction of the demand, plus any spread backlog) at its quantile.
+    Both solvers build their tables here, so they read the same numbers."""
+    quantiles = q.path_quantiles(ranked.heavy[ks], coupled)
+    loads_l, loads_h = _queued_loads(ranked, ks, demand, q)
+    return (_stage_paths(light, light_ok, loads_l, q.backlog[0], q, slo, quantiles, first[0], width[0]),
+            _stage_paths(heavy, heavy_ok, loads_h, q.backlog[1], q, slo, quantiles, first[1], width[1]))
+
+
+def _queued_loads(ranked: _Ranked, ks, demand: float, q: _Queueing) -> tuple[np.ndarray, np.ndarray]:
+    return demand * ranked.light[ks] + q.extra_load[0], demand * ranked.heavy[ks] + q.extra_load[1]
 
 
 def _allocate_queued(cascade, gpus, demand, light, heavy, ranked, mode, objective, q: _Queueing, solver) -> Plan:
@@ -926,43 +945,132 @@ def _allocate_queued(cascade, gpus, demand, light, heavy, ranked, mode, objectiv
     return plan
 
 
-def _best_pair(pl: Optional[np.ndarray], ph: Optional[np.ndarray], gpus: int, slo: float, coupled: bool):
-    """The best worker counts for one (light option, heavy option) pair of one candidate:
-    ``(gpus used, summed path, n_light, n_heavy)``, or None when no counts fit.
+# The window of worker counts the exact solver first computes a candidate's paths over, from the fewest
+# workers each stage needs at the utilisation cap; widened (up to all GPUs) for a candidate whose best plan
+# may lie beyond it.
+_WINDOW = 32
+_GROWTH = 8  # each widening multiplies the window by this: few steps to all GPUs when a plan needs them
+_TABLE_ELEMENTS = 32_768  # a widened group is split so that a stage's tables hold about this many entries
+_BEYOND = "beyond the window"  # _first_answer's answer when the windows cannot tell
 
-    ``pl`` / ``ph``: the option's path by worker count (0..gpus), non-increasing, or None for a stage that
-    is off (no workers, no latency). Fewest GPUs first, then the least summed path (the MILP's second and
-    third terms); among splits that tie on both, the fewest light workers.
+
+def _first_answer(pl: np.ndarray, first_l: int, ph: np.ndarray, first_h: int, on_l: np.ndarray, on_h: np.ndarray,
+                  gpus: int, slo: float, coupled: bool):
+    """The first candidate (row) with an answer, ``(row, answer, end)``, or None when none has one. An
+    answer is the candidate's best options and worker counts ``(jl, nl, jh, nh)`` (None and 0 for a stage
+    that is off), or ``_BEYOND`` when the windows of worker counts are too narrow to tell whether it has
+    one; then rows ``row`` to ``end - 1`` have nothing that fits in the windows (the run to widen).
+
+    ``pl[k]`` / ``ph[k]``: candidate k's path tables ``[option, n - first]`` over a window of worker counts
+    (:func:`_stage_paths`), non-increasing in n; ``on_l[k]`` / ``on_h[k]``: whether the stage runs (a
+    stage that is off has no workers and no latency). Best: fewest GPUs first, then the least summed path
+    (the MILP's second and third terms); then the smallest light option, then heavy; then, among splits
+    that tie, the fewest light workers. Candidates with two running stages are first screened all at once
+    (:func:`_pairs_that_fit`); only one that passes is searched in full (:func:`_best_pair`).
     """
-    if pl is None and ph is None:
-        return None
-    if ph is None or pl is None:
-        path = pl if ph is None else ph
-        fits = np.flatnonzero(path <= slo)  # path is non-increasing: the first fit is the fewest workers
-        if not len(fits):
-            return None
-        n = int(fits[0])
-        return (n, float(path[n]), n, 0) if ph is None else (n, float(path[n]), 0, n)
+    complete = first_l + pl.shape[2] > gpus and first_h + ph.shape[2] > gpus
+    both = on_l & on_h
+    fit = _pairs_that_fit(pl[both], first_l, ph[both], first_h, gpus, slo, coupled)
+    some = np.zeros(len(pl), dtype=bool)  # something fits in the windows
+    some[both] = fit.reshape(len(fit), -1).any(axis=1) if fit.size else False
+    alone = np.flatnonzero(on_l != on_h)
+    if len(alone):
+        some[alone] = [((pl[k] if on_l[k] else ph[k]) <= slo).any() for k in alone]
+    for k in range(len(pl)):
+        if both[k]:
+            found = _best_pair(pl[k], first_l, ph[k], first_h, gpus, slo, coupled) if some[k] else None
+            if found is None and not complete:
+                found = _BEYOND  # nothing fits within the windows: wider ones may hold a plan
+        elif on_l[k]:
+            found = _best_alone(pl[k], first_l, gpus, slo)
+        elif on_h[k]:
+            found = _best_alone(ph[k], first_h, gpus, slo)
+            found = found if not isinstance(found, tuple) else (None, 0) + found[:2]
+        else:
+            found = None
+        if found is not None:
+            later = np.flatnonzero(some[k + 1:])
+            return k, found, k + 1 + (int(later[0]) if len(later) else len(pl) - k - 1)
+    return None
+
+
+def _pairs_that_fit(pl: np.ndarray, first_l: int, ph: np.ndarray, first_h: int, gpus: int, slo: float,
+                    coupled: bool) -> np.ndarray:
+    """``fit[k, jl, jh]``: whether some light count in the window has, within the heavy window and the GPUs
+    left, a heavy count that meets its budget: the rows :func:`_best_pair` would find usable (its ``ok``),
+    without searching. As ``ph`` is non-increasing, the fewest heavy workers that meet a budget are at most
+    X iff ``ph[X]`` meets it, so checking the most heavy workers allowed is enough."""
+    n_k, n_l, width_l = pl.shape
+    n_h, width_h = ph.shape[1:]
+    if not (n_k and n_l and n_h):
+        return np.zeros((n_k, n_l, n_h), dtype=bool)
     budget = slo - pl if coupled else np.where(pl <= slo, slo, -np.inf)
-    # The fewest heavy workers within each light count's budget: ph is non-increasing, so -ph is sorted.
-    fewest_h = np.searchsorted(-ph, -budget, side="left")
-    n_light = np.arange(len(pl))
+    n_light = first_l + np.arange(width_l)
+    most_h = np.minimum(gpus - n_light, first_h + width_h - 1) - first_h  # index of the most heavy workers allowed
+    room = most_h >= 0
+    at_most = ph[:, :, np.minimum(np.maximum(most_h, 0), width_h - 1)]  # [k, jh, i]
+    ok = (pl <= slo)[:, :, None, :] & room & (at_most[:, None, :, :] <= budget[:, :, None, :])
+    return ok.any(axis=3)
+
+
+def _best_alone(path: np.ndarray, first: int, gpus: int, slo: float):
+    """One running stage: its first option with the fewest workers within the SLO, then the least path,
+    ``(j, n, None, 0)``; None or ``_BEYOND`` as in :func:`_best_splits`. Exact on a window: the counts below
+    ``first`` are at the cap, so the first fit in the window is the first fit."""
+    fits = path <= slo
+    found = fits.any(axis=1)
+    if not found.any():
+        return None if first + path.shape[1] > gpus else _BEYOND
+    opts = np.flatnonzero(found)
+    at = fits[opts].argmax(axis=1)  # the first fit is the fewest workers (path is non-increasing)
+    j = int(opts[np.lexsort((path[opts, at], at))[0]])  # fewest workers, then least path, then first option
+    return j, first + int(fits[j].argmax()), None, 0
+
+
+def _best_pair(pl: np.ndarray, first_l: int, ph: np.ndarray, first_h: int, gpus: int, slo: float, coupled: bool):
+    """One candidate's best ``(jl, nl, jh, nh)`` when both its stages run, or None (see
+    :func:`_first_answer`), all option pairs at once.
+
+    For every light count, the fewest heavy workers within its budget (``ph`` is non-increasing, so one
+    ``searchsorted`` per heavy option), the least total per pair, then the least summed path among the
+    splits of that total that meet the SLO.
+
+    Exact on a window: counts below ``first`` are at the cap (infeasible), and an answer of T GPUs with
+    ``T <= first_l + first_h + width - 1`` (per stage; no bound for a stage whose window reaches all GPUs)
+    has both its counts, and every split of T the search compares, inside the windows; a pair whose best
+    is beyond that has more GPUs than the answer. None here means none within that bound.
+    """
+    n_l, width_l = pl.shape
+    n_h, width_h = ph.shape
+    budget = slo - pl if coupled else np.where(pl <= slo, slo, -np.inf)
+    # m[jl, jh, i]: index of the fewest heavy workers whose path fits light count first_l + i's budget.
+    queries = -budget.ravel()
+    m = np.empty((n_l, n_h, width_l), dtype=np.int64)
+    for jh in range(n_h):
+        m[:, jh, :] = np.searchsorted(-ph[jh], queries, side="left").reshape(n_l, width_l)
+    n_light = first_l + np.arange(width_l)
+    fewest_h = first_h + m
     total = n_light + fewest_h
-    ok = (pl <= slo) & (fewest_h <= gpus) & (total <= gpus)
-    if not ok.any():
+    ok = (pl <= slo)[:, None, :] & (m < width_h) & (total <= gpus)
+    best = np.where(ok, total, gpus + 1).min(axis=2)  # per pair
+    reach_l, reach_h = first_l + width_l - 1, first_h + width_h - 1  # the last counts computed
+    horizon = min(reach_l + first_h if reach_l < gpus else gpus, reach_h + first_l if reach_h < gpus else gpus)
+    # Every split of the pair's best total that fits: the least summed path among them.
+    n_heavy = best[:, :, None] - n_light
+    split = ok & (n_heavy >= fewest_h) & (n_heavy >= 0) & (best <= horizon)[:, :, None]
+    ph_at = ph[np.arange(n_h)[None, :, None], np.minimum(np.maximum(n_heavy - first_h, 0), width_h - 1)]
+    sums = pl[:, None, :] + ph_at
+    split &= (sums <= slo) if coupled else (pl <= slo)[:, None, :] & (ph_at <= slo)
+    if not split.any():
         return None
-    best = int(total[ok].min())
-    # Every split of ``best`` GPUs that fits; the least summed path among them (ties: fewest light workers).
-    n_heavy = best - n_light
-    split = ok & (n_heavy >= fewest_h) & (n_heavy >= 0)
-    idx = np.flatnonzero(split)
-    sums = pl[idx] + ph[n_heavy[idx]]
-    fits = sums <= slo if coupled else (pl[idx] <= slo) & (ph[n_heavy[idx]] <= slo)
-    idx, sums = idx[fits], sums[fits]
-    if not len(idx):
-        return None
-    j = int(np.argmin(sums))
-    return best, float(sums[j]), int(idx[j]), int(n_heavy[idx[j]])
+    sums = np.where(split, sums, np.inf)
+    at = sums.argmin(axis=2)  # the fewest light workers among equal sums
+    least = np.take_along_axis(sums, at[:, :, None], axis=2)[:, :, 0]
+    pairs = np.flatnonzero(split.any(axis=2).ravel())
+    p = int(pairs[np.lexsort((least.ravel()[pairs], best.ravel()[pairs]))[0]])  # ties: the first (jl, jh)
+    jl, jh = divmod(p, n_h)
+    nl = first_l + int(at[jl, jh])
+    return jl, nl, jh, int(best[jl, jh]) - nl
 
 
 def _solve_queued_exact(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, ranked, servable, coupled, q):
@@ -970,47 +1078,97 @@ def _solve_queued_exact(cascade, gpus, demand, light, heavy, light_ok, heavy_ok,
     summed path, then the smallest light batch size, then heavy (an off stage last), then the fewest light
     workers. Exact, as in the little model: once the candidate is fixed nothing else constrains a pair.
 
-    Candidates are tried in rank order and the search stops at the first feasible one, so a cluster that
-    can serve its demand costs a few candidates' tables (light loads repeat across candidates and their
-    table is computed once per load).
+    Candidates are tried in rank order and the search stops at the first feasible one. What keeps it cheap:
+    candidates that could not fit even with no queueing delay at all (each stage at its fewest workers and
+    its bare batch time, a bound every path table respects) are skipped without a table; the others' tables
+    are computed a few candidates at a time (1, then 4, 16, ...: one ``stage_delay`` call per stage for a
+    whole group), over a window of worker counts from the fewest the group needs (:data:`_WINDOW` wide,
+    widened for a candidate only when its answer may lie beyond); and :func:`_first_answer` screens all option
+    pairs of a group at once.
     """
     slo = cascade.slo_s
-    quantiles = q.path_quantiles(ranked.heavy, coupled)
-    cache: dict[tuple, np.ndarray] = {}
+    keep_l, keep_h = q.keep
+    loads_l, loads_h = _queued_loads(ranked, slice(None), demand, q)
+    # A stage runs when the candidate sends it traffic or it holds queued work (no plan leaves queued work
+    # without a worker), and the light stage always in cascade mode; otherwise it is off (a GPU for nothing).
+    on_l = (ranked.light > 0) | keep_l | coupled
+    on_h = (ranked.heavy > 0) | keep_h
+    need_l = _queued_need(light, light_ok, loads_l)
+    need_h = _queued_need(heavy, heavy_ok, loads_h)
+    tries = np.flatnonzero(servable & _fits_without_delay(light, heavy, light_ok, heavy_ok, need_l, need_h, on_l, on_h,
+                                                          gpus, slo, coupled, q.batch_wait))
 
-    def paths(stage, ok, role, load, backlog, quantile):
-        key = (role, load, quantile)
-        if key not in cache:
-            qs = None if quantile is None else np.array([quantile])
-            cache[key] = _stage_paths(stage, ok, np.array([load]), gpus, backlog, q, slo, qs)[0]
-        return cache[key]
+    def window(ks, on, need):  # (first worker count, width) of a stage's tables for candidates ks
+        rows = need[ks][on[ks]]
+        if not rows.size:
+            return 0, 1  # the stage is off for all of them: its table is not read
+        first = int(rows.min())
+        return first, max(1, min(_WINDOW, gpus + 1 - first))
 
-    for k in np.flatnonzero(servable):
-        cand = ranked.candidate(k)
-        quantile = None if quantiles is None else float(quantiles[k])
-        must_l, off_l = _stage_on(coupled, "light", cand.light_fraction, q.keep[0])
-        must_h, off_h = _stage_on(coupled, "heavy", cand.heavy_fraction, q.keep[1])
-        load_l = demand * cand.light_fraction + q.extra_load[0]
-        load_h = demand * cand.heavy_fraction + q.extra_load[1]
-        pl = paths(light, light_ok, "light", load_l, q.backlog[0], quantile) if must_l else None
-        ph = paths(heavy, heavy_ok, "heavy", load_h, q.backlog[1], quantile) if must_h else None
-        options_l = [(j, pl[j]) for j in range(len(light_ok))] if must_l else [(None, None)]
-        options_h = [(j, ph[j]) for j in range(len(heavy_ok))] if must_h else [(None, None)]
-        best = None
-        for jl, row_l in options_l:
-            for jh, row_h in options_h:
-                found = _best_pair(row_l, row_h, gpus, slo, coupled)
-                if found is None:
-                    continue
-                used, total, nl, nh = found
-                key = (used, total)
-                if best is None or key < best[0]:
-                    path_l = float(row_l[nl]) if row_l is not None else 0.0
-                    path_h = float(row_h[nh]) if row_h is not None else 0.0
-                    best = (key, (int(k), jl, nl, jh, nh, path_l, path_h))
-        if best is not None:
-            return best[1]
+    def paths(ks, firsts, widths):
+        return _candidate_paths(ks, ranked, demand, light, heavy, light_ok, heavy_ok, q, coupled, slo, firsts, widths)
+
+    def first_fit(ks, firsts, widths, tables):  # the first of ks with a plan, in rank order
+        (first_l, first_h), (width_l, width_h), (pl, ph) = firsts, widths, tables
+        i = 0
+        while i < len(ks):
+            first = _first_answer(pl[i:], first_l, ph[i:], first_h, on_l[ks[i:]], on_h[ks[i:]], gpus, slo, coupled)
+            if first is None:
+                return None
+            j, found, end = first
+            if found is not _BEYOND:
+                jl, nl, jh, nh = found
+                path_l = float(pl[i + j, jl, nl - first_l]) if jl is not None else 0.0
+                path_h = float(ph[i + j, jh, nh - first_h]) if jh is not None else 0.0
+                return int(ks[i + j]), jl, nl, jh, nh, path_l, path_h
+            # Wider windows for the run of candidates with nothing in these: the new worker counts only,
+            # their running minimum continued from the last count computed (min is exact: the same table as
+            # computed at once).
+            run = ks[i + j:i + end]
+            grow_l = min((_GROWTH - 1) * width_l, gpus + 1 - first_l - width_l) if on_l[run].any() else 0
+            grow_h = min((_GROWTH - 1) * width_h, gpus + 1 - first_h - width_h) if on_h[run].any() else 0
+            wide = (width_l + grow_l, width_h + grow_h)
+            # A few candidates at a time once tables are wide: the first feasible one ends the search.
+            step = max(1, _TABLE_ELEMENTS // (max(wide) * max(len(light_ok), len(heavy_ok), 1)))
+            for a in range(i + j, i + end, step):
+                sub = slice(a, min(a + step, i + end))
+                more_l, more_h = paths(ks[sub], (first_l + width_l, first_h + width_h), (grow_l, grow_h))
+                wider = (np.concatenate([pl[sub], np.minimum(more_l, pl[sub][:, :, -1:])], axis=2),
+                         np.concatenate([ph[sub], np.minimum(more_h, ph[sub][:, :, -1:])], axis=2))
+                found = first_fit(ks[sub], firsts, wide, wider)
+                if found is not None:
+                    return found
+            i += end
+        return None
+
+    start, size = 0, 1
+    while start < len(tries):
+        group = tries[start:start + size]
+        start, size = start + size, size * 4
+        (first_l, width_l), (first_h, width_h) = window(group, on_l, need_l), window(group, on_h, need_h)
+        tables = paths(group, (first_l, first_h), (width_l, width_h))
+        found = first_fit(group, (first_l, first_h), (width_l, width_h), tables)
+        if found is not None:
+            return found
     return None
+
+
+def _fits_without_delay(light, heavy, light_ok, heavy_ok, need_l, need_h, on_l, on_h, gpus, slo, coupled,
+                        batch_wait) -> np.ndarray:
+    """Mask of the candidates that some option pair could serve if no query ever waited: each running stage
+    at its fewest workers (``need``), within the GPUs, and the bare paths (batch time x (1 + batch_wait),
+    which no path table goes below) within the SLO, as :func:`_best_pair` checks them. A necessary
+    condition, so skipping the others is exact."""
+    base_l = np.array([light.latency_s[i] for i in light_ok]) * (1.0 + batch_wait)
+    base_h = np.array([heavy.latency_s[i] for i in heavy_ok]) * (1.0 + batch_wait)
+    fast_l = (base_l <= slo)[None, :] & (need_l <= gpus)  # (candidate, option)
+    fast_h = (base_h <= slo)[None, :] & (need_h <= gpus)
+    alone_l = fast_l.any(axis=1)
+    alone_h = fast_h.any(axis=1)
+    pair_ok = (base_h[None, :] <= slo - base_l[:, None]) if coupled else np.ones((len(base_l), len(base_h)), bool)
+    both = ((need_l[:, :, None] + need_h[:, None, :] <= gpus) & pair_ok[None] & fast_l[:, :, None]
+            & fast_h[:, None, :]).any(axis=(1, 2))
+    return np.where(on_l & on_h, both, np.where(on_l, alone_l, np.where(on_h, alone_h, False)))
 
 
 def _solve_queued_milp(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, ranked, servable, coupled, q):
@@ -1035,10 +1193,9 @@ def _solve_queued_milp(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, 
         return None
     fl = ranked.light[cands]
     fh = ranked.heavy[cands]
-    quantiles = q.path_quantiles(ranked.heavy, coupled)
-    qs = None if quantiles is None else quantiles[cands]
-    pl = _stage_paths(light, light_ok, demand * fl + q.extra_load[0], gpus, q.backlog[0], q, slo, qs)  # (k, j, n)
-    ph = _stage_paths(heavy, heavy_ok, demand * fh + q.extra_load[1], gpus, q.backlog[1], q, slo, qs)
+    full = gpus + 1
+    pl, ph = _candidate_paths(np.array(cands), ranked, demand, light, heavy, light_ok, heavy_ok, q, coupled, slo, (0, 0),
+                              (full, full))  # [k, j, n], n = 0..gpus
     nl, nh, nk, g = len(light_ok), len(heavy_ok), len(cands), gpus
     # Variable layout: wL (nl x g, n = 1..g), wH (nh x g), z (nk), tL, tH
     iwl, iwh, iz = 0, nl * g, nl * g + nh * g

@@ -8,10 +8,14 @@ and exercise that mode's optimum rather than its fallback; ``event()`` reports t
 
 from __future__ import annotations
 
+from unittest import mock
+
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from diffsim import allocator
 from diffsim.allocator import DEFAULT_THRESHOLDS, MODES, allocate
 from diffsim.errors import DiffsimError
 from diffsim.profiles import Cascade, DeferralCurve, FidCurve, LatencyTable, load_cascade
@@ -161,6 +165,104 @@ def test_exact_solver_returns_the_milp_plan_with_plan_dependent_delay(mode, data
         for stage, queued in zip(plan.stages, kwargs["backlog"]):
             runnable = _runnable(kwargs["cascade"], stage.role, kwargs["batch_sizes"], mode == "cascade")
             assert queued == 0 or stage.workers > 0 or kwargs["gpus"] < 2 or not runnable
+
+
+@pytest.mark.parametrize("mode", MODES)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_exact_solver_with_plan_dependent_delay_is_the_same_at_any_window(mode, data):
+    """The exact solver computes path tables over a window of worker counts and widens it only for the
+    candidates whose answer may lie beyond: the plan (and its stage paths) must be the one of full tables
+    at once. Windows of one worker, doubled, one candidate at a time, against windows wider than any
+    cluster, on clusters large enough for the windows to matter (up to 400 GPUs)."""
+    kwargs = data.draw(queued_instances(mode))
+    gpus = data.draw(st.integers(1, 400))
+    kwargs.update(gpus=gpus, demand_qps=kwargs["demand_qps"] * gpus / kwargs["gpus"])
+    with mock.patch.multiple(allocator, _WINDOW=10 ** 6):
+        full = allocate(**kwargs)
+    with mock.patch.multiple(allocator, _WINDOW=1, _GROWTH=2, _TABLE_ELEMENTS=1):
+        narrow = allocate(**kwargs)
+    event("feasible" if full.feasible else "infeasible")
+    assert narrow == full and narrow.extra == full.extra
+
+
+def _reference_pair(pl, ph, gpus, slo, coupled):
+    """One (light option, heavy option) pair on full tables, as the exact solver searched it before it took
+    all pairs at once: (GPUs, summed path, n_light, n_heavy) or None."""
+    budget = slo - pl if coupled else np.where(pl <= slo, slo, -np.inf)
+    fewest_h = np.searchsorted(-ph, -budget, side="left")
+    n_light = np.arange(len(pl))
+    total = n_light + fewest_h
+    ok = (pl <= slo) & (fewest_h <= gpus) & (total <= gpus)
+    if not ok.any():
+        return None
+    best = int(total[ok].min())
+    n_heavy = best - n_light
+    idx = np.flatnonzero(ok & (n_heavy >= fewest_h) & (n_heavy >= 0))
+    sums = pl[idx] + ph[n_heavy[idx]]
+    fits = sums <= slo if coupled else (pl[idx] <= slo) & (ph[n_heavy[idx]] <= slo)
+    idx, sums = idx[fits], sums[fits]
+    if not len(idx):
+        return None
+    j = int(np.argmin(sums))
+    return best, float(sums[j]), int(idx[j]), int(n_heavy[idx[j]])
+
+
+def _reference_candidate(pl, ph, gpus, slo, coupled):
+    """The best over all pairs, in (light option, heavy option) order: (jl, nl, jh, nh) or None."""
+    best = None
+    for jl in range(len(pl)):
+        for jh in range(len(ph)):
+            found = _reference_pair(pl[jl], ph[jh], gpus, slo, coupled)
+            if found is not None and (best is None or found[:2] < best[0]):
+                best = (found[:2], (jl, found[2], jh, found[3]))
+    return None if best is None else best[1]
+
+
+def _path_tables(rng, options: int, gpus: int, slo: float):
+    """Non-increasing path tables over 0..gpus workers, at the cap below each option's fewest workers, from
+    a few distinct values (so that totals and summed paths tie often); and the fewest workers of any."""
+    cap = allocator._cap_s(slo)
+    rows, needs = [], []
+    for _ in range(options):
+        need = int(rng.integers(1, gpus + 2))
+        steps = rng.choice([0.0, 0.0, 0.05, 0.1, 0.25, 0.5], gpus + 1)
+        row = np.maximum(rng.choice([0.2, 0.5, 0.8, 1.0, 1.5]) * slo - np.cumsum(steps) * slo, 0.05 * slo)
+        row[:need] = cap
+        rows.append(np.minimum.accumulate(row))
+        needs.append(need)
+    return np.array(rows), min(needs)
+
+
+def test_windowed_pair_search_is_the_full_one():
+    """The exact solver's search of one candidate with both stages running, over windows of worker counts
+    starting at or below the fewest either stage needs: it either answers as the one-pair-at-a-time search
+    of the full tables does, or says the windows are too narrow, and widened to all GPUs it answers the
+    same. Many small random cases (seeded): the cases where a narrow window could mislead (a split just
+    beyond it with the same GPUs and a smaller summed path) are a fraction of a percent."""
+    rng = np.random.default_rng(15)
+    slo, outcomes = 1.0, {"answered in the window": 0, "beyond the window": 0}
+    for _ in range(6000):
+        gpus = int(rng.integers(1, 12))
+        coupled = bool(rng.integers(2))
+        pl, need_l = _path_tables(rng, int(rng.integers(1, 4)), gpus, slo)
+        ph, need_h = _path_tables(rng, int(rng.integers(1, 4)), gpus, slo)
+        expect = _reference_candidate(pl, ph, gpus, slo, coupled)
+        first_l, first_h = int(rng.integers(0, min(need_l, gpus) + 1)), int(rng.integers(0, min(need_h, gpus) + 1))
+        on = np.array([True])
+
+        def answer(width_l, width_h):
+            found = allocator._first_answer(pl[None, :, first_l:first_l + width_l], first_l,
+                                            ph[None, :, first_h:first_h + width_h], first_h, on, on, gpus, slo, coupled)
+            return None if found is None else found[1]
+
+        got = answer(int(rng.integers(1, gpus + 2 - first_l)), int(rng.integers(1, gpus + 2 - first_h)))
+        beyond = got is allocator._BEYOND
+        outcomes["beyond the window" if beyond else "answered in the window"] += 1
+        if beyond:
+            got = answer(gpus + 1 - first_l, gpus + 1 - first_h)
+        assert got == expect
+    assert min(outcomes.values()) > 1000  # both ways exercised
 
 
 def _runnable(cascade, role, batch_sizes, cascade_mode):
