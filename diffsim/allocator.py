@@ -495,8 +495,9 @@ def _solve_exact(cascade, gpus, demand, light, heavy, ranked, mode, objective, w
         for a in range(nl + 1) for b in range(nh + 1)
         if slo_rows[a][b] and row_l[a] + row_h[b] <= gpus
     )
-    light_plan = _exact_stage_plan(cascade, "light", light, light_ok, jl, wl[k, jl])
-    heavy_plan = _exact_stage_plan(cascade, "heavy", heavy, heavy_ok, jh, wh[k, jh])
+    # The last option is "off" (no workers).
+    light_plan = _stage_plan(cascade, "light", light, light_ok[jl] if jl < nl else None, int(wl[k, jl]))
+    heavy_plan = _stage_plan(cascade, "heavy", heavy, heavy_ok[jh] if jh < nh else None, int(wh[k, jh]))
     return _plan(cascade, gpus, demand, light_plan, heavy_plan, ranked.candidate(k), mode, objective, waits, True, "")
 
 
@@ -520,16 +521,6 @@ def _fewest_workers(stage: _Stage, ok: list[int], demand: float, fraction: np.nd
         need[off] = np.inf
     out[:, n] = off_cost
     return out
-
-
-def _exact_stage_plan(cascade: Cascade, role: str, stage: _Stage, ok: list[int], j: int, workers: float) -> StagePlan:
-    model = cascade.light_model if role == "light" else cascade.heavy_model
-    if j == len(ok):
-        return StagePlan(role, model, 0, 0, 0.0, 0.0)
-    i = ok[j]
-    workers = int(workers)
-    b, lat = stage.batch_sizes[i], stage.latency_s[i]
-    return StagePlan(role, model, workers, b, lat, workers * b / lat)
 
 
 def _solve_milp(cascade, gpus, demand, light, heavy, ranked, mode, objective, waits) -> Optional[Plan]:
@@ -628,8 +619,9 @@ def _solve_milp(cascade, gpus, demand, light, heavy, ranked, mode, objective, wa
     x = np.round(res.x).astype(int)
     k = int(np.argmax(x[iz:iz + nk]))
     cand = cands[k]
-    light_plan = _stage_plan(cascade, "light", light, light_ok, x[iyL:iyL + nl], x[ixL:ixL + nl])
-    heavy_plan = _stage_plan(cascade, "heavy", heavy, heavy_ok, x[iyH:iyH + nh], x[ixH:ixH + nh])
+    light_plan, heavy_plan = (_stage_plan(cascade, role, stage, *_milp_choice(ok, x[iy:iy + len(ok)], x[ix:ix + len(ok)]))
+                              for role, stage, ok, iy, ix in (("light", light, light_ok, iyL, ixL),
+                                                               ("heavy", heavy, heavy_ok, iyH, ixH)))
     return _plan(cascade, gpus, demand, light_plan, heavy_plan, cand, mode, objective, waits, True, "")
 
 
@@ -668,14 +660,19 @@ def _up_to_incumbent(cands, demand, gpus, light, heavy, light_ok, heavy_ok, coup
     return cands
 
 
-def _stage_plan(cascade: Cascade, role: str, stage: _Stage, ok: list[int], y, x) -> StagePlan:
-    model = cascade.light_model if role == "light" else cascade.heavy_model
+def _milp_choice(ok: list[int], y, x) -> tuple[Optional[int], int]:
+    """The batch size (index into the stage) and workers a MILP solution picks for a stage: the option whose
+    binary is set, or none."""
     chosen = [j for j in range(len(ok)) if y[j] == 1]
-    if not chosen:
+    return (ok[chosen[0]], int(x[chosen[0]])) if chosen else (None, 0)
+
+
+def _stage_plan(cascade: Cascade, role: str, stage: _Stage, i: Optional[int], workers: int) -> StagePlan:
+    """A stage of a plan: ``workers`` workers at the stage's batch size ``i``, or none when ``i`` is None
+    or no workers (every solver's answer goes through here)."""
+    model = cascade.light_model if role == "light" else cascade.heavy_model
+    if i is None or workers == 0:
         return StagePlan(role, model, 0, 0, 0.0, 0.0)
-    j = chosen[0]
-    i = ok[j]
-    workers = int(x[j])
     b, lat = stage.batch_sizes[i], stage.latency_s[i]
     return StagePlan(role, model, workers, b, lat, workers * b / lat)
 
@@ -1280,12 +1277,9 @@ def _queued_plan(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, cand, 
 
     def stage_plan(role, stage, ok, sel):
         j, n, path = sel
-        model = cascade.light_model if role == "light" else cascade.heavy_model
         if j is None or n == 0:
-            return StagePlan(role, model, 0, 0, 0.0, 0.0), 0.0
-        i = ok[j]
-        b, lat = stage.batch_sizes[i], stage.latency_s[i]
-        return StagePlan(role, model, n, b, lat, n * b / lat), path
+            return _stage_plan(cascade, role, stage, None, 0), 0.0
+        return _stage_plan(cascade, role, stage, ok[j], n), path
 
     light_plan, path_l = stage_plan("light", light, light_ok, lsel)
     heavy_plan, path_h = stage_plan("heavy", heavy, heavy_ok, hsel)
