@@ -93,6 +93,13 @@ def add_parser(subparsers) -> None:
                    "every --worker-probe-s and returns when a probe succeeds")
     p.add_argument("--worker-probe-s", type=limits.PERIOD_S, default=5.0, metavar="S",
                    help=bounded("how often a worker out of service (failing or lost) is probed", limits.PERIOD_S, 5))
+    p.add_argument("--drain-quiet-s", type=limits.DELAY_S, default=2.0, metavar="S",
+                   help=bounded("after SIGTERM, once in-flight work is done, keep answering new requests 503 "
+                                "until none has come for S seconds (clients and load balancers still sending "
+                                "are told to go elsewhere rather than refused a connection)", limits.DELAY_S, 2))
+    p.add_argument("--drain-max-s", type=limits.DELAY_S, default=30.0, metavar="S",
+                   help=bounded("the longest a drain keeps the socket open after SIGTERM for clients still "
+                                "sending", limits.DELAY_S, 30))
     p.add_argument("--ray-max-restarts", type=limits.RESTARTS, default=-1, metavar="N",
                    help="times Ray restarts a dead worker actor (default -1: always); a restarted worker "
                    "reloads its models and rejoins the plan")
@@ -210,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
 
     light, heavy, _ = cascade_models(options)
     image_size = _image_size(options.backend, light, heavy)
-    settings = HttpSettings(api_key=args.api_key, max_n=args.max_n, image_size=image_size, seed=args.seed)
+    settings = HttpSettings(api_key=args.api_key, max_n=args.max_n, image_size=image_size, seed=args.seed,
+                            drain_quiet_s=args.drain_quiet_s, drain_max_s=args.drain_max_s)
     sock = bind_socket(args.host, args.port)
 
     def ready(url: str) -> None:

@@ -53,7 +53,8 @@ from .prometheus import CONTENT_TYPE, ServerMetrics
 log = logging.getLogger("diffsim.server")
 
 MAX_SEED = 2**63 - 1
-ROUTES = ("/v1/images/generations", "/v1/plan", "/v1/config", "/v1/quality", "/metrics", "/healthz")
+GENERATIONS = "/v1/images/generations"
+ROUTES = (GENERATIONS, "/v1/plan", "/v1/config", "/v1/quality", "/metrics", "/healthz")
 # Retry-After of a 503: a draining server does not come back by itself, but a replacement (or a sibling
 # behind the same load balancer) usually answers within seconds.
 UNAVAILABLE_RETRY_AFTER_S = 5
@@ -66,6 +67,11 @@ class HttpSettings:
     image_size: Optional[str] = None  # "WxH" the models produce; a request's size must match it
     seed: int = 0  # seeds the server's choice of image seeds when a request gives none
     drain_timeout_s: Optional[float] = None  # engine drain at shutdown (default: the engine's own)
+    # After the engine has drained, the socket stays open (503s) until no generation request has come for
+    # this long, so that clients still sending are told to go elsewhere instead of being refused a
+    # connection; at most drain_max_s after the drain began (see DrainingServer).
+    drain_quiet_s: float = 2.0
+    drain_max_s: float = 30.0
 
 
 class ImageRequest(BaseModel):
@@ -103,6 +109,7 @@ def create_app(engine_factory: Callable[[], Awaitable[Engine]], settings: HttpSe
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.last_generation_at = None  # time.monotonic() of the last generation request (drain)
         engine = await engine_factory()
         app.state.engine = engine
         app.state.metrics = ServerMetrics(engine)
@@ -135,7 +142,7 @@ def create_app(engine_factory: Callable[[], Awaitable[Engine]], settings: HttpSe
 
     app.add_middleware(CountAndAuthorize, api_key=settings.api_key)
 
-    @app.post("/v1/images/generations")
+    @app.post(GENERATIONS)
     async def generations(body: ImageRequest, request: Request):
         engine: Engine = request.app.state.engine
         if body.response_format != "b64_json":
@@ -222,6 +229,8 @@ class CountAndAuthorize:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
+        if path == GENERATIONS:
+            _note_generation(scope)
         if self.api_key is not None and (path.startswith("/v1/") or path == "/metrics"):
             header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
             if not _authorized(header, self.api_key):
@@ -243,6 +252,20 @@ class CountAndAuthorize:
         finally:
             if status:
                 _count(scope, path, status[0])
+
+
+def _note_generation(scope) -> None:
+    state = getattr(scope.get("app"), "state", None)
+    if state is not None:
+        state.last_generation_at = time.monotonic()
+
+
+def quiet_wait_s(last_request_at: Optional[float], now: float, quiet_s: float, deadline: float) -> float:
+    """How much longer a drained server keeps its socket open: until ``quiet_s`` has passed without a
+    generation request, and never past ``deadline`` (0: close now)."""
+    if last_request_at is None or now >= deadline:
+        return 0.0
+    return max(0.0, min(last_request_at + quiet_s, deadline) - now)
 
 
 def _count(scope, path: str, status: int) -> None:
@@ -298,19 +321,25 @@ class DrainingServer(uvicorn.Server):
     starts a drain: the engine stops admitting, so new generation requests get 503 with ``Retry-After``
     and ``/healthz`` answers 503 ``{"status": "draining"}``, while the socket stays open and every admitted
     query runs to its outcome. When the engine is idle, or ``drain_timeout_s`` (default: the engine's
-    :meth:`~diffsim.server.engine.Engine.default_drain_s`) has passed, the engine is stopped -- a query
-    still pending then is answered as failed, still on the open socket -- and only then is uvicorn told
-    to exit: it closes the socket, finishes the responses being written and returns.
+    :meth:`~diffsim.server.engine.Engine.default_drain_s`) has passed, the socket still stays open while
+    clients keep sending -- until no generation request has come for ``quiet_s`` (at most ``max_s`` after
+    the drain began): a client that has not yet noticed the drain gets a 503 with ``Retry-After``, never a
+    refused connection. Then the engine is stopped -- a query still pending is answered as failed, still on
+    the open socket -- and only then is uvicorn told to exit: it closes the socket, finishes the responses
+    being written and returns.
 
     A second SIGINT exits at once, as in plain uvicorn (the engine is then stopped without waiting).
     The signal is not re-raised after the drain (plain uvicorn does): the drain *is* the handling of
     SIGTERM, so the process ends with status 0.
     """
 
-    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout_s: Optional[float] = None):
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout_s: Optional[float] = None, *,
+                 quiet_s: float = 0.0, max_s: float = 30.0):
         super().__init__(config)
         self.engine = engine
         self.drain_timeout_s = drain_timeout_s
+        self.quiet_s = quiet_s
+        self.max_s = max_s
         self.drain_requested = False
         self.drained: Optional[bool] = None  # once the drain has ended: whether every query finished in time
         self._drain_task: Optional[asyncio.Task] = None
@@ -344,6 +373,7 @@ class DrainingServer(uvicorn.Server):
     async def _drain(self) -> None:
         engine = self.engine
         timeout = self.drain_timeout_s if self.drain_timeout_s is not None else engine.default_drain_s()
+        began = time.monotonic()
         try:
             if engine.started and not engine.stopped:
                 log.info("draining: %d queries pending, up to %.1f s", engine.pending, timeout)
@@ -351,6 +381,18 @@ class DrainingServer(uvicorn.Server):
                 if not self.drained:
                     log.warning("drain timed out after %.1f s with %d queries pending: they are answered as "
                                 "failed", timeout, engine.pending)
+                await self._stay_while_clients_send(began)
             await engine.stop(0.0)  # already drained (or out of time): answers what is left, stops workers
         finally:
             self.should_exit = True
+
+    async def _stay_while_clients_send(self, began: float) -> None:
+        """Keep the socket open (answering 503) until clients have stopped sending (:func:`quiet_wait_s`).
+        Re-reads ``quiet_s`` each round, so it can be changed while waiting."""
+        state = getattr(self.config.app, "state", None)
+        while not self.force_exit:
+            wait = quiet_wait_s(getattr(state, "last_generation_at", None), time.monotonic(), self.quiet_s,
+                                began + self.max_s)
+            if wait <= 0:
+                return
+            await asyncio.sleep(min(wait, 0.1))

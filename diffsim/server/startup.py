@@ -395,7 +395,8 @@ async def serve(options: ServeOptions, http_settings, sock: socket.socket, *,
     app = create_app(ready, http_settings)
     config = uvicorn.Config(app, lifespan="on", log_level=log_level, access_log=False, timeout_keep_alive=30,
                             timeout_graceful_shutdown=engine.default_drain_s() + 5.0)
-    server = DrainingServer(config, engine, http_settings.drain_timeout_s)
+    server = DrainingServer(config, engine, http_settings.drain_timeout_s, quiet_s=http_settings.drain_quiet_s,
+                            max_s=http_settings.drain_max_s)
     if on_server is not None:
         on_server(server)
     try:
