@@ -40,6 +40,7 @@ import numpy as np
 
 from diffsim.errors import DiffsimError
 
+from .building import cast_dtype
 from .specs import ModelSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -324,7 +325,7 @@ class PipelineExecutor(Executor):
         try:
             vae = self._pipe.vae
             if self._vae_dtype is not None and vae.dtype != self._vae_dtype:
-                vae.to(dtype=self._vae_dtype)
+                cast_dtype(vae, self._vae_dtype)  # not .to(dtype=): see backends.building
         finally:
             gc.collect()
             if self.device.startswith("cuda"):

@@ -19,12 +19,24 @@ Two things went wrong when they did so at the same time:
   RNG holds. The global RNG is never seeded; construction may still draw from it, but what it draws is
   thrown away.
 
+* **Casting.** ``.to(dtype=...)`` on a diffusers model (``ModelMixin.to``) logs "There are modules in
+  UNet2DConditionModel that should be kept in float32: [] ..." on every call, even when the model lists no
+  such module (its list defaults to ``[]``, which it tests against None): a 2-worker cpu-tiny server
+  printed it 8 times (UNet and VAE of two models on two workers), for casts to the dtype the weights
+  already had. :func:`cast_dtype` casts the way ``from_pretrained(torch_dtype=...)`` loads -- the modules
+  a model names in ``_keep_in_fp32_modules`` stay float32, the rest take the dtype -- without going
+  through that method, so nothing is logged and nothing is hidden. diffusers' own SDXL pipeline casts
+  its VAE with ``.to`` around every fp16 decode (two such lines per batch); that call is not ours to
+  change, so :func:`import_model_libraries` filters exactly that message, when its list is empty.
+
 Importing this module imports no torch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import logging
 import threading
 from typing import TYPE_CHECKING
 
@@ -37,8 +49,10 @@ BUILD_LOCK = threading.RLock()
 
 def import_model_libraries() -> None:
     """Import, under :data:`BUILD_LOCK`, every lazily loaded class a build touches, so that workers
-    starting together find them already imported (see the module docstring)."""
+    starting together find them already imported (see the module docstring); and filter diffusers'
+    empty float32 warning (:class:`EmptyFp32ListFilter`)."""
     with BUILD_LOCK:
+        _filter_empty_fp32_warning()
         import diffusers  # noqa: F401
         import timm  # noqa: F401
         import transformers  # noqa: F401
@@ -60,6 +74,28 @@ def import_model_libraries() -> None:
             CLIPTextModelWithProjection,
             CLIPTokenizer,
         )
+
+
+class EmptyFp32ListFilter(logging.Filter):
+    """Drops diffusers' "There are modules in X that should be kept in float32: []. Casting directly with
+    `to()` ..." when the list is empty: ``ModelMixin.to`` logs it on every dtype cast whatever the model
+    keeps in float32 (nothing, for every model built here), and SDXL's pipeline casts its VAE that way
+    twice per fp16 batch. Our own casts avoid the call (:func:`cast_dtype`); this one is diffusers'.
+    The same message with modules in its list still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("There are modules in ") and "should be kept in float32: []." in message)
+
+
+DIFFUSERS_MODEL_LOGGER = "diffusers.models.modeling_utils"  # where ModelMixin.to logs
+
+
+def _filter_empty_fp32_warning() -> None:
+    """Install :class:`EmptyFp32ListFilter` on diffusers' model logger, once per process."""
+    logger = logging.getLogger(DIFFUSERS_MODEL_LOGGER)
+    if not any(isinstance(f, EmptyFp32ListFilter) for f in logger.filters):
+        logger.addFilter(EmptyFp32ListFilter())
 
 
 def parameter_seed(name: str, seed: int, parameter: str) -> int:
@@ -105,3 +141,24 @@ def _constant(p: "torch.Tensor") -> bool:
     """All elements equal (a single element counts: no model built here has a random scalar parameter)."""
     flat = p.detach().reshape(-1)
     return bool((flat == flat[0]).all())
+
+
+def cast_dtype(module: "torch.nn.Module", dtype: "torch.dtype") -> "torch.nn.Module":
+    """Cast ``module``'s floating-point parameters and buffers to ``dtype`` in place, but those under a
+    module the model keeps in float32 (diffusers' ``_keep_in_fp32_modules``: a parameter whose dotted
+    name has one of them as a part, the rule ``from_pretrained`` loads by). Returns ``module``.
+
+    What ``module.to(dtype=dtype)`` does for a model that keeps nothing in float32, without diffusers'
+    warning on every such call (see the module docstring); right for any ``torch.nn.Module``.
+    """
+    import torch
+
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    with torch.no_grad():
+        for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+            if not tensor.is_floating_point():
+                continue
+            target = torch.float32 if keep and keep.intersection(name.split(".")) else dtype
+            if tensor.dtype != target:
+                tensor.data = tensor.data.to(target)
+    return module

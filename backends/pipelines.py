@@ -44,7 +44,7 @@ from typing import Literal, Optional
 
 from diffsim.errors import DiffsimError, InputError
 
-from .building import BUILD_LOCK, import_model_libraries, seed_weights
+from .building import BUILD_LOCK, cast_dtype, import_model_libraries, seed_weights
 from .specs import ModelSpec
 from .tokenizer import byte_level_clip_tokenizer
 
@@ -217,7 +217,7 @@ def build_pipeline(spec: ModelSpec, weights: str | Path | WeightsSource = RANDOM
             parts = build_random_components(spec, device=device, seed=seed)
             for part in parts.values():
                 if isinstance(part, torch.nn.Module):
-                    part.to(dtype=torch_dtype)
+                    cast_dtype(part, torch_dtype)  # not .to(dtype=): see backends.building
             extra = {} if spec.family == "sdxl" else {"requires_safety_checker": parts["safety_checker"] is not None}
             if spec.family == "sdxl":
                 extra["add_watermarker"] = False
@@ -303,4 +303,4 @@ def _replacement_unet(spec: ModelSpec, source: WeightsSource, torch_dtype):
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise InputError(f"{weights_file}: not a UNet for {spec.name}'s base ({first})") from None
-    return unet.to(dtype=torch_dtype).eval()
+    return cast_dtype(unet, torch_dtype).eval()
