@@ -30,6 +30,20 @@ def test_service_time_from_profile():
     assert times("heavy", 4, False) == pytest.approx(3.680)
 
 
+def test_cautious_times_widen_by_the_measured_spread():
+    c = a100_cascade()
+    times = ServiceTimes(c, alpha=0.5, beta=0.5, k=2.0)
+    assert times.cautious("heavy", 4, False) == times("heavy", 4, False)  # nothing measured: the profile's
+    times.observe("heavy", 4, False, 2 * 3.680)  # ratio 2: error 1 -> factor 1.5, deviation 0.5
+    assert times.factor["heavy"] == pytest.approx(1.5) and times.deviation["heavy"] == pytest.approx(0.5)
+    assert times("heavy", 4, False) == pytest.approx(1.5 * 3.680)
+    assert times.cautious("heavy", 4, False) == pytest.approx((1.5 + 2 * 0.5) * 3.680)
+    for _ in range(40):  # steady again at ratio 2: the factor converges and the spread fades
+        times.observe("heavy", 4, False, 2 * 3.680)
+    assert times.cautious("heavy", 4, False) == pytest.approx(2 * 3.680, rel=1e-6)
+    assert times.cautious("light", 1, False) == pytest.approx(0.100)  # one estimate per stage
+
+
 def test_eager_takes_what_is_there_up_to_b():
     queue = deque(q(i, 0.0) for i in range(3))
     batch, dropped = form_batch(queue, 1.0, 8, lambda n: 0.1 * n, 7.5)

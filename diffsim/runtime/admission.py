@@ -16,8 +16,9 @@ defers a fraction f > 0 it must also be able to finish on the heavy stage: it re
 when its light batch ends, behind the heavy queue and the f share of the light work ahead of it (which
 will be deferred before it), and the decision is taken on that later completion. Refusing at the door
 what the heavy stage cannot serve keeps the accepted requests' promise; the controller meanwhile lowers
-the threshold (fewer deferrals) or moves workers. Batch times are the dispatcher's estimates: the
-profile corrected by measured batch times (:class:`~diffsim.runtime.batching.ServiceTimes`).
+the threshold (fewer deferrals) or moves workers. Batch times are the dispatcher's cautious estimates:
+the profile corrected by measured batch times and widened by their recent spread
+(:meth:`~diffsim.runtime.batching.ServiceTimes.cautious`).
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ def _stage_completion(d: "Dispatcher", role: str, ahead: int, now: float, not_be
     b = max(1, plan.stage(role).batch_size)
     with_disc = role == "light" and plan.mode == "cascade"
     load = StageLoad(len(d.stage_workers[role]), b, ahead, d.busy_remaining_s(role, now))
-    wait = queue_wait_s(load, d.service(role, b, with_disc))
+    wait = queue_wait_s(load, d.service.cautious(role, b, with_disc))
     if math.isinf(wait):
         return math.inf
     start = max(now + wait, not_before)
-    return start + d.service(role, batch_size_for_new(load), with_disc)
+    return start + d.service.cautious(role, batch_size_for_new(load), with_disc)

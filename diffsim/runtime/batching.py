@@ -50,12 +50,23 @@ class ServiceTimes:
     and transport are not in the profile; one factor per stage learns that from the first few batches and
     keeps the profile's shape across batch sizes. The simulator reports no measurement, so its times stay
     the profile's.
+
+    Admission promises on a *cautious* time (:meth:`cautious`): the factor plus ``k`` times the EWMA
+    (weight ``beta``) of the measured ratio's absolute deviation from it -- the estimator TCP sets its
+    retransmission timeout with (Jacobson/Karels: smoothed value + 4 x mean deviation; ``k`` = 2 here,
+    as a batch time is not a round trip whose late arrival is fatal). Steady batch times keep it close to
+    the factor; when they jump (a burst's event-loop hand-offs, contention) it widens at once while the
+    factor is still catching up, so admission does not promise on an estimate that is about to rise. The
+    drop rule and batch formation keep the plain estimate.
     """
 
-    def __init__(self, cascade: Cascade, alpha: float = 0.2):
+    def __init__(self, cascade: Cascade, alpha: float = 0.2, beta: float = 0.25, k: float = 2.0):
         self.cascade = cascade
         self.alpha = alpha
+        self.beta = beta
+        self.k = k
         self.factor = {"light": 1.0, "heavy": 1.0}
+        self.deviation = {"light": 0.0, "heavy": 0.0}
         self.observed = {"light": 0, "heavy": 0}
         self._ratio_sum = {"light": 0.0, "heavy": 0.0}  # for the mean over every batch (mean_ratio)
         self._cache: dict[tuple[str, int, bool], float] = {}
@@ -70,13 +81,20 @@ class ServiceTimes:
     def __call__(self, role: Role, batch_size: int, with_discriminator: bool) -> float:
         return self.profile_s(role, batch_size, with_discriminator) * self.factor[role]
 
+    def cautious(self, role: Role, batch_size: int, with_discriminator: bool) -> float:
+        """The batch time admission promises on: the estimate widened by ``k`` mean deviations."""
+        factor = self.factor[role] + self.k * self.deviation[role]
+        return self.profile_s(role, batch_size, with_discriminator) * factor
+
     def observe(self, role: Role, batch_size: int, with_discriminator: bool, measured_s: float) -> None:
         """A batch of ``batch_size`` of this stage took ``measured_s``."""
         expected = self.profile_s(role, batch_size, with_discriminator)
         if expected <= 0 or not measured_s > 0:
             return
         ratio = measured_s / expected
-        self.factor[role] += self.alpha * (ratio - self.factor[role])
+        error = ratio - self.factor[role]
+        self.deviation[role] += self.beta * (abs(error) - self.deviation[role])
+        self.factor[role] += self.alpha * error
         self.observed[role] += 1
         self._ratio_sum[role] += ratio
 
