@@ -117,6 +117,18 @@ def test_batches_are_rebuilt_from_the_answers_and_give_the_measured_spread():
     assert out["models"]["h"]["p50_ms"] == [200.0, None]  # no measured spread: the server's mean ratio
 
 
+def test_a_run_s_mean_ratio_from_the_server_s_running_means_and_counts():
+    """The server reports its mean measured / profile batch time since it started, and /metrics how many
+    batches that is: one run's mean is the difference of the sums."""
+    from diffsim.commands.validate import run_ratio
+
+    before = {"light": (2.0, 100.0), "heavy": (1.5, 10.0)}
+    after = {"light": (1.5, 300.0), "heavy": (1.5, 10.0)}
+    assert run_ratio(before, after) == {"light": pytest.approx((1.5 * 300 - 2.0 * 100) / 200)}  # 1.25
+    assert run_ratio({}, {"light": (1.2, 40.0)}) == {"light": 1.2}  # the server's first batches
+    assert run_ratio(before, {"light": (1.5, None)}) == {"light": 1.5}  # no /metrics: the mean since start
+
+
 def test_the_lead_in_puts_the_simulated_ticks_and_replans_on_the_server_s():
     from diffsim.commands.validate import lead_in_s
 
@@ -182,7 +194,9 @@ def test_validate_end_to_end_on_a_fake_server(tmp_path, capsys):
     assert report["requests"] == 24 and report["repeats"] == 2 and report["prompts_scored"] == 24
     assert len(report["runs"]) == 2
     for run in report["runs"]:
-        assert run["scaled_by_server_mean"]["light"] > 0  # too few batches to rebuild: the server's mean ratio
+        # too few batches to rebuild: the server's mean ratio over the run's batches (the fake executors take
+        # at least their profile's time)
+        assert run["scaled_by_server_mean"]["light"] == run["server_mean_ratio"]["light"] > 0.9
         assert run["lead_in_s"] >= (20 + 1) * 0.5  # at least ewma_window + 1 idle ticks
         assert sum(run["outcomes"].values()) == 24
     figs = report["figures"]

@@ -12,8 +12,9 @@
    * with the batch times the run itself measured: each answer carries its
      batch's run time, so the run's batches are rebuilt from them, and the profile's p50 per stage is
      scaled by their measured / profile p50, p95 and p99 (a stage with too few rebuilt batches, e.g. a
-     heavy stage whose queries were all deferred, is scaled by the server's mean ratio since it started,
-     from ``GET /v1/plan``; ``--no-calibrate`` keeps the profile as it is); batch times are drawn around
+     heavy stage whose queries were all deferred, is scaled by the server's mean ratio over that run's
+     batches, from ``GET /v1/plan`` and ``GET /metrics`` before and after it; ``--no-calibrate`` keeps
+     the profile as it is); batch times are drawn around
      p50 by p95 / p99 with ``--service-time sampled`` (the default);
    * with the run's request overhead (client latency minus the server's own time for the request: p50,
      p95 and p99, each request's drawn from a log-normal fitted to them with ``--service-time sampled``);
@@ -146,16 +147,45 @@ def sim_config_from(described: dict, *, service_time: str, overhead=None, ratio=
     )
 
 
-def measured_ratio(url: str, api_key=None) -> dict:
-    """Per stage, how much slower than the profile the server's batches ran (its measured mean)."""
+def batch_time_stats(url: str, api_key=None) -> dict:
+    """Per stage, ``(mean of measured / profile batch time, batches measured)`` since the server started:
+    the mean from ``GET /v1/plan``, the count from ``GET /metrics`` (``diffsim_batch_seconds_count``, the
+    batches that ended without an error: those the mean is over); the count is None where /metrics does
+    not answer. Empty when /v1/plan does not answer."""
+    import re
+
     import httpx
 
+    base = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        snap = httpx.get(f"{url.rstrip('/')}/v1/plan", headers=headers, timeout=10.0).json()
+        snap = httpx.get(f"{base}/v1/plan", headers=headers, timeout=10.0).json()
     except (httpx.HTTPError, ValueError):
         return {}
-    return {role: r for role, r in (snap.get("service_time_ratio") or {}).items() if r}
+    counts: dict[str, float] = {}
+    try:
+        r = httpx.get(f"{base}/metrics", headers=headers, timeout=10.0)
+        if r.status_code == 200:
+            for role, n in re.findall(r'^diffsim_batch_seconds_count\{stage="(\w+)"\} (\S+)$', r.text, re.M):
+                counts[role] = float(n)
+    except httpx.HTTPError:
+        pass
+    return {role: (m, counts.get(role)) for role, m in (snap.get("service_time_ratio") or {}).items()
+            if m is not None}
+
+
+def run_ratio(before: dict, after: dict) -> dict:
+    """Per stage, the mean measured / profile batch time over the batches between two
+    :func:`batch_time_stats` (one run's): ``(m1 n1 - m0 n0) / (n1 - n0)``; where the counts are unknown,
+    the mean since the server started (``after``'s). Stages without a batch in between are left out."""
+    out = {}
+    for role, (m1, n1) in after.items():
+        m0, n0 = before.get(role, (0.0, 0.0))
+        if n1 is None or n0 is None:
+            out[role] = m1
+        elif n1 > n0:
+            out[role] = (m1 * n1 - (m0 or 0.0) * n0) / (n1 - n0)
+    return out
 
 
 def request_overhead_ms(runs) -> dict:
@@ -310,26 +340,28 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sim_config = sim_config_from(described, service_time=args.service_time)
     cascade = sim_config.cascade
-    runs, real_figures, real_rows = [], [], []
+    runs, real_figures, real_rows, ratios = [], [], [], []
     for k in range(args.repeats):
         if k:
             import time
 
             time.sleep(args.pause_s)
         print(f"real run {k + 1}/{args.repeats}: {len(trace)} requests against {args.url}", flush=True)
+        before = batch_time_stats(args.url, args.api_key)
         result = asyncio.run(run_load(args.url, trace, time_scale=args.time_scale, api_key=args.api_key))
         runs.append(result)
+        ratios.append({} if args.no_calibrate else run_ratio(before, batch_time_stats(args.url, args.api_key)))
         summary, rows = summary_and_rows(result, cascade, trace_name=args.trace, window_s=args.window_s)
         write_results(out / f"real-{k + 1}", result, cascade, trace_name=args.trace, window_s=args.window_s)
         real_figures.append(figures_of(summary, result.queries))
         real_rows.append(rows)
-    fallback = {} if args.no_calibrate else measured_ratio(args.url, args.api_key)
     confidences, scored = measured_confidences(runs, cascade, sim_config.seed)
     scaled = _scaled(trace, args.time_scale)
     sims, sim_figures, sim_rows, per_run = [], [], [], []
     for k, result in enumerate(runs):
         overhead = request_overhead_ms([result])
         spread = {} if args.no_calibrate else measured_spread(result.queries, cascade)
+        fallback = ratios[k]
         config_k = sim_config_from(described, service_time=args.service_time, overhead=overhead, ratio=fallback,
                                    spread=spread)
         lead = lead_in_s(result.server, config_k.controller)
@@ -345,6 +377,7 @@ def run(args: argparse.Namespace) -> int:
         per_run.append({"lead_in_s": round(lead, 3), "request_overhead_ms": overhead,
                         "batch_time_ratio": spread,
                         "scaled_by_server_mean": {r: v for r, v in fallback.items() if r not in spread},
+                        "server_mean_ratio": fallback,
                         "outcomes": outcome_pairs(sim.queries, result.queries)})
     comparison = compare(mean_figures(sim_figures), real_figures, sim_runs=sim_figures)
     report = {
@@ -362,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
     for k, run_k in enumerate(per_run):
         light = run_k["batch_time_ratio"].get("light")
         speed = (f"light batches x{light['p50']:.2f} (p95 x{light['p95']:.2f}, p99 x{light['p99']:.2f}) of the "
-                 f"profile over {light['batches']}" if light else "profile as the server's mean ratio scales it")
+                 f"profile over {light['batches']}" if light else "profile scaled by the server's mean ratio in the run")
         o = run_k["request_overhead_ms"]
         print(f"run {k + 1}: simulated from its start state (idle lead-in {run_k['lead_in_s']:.1f} s); {speed}; "
               f"request overhead p50 {o['request_ms']:.0f} ms, p99 {o['request_p99_ms']:.0f} ms")
