@@ -9,13 +9,18 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 # In CI the property tests draw the same examples every run, so a submission's result does not depend on
 # luck; on a developer's machine they explore new examples each run (and keep failures in .hypothesis/).
-settings.register_profile("ci", derandomize=True, print_blob=True)
-if os.environ.get("CI"):
-    settings.load_profile("ci")
+# Neither profile has a per-example deadline (hypothesis's default is 200 ms) or the too-slow health check:
+# both fail a test only on a slow or loaded machine. Both profiles are built on hypothesis's own default
+# explicitly: hypothesis loads its "ci" profile by itself whenever CI is in the environment, even empty.
+_SPEED_INDEPENDENT = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("default", settings.get_profile("default"), **_SPEED_INDEPENDENT)
+settings.register_profile("ci", settings.get_profile("default"), derandomize=True, print_blob=True, database=None,
+                          **_SPEED_INDEPENDENT)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 def _cuda_available() -> bool:
