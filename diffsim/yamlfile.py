@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from .errors import InputError
+from .textfile import read_text  # noqa: F401 - also imported from here by the commands
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -36,24 +37,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
-
-
-def read_text(path: Path | str) -> str:
-    """The file's text (UTF-8, a byte-order mark allowed); one-line errors naming the file."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path}: cannot read: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: cannot read: is a directory, not a file") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise InputError(f"{path}: line {line}: not UTF-8 text (is it a binary file?)") from None
 
 
 def parse_yaml(text: str, source: Path | str) -> object:

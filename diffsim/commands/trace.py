@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Optional
 
 import numpy as np
 
@@ -142,29 +143,76 @@ def _generate(args):
     return shape_trace(_shape_rates(args), args.lo, args.hi, interval_s=args.interval_s, seed=args.seed, prompt_ids=ids)
 
 
-def describe(trace) -> dict:
-    """The figures ``diffsim trace info`` prints."""
-    from ..workload.traces import window_counts
+def file_stats(path, chunk_rows: Optional[int] = None):
+    """The figures of a trace file, read in chunks (memory does not grow with its length), with a
+    progress bar on a terminal (:mod:`diffsim.progress`) for files that take more than a second."""
+    from ..progress import progress_bar
+    from ..workload.traces import DEFAULT_CHUNK_ROWS, TraceStats, trace_chunks
 
+    stats = TraceStats(WINDOWS_S)
+    with progress_bar(total=_file_size(path), desc="reading", unit="B", unit_scale=True, delay=1.0) as bar:
+        for chunk in trace_chunks(path, chunk_rows or DEFAULT_CHUNK_ROWS):
+            stats.add(chunk)
+            bar.update(min(chunk.chars_read, bar.total) - bar.n)  # characters: bytes for ASCII text
+    return stats
+
+
+def _file_size(path) -> int:
+    import os
+
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0  # the reader says what is wrong
+
+
+def describe(stats, source: str) -> dict:
+    """The figures ``diffsim trace info`` prints, from a :class:`~diffsim.workload.traces.TraceStats`."""
     info = {
-        "source": trace.source,
-        "requests": len(trace),
-        "duration_s": round(trace.duration_s, 6),
-        "mean_rate_qps": round(trace.mean_rate_qps, 4),
-        "has_prompts": trace.prompt is not None,
-        "has_seeds": trace.seed is not None,
-        "prompt_id_min": int(trace.prompt_id.min()),
-        "prompt_id_max": int(trace.prompt_id.max()),
-        "distinct_prompt_ids": int(len(np.unique(trace.prompt_id))),
+        "source": source,
+        "requests": stats.requests,
+        "duration_s": round(stats.duration_s, 6),
+        "mean_rate_qps": round(stats.mean_rate_qps, 4),
+        "has_prompts": stats.has_prompts,
+        "has_seeds": stats.has_seeds,
+        "prompt_id_min": stats.prompt_id_min,
+        "prompt_id_max": stats.prompt_id_max,
+        "distinct_prompt_ids": stats.distinct_prompt_ids,
     }
     for w in WINDOWS_S:
-        counts = window_counts(trace, w)
+        counts = stats.windows[w].counts
         info[f"windows_{w:g}s"] = {
             "mean_qps": round(float(counts.mean()) / w, 4),
             "peak_qps": round(float(counts.max()) / w, 4),
             "min_qps": round(float(counts.min()) / w, 4),
         }
     return info
+
+
+def convert(src, dst, fmt: str, *, drop_extra: bool, chunk_rows: Optional[int] = None) -> int:
+    """``diffsim trace convert``: :func:`~diffsim.workload.traces.convert_trace` with a progress bar per
+    stage on a terminal (reading; for an unsorted file, sorting chunks and merging them)."""
+    from ..progress import progress_bar
+    from ..workload.traces import DEFAULT_CHUNK_ROWS, convert_trace
+
+    bars: dict = {}
+    labels = {"read": ("converting", "B"), "sort": ("sorting chunks", "B"), "merge": ("merging", "rows")}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            for bar in bars.values():
+                bar.close()
+            desc, unit = labels[stage]
+            bars[stage] = progress_bar(total=total, desc=desc, unit=unit, unit_scale=True, delay=1.0)
+        bar = bars[stage]
+        bar.update(min(done, bar.total) - bar.n)
+
+    try:
+        return convert_trace(src, dst, fmt, drop_extra=drop_extra, chunk_rows=chunk_rows or DEFAULT_CHUNK_ROWS,
+                             progress=progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 def _print_info(info: dict) -> None:
@@ -188,19 +236,19 @@ def _print_info(info: dict) -> None:
 
 def run(args) -> int:
     from ..resources import resolve_trace
-    from ..workload.traces import read_trace, write_trace
+    from ..workload.traces import write_trace
 
-    if args.trace_command in ("info", "convert"):
-        trace = read_trace(resolve_trace(args.file))
-        if args.trace_command == "info":
-            info = describe(trace)
-            if args.json:
-                print(json.dumps(info, indent=2))
-            else:
-                _print_info(info)
-            return 0
-        write_trace(trace, args.out, args.format, drop_extra=args.drop_prompts)
-        print(f"wrote {len(trace)} requests in the {args.format} format to {args.out}")
+    if args.trace_command == "info":
+        path = resolve_trace(args.file)
+        info = describe(file_stats(path), str(path))
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            _print_info(info)
+        return 0
+    if args.trace_command == "convert":
+        n = convert(resolve_trace(args.file), args.out, args.format, drop_extra=args.drop_prompts)
+        print(f"wrote {n} requests in the {args.format} format to {args.out}")
         return 0
 
     trace = _generate(args)

@@ -14,7 +14,6 @@ are defined analytically here; a measured curve can be read from a file with :fu
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -23,6 +22,7 @@ import numpy as np
 
 from .. import limits
 from ..errors import DiffsimError, InputError
+from ..textfile import text_lines
 from .traces import Trace, csv_records
 
 DEFAULT_PROMPT_IDS = (1, 4999)  # the artifact's range of MS-COCO prompt ids
@@ -210,13 +210,7 @@ def read_rates(path, column: Optional[str] = None) -> np.ndarray:
     several columns needs ``column``. Rates must be finite and >= 0.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such rate file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read as text ({e})") from None
-    lines = io.StringIO(text, newline="").readlines()
+    lines = list(text_lines(path, "rate file"))  # a curve is short: one line per interval
     header: Optional[list[str]] = None
     index: Optional[int] = None
     width: Optional[int] = None

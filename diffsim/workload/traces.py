@@ -13,6 +13,12 @@ In both, ``#`` comment lines and blank lines are allowed between records, rows m
 are sorted stably by arrival time. Anything else malformed raises :class:`~diffsim.errors.InputError`
 with one line naming the file and the line number; nothing is skipped silently.
 
+Files are read in chunks of records (:func:`trace_chunks`), so that what does not need the whole trace
+at once holds one chunk whatever the file's length: :class:`TraceStats` (``diffsim trace info``) and
+:func:`convert_trace` (``diffsim trace convert``, an external merge sort when the rows are out of order).
+:func:`read_trace` builds the whole :class:`Trace` from the same chunks; :func:`write_trace` writes a
+trace's text a chunk at a time.
+
 The seeded generators (Poisson, Gamma burstiness, rate-curve shapes) live in
 :mod:`diffsim.workload.trace_generators`, which imports this module (never the other way round).
 """
@@ -20,17 +26,23 @@ The seeded generators (Poisson, Gamma burstiness, rate-curve shapes) live in
 from __future__ import annotations
 
 import csv
+import heapq
 import io
+import itertools
 import math
+import os
+import tempfile
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from ..errors import DiffsimError, InputError
 from ..limits import MAX_ARRIVAL_S
+from ..textfile import text_lines
 
 FORMATS = ("diffsim", "artifact")
 DIFFSIM_MARKER = "# diffsim-trace v1"
@@ -111,17 +123,69 @@ def sorted_trace(
     )
 
 
+class WindowCounts:
+    """Arrivals per window [k*w, (k+1)*w), from 0 up to the window of the latest arrival, counted chunk by
+    chunk from arrivals in any order. Memory grows with the trace's duration (one counter per window:
+    at most :data:`~diffsim.limits.MAX_ARRIVAL_S` / w), never with its number of requests."""
+
+    def __init__(self, window_s: float):
+        if not window_s > 0:
+            raise ValueError("window_s must be > 0")
+        self.window_s = float(window_s)
+        self._counts = np.zeros(0, dtype=np.int64)
+        self._windows = 0  # windows up to the latest arrival's; _counts may be longer (room to grow)
+
+    def add(self, arrival_s: np.ndarray) -> None:
+        if not len(arrival_s):
+            return
+        bins = np.floor(np.asarray(arrival_s, dtype=np.float64) / self.window_s).astype(np.int64)
+        first = int(bins.min())
+        counts = np.bincount(bins - first)
+        end = first + len(counts)
+        if end > len(self._counts):  # grow by a quarter at least: a sorted trace grows it chunk by chunk
+            grown = np.zeros(max(end, len(self._counts) * 5 // 4), dtype=np.int64)
+            grown[: len(self._counts)] = self._counts
+            self._counts = grown
+        self._counts[first:end] += counts
+        self._windows = max(self._windows, end)
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self._counts[: self._windows].copy()
+
+
 def window_counts(trace: Trace, window_s: float) -> np.ndarray:
     """Arrivals per window [k*w, (k+1)*w), from 0 up to the window holding the last arrival."""
-    if window_s <= 0:
-        raise ValueError("window_s must be > 0")
-    if not len(trace):
-        return np.zeros(0, dtype=np.int64)
-    bins = np.floor(trace.arrival_s / window_s).astype(np.int64)
-    return np.bincount(bins, minlength=int(bins[-1]) + 1)
+    counter = WindowCounts(window_s)
+    counter.add(trace.arrival_s)
+    return counter.counts
 
 
 # ----------------------------------------------------------------------------------------------- reading
+
+DEFAULT_CHUNK_ROWS = 65_536  # records parsed into arrays at a time: ~2 MB of arrays, a few MB of text
+
+
+@dataclass(frozen=True)
+class TraceChunk:
+    """Consecutive records of a trace file, in file order (not sorted). ``prompt`` and ``seed`` are None
+    when the file has no such column; ``chars_read`` counts the characters of the file read so far."""
+
+    arrival_s: np.ndarray
+    prompt_id: np.ndarray
+    prompt: Optional[list[str]]
+    seed: Optional[np.ndarray]
+    chars_read: int = 0
+
+    def __len__(self) -> int:
+        return len(self.arrival_s)
+
+    def in_order(self) -> bool:
+        """Arrival times never decrease inside the chunk."""
+        return bool(np.all(self.arrival_s[1:] >= self.arrival_s[:-1]))
+
+    def sorted(self, source: str = "") -> Trace:
+        return sorted_trace(self.arrival_s, self.prompt_id, prompt=self.prompt, seed=self.seed, source=source)
 
 
 class _Lines:
@@ -130,11 +194,14 @@ class _Lines:
     A quoted prompt may span lines, so "where a record starts" is known only from the reader's progress:
     the reader pulls its first line for a record right after it has returned the previous one, which the
     consumer signals by counting records. A continuation line that begins with ``#`` is therefore kept.
+    Lines are pulled one at a time from any iterable (a file is never read ahead).
     """
 
-    def __init__(self, lines: list[str]):
-        self.lines = lines
-        self.next_index = 0
+    def __init__(self, lines: Iterable[str]):
+        self._lines = iter(lines)
+        self.line_no = 0  # physical lines pulled so far
+        self.chars = 0  # characters pulled so far
+        self.saw_text = False  # some line was not blank (a comment counts)
         self.record_start = 0  # 1-based line number where the current record starts
         self.records_seen = 0  # incremented by the consumer after each record
         self._records_at_pull = -1
@@ -145,21 +212,21 @@ class _Lines:
     def __next__(self) -> str:
         at_start = self._records_at_pull != self.records_seen
         self._records_at_pull = self.records_seen
-        while self.next_index < len(self.lines):
-            line = self.lines[self.next_index]
-            self.next_index += 1
+        for line in self._lines:
+            self.line_no += 1
+            self.chars += len(line)
             if not at_start:
                 return line
             stripped = line.strip()
-            if stripped and not stripped.startswith("#"):
-                self.record_start = self.next_index
-                return line
+            if stripped:
+                self.saw_text = True
+                if not stripped.startswith("#"):
+                    self.record_start = self.line_no
+                    return line
         raise StopIteration
 
 
-def csv_records(path: str, lines: list[str]) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) for each CSV record, comment and blank lines between records left out."""
-    feed = _Lines(lines)
+def _records(path: str, feed: _Lines) -> Iterator[tuple[int, list[str]]]:
     reader = csv.reader(feed, strict=True)
     while True:
         try:
@@ -172,6 +239,11 @@ def csv_records(path: str, lines: list[str]) -> Iterator[tuple[int, list[str]]]:
         yield feed.record_start, row
 
 
+def csv_records(path: str, lines: Iterable[str]) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) for each CSV record, comment and blank lines between records left out."""
+    return _records(path, _Lines(lines))
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -180,17 +252,22 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _parse_time(where: str, name: str, text: str, scale: int = 0) -> float:
+def _parse_time(source: str, line_no: int, name: str, text: str, scale: int = 0) -> float:
     """A time field in seconds; ``scale`` -3 reads milliseconds (the artifact's ``arrival_ms``).
 
     Milliseconds are converted by moving the decimal point, so ``304.706`` ms becomes exactly the float
     nearest 0.304706 s (a division by 1000 would give 0.30470600000000003). Times are finite, >= 0 and
-    at most :data:`diffsim.limits.MAX_ARRIVAL_S` seconds.
+    at most :data:`diffsim.limits.MAX_ARRIVAL_S` seconds. (Errors name ``source`` and ``line_no``; the text
+    is made only then, as this runs once per record.)
     """
     try:
         value = float(text)
     except ValueError:
+        where = f"{source}: line {line_no}"
         raise InputError(f"{where}: {name} {text.strip()!r} is not a number") from None
+    if value >= 0 and value <= MAX_ARRIVAL_S and not scale:
+        return value  # the common case, checked at once (NaN fails both comparisons)
+    where = f"{source}: line {line_no}"
     if not math.isfinite(value):
         raise InputError(f"{where}: {name} {text.strip()!r} is not a finite number")
     if value < 0:
@@ -202,11 +279,14 @@ def _parse_time(where: str, name: str, text: str, scale: int = 0) -> float:
     return value
 
 
-def _parse_count(where: str, name: str, text: str) -> int:
+def _parse_count(source: str, line_no: int, name: str, text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise InputError(f"{where}: {name} {text.strip()!r} is not an integer") from None
+        raise InputError(f"{source}: line {line_no}: {name} {text.strip()!r} is not an integer") from None
+    if 0 <= value < 2**63:
+        return value
+    where = f"{source}: line {line_no}"
     if value < 0:
         raise InputError(f"{where}: {name} {value} is negative")
     if value >= 2**63:
@@ -232,28 +312,46 @@ def _header(where: str, row: list[str]) -> list[str]:
     return columns
 
 
-def parse_trace(text: str, source: str = "<trace>") -> Trace:
-    """Parse the text of a trace file in either format (see the module docstring)."""
-    lines = io.StringIO(text, newline="").readlines()  # splits at \n, \r\n or \r only, as CSV does
-    marker = lines[0].strip() if lines else ""
+def _chunks_of(lines: Iterable[str], source: str, chunk_rows: int) -> Iterator[TraceChunk]:
+    """The records of a trace's text (see the module docstring), ``chunk_rows`` at a time, in file order."""
+    if chunk_rows < 1:
+        raise ValueError("chunk_rows must be >= 1")
+    lines = iter(lines)
+    first = next(lines, None)
+    marker = first.strip() if first is not None else ""
     has_marker = marker.startswith("# diffsim-trace")
     if has_marker and marker != DIFFSIM_MARKER:
         raise InputError(
             f"{source}: line 1: unsupported format marker {marker!r}; this diffsim reads {DIFFSIM_MARKER!r}"
         )
+    feed = _Lines(itertools.chain(() if first is None else (first,), lines))
 
     columns: Optional[list[str]] = None  # None: artifact format
+    prompt_at = seed_at = None  # field positions of the optional columns
     arrival: list[float] = []
     ids: list[int] = []
     prompts: list[str] = []
     seeds: list[int] = []
-    first = True
-    for line_no, row in csv_records(source, lines):
-        where = f"{source}: line {line_no}"
-        if first:
-            first = False
+    requests = 0
+
+    def chunk() -> TraceChunk:
+        return TraceChunk(
+            arrival_s=np.array(arrival, dtype=np.float64),
+            prompt_id=np.array(ids, dtype=np.int64),
+            prompt=list(prompts) if prompt_at is not None else None,
+            seed=np.array(seeds, dtype=np.int64) if seed_at is not None else None,
+            chars_read=feed.chars,
+        )
+
+    first_record = True
+    for line_no, row in _records(source, feed):
+        if first_record:
+            first_record = False
+            where = f"{source}: line {line_no}"
             if not any(_is_number(field) for field in row):
                 columns = _header(where, row)
+                prompt_at = columns.index("prompt") if "prompt" in columns else None
+                seed_at = columns.index("seed") if "seed" in columns else None
                 continue
             if has_marker:
                 raise InputError(
@@ -261,94 +359,160 @@ def parse_trace(text: str, source: str = "<trace>") -> Trace:
                 )
         if columns is None:
             if len(row) != 2:
-                raise InputError(f"{where}: expected 2 fields arrival_ms,prompt_id, found {len(row)}")
-            arrival.append(_parse_time(where, "arrival_ms", row[0], scale=-3))
-            ids.append(_parse_count(where, "prompt_id", row[1]))
-            continue
-        if len(row) != len(columns):
-            raise InputError(f"{where}: expected {len(columns)} fields ({','.join(columns)}), found {len(row)}")
-        fields = dict(zip(columns, row))
-        arrival.append(_parse_time(where, "arrival_s", fields["arrival_s"]))
-        ids.append(_parse_count(where, "prompt_id", fields["prompt_id"]))
-        if "prompt" in fields:
-            prompts.append(fields["prompt"])
-        if "seed" in fields:
-            seeds.append(_parse_count(where, "seed", fields["seed"]))
+                raise InputError(f"{source}: line {line_no}: expected 2 fields arrival_ms,prompt_id, found {len(row)}")
+            arrival.append(_parse_time(source, line_no, "arrival_ms", row[0], scale=-3))
+            ids.append(_parse_count(source, line_no, "prompt_id", row[1]))
+        else:
+            if len(row) != len(columns):
+                raise InputError(f"{source}: line {line_no}: expected {len(columns)} fields "
+                                 f"({','.join(columns)}), found {len(row)}")
+            arrival.append(_parse_time(source, line_no, "arrival_s", row[0]))
+            ids.append(_parse_count(source, line_no, "prompt_id", row[1]))
+            if prompt_at is not None:
+                prompts.append(row[prompt_at])
+            if seed_at is not None:
+                seeds.append(_parse_count(source, line_no, "seed", row[seed_at]))
+        if len(arrival) == chunk_rows:
+            requests += len(arrival)
+            yield chunk()
+            arrival, ids, prompts, seeds = [], [], [], []
 
-    if not arrival:
+    if arrival:
+        requests += len(arrival)
+        yield chunk()
+    if not requests:
         if columns is not None:
             what = "no requests after the header"
         else:
-            what = "no requests (only comments and blank lines)" if text.strip() else "no requests (the file is empty)"
-        raise InputError(f"{source}: line {max(1, len(lines))}: {what}")
-    has_prompt = columns is not None and "prompt" in columns
-    has_seed = columns is not None and "seed" in columns
+            what = "no requests (only comments and blank lines)" if feed.saw_text else "no requests (the file is empty)"
+        raise InputError(f"{source}: line {max(1, feed.line_no)}: {what}")
+
+
+def trace_chunks(path, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[TraceChunk]:
+    """The records of a trace file in either format, at most ``chunk_rows`` at a time, in file order.
+
+    The file is read as the chunks are consumed: memory holds one chunk, whatever the file's length.
+    Every problem is an :class:`~diffsim.errors.InputError` naming the file and the line; it is raised
+    when the reader reaches it (a file with no requests: after its last line).
+    """
+    yield from _chunks_of(text_lines(path, "trace file"), str(path), chunk_rows)
+
+
+def _whole(chunks: Iterable[TraceChunk], source: str) -> Trace:
+    parts = list(chunks)
+    has_prompt, has_seed = parts[0].prompt is not None, parts[0].seed is not None
     return sorted_trace(
-        arrival,
-        ids,
-        prompt=prompts if has_prompt else None,
-        seed=seeds if has_seed else None,
+        np.concatenate([c.arrival_s for c in parts]),
+        np.concatenate([c.prompt_id for c in parts]),
+        prompt=[p for c in parts for p in c.prompt] if has_prompt else None,
+        seed=np.concatenate([c.seed for c in parts]) if has_seed else None,
         source=source,
     )
 
 
-def read_trace(path) -> Trace:
-    """Read a trace file in the artifact format or the project's own (detected from its first lines)."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such trace file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not a trace file") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise InputError(f"{path}: line {line}: not UTF-8 text") from None
-    return parse_trace(text, source=str(path))
+def parse_trace(text: str, source: str = "<trace>") -> Trace:
+    """Parse the text of a trace file in either format (see the module docstring)."""
+    lines = io.StringIO(text, newline="")  # splits at \n, \r\n or \r only, as CSV does
+    return _whole(_chunks_of(lines, source, DEFAULT_CHUNK_ROWS), source)
+
+
+def read_trace(path, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Trace:
+    """Read a whole trace file in the artifact format or the project's own (detected from its first lines)."""
+    return _whole(trace_chunks(path, chunk_rows), str(path))
+
+
+class TraceStats:
+    """What ``diffsim trace info`` reports, accumulated chunk by chunk (rows in any order).
+
+    Memory: the prompt ids seen (one int64 per distinct id) and one counter per window of each size in
+    ``windows_s`` -- never one entry per request.
+    """
+
+    def __init__(self, windows_s: Sequence[float] = (1.0, 10.0)):
+        self.requests = 0
+        self.last_arrival_s = 0.0
+        self.has_prompts = False
+        self.has_seeds = False
+        self.prompt_id_min: Optional[int] = None
+        self.prompt_id_max: Optional[int] = None
+        self.windows = {float(w): WindowCounts(w) for w in windows_s}
+        self._distinct = np.zeros(0, dtype=np.int64)  # sorted distinct prompt ids seen ...
+        self._pending: list[np.ndarray] = []  # ... but for these, merged once they outgrow it
+        self._pending_size = 0
+
+    def add(self, chunk: TraceChunk) -> None:
+        if not len(chunk):
+            return
+        if not self.requests:
+            self.has_prompts, self.has_seeds = chunk.prompt is not None, chunk.seed is not None
+        self.requests += len(chunk)
+        self.last_arrival_s = max(self.last_arrival_s, float(chunk.arrival_s.max()))
+        lo, hi = int(chunk.prompt_id.min()), int(chunk.prompt_id.max())
+        self.prompt_id_min = lo if self.prompt_id_min is None else min(self.prompt_id_min, lo)
+        self.prompt_id_max = hi if self.prompt_id_max is None else max(self.prompt_id_max, hi)
+        distinct = np.unique(chunk.prompt_id)
+        self._pending.append(distinct)
+        self._pending_size += len(distinct)
+        if self._pending_size > len(self._distinct):  # amortised: each merge at least doubles the work saved
+            self._merge()
+        for counter in self.windows.values():
+            counter.add(chunk.arrival_s)
+
+    def _merge(self) -> None:
+        self._distinct = np.unique(np.concatenate([self._distinct, *self._pending]))
+        self._pending, self._pending_size = [], 0
+
+    @property
+    def distinct_prompt_ids(self) -> int:
+        self._merge()
+        return len(self._distinct)
+
+    @property
+    def duration_s(self) -> float:
+        """Time of the last arrival (traces start at 0)."""
+        return self.last_arrival_s
+
+    @property
+    def mean_rate_qps(self) -> float:
+        return self.requests / self.last_arrival_s if self.last_arrival_s > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def format_trace(trace: Trace, fmt: str = "diffsim", *, drop_extra: bool = False) -> str:
-    """The text of a trace file. The artifact format has no prompt texts or seeds: dropping them must be
-    asked for (``drop_extra``); its times are written in milliseconds to the microsecond."""
+def _check_writable(fmt: str, has_extra: bool, drop_extra: bool) -> None:
     if fmt not in FORMATS:
         raise DiffsimError(f"unknown trace format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if not len(trace):
-        raise DiffsimError("refusing to write an empty trace (it has no requests)")
-    out = io.StringIO()
+    if fmt == "artifact" and has_extra and not drop_extra:
+        raise DiffsimError(
+            "the artifact format cannot hold prompt texts or seeds; "
+            "leave them out explicitly (diffsim trace convert --drop-prompts)"
+        )
+
+
+def _header_text(fmt: str, has_prompt: bool, has_seed: bool) -> str:
     if fmt == "artifact":
-        if (trace.prompt is not None or trace.seed is not None) and not drop_extra:
-            raise DiffsimError(
-                "the artifact format cannot hold prompt texts or seeds; "
-                "leave them out explicitly (diffsim trace convert --drop-prompts)"
-            )
-        for t, pid in zip(trace.arrival_s.tolist(), trace.prompt_id.tolist()):
-            out.write(f"{t * 1000.0:.3f},{pid}\n")
-        return out.getvalue()
-    columns = ["arrival_s", "prompt_id"]
-    if trace.prompt is not None:
-        columns.append("prompt")
-    if trace.seed is not None:
-        columns.append("seed")
-    out.write(DIFFSIM_MARKER + "\n")
-    out.write(",".join(columns) + "\n")
-    arrivals = trace.arrival_s.tolist()
-    ids = trace.prompt_id.tolist()
-    seeds = trace.seed.tolist() if trace.seed is not None else None
-    for i in range(len(trace)):
+        return ""
+    columns = ["arrival_s", "prompt_id"] + ["prompt"] * has_prompt + ["seed"] * has_seed
+    return DIFFSIM_MARKER + "\n" + ",".join(columns) + "\n"
+
+
+def _rows_text(fmt: str, arrival_s: np.ndarray, prompt_id: np.ndarray, prompt: Optional[Sequence[str]],
+               seed: Optional[np.ndarray]) -> str:
+    """The records' lines; the artifact format leaves prompts and seeds out (checked by the caller)."""
+    arrivals, ids = arrival_s.tolist(), prompt_id.tolist()
+    if fmt == "artifact":
+        return "".join(f"{t * 1000.0:.3f},{pid}\n" for t, pid in zip(arrivals, ids))
+    seeds = seed.tolist() if seed is not None else None
+    out = []
+    for i in range(len(arrivals)):
         row = [repr(float(arrivals[i])), str(ids[i])]
-        if trace.prompt is not None:
-            row.append(_quoted(trace.prompt[i]))
+        if prompt is not None:
+            row.append(_quoted(prompt[i]))
         if seeds is not None:
             row.append(str(seeds[i]))
-        out.write(",".join(row) + "\n")
-    return out.getvalue()
+        out.append(",".join(row) + "\n")
+    return "".join(out)
 
 
 def _quoted(text: str) -> str:
@@ -356,26 +520,206 @@ def _quoted(text: str) -> str:
     return '"' + text.replace('"', '""') + '"'
 
 
-def write_trace(trace: Trace, path, fmt: str = "diffsim", *, drop_extra: bool = False) -> None:
-    """Write ``trace`` to ``path`` in the project's format (exact round trip) or the artifact's."""
-    text = format_trace(trace, fmt, drop_extra=drop_extra)
-    path = Path(path)
+def _trace_rows(trace: Trace, fmt: str, chunk_rows: int) -> Iterator[str]:
+    for start in range(0, len(trace), chunk_rows):
+        stop = start + chunk_rows
+        yield _rows_text(fmt, trace.arrival_s[start:stop], trace.prompt_id[start:stop],
+                         None if trace.prompt is None else trace.prompt[start:stop],
+                         None if trace.seed is None else trace.seed[start:stop])
+
+
+def format_trace(trace: Trace, fmt: str = "diffsim", *, drop_extra: bool = False) -> str:
+    """The text of a trace file. The artifact format has no prompt texts or seeds: dropping them must be
+    asked for (``drop_extra``); its times are written in milliseconds to the microsecond."""
+    _check_writable(fmt, trace.prompt is not None or trace.seed is not None, drop_extra)
+    if not len(trace):
+        raise DiffsimError("refusing to write an empty trace (it has no requests)")
+    return _header_text(fmt, trace.prompt is not None, trace.seed is not None) + "".join(
+        _trace_rows(trace, fmt, max(1, len(trace))))
+
+
+@contextmanager
+def _output(path: Path):
+    """A text file written as ``PATH.part`` and renamed to ``path`` once complete (removed on failure), so
+    a failed write never leaves a partial trace, and the input may be the output."""
+    part = path.with_name(path.name + ".part")
     try:
-        with open(path, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        f = open(part, "w", encoding="utf-8", newline="")
     except OSError as e:
-        raise DiffsimError(f"{path}: cannot write ({e.strerror})") from None
+        raise DiffsimError(f"{path}: cannot write ({e.strerror or e})") from None
+    try:
+        with f:
+            yield f
+        os.replace(part, path)
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        raise DiffsimError(f"{path}: cannot write ({e.strerror or e})") from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+
+
+def write_trace(trace: Trace, path, fmt: str = "diffsim", *, drop_extra: bool = False,
+                chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+    """Write ``trace`` to ``path`` in the project's format (exact round trip) or the artifact's; the text
+    is made ``chunk_rows`` records at a time."""
+    _check_writable(fmt, trace.prompt is not None or trace.seed is not None, drop_extra)
+    if not len(trace):
+        raise DiffsimError("refusing to write an empty trace (it has no requests)")
+    with _output(Path(path)) as f:
+        f.write(_header_text(fmt, trace.prompt is not None, trace.seed is not None))
+        for text in _trace_rows(trace, fmt, chunk_rows):
+            f.write(text)
+
+
+# -------------------------------------------------------------------------------------------- converting
+
+MERGE_FAN_IN = 64  # sorted runs merged at once (open files); more runs are merged in rounds
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total): chars of the file read, or rows merged
+
+
+class _OutOfOrder(Exception):
+    """The input is not sorted by arrival time: a streaming conversion cannot write it as it reads it."""
+
+
+def convert_trace(src, dst, fmt: str = "diffsim", *, drop_extra: bool = False,
+                  chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: Optional[Progress] = None) -> int:
+    """Rewrite the trace file ``src`` as ``dst`` in ``fmt``, sorted by arrival (stably), holding about
+    ``chunk_rows`` records in memory whatever the file's length; returns the number of requests.
+
+    A sorted file (every trace diffsim writes) is converted in one pass, each chunk written as it is read.
+    Where a record arrives before one above it, the conversion starts again as an external merge sort:
+    each chunk is sorted and written to a temporary file beside ``dst`` (the project's format, an exact
+    round trip), then the runs are merged, earlier runs first among equal times -- the order
+    :func:`read_trace` gives. ``dst`` appears only once complete.
+    """
+    _check_writable(fmt, False, drop_extra)
+    dst = Path(dst)
+    size = _file_size(src)
+    with _output(dst) as out:
+        try:
+            return _write_chunks(out, trace_chunks(src, chunk_rows), fmt, drop_extra, in_order=True,
+                                 on_read=_reporter(progress, "read", size))
+        except _OutOfOrder:
+            out.seek(0)
+            out.truncate()
+        with tempfile.TemporaryDirectory(prefix=f".{dst.name}.sort-", dir=dst.parent) as runs_dir:
+            runs, rows = _sorted_runs(src, chunk_rows, Path(runs_dir), _reporter(progress, "sort", size))
+            merged = _merge_runs(runs, chunk_rows, Path(runs_dir), _reporter(progress, "merge", rows))
+            return _write_chunks(out, merged, fmt, drop_extra, in_order=False, on_read=None)
+
+
+def _file_size(path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0  # the reader says what is wrong
+
+
+def _reporter(progress: Optional[Progress], stage: str, total: int) -> Optional[Callable[[int], None]]:
+    return None if progress is None else (lambda done: progress(stage, done, total))
+
+
+def _write_chunks(out, chunks: Iterable[TraceChunk], fmt: str, drop_extra: bool, *, in_order: bool,
+                  on_read: Optional[Callable[[int], None]]) -> int:
+    written = 0
+    last = -math.inf
+    with closing(iter(chunks)) as it:
+        for chunk in it:
+            if not written:
+                _check_writable(fmt, chunk.prompt is not None or chunk.seed is not None, drop_extra)
+                out.write(_header_text(fmt, chunk.prompt is not None, chunk.seed is not None))
+            if in_order and (chunk.arrival_s[0] < last or not chunk.in_order()):
+                raise _OutOfOrder
+            last = float(chunk.arrival_s[-1])
+            out.write(_rows_text(fmt, chunk.arrival_s, chunk.prompt_id, chunk.prompt, chunk.seed))
+            written += len(chunk)
+            if on_read is not None:
+                on_read(chunk.chars_read)
+    return written
+
+
+def _sorted_runs(src, chunk_rows: int, runs_dir: Path, on_read) -> tuple[list[Path], int]:
+    """Each chunk of ``src`` sorted and written to a file of its own; (the files, the rows)."""
+    runs, rows = [], 0
+    with closing(trace_chunks(src, chunk_rows)) as chunks:
+        for chunk in chunks:
+            runs.append(runs_dir / f"run{len(runs):06d}.csv")
+            write_trace(chunk.sorted(), runs[-1], chunk_rows=chunk_rows)
+            rows += len(chunk)
+            if on_read is not None:
+                on_read(chunk.chars_read)
+    return runs, rows
+
+
+def _merge_runs(runs: list[Path], chunk_rows: int, runs_dir: Path, on_merged) -> Iterator[TraceChunk]:
+    """The records of the sorted ``runs`` in one sorted sequence, ``chunk_rows`` at a time. Consecutive
+    groups of :data:`MERGE_FAN_IN` runs are first merged into one until that many are left."""
+    level = 0
+    while len(runs) > MERGE_FAN_IN:
+        level += 1
+        merged = []
+        for g in range(0, len(runs), MERGE_FAN_IN):
+            group = runs[g : g + MERGE_FAN_IN]
+            merged.append(runs_dir / f"merge{level}-{len(merged):06d}.csv")
+            with _output(merged[-1]) as out:
+                _write_chunks(out, _merged_chunks(group, chunk_rows), "diffsim", False, in_order=False,
+                              on_read=None)
+            for path in group:
+                path.unlink()
+        runs = merged
+    done = 0
+    for chunk in _merged_chunks(runs, chunk_rows):
+        yield chunk
+        done += len(chunk)
+        if on_merged is not None:
+            on_merged(done)
+
+
+def _merged_chunks(runs: list[Path], chunk_rows: int) -> Iterator[TraceChunk]:
+    # heapq.merge is stable: among equal keys, items of earlier iterables come first.
+    per_run = max(1, chunk_rows // len(runs))  # all runs' buffers together hold about chunk_rows records
+    records = heapq.merge(*(_run_records(path, per_run) for path in runs), key=lambda r: r[0])
+    has_prompt = has_seed = None
+    while True:
+        batch = list(itertools.islice(records, chunk_rows))
+        if not batch:
+            return
+        if has_prompt is None:
+            has_prompt, has_seed = batch[0][2] is not None, batch[0][3] is not None
+        yield TraceChunk(
+            arrival_s=np.array([r[0] for r in batch], dtype=np.float64),
+            prompt_id=np.array([r[1] for r in batch], dtype=np.int64),
+            prompt=[r[2] for r in batch] if has_prompt else None,
+            seed=np.array([r[3] for r in batch], dtype=np.int64) if has_seed else None,
+        )
+
+
+def _run_records(path: Path, chunk_rows: int) -> Iterator[tuple]:
+    """(arrival_s, prompt_id, prompt or None, seed or None) for each record of a run file."""
+    for chunk in trace_chunks(path, chunk_rows):
+        n = len(chunk)
+        prompts = chunk.prompt if chunk.prompt is not None else itertools.repeat(None, n)
+        seeds = chunk.seed.tolist() if chunk.seed is not None else itertools.repeat(None, n)
+        yield from zip(chunk.arrival_s.tolist(), chunk.prompt_id.tolist(), prompts, seeds)
 
 
 __all__ = [
+    "DEFAULT_CHUNK_ROWS",
     "DIFFSIM_MARKER",
     "FORMATS",
     "Trace",
+    "TraceChunk",
+    "TraceStats",
+    "WindowCounts",
+    "convert_trace",
     "csv_records",
     "format_trace",
     "parse_trace",
     "read_trace",
     "sorted_trace",
+    "trace_chunks",
     "window_counts",
     "write_trace",
 ]
