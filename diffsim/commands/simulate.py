@@ -215,8 +215,10 @@ def format_summary(s: dict) -> str:
         if s.get(key):
             lines.append(f"  {key:<19} {s[key]}")
     lines += [
-        f"  SLO violations      {s['violations']}  ({_pct(s['slo_violation_ratio'])} of requests, SLO {s['slo_s']:g} s)",
-        f"  FID of served mix   {_num(s['mean_fid'], '.2f')}  ({s['fid_source']})",
+        f"  SLO violations      {s['violations']}  ({_pct(s['slo_violation_ratio'])} of requests, "
+        f"{_pct(s.get('slo_violation_window_mean'))} per window on average; SLO {s['slo_s']:g} s)",
+        f"  FID of served mix   {_num(s['mean_fid'], '.2f')} per window, {_num(s.get('fid_overall_mix'), '.2f')} "
+        f"at the run's overall light fraction  ({s['fid_source']})",
         f"  light-served        {_pct(s['light_fraction'])} of completed; deferred {_pct(s['deferral_fraction'])} of requests",
         f"  latency p50 / p99   {_num(s['latency_p50_s'])} s / {_num(s['latency_p99_s'])} s",
         f"  throughput          {_num(s['throughput_qps'], '.2f')} qps over {_num(s['duration_s'], '.1f')} s",
