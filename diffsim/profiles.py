@@ -140,6 +140,18 @@ class Overheads(_Strict):
         return v
 
 
+class BatchTimeCorrelation(_Strict):
+    """How a host's batch times hang together in time, for ``--service-time sampled``: on a shared or
+    contended host a batch is slow when the one before it was (other processes, the server's own event
+    loop), so slow spells build queues that independent draws spread thin. The log of a batch's time
+    around its median is ``sqrt(share) x slow + sqrt(1 - share) x noise``, ``slow`` correlated ``rho`` from
+    one batch to the next (``diffsim validate`` measures both from a run's batches); the p50 / p95 / p99
+    per batch are those of the latency tables either way."""
+
+    share: float = Field(ge=0, le=1)
+    rho: float = Field(ge=0, le=0.999)
+
+
 class GpuProfile(_Strict):
     """Per-GPU latency profile: every model's batch latency plus the discriminator's."""
 
@@ -151,6 +163,7 @@ class GpuProfile(_Strict):
     # start-up measurement uses all its workers): under load every worker is busy, and shares the host.
     concurrency: int = Field(default=1, ge=1, le=limits.JOBS.hi)
     overheads: Overheads = Field(default_factory=Overheads)
+    batch_time_correlation: Optional[BatchTimeCorrelation] = None
 
 
 class Curve(_Strict):
@@ -307,6 +320,7 @@ class Cascade:
     gpu: str
     confidences_path: Optional[Path] = None
     overheads: Overheads = field(default_factory=Overheads)
+    batch_time_correlation: Optional[BatchTimeCorrelation] = None
 
     def random_mix_fid(self, light_share: float) -> float:
         """FID when a random ``light_share`` of queries is served light (no discriminator).
@@ -359,4 +373,5 @@ def build_cascade(
         gpu=profile.gpu,
         confidences_path=conf,
         overheads=profile.overheads,
+        batch_time_correlation=profile.batch_time_correlation,
     )

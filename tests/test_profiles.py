@@ -98,6 +98,10 @@ GPU_CASES = [
     (lambda d: d.update(overheads={"request_ms": 30.0, "request_p99_ms": 29.0}), "overheads.request_p99_ms",
      "at least request_ms"),
     (lambda d: d.update(overheads={"request_p95_ms": -1.0}), "overheads.request_p95_ms", "greater than or equal"),
+    (lambda d: d.update(batch_time_correlation={"share": 1.5, "rho": 0.5}), "batch_time_correlation.share",
+     "less than or equal"),
+    (lambda d: d.update(batch_time_correlation={"share": 0.5, "rho": 1.0}), "batch_time_correlation.rho",
+     "less than or equal"),
 ]
 
 

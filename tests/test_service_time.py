@@ -164,3 +164,29 @@ def test_p50_mode_ignores_the_overhead_spread():
     a = simulate(SimConfig(cascade=overhead_cascade(35.0, None), gpus=8, seed=1), trace)
     b = simulate(SimConfig(cascade=overhead_cascade(35.0, 0.8), gpus=8, seed=1), trace)
     assert [(q.outcome, q.finished_s) for q in a.queries] == [(q.outcome, q.finished_s) for q in b.queries]
+
+
+def test_correlated_batch_times_keep_the_percentiles_and_come_in_spells():
+    """With the profile's batch_time_correlation, each draw is still log-normal with the profile's p50 / p95
+    / p99, but consecutive draws are correlated share x rho (slow batches come in runs); without it the
+    draws are those of independent sampling, unchanged."""
+    from diffsim.profiles import BatchTimeCorrelation
+
+    plain = spread_cascade(p95_factor=np.exp(0.25 * Z95), p99_factor=np.exp(0.25 * Z99))
+    cascade = replace(plain, batch_time_correlation=BatchTimeCorrelation(share=0.7, rho=0.9))
+    model = ServiceTimeModel(cascade, "sampled", seed=2)
+    draws = np.array([model.draw("heavy", 4, False) for _ in range(200_000)])
+    p50, p95, p99 = np.percentile(draws, [50, 95, 99])
+    assert p50 == pytest.approx(3.68, rel=0.03)
+    assert p95 == pytest.approx(3.68 * np.exp(0.25 * Z95), rel=0.04)
+    assert p99 == pytest.approx(3.68 * np.exp(0.25 * Z99), rel=0.06)
+    z = np.log(draws / 3.68)
+    assert np.corrcoef(z[:-1], z[1:])[0, 1] == pytest.approx(0.7 * 0.9, abs=0.02)
+    assert np.corrcoef(z[:-10], z[10:])[0, 1] == pytest.approx(0.7 * 0.9 ** 10, abs=0.03)
+    again = ServiceTimeModel(cascade, "sampled", seed=2)
+    assert [again.draw("heavy", 4, False) for _ in range(5)] == list(draws[:5])
+    independent = ServiceTimeModel(plain, "sampled", seed=2)
+    z0 = np.log(np.array([independent.draw("heavy", 4, False) for _ in range(20_000)]) / 3.68)
+    assert abs(np.corrcoef(z0[:-1], z0[1:])[0, 1]) < 0.03
+    p50_mode = ServiceTimeModel(cascade, "p50", seed=2)
+    assert p50_mode.draw("heavy", 4, False) == pytest.approx(3.68)  # p50 mode draws nothing

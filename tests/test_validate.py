@@ -99,8 +99,8 @@ def test_batches_are_rebuilt_from_the_answers_and_give_the_measured_spread():
     queries.append(answered_query(5.0, 0.1, 3.0, deferred=True))  # ran in two batches: left out
     queries.append(answered_query(6.0, 0.1, 0.5, served_by="heavy", confidence=None))
     batches = rebuilt_batches(queries, cascade)
-    assert sorted(n for n, _, _ in batches["light"]) == sorted((1, 2, 4)[i % 3] for i in range(40))
-    assert [n for n, _, _ in batches["heavy"]] == [1]
+    assert sorted(n for n, _, _, _ in batches["light"]) == sorted((1, 2, 4)[i % 3] for i in range(40))
+    assert [n for n, _, _, _ in batches["heavy"]] == [1]
     spread = measured_spread(queries, cascade)
     assert set(spread) == {"light"}  # one heavy batch is too few
     light = spread["light"]
@@ -115,6 +115,31 @@ def test_batches_are_rebuilt_from_the_answers_and_give_the_measured_spread():
                                   "p99_ms": [30.0, 60.0]}
     assert out["discriminator"]["p99_ms"] == [3.0, 6.0]
     assert out["models"]["h"]["p50_ms"] == [200.0, None]  # no measured spread: the server's mean ratio
+
+
+def test_the_correlation_of_batch_times_is_fitted_from_the_rebuilt_batches():
+    """Batches whose log time follows sqrt(share) x AR(1, rho) + sqrt(1 - share) x noise, one after the
+    other: the fit finds share and rho back (loosely: a run has hundreds of batches, not millions)."""
+    from diffsim.commands.validate import measured_correlation
+    from diffsim.runtime.batching import service_time_s
+    from sim_helpers import a100_cascade
+
+    cascade = a100_cascade()
+    base = service_time_s(cascade, "light", 1, True)
+    rng = np.random.default_rng(5)
+    for share, rho in ((0.7, 0.9), (0.0, 0.0)):
+        slow, queries = rng.standard_normal(), []
+        for i in range(3000):
+            slow = rho * slow + np.sqrt(1 - rho * rho) * rng.standard_normal()
+            z = np.sqrt(share) * slow + np.sqrt(1 - share) * rng.standard_normal()
+            queries.append(answered_query(3.0 * i, 0.0, round(base * np.exp(0.3 * z), 6) + i * 1e-6))
+        fit = measured_correlation(queries, cascade)
+        assert fit["batches"] == 3000
+        if share:
+            assert fit["share"] == pytest.approx(share, abs=0.1) and fit["rho"] == pytest.approx(rho, abs=0.03)
+        else:
+            assert fit["share"] < 0.1  # nothing correlated: no slow spells to speak of
+    assert measured_correlation(queries[:50], cascade) is None  # too few batches to fit
 
 
 def test_a_run_s_mean_ratio_from_the_server_s_running_means_and_counts():

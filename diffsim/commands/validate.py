@@ -15,7 +15,8 @@
      heavy stage whose queries were all deferred, is scaled by the server's mean ratio over that run's
      batches, from ``GET /v1/plan`` and ``GET /metrics`` before and after it; ``--no-calibrate`` keeps
      the profile as it is); batch times are drawn around
-     p50 by p95 / p99 with ``--service-time sampled`` (the default);
+     p50 by p95 / p99 with ``--service-time sampled`` (the default), correlated from one batch to the
+     next as the run's were (slow spells of a shared host: the profile's batch_time_correlation);
    * with the run's request overhead (client latency minus the server's own time for the request: p50,
      p95 and p99, each request's drawn from a log-normal fitted to them with ``--service-time sampled``);
    * with the per-prompt confidences the server reported and every setting it described (admission and
@@ -33,6 +34,7 @@ import asyncio
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 from .. import limits
 from ..errors import DiffsimError
@@ -106,11 +108,13 @@ def scaled_profile(profile: dict, light_model: str, heavy_model: str, ratio: dic
     return data
 
 
-def sim_config_from(described: dict, *, service_time: str, overhead=None, ratio=None, spread=None):
+def sim_config_from(described: dict, *, service_time: str, overhead=None, ratio=None, spread=None,
+                    correlation=None):
     """The :class:`~diffsim.config.SimConfig` of a simulation of the described server: its profile's
     batch times as one run measured them (``spread``, see :func:`calibrated_profile`), or scaled by
     ``ratio`` per stage (:func:`scaled_profile`); its request overhead replaced by ``overhead``, the
-    ``overheads`` fields of :func:`request_overhead_ms`."""
+    ``overheads`` fields of :func:`request_overhead_ms`; its ``batch_time_correlation`` set to
+    ``correlation`` (:func:`measured_correlation`) where given."""
     from ..config import ControllerConfig, SimConfig
     from ..profiles import CascadesFile, GpuProfile, build_cascade
 
@@ -120,6 +124,8 @@ def sim_config_from(described: dict, *, service_time: str, overhead=None, ratio=
         profile_data = calibrated_profile(profile_data, c["light"], c["heavy"], spread, ratio or {})
     elif ratio:
         profile_data = scaled_profile(profile_data, c["light"], c["heavy"], ratio)
+    if correlation:
+        profile_data["batch_time_correlation"] = {"share": correlation["share"], "rho": correlation["rho"]}
     if overhead is not None:
         kept = {k: v for k, v in profile_data.get("overheads", {}).items() if not k.startswith("request_")}
         profile_data["overheads"] = {**kept, **overhead}
@@ -207,7 +213,8 @@ MIN_BATCHES = 20  # a stage's measured spread is used from this many rebuilt bat
 
 
 def rebuilt_batches(queries, cascade) -> dict:
-    """The batches a run's answers reveal, per stage: ``{role: [(size, run_s, profile_s), ...]}``.
+    """The batches a run's answers reveal, per stage: ``{role: [(size, run_s, profile_s, start_s), ...]}``
+    in start order (``start_s``: the first batch-mate's arrival + queueing, on the client's clock).
 
     Each answer carries the run time of the batch it ran in (``run_ms``): batch-mates share it to the
     microsecond, so the completed queries served in one stage (deferred ones ran in two batches and are
@@ -225,17 +232,18 @@ def rebuilt_batches(queries, cascade) -> dict:
     out: dict[str, list] = {"light": [], "heavy": []}
     for (role, scored, run_s), starts in groups.items():
         starts.sort()
-        sizes, first = [0], starts[0]
+        batches = [[0, starts[0]]]
         for t in starts:
-            if t - first > BATCH_WINDOW_S:
-                sizes.append(0)
-                first = t
-            sizes[-1] += 1
-        for n in sizes:
+            if t - batches[-1][1] > BATCH_WINDOW_S:
+                batches.append([0, t])
+            batches[-1][0] += 1
+        for n, start in batches:
             try:
-                out[role].append((n, run_s, service_time_s(cascade, role, n, scored)))
+                out[role].append((n, run_s, service_time_s(cascade, role, n, scored), start))
             except DiffsimError:
                 continue
+    for batches in out.values():
+        batches.sort(key=lambda b: b[3])
     return out
 
 
@@ -249,10 +257,43 @@ def measured_spread(queries, cascade) -> dict:
     for role, batches in rebuilt_batches(queries, cascade).items():
         if len(batches) < MIN_BATCHES:
             continue
-        r = np.array([run_s / profile_s for _, run_s, profile_s in batches])
+        r = np.array([run_s / profile_s for _, run_s, profile_s, _ in batches])
         p50, p95, p99 = (round(float(v), 4) for v in np.percentile(r, [50, 95, 99]))
         spread[role] = {"p50": p50, "p95": p95, "p99": p99, "batches": len(batches)}
     return spread
+
+
+MIN_CORRELATED_BATCHES = 60  # the correlation of batch times is fitted from this many rebuilt batches on
+CORRELATION_LAGS = 15  # over lags 1 .. this many batches
+
+
+def measured_correlation(queries, cascade) -> Optional[dict]:
+    """How one run's batch times hung together in time (the profile's ``batch_time_correlation``): the
+    rebuilt batches of both stages in start order, each one's log(measured / profile) standardised per
+    stage; their autocorrelation at lag k fitted as ``share x rho^k`` (least squares on its log over the
+    lags 1 .. :data:`CORRELATION_LAGS` where it is positive). None with fewer than
+    :data:`MIN_CORRELATED_BATCHES` batches; share 0 where no lag is correlated."""
+    import numpy as np
+
+    merged = []
+    for batches in rebuilt_batches(queries, cascade).values():
+        if len(batches) < 2:
+            continue
+        z = np.log([run_s / profile_s for _, run_s, profile_s, _ in batches])
+        z = (z - z.mean()) / (z.std() or 1.0)
+        merged += [(start, v) for (_, _, _, start), v in zip(batches, z)]
+    if len(merged) < MIN_CORRELATED_BATCHES:
+        return None
+    merged.sort()
+    z = np.array([v for _, v in merged])
+    lags = np.arange(1, CORRELATION_LAGS + 1)
+    acf = np.array([np.corrcoef(z[:-k], z[k:])[0, 1] if z[k:].std() and z[:-k].std() else 0.0 for k in lags])
+    keep = acf > 0.02
+    if keep.sum() < 3:
+        return {"share": 0.0, "rho": 0.0, "batches": len(z)}
+    slope, intercept = np.polyfit(lags[keep], np.log(acf[keep]), 1)
+    return {"share": round(float(np.clip(np.exp(intercept), 0.0, 1.0)), 4),
+            "rho": round(float(np.clip(np.exp(slope), 0.0, 0.99)), 4), "batches": len(z)}
 
 
 def calibrated_profile(profile: dict, light_model: str, heavy_model: str, spread: dict, ratio: dict) -> dict:
@@ -361,9 +402,10 @@ def run(args: argparse.Namespace) -> int:
     for k, result in enumerate(runs):
         overhead = request_overhead_ms([result])
         spread = {} if args.no_calibrate else measured_spread(result.queries, cascade)
+        correlation = None if args.no_calibrate else measured_correlation(result.queries, cascade)
         fallback = ratios[k]
         config_k = sim_config_from(described, service_time=args.service_time, overhead=overhead, ratio=fallback,
-                                   spread=spread)
+                                   spread=spread, correlation=correlation)
         lead = lead_in_s(result.server, config_k.controller)
         sim = simulate_run(config_k, scaled, confidences, lead)
         summary = summarize_result(sim, args.trace)
@@ -375,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
         sim_figures.append(figures_of(summary, sim.queries))
         sim_rows.append(rows)
         per_run.append({"lead_in_s": round(lead, 3), "request_overhead_ms": overhead,
-                        "batch_time_ratio": spread,
+                        "batch_time_ratio": spread, "batch_time_correlation": correlation,
                         "scaled_by_server_mean": {r: v for r, v in fallback.items() if r not in spread},
                         "server_mean_ratio": fallback,
                         "outcomes": outcome_pairs(sim.queries, result.queries)})
@@ -397,8 +439,10 @@ def run(args: argparse.Namespace) -> int:
         speed = (f"light batches x{light['p50']:.2f} (p95 x{light['p95']:.2f}, p99 x{light['p99']:.2f}) of the "
                  f"profile over {light['batches']}" if light else "profile scaled by the server's mean ratio in the run")
         o = run_k["request_overhead_ms"]
+        c = run_k["batch_time_correlation"]
+        spells = f"slow spells: share {c['share']:.2f}, rho {c['rho']:.2f}; " if c else ""
         print(f"run {k + 1}: simulated from its start state (idle lead-in {run_k['lead_in_s']:.1f} s); {speed}; "
-              f"request overhead p50 {o['request_ms']:.0f} ms, p99 {o['request_p99_ms']:.0f} ms")
+              f"{spells}request overhead p50 {o['request_ms']:.0f} ms, p99 {o['request_p99_ms']:.0f} ms")
     print(f"wrote {out / 'validation.json'}, {out / 'validation.png'}")
     return 0
 

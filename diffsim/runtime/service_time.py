@@ -9,6 +9,11 @@ neither was, as in the artifact's A100 profile, whose percentiles are equal). Th
 model of a positive time with a right tail; with the percentiles fitted it reproduces them by
 construction (``tests/test_service_time.py`` checks it on draws).
 
+Where the profile says batch times are correlated in time (``batch_time_correlation``: a shared or
+contended host has slow spells), each draw's standard normal is ``sqrt(share) x slow + sqrt(1 - share) x
+noise``, ``slow`` an AR(1) process of correlation ``rho`` from one batch to the next: still a standard
+normal, so every batch size keeps its p50 / p95 / p99, but slow batches come in runs.
+
 The light stage's time is the model's plus the discriminator's; its percentiles are taken as the sums of
 the two tables' percentiles (an upper bound of the sum's, as the two are positively correlated on one GPU).
 
@@ -80,6 +85,9 @@ class ServiceTimeModel:
         self._z: list[float] = []
         self._next = 0
         self._params: dict[tuple[str, int, bool], tuple[float, float]] = {}
+        c = cascade.batch_time_correlation
+        self._correlation = None if c is None or c.share == 0.0 else (c.share, c.rho)
+        self._slow: Optional[float] = None
 
     def params(self, role: Role, n: int, with_disc: bool) -> tuple[float, float]:
         """(median in s, log-normal sigma) of a batch of n at this stage."""
@@ -99,12 +107,25 @@ class ServiceTimeModel:
         median, sigma = self.params(role, n, with_disc)
         if self.mode == "p50" or sigma == 0.0:
             return median
+        if self._correlation is not None:
+            return median * math.exp(sigma * self._correlated_z())
+        return median * math.exp(sigma * self._normal())
+
+    def _normal(self) -> float:
         i = self._next
         if i == len(self._z):
             self._z = self._rng.standard_normal(_BLOCK).tolist()
             i = 0
         self._next = i + 1
-        return median * math.exp(sigma * self._z[i])
+        return self._z[i]
+
+    def _correlated_z(self) -> float:
+        """A standard normal, ``sqrt(share) x slow + sqrt(1 - share) x noise`` with ``slow`` an AR(1) of
+        correlation ``rho`` from one batch (of any stage) to the next (the host's state)."""
+        share, rho = self._correlation
+        e = self._normal()
+        self._slow = e if self._slow is None else rho * self._slow + math.sqrt(1.0 - rho * rho) * e
+        return math.sqrt(share) * self._slow + math.sqrt(1.0 - share) * self._normal()
 
 
 Z999 = 3.090232306167813  # the normal's 99.9th percentile
