@@ -1083,6 +1083,8 @@ def _solve_queued_exact(cascade, gpus, demand, light, heavy, light_ok, heavy_ok,
     widened for a candidate only when its answer may lie beyond); and :func:`_first_answer` screens all option
     pairs of a group at once.
     """
+    if not servable.any():
+        return None
     slo = cascade.slo_s
     keep_l, keep_h = q.keep
     loads_l, loads_h = _queued_loads(ranked, slice(None), demand, q)
