@@ -161,6 +161,9 @@ def test_mix_fid_curve_ends_at_all_heavy_and_all_light():
     expected_mid = fid_against(np.concatenate([light[order[:15]], heavy[order[15:]]]), ref).fid
     assert curve[1] == pytest.approx(expected_mid)
     assert curve[0] < curve[1] < curve[2]  # light is farther from the reference here
+    steps = []
+    assert cal.mix_fid_curve(light, heavy, order, (0, 0.5, 1), ref, progress=steps.append) == curve
+    assert steps == [1, 1, 1]  # one progress step per FID: a 2048-d FID takes seconds
 
 
 def test_random_order_is_seeded():

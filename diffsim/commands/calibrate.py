@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import limits
 from ..errors import DiffsimError, InputError
+from ..progress import progress_bar, progress_enabled
 from .args import bounded, nonempty_path
 
 DEFAULT_GPU_PROFILE = "a100"
@@ -89,7 +90,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gpu", default=DEFAULT_GPU_PROFILE, metavar="a100|PATH",
                    help="GPU latency profile used to check that the allocator accepts the result (default a100)")
     p.add_argument("--device", default="0", help="CUDA device index (cuda backend)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (drawn on stderr, and only when it is a terminal)")
 
 
 def _cascade_models(args) -> tuple[str, str, float]:
@@ -176,10 +178,13 @@ def run(args: argparse.Namespace) -> int:
         cal.write_prompt_index(args.save_images / "prompts.csv", prompts)
 
     confidences = light_out.confidences
-    fid = cal.mix_fid_curve(light_out.features, heavy_out.features, cal.easiest_first(confidences), r_grid,
-                            reference, allow_small=args.allow_small)
-    fid_random = cal.mix_fid_curve(light_out.features, heavy_out.features, cal.random_order(len(prompts), args.seed),
-                                   r_grid, reference, allow_small=args.allow_small)
+    with progress_bar(enabled=not args.no_progress, total=2 * len(r_grid), desc="FID of the mixes",
+                      unit="FID") as bar:
+        fid = cal.mix_fid_curve(light_out.features, heavy_out.features, cal.easiest_first(confidences), r_grid,
+                                reference, allow_small=args.allow_small, progress=bar.update)
+        fid_random = cal.mix_fid_curve(light_out.features, heavy_out.features,
+                                       cal.random_order(len(prompts), args.seed), r_grid, reference,
+                                       allow_small=args.allow_small, progress=bar.update)
     small = len(prompts) <= extractor.dim or reference.n <= extractor.dim
     result = cal.Calibration(
         name=args.cascade, light=light, heavy=heavy, slo_s=slo, prompts=prompts, confidences=confidences,
@@ -254,19 +259,17 @@ def _reference(args, extractor):
                              f"{extractor.name!r}: FIDs across extractors are not comparable")
         return stats
     paths = list_images(args.real, what="real image folder")
-    feats = extractor.features_of_files(paths, progress=not args.no_progress)
+    feats = extractor.features_of_files(paths, progress=not args.no_progress and progress_enabled())
     mu, sigma = feature_stats(feats)
     return FeatureStats(mu, sigma, len(feats), extractor.name)
 
 
 def _stage(args, executor, role: str, prompts, seeds, extractor, *, score: bool):
-    from tqdm import tqdm
-
     from ..profiling import calibration as cal
 
     save_dir = args.save_images / role if args.save_images is not None else None
-    with tqdm(total=len(prompts), desc=f"{role} {executor.model}", unit="img", disable=args.no_progress,
-              file=sys.stderr) as bar:
+    with progress_bar(enabled=not args.no_progress, total=len(prompts), desc=f"{role} {executor.model}",
+                      unit="img", leave=True) as bar:
         return cal.run_stage(executor, prompts, seeds, batch_size=args.batch_size, extractor=extractor, score=score,
                              save_dir=save_dir, progress=bar.update)
 

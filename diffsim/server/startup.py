@@ -202,6 +202,7 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
     factory = executor_factory or default_executor_factory(options, weights)
     models = {"light": light, "heavy": heavy}
     workers = make_workers(options, factory, models)
+    progress = StartupProgress(_startup_steps(options))
     try:
         sizes = options.sizes
         swap_s = 0.0
@@ -211,9 +212,11 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
             # Every worker at once: under load they all run, and share the host (see diffsim.profiling.profiler).
             log.info("measuring batch latency on all %d workers at once (batch sizes %s)", len(workers),
                      ", ".join(map(str, sizes)))
-            infos = await asyncio.gather(*(w.start("light") for w in workers))
-            per_worker = await asyncio.gather(*(w.measure(sizes, options.measure_warmup, options.measure_iters)
-                                                for w in workers))
+            infos = await progress.step(f"building the models on {len(workers)} worker(s)",
+                                        asyncio.gather(*(w.start("light") for w in workers)))
+            per_worker = await progress.step(
+                f"measuring batch latency on {len(workers)} worker(s), batch sizes {', '.join(map(str, sizes))}",
+                asyncio.gather(*(w.measure(sizes, options.measure_warmup, options.measure_iters) for w in workers)))
             measured = merge_measurements(per_worker)
             profile = validate_profile(_profile_data(options, measured, infos[0].device, len(workers)),
                                        "measured profile")
@@ -233,8 +236,11 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
                                f"for both {light} and {heavy} and the discriminator")
         if options.swap and swap_s == 0.0:
             # The dispatcher keeps a swapping worker idle for the time a model load takes: time both.
-            await workers[0].prepare("heavy")
-            info = await workers[0].prepare("light")
+            async def time_swap():
+                await workers[0].prepare("heavy")
+                return await workers[0].prepare("light")
+
+            info = await progress.step("timing a model swap", time_swap())
             swap_s = max(info.load_s.values(), default=0.0)
         static_plan = options.static_plan
         if static_plan is not None and "gpus" not in static_plan:
@@ -254,22 +260,73 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
 
             from .quality_monitor import build_quality_monitor
 
-            monitor = await asyncio.to_thread(
+            monitor = await progress.step("loading the FID reference and Inception", asyncio.to_thread(
                 build_quality_monitor, options.fid_reference, options.inception_weights,
                 clock=lambda: engine.now, window_s=options.fid_window_s, sample=options.fid_sample,
-                device=options.fid_device, seed=options.seed)
+                device=options.fid_device, seed=options.seed))
             engine.attach_quality(monitor)
-        await engine.start()
+        await progress.step(f"loading the first plan's models on {len(workers)} worker(s)", engine.start())
         if monitor is not None:
             monitor.start()
     except BaseException:
+        progress.close()
         for w in workers:
             try:
                 await w.stop()
             except Exception:  # noqa: BLE001 - already failing; stopping is best effort
                 pass
         raise
+    progress.close()
     return engine
+
+
+def _startup_steps(options: ServeOptions) -> int:
+    """How many :meth:`StartupProgress.step` calls :func:`build_engine` makes with these options."""
+    measure = options.profile_source == MEASURE
+    return 1 + 2 * measure + (options.swap and not measure) + (options.fid_reference is not None)
+
+
+class StartupProgress:
+    """serve's start-up on a terminal: one bar of its steps on stderr (:mod:`diffsim.progress`: nothing
+    when stderr is not a terminal), naming the step in progress with the time spent so far, redrawn every
+    second -- measuring batch latency runs tens of seconds without a step ending."""
+
+    def __init__(self, steps: int):
+        import contextlib
+
+        from ..progress import progress_bar
+
+        self.bar = progress_bar(total=steps, desc="serve start-up", unit="step",
+                                bar_format="{desc} [{elapsed}; {n_fmt} of {total_fmt} steps done]")
+        self._logging = contextlib.ExitStack()
+        if not self.bar.disable:  # log lines (serve logs at info) printed above the bar, not through it
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._logging.enter_context(logging_redirect_tqdm())
+
+    async def step(self, desc: str, awaitable):
+        """Await ``awaitable`` as the step named ``desc``; returns its result."""
+        import asyncio
+
+        self.bar.set_description_str(f"serve start-up: {desc}")
+        ticker = None if self.bar.disable else asyncio.create_task(self._redraw())
+        try:
+            return await awaitable
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            self.bar.update(1)
+
+    async def _redraw(self) -> None:
+        import asyncio
+
+        while True:
+            await asyncio.sleep(1.0)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+        self._logging.close()
 
 
 def emulated_factory(options: ServeOptions, cascades_path: Path) -> ExecutorFactory:

@@ -51,6 +51,7 @@ import numpy as np
 
 from ..reports import metrics
 from ..errors import DiffsimError
+from ..progress import progress_bar
 from ..plan import Plan
 from ..profiles import Cascade
 from ..query import Query
@@ -264,12 +265,15 @@ async def run_load(
             result.server_total_s[i] = _record(q, status, _json_or_none(raw), now, raw[:200].decode("utf-8", "replace"))
 
         tasks = []
-        for i in range(n):
-            delay = float(arrivals[i]) - clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
+        # requests ended (answered or failed client-side), on stderr when it is a terminal
+        with progress_bar(total=n, desc="requests done", unit="req", delay=1.0) as bar:
+            for i in range(n):
+                delay = float(arrivals[i]) - clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(i)))
+                tasks[-1].add_done_callback(lambda _: bar.update(1))
+            await asyncio.gather(*tasks)
         stop.set()
         await poller
         last = await recorder.poll()
