@@ -965,7 +965,10 @@ def _first_answer(pl: np.ndarray, first_l: int, ph: np.ndarray, first_h: int, on
     that tie, the fewest light workers. Candidates with two running stages are first screened all at once
     (:func:`_pairs_that_fit`); only one that passes is searched in full (:func:`_best_pair`).
     """
-    complete = first_l + pl.shape[2] > gpus and first_h + ph.shape[2] > gpus
+    # With both stages running, each has at least the other's first count of workers beside it, so a
+    # window reaching the GPUs less that count holds every count a plan can have.
+    reach_l, reach_h = first_l + pl.shape[2] - 1, first_h + ph.shape[2] - 1
+    complete = reach_l + first_h >= gpus and reach_h + first_l >= gpus
     both = on_l & on_h
     fit = _pairs_that_fit(pl[both], first_l, ph[both], first_h, gpus, slo, coupled)
     some = np.zeros(len(pl), dtype=bool)  # something fits in the windows
@@ -1033,9 +1036,9 @@ def _best_pair(pl: np.ndarray, first_l: int, ph: np.ndarray, first_h: int, gpus:
     splits of that total that meet the SLO.
 
     Exact on a window: counts below ``first`` are at the cap (infeasible), and an answer of T GPUs with
-    ``T <= first_l + first_h + width - 1`` (per stage; no bound for a stage whose window reaches all GPUs)
-    has both its counts, and every split of T the search compares, inside the windows; a pair whose best
-    is beyond that has more GPUs than the answer. None here means none within that bound.
+    ``T <= first_l + first_h + width - 1`` (per stage) has both its counts, and every split of T the
+    search compares, inside the windows; a pair whose best is beyond that has more GPUs than the answer.
+    None here means none within that bound (none at all once the bound reaches the GPUs).
     """
     n_l, width_l = pl.shape
     n_h, width_h = ph.shape
@@ -1051,7 +1054,7 @@ def _best_pair(pl: np.ndarray, first_l: int, ph: np.ndarray, first_h: int, gpus:
     ok = (pl <= slo)[:, None, :] & (m < width_h) & (total <= gpus)
     best = np.where(ok, total, gpus + 1).min(axis=2)  # per pair
     reach_l, reach_h = first_l + width_l - 1, first_h + width_h - 1  # the last counts computed
-    horizon = min(reach_l + first_h if reach_l < gpus else gpus, reach_h + first_l if reach_h < gpus else gpus)
+    horizon = min(reach_l + first_h, reach_h + first_l, gpus)
     # Every split of the pair's best total that fits: the least summed path among them.
     n_heavy = best[:, :, None] - n_light
     split = ok & (n_heavy >= fewest_h) & (n_heavy >= 0) & (best <= horizon)[:, :, None]
@@ -1107,6 +1110,12 @@ def _solve_queued_exact(cascade, gpus, demand, light, heavy, light_ok, heavy_ok,
     def paths(ks, firsts, widths):
         return _candidate_paths(ks, ranked, demand, light, heavy, light_ok, heavy_ok, q, coupled, slo, firsts, widths)
 
+    def grow(width, first, first_other, on, on_other):  # how many worker counts to add to a stage's window
+        if not on.any():
+            return 0
+        most = gpus - (first_other if on_other.all() else 0)  # the most workers a plan can give the stage
+        return max(0, min(first + _GROWTH * width - 1, most) - (first + width - 1))
+
     def first_fit(ks, firsts, widths, tables):  # the first of ks with a plan, in rank order
         (first_l, first_h), (width_l, width_h), (pl, ph) = firsts, widths, tables
         i = 0
@@ -1124,8 +1133,8 @@ def _solve_queued_exact(cascade, gpus, demand, light, heavy, light_ok, heavy_ok,
             # their running minimum continued from the last count computed (min is exact: the same table as
             # computed at once).
             run = ks[i + j:i + end]
-            grow_l = min((_GROWTH - 1) * width_l, gpus + 1 - first_l - width_l) if on_l[run].any() else 0
-            grow_h = min((_GROWTH - 1) * width_h, gpus + 1 - first_h - width_h) if on_h[run].any() else 0
+            grow_l = grow(width_l, first_l, first_h, on_l[run], on_h[run])
+            grow_h = grow(width_h, first_h, first_l, on_h[run], on_l[run])
             wide = (width_l + grow_l, width_h + grow_h)
             # A few candidates at a time once tables are wide: the first feasible one ends the search.
             step = max(1, _TABLE_ELEMENTS // (max(wide) * max(len(light_ok), len(heavy_ok), 1)))
