@@ -51,13 +51,15 @@ def small_trace(n=20, spacing_s=0.05) -> Trace:
 PLAN = {"threshold": 0.5, "light_workers": 1, "heavy_workers": 1, "light_batch": 4, "heavy_batch": 4}
 
 
-def test_load_writes_the_same_reports_as_simulate(tmp_path):
+def test_load_writes_the_same_reports_as_simulate(tmp_path, capsys):
     trace_path = tmp_path / "trace.csv"
     write_trace(small_trace(), trace_path)
     with fake_server(tmp_path, plan=PLAN) as server:
         rc = cli.main(["load", "--url", server.url, "--trace", str(trace_path), "--out", str(tmp_path / "load"),
                        "--no-plot", "--poll-s", "0.2", "--window-s", "0.5"])
     assert rc == 0
+    printed = capsys.readouterr().out  # a served run has no seed and no simulator events (issue 14)
+    assert f"trace {trace_path}\n" in printed and "None" not in printed and "wall time" in printed
     rc = cli.main(["simulate", "--trace", str(trace_path), "--gpus", "2", "--out", str(tmp_path / "sim"), "--no-plot",
                    "--quiet", "--window-s", "0.5"])
     assert rc == 0

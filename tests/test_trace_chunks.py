@@ -201,3 +201,11 @@ def test_convert_command_counts_what_it_wrote(tmp_path):
     src = write(tmp_path, "5,1\n1,2\n3,3\n", "t.csv")
     assert convert(src, tmp_path / "o.csv", "artifact", drop_extra=False, chunk_rows=1) == 3
     assert (tmp_path / "o.csv").read_text() == "1.000,2\n3.000,3\n5.000,1\n"
+
+
+def test_converting_an_artifact_trace_writes_the_nearest_seconds(tmp_path, capsys):
+    # issue 14: 304.706 ms was written 0.30470600000000003 (a division by 1000); chunks change nothing
+    src = write(tmp_path, "304.706,4706\n0.001,2\n1000,3\n", "art.csv")
+    out = tmp_path / "mine.csv"
+    assert main(["trace", "convert", str(src), "--out", str(out)]) == 0
+    assert out.read_text().splitlines()[2:] == ["1e-06,2", "0.304706,4706", "1.0,3"]
