@@ -21,6 +21,8 @@
      p95 and p99, each request's drawn from a log-normal fitted to them with ``--service-time sampled``);
    * with the per-prompt confidences the server reported and every setting it described (admission and
      deadline sweep included).
+   Each run is simulated with ``--sim-seeds`` seeds (default 3) and its figures are their mean; the
+   first seed's outputs are written.
 4. Writes ``OUT/validation.json`` (per figure: sim -- the mean over the simulated runs --, each simulated
    and each real value, the error, the real spread, within_spread; per run its calibration and, request
    by request, how simulated and real outcomes pair up), ``OUT/server.json`` (what the server described),
@@ -59,6 +61,9 @@ def add_parser(subparsers) -> None:
                    help=bounded("multiply arrival times", limits.TIME_SCALE, 1))
     p.add_argument("--service-time", choices=("p50", "sampled"), default="sampled",
                    help="the simulator's batch times (default sampled: around the profile's p50 by its p95/p99)")
+    p.add_argument("--sim-seeds", type=limits.REPEATS, default=3, metavar="N",
+                   help=bounded("simulations of each real run, with seeds seed .. seed + N - 1: its simulated "
+                                "figures are their mean (slow spells make one simulation noisy)", limits.REPEATS, 3))
     p.add_argument("--pause-s", type=limits.DELAY_S, default=5.0, metavar="S",
                    help="idle time between real runs, so that one run's backlog and demand estimate do not "
                    "spill into the next (default 5)")
@@ -407,14 +412,20 @@ def run(args: argparse.Namespace) -> int:
         config_k = sim_config_from(described, service_time=args.service_time, overhead=overhead, ratio=fallback,
                                    spread=spread, correlation=correlation)
         lead = lead_in_s(result.server, config_k.controller)
-        sim = simulate_run(config_k, scaled, confidences, lead)
-        summary = summarize_result(sim, args.trace)
-        rows = metrics.timeseries(sim.queries, sim.plans, sim.demand, cascade=config_k.cascade, window_s=args.window_s)
-        metrics.write_outputs(out / f"sim-{k + 1}", summary, rows, plot=False)
-        metrics.write_csv(out / f"sim-{k + 1}" / metrics.QUERIES_FILE, metrics.query_rows(sim.queries),
-                          metrics.QUERY_COLUMNS)
+        replicas = []  # the run simulated with --sim-seeds seeds: its figures are their mean
+        for j in range(args.sim_seeds):
+            sim_j = simulate_run(replace(config_k, seed=config_k.seed + j), scaled, confidences, lead)
+            summary = summarize_result(sim_j, args.trace)
+            replicas.append(figures_of(summary, sim_j.queries))
+            if j == 0:  # the first seed's outputs are written and plotted
+                sim = sim_j
+                rows = metrics.timeseries(sim.queries, sim.plans, sim.demand, cascade=config_k.cascade,
+                                          window_s=args.window_s)
+                metrics.write_outputs(out / f"sim-{k + 1}", summary, rows, plot=False)
+                metrics.write_csv(out / f"sim-{k + 1}" / metrics.QUERIES_FILE, metrics.query_rows(sim.queries),
+                                  metrics.QUERY_COLUMNS)
         sims.append(sim)
-        sim_figures.append(figures_of(summary, sim.queries))
+        sim_figures.append(mean_figures(replicas))
         sim_rows.append(rows)
         per_run.append({"lead_in_s": round(lead, 3), "request_overhead_ms": overhead,
                         "batch_time_ratio": spread, "batch_time_correlation": correlation,
