@@ -2,8 +2,9 @@
 
 The model is a MILP, the formulation of record, solved with ``scipy.optimize.milp`` (HiGHS) when
 ``solver="milp"``; ``solver="exact"`` (the default) returns the same plan from a structured enumeration,
-some 15-70 times faster: about a tenth of a millisecond once the cascade's candidates are ranked, 0.15x
-a trivial ``milp`` call (see *The exact solver* below, and ``benchmarks/bench_allocator.py``).
+some 15-70 times faster: about a tenth of a millisecond once the cascade's candidates are ranked, 0.1x
+a trivial ``milp`` call, and a few tenths with the ranking (the first solve for a cascade), 0.25x (see
+*The exact solver* below, and ``benchmarks/bench_allocator.py``).
 
 The formulation, for the default ``cascade`` mode:
 
@@ -58,9 +59,17 @@ the least summed path (:func:`_solve_queued_exact`). The objective's third term 
 (batch time and delay) instead of the batch time alone. A stage that holds queued work always runs: no
 plan, the best-effort one included, leaves queued work without a worker. In ``tail`` mode the quantile is
 that of all queries' latency (:meth:`_Queueing.path_quantiles`). Dominated batch sizes are not pruned in
-this mode (a slower batch size with less capacity can still wait less: its queue has more slots). The
-exact solver takes 10-45 ms a solve here (16 to 1024 GPUs, sdturbo-sdv15, measured on this project's
-2-core machine), against about 0.1 ms with ``little``: well within a 5 s re-plan period, not yet tuned.
+this mode (a slower batch size with less capacity can still wait less: its queue has more slots).
+
+The exact solver here costs what the delay model costs: one ``stage_delay`` entry per (candidate, batch
+size, worker count) it looks at. So it looks at few: candidates that could not fit even with no delay are
+skipped; the others are taken a group at a time (1, 4, 16, ... in rank order, one ``stage_delay`` call per
+stage for the group) over a window of worker counts from the fewest the group needs, widened only for
+candidates whose plan may lie beyond it (:data:`_WINDOW`, :func:`_first_answer`). About 1 ms of CPU a
+solve at the median from 16 to 1024 GPUs with least-loaded routing, 1.5-3 ms with random routing at 16-64
+GPUs; with random routing at 256-1024 GPUs plans use most of the GPUs (each worker's own queue needs a
+low utilisation for its tail) and every candidate ranked above the answer has to be ruled out at all
+worker counts: 2.5-15 ms there (``benchmarks/bench_allocator.py``, CPU time on a loaded 2-core machine).
 
 Before the solve, candidates are pruned by two exact bounds: one that needs more GPUs than any batch
 size allows cannot be feasible, and one ranked below an incumbent (a candidate that each stage's
