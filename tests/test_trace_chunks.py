@@ -116,17 +116,24 @@ def test_reading_pulls_lines_only_as_chunks_are_consumed():
     assert sum(len(c) for c in chunks) == 990
 
 
-def test_unsorted_convert_merges_runs_in_rounds_and_cleans_up(tmp_path, monkeypatch):
-    # 300 rows in chunks of 2: 150 sorted runs, merged 64 at a time, then once more
+def test_unsorted_convert_merges_sorted_runs_and_cleans_up(tmp_path, monkeypatch):
+    # 300 rows in chunks of 2: 150 sorted runs on disk, merged with a window of at least 1 row per run
     rng = np.random.default_rng(5)
     times = rng.integers(0, 40, 300)
     src = write(tmp_path, "".join(f"{t},{i}\n" for i, t in enumerate(times)), "art.csv")
-    merged_groups = []
+    largest = []
     real = traces._merged_chunks
-    monkeypatch.setattr(traces, "_merged_chunks", lambda runs, rows: (merged_groups.append(len(runs)), real(runs, rows))[1])
+
+    def merged(runs, rows):
+        assert len(runs) == 150
+        for chunk in real(runs, rows):
+            largest.append(len(chunk))
+            yield chunk
+
+    monkeypatch.setattr(traces, "_merged_chunks", merged)
     calls = []
     assert convert_trace(src, tmp_path / "out.csv", chunk_rows=2, progress=lambda *a: calls.append(a)) == 300
-    assert merged_groups == [64, 64, 22, 3]
+    assert max(largest) <= 150  # never more than a window (1 row) of each run at once
     expected = tmp_path / "expected.csv"
     write_trace(read_trace(src), expected)
     assert (tmp_path / "out.csv").read_bytes() == expected.read_bytes()

@@ -574,8 +574,6 @@ def write_trace(trace: Trace, path, fmt: str = "diffsim", *, drop_extra: bool = 
 
 # -------------------------------------------------------------------------------------------- converting
 
-MERGE_FAN_IN = 64  # sorted runs merged at once (open files); more runs are merged in rounds
-
 Progress = Callable[[str, int, int], None]  # (stage, done, total): chars of the file read, or rows merged
 
 
@@ -590,9 +588,9 @@ def convert_trace(src, dst, fmt: str = "diffsim", *, drop_extra: bool = False,
 
     A sorted file (every trace diffsim writes) is converted in one pass, each chunk written as it is read.
     Where a record arrives before one above it, the conversion starts again as an external merge sort:
-    each chunk is sorted and written to a temporary file beside ``dst`` (the project's format, an exact
-    round trip), then the runs are merged, earlier runs first among equal times -- the order
-    :func:`read_trace` gives. ``dst`` appears only once complete.
+    each chunk is sorted and written as binary arrays to a temporary directory beside ``dst`` (a
+    :class:`_Run`), then the runs are merged (:func:`_merged_chunks`), earlier runs first among equal
+    times -- the order :func:`read_trace` gives. ``dst`` appears only once complete.
     """
     _check_writable(fmt, False, drop_extra)
     dst = Path(dst)
@@ -605,9 +603,10 @@ def convert_trace(src, dst, fmt: str = "diffsim", *, drop_extra: bool = False,
             out.seek(0)
             out.truncate()
         with tempfile.TemporaryDirectory(prefix=f".{dst.name}.sort-", dir=dst.parent) as runs_dir:
-            runs, rows = _sorted_runs(src, chunk_rows, Path(runs_dir), _reporter(progress, "sort", size))
-            merged = _merge_runs(runs, chunk_rows, Path(runs_dir), _reporter(progress, "merge", rows))
-            return _write_chunks(out, merged, fmt, drop_extra, in_order=False, on_read=None)
+            runs = _sorted_runs(src, chunk_rows, Path(runs_dir), _reporter(progress, "sort", size))
+            merged = _merged_chunks(runs, chunk_rows)
+            return _write_chunks(out, merged, fmt, drop_extra, in_order=False,
+                                 on_read=_reporter(progress, "merge", sum(run.n for run in runs), by_rows=True))
 
 
 def _file_size(path) -> int:
@@ -617,12 +616,17 @@ def _file_size(path) -> int:
         return 0  # the reader says what is wrong
 
 
-def _reporter(progress: Optional[Progress], stage: str, total: int) -> Optional[Callable[[int], None]]:
-    return None if progress is None else (lambda done: progress(stage, done, total))
+def _reporter(progress: Optional[Progress], stage: str, total: int, *,
+              by_rows: bool = False) -> Optional[Callable[[TraceChunk, int], None]]:
+    """``report(chunk, rows so far)`` for :func:`_write_chunks` and :func:`_sorted_runs`: the stage's
+    progress in characters of the file read, or (``by_rows``) in records."""
+    if progress is None:
+        return None
+    return lambda chunk, rows: progress(stage, rows if by_rows else chunk.chars_read, total)
 
 
 def _write_chunks(out, chunks: Iterable[TraceChunk], fmt: str, drop_extra: bool, *, in_order: bool,
-                  on_read: Optional[Callable[[int], None]]) -> int:
+                  on_read: Optional[Callable[[TraceChunk, int], None]]) -> int:
     written = 0
     last = -math.inf
     with closing(iter(chunks)) as it:
@@ -636,73 +640,106 @@ def _write_chunks(out, chunks: Iterable[TraceChunk], fmt: str, drop_extra: bool,
             out.write(_rows_text(fmt, chunk.arrival_s, chunk.prompt_id, chunk.prompt, chunk.seed))
             written += len(chunk)
             if on_read is not None:
-                on_read(chunk.chars_read)
+                on_read(chunk, written)
     return written
 
 
-def _sorted_runs(src, chunk_rows: int, runs_dir: Path, on_read) -> tuple[list[Path], int]:
-    """Each chunk of ``src`` sorted and written to a file of its own; (the files, the rows)."""
-    runs, rows = [], 0
+class _Run:
+    """One sorted chunk of an external sort, as binary files (read back without parsing): arrival times
+    (float64), prompt ids and seeds (int64), and prompt texts as UTF-8 bytes with their offsets. Any
+    window of it can be read; nothing of it is held in memory."""
+
+    def __init__(self, directory: Path, index: int, trace: Trace):
+        self.prefix = directory / f"run{index:06d}"
+        self.n = len(trace)
+        self.has_prompt, self.has_seed = trace.prompt is not None, trace.seed is not None
+        trace.arrival_s.tofile(self._path("arrival_s"))
+        trace.prompt_id.tofile(self._path("prompt_id"))
+        if self.has_seed:
+            trace.seed.tofile(self._path("seed"))
+        if self.has_prompt:
+            encoded = [p.encode("utf-8") for p in trace.prompt]
+            offsets = np.zeros(self.n + 1, dtype=np.int64)
+            np.cumsum([len(b) for b in encoded], out=offsets[1:])
+            offsets.tofile(self._path("prompt_offsets"))
+            self._path("prompt").write_bytes(b"".join(encoded))
+
+    def _path(self, column: str) -> Path:
+        return self.prefix.with_name(f"{self.prefix.name}.{column}")
+
+    def read(self, start: int, stop: int) -> TraceChunk:
+        """Records ``start`` to ``stop`` (exclusive) of the run."""
+        count = stop - start
+
+        def column(name: str, dtype) -> np.ndarray:
+            return np.fromfile(self._path(name), dtype=dtype, count=count, offset=start * 8)
+
+        prompt = None
+        if self.has_prompt:
+            offsets = np.fromfile(self._path("prompt_offsets"), dtype=np.int64, count=count + 1, offset=start * 8)
+            with open(self._path("prompt"), "rb") as f:
+                f.seek(int(offsets[0]))
+                blob = f.read(int(offsets[-1] - offsets[0]))
+            edges = (offsets - offsets[0]).tolist()
+            prompt = [blob[a:b].decode("utf-8") for a, b in zip(edges[:-1], edges[1:])]
+        return TraceChunk(column("arrival_s", np.float64), column("prompt_id", np.int64), prompt,
+                          column("seed", np.int64) if self.has_seed else None)
+
+
+def _sorted_runs(src, chunk_rows: int, runs_dir: Path, on_read) -> list[_Run]:
+    """Each chunk of ``src``, sorted (stably), written as a :class:`_Run`."""
+    runs = []
     with closing(trace_chunks(src, chunk_rows)) as chunks:
         for chunk in chunks:
-            runs.append(runs_dir / f"run{len(runs):06d}.csv")
-            write_trace(chunk.sorted(), runs[-1], chunk_rows=chunk_rows)
-            rows += len(chunk)
+            runs.append(_Run(runs_dir, len(runs), chunk.sorted()))
             if on_read is not None:
-                on_read(chunk.chars_read)
-    return runs, rows
+                on_read(chunk, sum(run.n for run in runs))
+    return runs
 
 
-def _merge_runs(runs: list[Path], chunk_rows: int, runs_dir: Path, on_merged) -> Iterator[TraceChunk]:
-    """The records of the sorted ``runs`` in one sorted sequence, ``chunk_rows`` at a time. Consecutive
-    groups of :data:`MERGE_FAN_IN` runs are first merged into one until that many are left."""
-    level = 0
-    while len(runs) > MERGE_FAN_IN:
-        level += 1
-        merged = []
-        for g in range(0, len(runs), MERGE_FAN_IN):
-            group = runs[g : g + MERGE_FAN_IN]
-            merged.append(runs_dir / f"merge{level}-{len(merged):06d}.csv")
-            with _output(merged[-1]) as out:
-                _write_chunks(out, _merged_chunks(group, chunk_rows), "diffsim", False, in_order=False,
-                              on_read=None)
-            for path in group:
-                path.unlink()
-        runs = merged
-    done = 0
-    for chunk in _merged_chunks(runs, chunk_rows):
-        yield chunk
-        done += len(chunk)
-        if on_merged is not None:
-            on_merged(done)
+def _merged_chunks(runs: list[_Run], chunk_rows: int) -> Iterator[TraceChunk]:
+    """The records of the sorted ``runs`` in one sorted sequence -- by arrival time, then run, then place
+    in the run: a stable sort of the file -- with about ``chunk_rows`` records in memory.
 
-
-def _merged_chunks(runs: list[Path], chunk_rows: int) -> Iterator[TraceChunk]:
-    # heapq.merge is stable: among equal keys, items of earlier iterables come first.
-    per_run = max(1, chunk_rows // len(runs))  # all runs' buffers together hold about chunk_rows records
-    records = heapq.merge(*(_run_records(path, per_run) for path in runs), key=lambda r: r[0])
-    has_prompt = has_seed = None
+    Each run has a window of its next records in memory. A record not yet read sorts after every record
+    of its run's window, so every windowed record up to the smallest window-end among the runs with
+    records left on disk can go out now (at least that run's whole window); windows emptied are refilled.
+    """
+    window = max(1, chunk_rows // len(runs))
+    read = [0] * len(runs)  # records of each run read so far
+    windows: list[Optional[TraceChunk]] = [None] * len(runs)
     while True:
-        batch = list(itertools.islice(records, chunk_rows))
-        if not batch:
+        for r, run in enumerate(runs):
+            if (windows[r] is None or not len(windows[r])) and read[r] < run.n:
+                windows[r] = run.read(read[r], min(run.n, read[r] + window))
+                read[r] += len(windows[r])
+        live = [r for r in range(len(runs)) if windows[r] is not None and len(windows[r])]
+        if not live:
             return
-        if has_prompt is None:
-            has_prompt, has_seed = batch[0][2] is not None, batch[0][3] is not None
+        on_disk = [r for r in live if read[r] < runs[r].n]
+        takes = {r: len(windows[r]) for r in live}
+        if on_disk:
+            limit_run = min(on_disk, key=lambda r: (float(windows[r].arrival_s[-1]), r))
+            limit = float(windows[limit_run].arrival_s[-1])
+            for r in live:  # up to (limit, limit_run) in (arrival, run) order
+                takes[r] = int(np.searchsorted(windows[r].arrival_s, limit, side="right" if r <= limit_run else "left"))
+        parts = [(r, takes[r]) for r in live if takes[r]]
+        arrival = np.concatenate([windows[r].arrival_s[:k] for r, k in parts])
+        run_of = np.concatenate([np.full(k, r) for r, k in parts])
+        place = np.concatenate([np.arange(k) for _, k in parts])
+        order = np.lexsort((place, run_of, arrival))
+        first = windows[live[0]]
+        prompt = [p for r, k in parts for p in windows[r].prompt[:k]] if first.prompt is not None else None
         yield TraceChunk(
-            arrival_s=np.array([r[0] for r in batch], dtype=np.float64),
-            prompt_id=np.array([r[1] for r in batch], dtype=np.int64),
-            prompt=[r[2] for r in batch] if has_prompt else None,
-            seed=np.array([r[3] for r in batch], dtype=np.int64) if has_seed else None,
+            arrival_s=arrival[order],
+            prompt_id=np.concatenate([windows[r].prompt_id[:k] for r, k in parts])[order],
+            prompt=None if prompt is None else [prompt[i] for i in order],
+            seed=None if first.seed is None else np.concatenate([windows[r].seed[:k] for r, k in parts])[order],
         )
-
-
-def _run_records(path: Path, chunk_rows: int) -> Iterator[tuple]:
-    """(arrival_s, prompt_id, prompt or None, seed or None) for each record of a run file."""
-    for chunk in trace_chunks(path, chunk_rows):
-        n = len(chunk)
-        prompts = chunk.prompt if chunk.prompt is not None else itertools.repeat(None, n)
-        seeds = chunk.seed.tolist() if chunk.seed is not None else itertools.repeat(None, n)
-        yield from zip(chunk.arrival_s.tolist(), chunk.prompt_id.tolist(), prompts, seeds)
+        for r, k in parts:
+            w = windows[r]
+            windows[r] = TraceChunk(w.arrival_s[k:], w.prompt_id[k:], None if w.prompt is None else w.prompt[k:],
+                                    None if w.seed is None else w.seed[k:])
 
 
 __all__ = [
