@@ -33,6 +33,7 @@ import yaml
 
 from ..errors import DiffsimError, InputError
 from ..quality.frechet import FeatureStats, fid_against
+from ..textfile import read_text
 
 PROMPTS_CSV_HEADER = ("prompt_id", "prompt")
 CONFIDENCE_FORMAT = "{:.8f}"
@@ -60,14 +61,7 @@ def read_prompts(path: Path | str, *, limit: Optional[int] = None) -> list[Promp
     is an error (it would shift every later id). ``limit`` keeps the first ``limit`` prompts.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such prompts file") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    text = read_text(path, "prompts file")  # one line naming the file (and where it stops being UTF-8)
     lines = text.splitlines()
     first = lines[0].strip().lstrip("\ufeff") if lines else ""
     if [c.strip() for c in first.split(",")] == list(PROMPTS_CSV_HEADER):
