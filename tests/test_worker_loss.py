@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import deque
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from diffsim.server.engine import Engine, EngineConfig
 from diffsim.server.worker import WorkerLost
 from diffsim.simulator import simulate
 from diffsim.workload.traces import Trace
-from sim_helpers import FixedPolicy, ScriptedPolicy, a100_cascade, fixed_plan
+from sim_helpers import FixedPolicy, a100_cascade, fixed_plan
 from test_engine import FAST_CONTROLLER, FakeWorker, fake_cascade, run, static
 from virtual_time import loop_time, wait_until
 
