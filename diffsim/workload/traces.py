@@ -26,7 +26,6 @@ The seeded generators (Poisson, Gamma burstiness, rate-curve shapes) live in
 from __future__ import annotations
 
 import csv
-import heapq
 import io
 import itertools
 import math
