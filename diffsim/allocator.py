@@ -356,9 +356,10 @@ def _interpolate(curve, xs: np.ndarray) -> np.ndarray:
     (``np.interp`` computes a slope first and can differ in the last bit)."""
     x = np.array(curve.x, dtype=float)
     y = np.array(curve.y, dtype=float)
-    i = np.clip(np.searchsorted(x, xs, side="right"), 1, len(x) - 1)
+    i = np.minimum(np.maximum(np.searchsorted(x, xs, side="right"), 1), len(x) - 1)
     x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
-    inner = y0 + (y1 - y0) * (xs - x0) / (x1 - x0)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # in entries the clamps below replace
+        inner = y0 + (y1 - y0) * (xs - x0) / (x1 - x0)
     return np.where(xs <= x[0], y[0], np.where(xs >= x[-1], y[-1], inner))
 
 
