@@ -13,11 +13,13 @@ wall time measures the neighbours. Printed, in order:
 4. the cost per request at 16, 64, 256 and 1024 GPUs (same load per GPU, ~100k requests each; target:
    flat within 1.5x);
 5. peak RSS of a fresh process that generates a trace of 1M requests and simulates it as ``diffsim
-   simulate`` does (and of 10M with ``--big``: target < 1.5 GB and < 3 min).
+   simulate`` does (and of 10M with ``--big``: target < 1.5 GB and < 3 min);
+6. idle time (issue 14): two requests 10^3 s and 10^6 s apart, the simulation's events, policy calls and
+   CPU time (target: the same for both; the demand rows and plans of the gap are still all there).
 
     .venv/bin/python benchmarks/bench_simulator.py            # 1-5 with 1M requests (~2 min on 2 cores)
     .venv/bin/python benchmarks/bench_simulator.py --big      # also 10M requests (several more minutes)
-    .venv/bin/python benchmarks/bench_simulator.py --small    # 1 and 2 only
+    .venv/bin/python benchmarks/bench_simulator.py --small    # 1, 2 and 6 only
     .venv/bin/python benchmarks/bench_simulator.py --profile  # also cProfile the dynamic-trace run (top 20)
 """
 
@@ -252,9 +254,23 @@ def bench_rss(requests: int) -> None:
           f"{r['csv_bytes'] / 2**20:,.0f} MB")
 
 
+def bench_idle(cascade) -> None:
+    """Item 6: a long idle gap costs what a short one does (the controller skips idle ticks)."""
+    print("\nidle time: two requests a gap apart, 16 GPUs (simulation only; outputs are a row per tick/window)")
+    for gap in (1e3, 1e6):
+        trace = Trace(arrival_s=np.array([0.5, 0.5 + gap]), prompt_id=np.array([1, 2]))
+        config = SimConfig(cascade=cascade, gpus=16, policy="diffserve", seed=0)
+        policy = diffserve(config)
+        cpu0 = time.process_time()
+        result = simulate(config, trace, policy=policy, keep_queries=False)
+        cpu = time.process_time() - cpu0
+        print(f"  gap {gap:>9,.0f} s: {result.events} events, {result.policy_calls} policy calls, {cpu:.3f} s CPU "
+              f"({len(result.demand):,} demand rows, {len(result.plans):,} plans)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--small", action="store_true", help="only bare SimPy and the dynamic trace on 16 GPUs")
+    p.add_argument("--small", action="store_true", help="only bare SimPy, the dynamic trace on 16 GPUs and idle time")
     p.add_argument("--big", action="store_true", help="also the peak RSS of 10M requests (minutes)")
     p.add_argument("--profile", action="store_true", help="cProfile the dynamic-trace run")
     p.add_argument("--rate", type=float, default=200.0, help="large run: queries/s (default 200)")
@@ -269,6 +285,7 @@ def main(argv=None) -> int:
     print(f"bare SimPy: {bare:,.0f} events/s (CPU), processes waiting on timeouts")
     cascade = load_cascade("sdturbo-sdv15", resolve_profile("a100"), profiles_dir() / "cascades.yaml")
     bench("dynamic trace", dynamic_trace(), 16, cascade, profile=args.profile)
+    bench_idle(cascade)
     if args.small:
         return 0
     bench_large(cascade, args.rate, args.duration, args.gpus, bare)

@@ -206,10 +206,10 @@ def simulate(
                 if t != group_t:
                     admitted[0] = i
                     group_t = t
-                    if t > env.now:
+                    if t > now:
                         next_arrival[0] = t
-                        yield env.timeout(t - env.now)
-                    now = env.now
+                        yield env.timeout(t - now)
+                        now = env.now
                 q = Query(i, prompt_id, t, slo, seed=seed)
                 if keep is not None:
                     keep(q)
@@ -234,17 +234,20 @@ def simulate(
     def worker(w: int):
         take = dispatcher.take_batch
         complete = dispatcher.complete_batch
+        now = env.now
         while True:
-            batch, retry_at = take(w, env.now)
+            batch, retry_at = take(w, now)
             if batch is None:
-                check_done()  # the take may have dropped the last queries
+                if dispatcher.finished == total:
+                    check_done()  # the take may have dropped the last queries
                 ev = env.event()
                 waiting[w] = ev
                 if retry_at is not None:
-                    yield ev | env.timeout(retry_at - env.now)
+                    yield ev | env.timeout(retry_at - now)
                 else:
                     yield ev
                 waiting[w] = None
+                now = env.now
                 continue
             if on_batch is not None:
                 on_batch(batch)
@@ -256,9 +259,11 @@ def simulate(
             try:
                 yield env.timeout(batch.service_s if run_s is None else run_s)
             except simpy.Interrupt:  # lost with this batch: the fault process has handed it back
+                now = env.now
                 continue
+            now = env.now
             running[w] = None
-            for target in complete(batch, env.now, run_s=run_s):
+            for target in complete(batch, now, run_s=run_s):
                 if waiting[target] is not None:
                     wake(target)
             check_done()
