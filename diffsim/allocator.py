@@ -1025,7 +1025,7 @@ def _pairs_that_fit(pl: np.ndarray, first_l: int, ph: np.ndarray, first_h: int, 
 
 def _best_alone(path: np.ndarray, first: int, gpus: int, slo: float):
     """One running stage: its first option with the fewest workers within the SLO, then the least path,
-    ``(j, n, None, 0)``; None or ``_BEYOND`` as in :func:`_best_splits`. Exact on a window: the counts below
+    ``(j, n, None, 0)``; None or ``_BEYOND`` as in :func:`_first_answer`. Exact on a window: the counts below
     ``first`` are at the cap, so the first fit in the window is the first fit."""
     fits = path <= slo
     found = fits.any(axis=1)
