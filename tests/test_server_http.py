@@ -180,6 +180,10 @@ def test_concurrent_requests_are_all_answered_with_images(light_server):
     ({"prompt": "x", "n": 0}, 400, "n:"),
     ({"prompt": "x", "n": 9}, 400, "at most 4"),
     ({"prompt": "x", "n": "many"}, 400, "n:"),
+    ({"prompt": "x", "n": "2"}, 400, "n: Input should be a valid integer"),  # typed strictly: no coercion
+    ({"prompt": "x", "n": True}, 400, "n: Input should be a valid integer"),
+    ({"prompt": "x", "seed": 7.5}, 400, "seed:"),
+    ({"prompt": 5}, 400, "prompt: Input should be a valid string"),
     ({"prompt": "x", "response_format": "url"}, 400, "'url' is not supported"),
     ({"prompt": "x", "size": "1024x1024"}, 400, "64x64"),
     ({"prompt": "x", "seed": -1}, 400, "seed"),

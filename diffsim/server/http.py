@@ -75,10 +75,12 @@ class HttpSettings:
 
 
 class ImageRequest(BaseModel):
-    """The OpenAI image-generation body (``model``, ``quality``, ``style``, ``user`` and other fields
-    OpenAI clients send are accepted and ignored: the cascade decides which model serves a prompt)."""
+    """The OpenAI image-generation body. Its fields are typed strictly (``"n": "2"`` or ``"n": true`` is a
+    400, not a coerced 2 or 1); fields it does not know are ignored, as OpenAI's API does: clients send
+    ``model``, ``quality``, ``style``, ``user`` and more, and here the cascade decides which model serves a
+    prompt."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     prompt: str = Field(min_length=1, max_length=4000)
     n: int = Field(default=1, ge=1)
