@@ -171,6 +171,36 @@ def test_the_lead_in_puts_the_simulated_ticks_and_replans_on_the_server_s():
     assert lead_in_s({}, controller) == 0.0  # an older server's snapshot: no lead-in
 
 
+def test_the_simulation_starts_under_the_server_s_plan():
+    """An idle server's plan (made for no demand) is what the idle lead-in ends under; a server still
+    planning for an earlier trace's demand is started from that demand instead, without a lead-in."""
+    from diffsim.commands.validate import _plan_key, lead_in_s, start_state
+    from diffsim.config import SimConfig
+    from sim_helpers import a100_cascade
+    from test_worker_loss import poisson_trace
+
+    config = SimConfig(cascade=a100_cascade(), gpus=8, seed=0)
+    trace = poisson_trace(5.0, 20.0, seed=2)
+    idle = start_state(config, trace, None, {"now_s": 300.2, "applied_s": 297.0, "controller": {"ticks": 300}})
+    assert idle[1:] == (lead_in_s({"now_s": 300.2, "applied_s": 297.0, "controller": {"ticks": 300}},
+                                  config.controller), "idle lead-in")  # no plan in the snapshot: as idle
+    from diffsim.commands.validate import simulate_run
+
+    idle_plan = simulate_run(config, trace, None, idle[1]).plans[0][1]
+    snapshot = {"now_s": 300.2, "applied_s": 297.0, "controller": {"ticks": 300, "demand_qps": 0.0},
+                "plan": idle_plan.to_dict()}
+    assert start_state(config, trace, None, snapshot)[2] == "idle lead-in"
+    from diffsim.policies import PolicyInput, policy_for
+
+    busy_plan = policy_for(config).plan(PolicyInput(demand_qps=40.0, queue_delay_s=(0.0, 0.0), gpus=8))
+    assert _plan_key(busy_plan) != _plan_key(idle_plan)
+    busy = {**snapshot, "plan": busy_plan.to_dict(), "controller": {"ticks": 300, "demand_qps": 40.0}}
+    started, lead, how = start_state(config, trace, None, busy)
+    assert (lead, how) == (0.0, "the server's plan and demand estimate")
+    assert started.controller.initial_demand_qps == pytest.approx(40.0 / config.controller.headroom)
+    assert _plan_key(simulate_run(started, trace, None, 0.0).plans[0][1]) == _plan_key(busy_plan)
+
+
 def test_simulate_run_moves_the_lead_in_out_of_the_results():
     from diffsim.commands.validate import simulate_run
     from diffsim.config import SimConfig

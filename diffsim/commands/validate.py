@@ -411,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
         fallback = ratios[k]
         config_k = sim_config_from(described, service_time=args.service_time, overhead=overhead, ratio=fallback,
                                    spread=spread, correlation=correlation)
-        lead = lead_in_s(result.server, config_k.controller)
+        config_k, lead, how = start_state(config_k, scaled, confidences, result.server)
         replicas = []  # the run simulated with --sim-seeds seeds: its figures are their mean
         for j in range(args.sim_seeds):
             sim_j = simulate_run(replace(config_k, seed=config_k.seed + j), scaled, confidences, lead)
@@ -427,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
         sims.append(sim)
         sim_figures.append(mean_figures(replicas))
         sim_rows.append(rows)
-        per_run.append({"lead_in_s": round(lead, 3), "request_overhead_ms": overhead,
+        per_run.append({"lead_in_s": round(lead, 3), "start": how, "request_overhead_ms": overhead,
                         "batch_time_ratio": spread, "batch_time_correlation": correlation,
                         "scaled_by_server_mean": {r: v for r, v in fallback.items() if r not in spread},
                         "server_mean_ratio": fallback,
@@ -452,10 +452,41 @@ def run(args: argparse.Namespace) -> int:
         o = run_k["request_overhead_ms"]
         c = run_k["batch_time_correlation"]
         spells = f"slow spells: share {c['share']:.2f}, rho {c['rho']:.2f}; " if c else ""
-        print(f"run {k + 1}: simulated from its start state (idle lead-in {run_k['lead_in_s']:.1f} s); {speed}; "
+        start = (f"idle lead-in {run_k['lead_in_s']:.1f} s" if run_k["lead_in_s"] else run_k["start"])
+        print(f"run {k + 1}: simulated from its start state ({start}); {speed}; "
               f"{spells}request overhead p50 {o['request_ms']:.0f} ms, p99 {o['request_p99_ms']:.0f} ms")
     print(f"wrote {out / 'validation.json'}, {out / 'validation.png'}")
     return 0
+
+
+def _plan_key(plan) -> tuple:
+    return (plan.mode, round(plan.threshold, 9), round(plan.light_share, 9), plan.light.workers,
+            plan.light.batch_size, plan.heavy.workers, plan.heavy.batch_size)
+
+
+def start_state(config, trace, confidences, snapshot: dict):
+    """How to start the simulation of a run as the server started it (``snapshot``: its ``GET /v1/plan`` at
+    the run's start): ``(config, lead_s, how)``.
+
+    A server idle long enough before the run holds an empty demand estimate and the plan made for it:
+    the idle lead-in of :func:`lead_in_s` reproduces both, and its re-plan phase. One that was busy shortly
+    before (the previous trace, a short pause) still plans for a demand it has not forgotten: when the
+    lead-in does not end under the server's plan, the simulation starts without one, its first plan made
+    for the server's demand estimate (``initial_demand_qps``) -- the server's plan -- and re-plans from
+    the first tick on."""
+    lead = lead_in_s(snapshot, config.controller)
+    server_plan = snapshot.get("plan")
+    if not lead or not server_plan:
+        return config, lead, "idle lead-in" if lead else "fresh start"
+    from ..plan import Plan
+
+    probe = simulate_run(config, replace(trace, arrival_s=trace.arrival_s[:1], prompt_id=trace.prompt_id[:1],
+                                         prompt=None, seed=None), confidences, lead)
+    if _plan_key(probe.plans[0][1]) == _plan_key(Plan.from_dict(server_plan)):
+        return config, lead, "idle lead-in"
+    demand = float((snapshot.get("controller") or {}).get("demand_qps") or 0.0) / config.controller.headroom
+    controller = replace(config.controller, initial_demand_qps=demand)
+    return replace(config, controller=controller), 0.0, "the server's plan and demand estimate"
 
 
 def simulate_run(config, trace, confidences, lead_s: float):
