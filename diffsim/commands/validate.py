@@ -7,8 +7,9 @@
    system and its own run-to-run spread; each run's reports go to ``OUT/real-K/``.
 3. Simulates the same trace once per real run, each as that run went (into ``OUT/sim-K/``):
 
-   * from the server's state at the run's start (an idle lead-in): a server idle before the run plans
-     for its decayed demand and re-plans at its own phase, not afresh at the first second;
+   * from the server's state at the run's start: a server idle before the run plans for no demand and
+     re-plans at its own phase (an idle lead-in reproduces both); one still planning for the previous
+     trace's demand is started from that demand estimate, under the same plan;
    * with the batch times the run itself measured: each answer carries its
      batch's run time, so the run's batches are rebuilt from them, and the profile's p50 per stage is
      scaled by their measured / profile p50, p95 and p99 (a stage with too few rebuilt batches, e.g. a
