@@ -497,9 +497,10 @@ def timeseries(
         estimate[w].append(est)
 
     rows = []
+    plan_times = [when for when, _ in plans]  # once: plan_at would rebuild it for every window
     for w in range(n):
         t0, t1 = w * window_s, (w + 1) * window_s
-        plan = plan_at(plans, t1) if plans and plans[0][0] <= t1 else None
+        plan = plan_at(plans, t1, plan_times) if plans and plans[0][0] <= t1 else None
         mode = plan.mode if plan is not None else ""
         r = _ratio(light_served[w], completions[w])
         rows.append(
