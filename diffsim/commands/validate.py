@@ -21,7 +21,7 @@
    * with the run's request overhead (client latency minus the server's own time for the request: p50,
      p95 and p99, each request's drawn from a log-normal fitted to them with ``--service-time sampled``);
    * with the per-prompt confidences the server reported and every setting it described (admission and
-     deadline sweep included).
+     deadline sweep included); its allocator plans with the server's profile, as the server's does.
    Each run is simulated with ``--sim-seeds`` seeds (default 3) and its figures are their mean; the
    first seed's outputs are written.
 4. Writes ``OUT/validation.json`` (per figure: sim -- the mean over the simulated runs --, each simulated
@@ -372,6 +372,7 @@ def measured_confidences(runs, cascade, seed: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..policies import policy_for
     from ..reports import metrics
     from ..reports.comparison import summarize_result
     from ..reports.validation import compare, figures_of, format_table, mean_figures, outcome_pairs, plot
@@ -412,10 +413,13 @@ def run(args: argparse.Namespace) -> int:
         fallback = ratios[k]
         config_k = sim_config_from(described, service_time=args.service_time, overhead=overhead, ratio=fallback,
                                    spread=spread, correlation=correlation)
-        config_k, lead, how = start_state(config_k, scaled, confidences, result.server)
+        # The server's allocator plans with the server's profile (its batch estimates are corrected by
+        # measured times only for batching, drops and admission): so does the simulated one.
+        policy = policy_for(sim_config)
+        config_k, lead, how = start_state(config_k, scaled, confidences, result.server, policy)
         replicas = []  # the run simulated with --sim-seeds seeds: its figures are their mean
         for j in range(args.sim_seeds):
-            sim_j = simulate_run(replace(config_k, seed=config_k.seed + j), scaled, confidences, lead)
+            sim_j = simulate_run(replace(config_k, seed=config_k.seed + j), scaled, confidences, lead, policy)
             summary = summarize_result(sim_j, args.trace)
             replicas.append(figures_of(summary, sim_j.queries))
             if j == 0:  # the first seed's outputs are written and plotted
@@ -465,7 +469,7 @@ def _plan_key(plan) -> tuple:
             plan.light.batch_size, plan.heavy.workers, plan.heavy.batch_size)
 
 
-def start_state(config, trace, confidences, snapshot: dict):
+def start_state(config, trace, confidences, snapshot: dict, policy=None):
     """How to start the simulation of a run as the server started it (``snapshot``: its ``GET /v1/plan`` at
     the run's start): ``(config, lead_s, how)``.
 
@@ -482,7 +486,7 @@ def start_state(config, trace, confidences, snapshot: dict):
     from ..plan import Plan
 
     probe = simulate_run(config, replace(trace, arrival_s=trace.arrival_s[:1], prompt_id=trace.prompt_id[:1],
-                                         prompt=None, seed=None), confidences, lead)
+                                         prompt=None, seed=None), confidences, lead, policy)
     if _plan_key(probe.plans[0][1]) == _plan_key(Plan.from_dict(server_plan)):
         return config, lead, "idle lead-in"
     demand = float((snapshot.get("controller") or {}).get("demand_qps") or 0.0) / config.controller.headroom
@@ -490,12 +494,14 @@ def start_state(config, trace, confidences, snapshot: dict):
     return replace(config, controller=controller), 0.0, "the server's plan and demand estimate"
 
 
-def simulate_run(config, trace, confidences, lead_s: float):
+def simulate_run(config, trace, confidences, lead_s: float, policy=None):
     """The simulation of ``trace`` after ``lead_s`` of idle time (:func:`lead_in_s`), with every time of
-    the result moved back by ``lead_s``: the run's t = 0 is the trace's first arrival, as on the client."""
+    the result moved back by ``lead_s``: the run's t = 0 is the trace's first arrival, as on the client.
+    ``policy``: the policy to plan with (default: the config's, on its own profile)."""
     from ..simulator import simulate
 
-    result = simulate(config, replace(trace, arrival_s=trace.arrival_s + lead_s), confidences=confidences)
+    result = simulate(config, replace(trace, arrival_s=trace.arrival_s + lead_s), confidences=confidences,
+                      policy=policy)
     if not lead_s:
         return result
     for q in result.queries:
