@@ -4,8 +4,12 @@ plan history, and reports with exactly the keys of ``diffsim simulate``."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import csv
 import json
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ from diffsim.server.http import HttpSettings
 from diffsim.workload.traces import Trace, write_trace
 
 CASCADE = "sdturbo-sdv15"
+GUARD_S = 60.0  # a failure guard, never a synchronisation: every wait ends on an event or an answer
 
 
 def write_profile(path: Path, light_ms=(20, 25, 30), heavy_ms=(40, 50, 60), disc_ms=(2, 2, 2)) -> Path:
@@ -34,13 +39,17 @@ def write_profile(path: Path, light_ms=(20, 25, 30), heavy_ms=(40, 50, 60), disc
     return path
 
 
-def fake_server(tmp_path, *, plan, slo_s=5.0, delay_s=0.01, profile=None, **kw) -> BackgroundServer:
+def fake_server(tmp_path, *, plan, slo_s=5.0, delay_s=0.01, profile=None, gate=None, **kw) -> BackgroundServer:
+    """A server of fake executors; with ``gate`` (:class:`Gate`) every batch waits at it."""
     options = ServeOptions(
         backend="cpu-tiny", cascade=CASCADE, gpus=plan["light_workers"] + plan["heavy_workers"], policy="static",
         gpu_profile=str(profile or write_profile(tmp_path / "profile.yaml")), static_plan=plan, slo_s=slo_s,
         batch_sizes=(1, 2, 4), **kw,
     )
-    factory = lambda w, role, model: FakeExecutor(model, worker=1000 + w, delay_s=delay_s)  # noqa: E731
+    if gate is None:
+        factory = lambda w, role, model: FakeExecutor(model, worker=1000 + w, delay_s=delay_s)  # noqa: E731
+    else:
+        factory = lambda w, role, model: HeldExecutor(model, 1000 + w, gate)  # noqa: E731
     return BackgroundServer(options, HttpSettings(), executor_factory=factory)
 
 
@@ -81,23 +90,102 @@ def test_load_writes_the_same_reports_as_simulate(tmp_path, capsys):
         assert row["served_by"] == ("heavy" if row["deferred"] == "true" else "light")
 
 
-def test_rejections_and_drops_are_counted_once_each(tmp_path):
-    # The profile says a light batch takes 100 ms; SLO 0.2 s x 1.5: a burst of 30 cannot all be admitted.
-    profile = write_profile(tmp_path / "slow.yaml", light_ms=(100, 150, 200))
+class Gate:
+    """``entered`` is set when a held batch starts running; the batch returns once ``release`` is set."""
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+
+class HeldExecutor(FakeExecutor):
+    """A fake executor whose batches wait at a gate the test opens: work held in flight, with no timing."""
+
+    def __init__(self, model: str, worker: int, gate: Gate):
+        super().__init__(model, worker=worker)
+        self.gate = gate
+
+    def generate(self, prompts, seeds):
+        self.gate.entered.set()
+        if not self.gate.release.wait(GUARD_S):
+            raise RuntimeError("the test never released the held batch")
+        return super().generate(prompts, seeds)
+
+
+class ManualClock:
+    """An engine clock that moves only when the test sets ``t``."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def engine_on_clock(monkeypatch, clock) -> None:
+    """Servers started from now on in this test run their engine on ``clock`` (Engine's ``clock`` argument;
+    serve itself always gives the real one)."""
+    from diffsim.server import engine as engine_module
+
+    class ClockedEngine(engine_module.Engine):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, clock=clock, **kw)
+
+    monkeypatch.setattr(engine_module, "Engine", ClockedEngine)
+
+
+def wait_for(predicate, what: str) -> None:
+    """Poll until ``predicate()`` holds; GUARD_S only turns a hang into a failure naming ``what``."""
+    deadline = time.monotonic() + GUARD_S
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}")
+        time.sleep(0.01)
+
+
+def test_rejections_and_drops_are_counted_once_each(tmp_path, monkeypatch):
+    """A burst of 30 against one light worker (batch 1) whose profile says a batch takes X = 20 s, with a
+    drop limit of 1.5 x 30 s = 45 s (2X <= 45 < 3X). The engine's clock stands still at 0 while the burst
+    arrives and the first batch is held at a gate, so every admission decision is taken at t = 0 however
+    fast the requests come: one batch running (or queued) plus one queued behind it fit (2X), a third
+    would end at 3X: exactly 2 admitted and 28 refused (429). The test then moves the clock to 45 s: the
+    queued one can no longer finish (45 + X > 45) and is dropped (504). The gate opens and the held one is
+    answered 200. Each outcome is counted once, by the client, the server and the summary."""
+    clock = ManualClock()
+    engine_on_clock(monkeypatch, clock)
+    gate = Gate()
+    profile = write_profile(tmp_path / "slow.yaml", light_ms=(20000, 30000, 40000))
     plan = {"threshold": 0.0, "light_workers": 1, "heavy_workers": 0, "light_batch": 1, "heavy_batch": 1}
-    with fake_server(tmp_path, plan=plan, slo_s=0.2, delay_s=0.1, profile=profile) as server:
-        result = asyncio.run(run_load(server.url, small_trace(30, 0.0), poll_s=0.2, timeout_s=30))
+    n = 30
+    server = fake_server(tmp_path, plan=plan, slo_s=30.0, profile=profile, gate=gate)
+    with server, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            load = pool.submit(asyncio.run, run_load(server.url, small_trace(n, 0.0), poll_s=0.2, timeout_s=GUARD_S))
+            assert gate.entered.wait(GUARD_S), "the first batch never started"
+            engine = server.engine
+            wait_for(lambda: engine.pending + sum(engine.outcomes.values()) == n,
+                     "every request is admitted or refused")
+            assert engine.pending == 2 and engine.outcomes["rejected"] == n - 2
+            clock.t = 45.0
+            wait_for(lambda: engine.outcomes["dropped"] == 1, "the queued request is dropped")
+        finally:
+            gate.release.set()
+        result = load.result(GUARD_S)
+        server_outcomes = dict(engine.outcomes)
+    assert server_outcomes == {"completed": 1, "dropped": 1, "failed": 0, "rejected": n - 2}
     outcomes = [q.outcome for q in result.queries]
-    assert len(outcomes) == 30 and None not in outcomes
-    assert outcomes.count("rejected") == result.status_counts.get(429, 0) > 0
-    assert outcomes.count("completed") == result.status_counts.get(200, 0) > 0
-    assert sum(result.status_counts.values()) == 30 and result.client_errors == {}
+    assert len(outcomes) == n and None not in outcomes
+    assert Counter(outcomes) == {"completed": 1, "dropped": 1, "rejected": n - 2}
+    assert result.status_counts == {200: 1, 504: 1, 429: n - 2} and result.client_errors == {}
     rejected = next(q for q in result.queries if q.outcome == "rejected")
     assert "HTTP 429" in rejected.error
+    dropped = next(q for q in result.queries if q.outcome == "dropped")
+    assert "HTTP 504" in dropped.error
     summary, rows = summary_and_rows(result, _cascade(), trace_name="burst")
-    assert summary["rejected"] == outcomes.count("rejected")
-    assert summary["violations"] >= summary["rejected"]
-    assert sum(r["arrivals"] for r in rows) == 30
+    assert (summary["completed"], summary["dropped"], summary["rejected"]) == (1, 1, n - 2)
+    assert summary["requests"] == n and summary["unfinished"] == 0
+    assert summary["violations"] >= n - 1  # the dropped and the refused ones at least
+    assert sum(r["arrivals"] for r in rows) == n
 
 
 def _cascade():
