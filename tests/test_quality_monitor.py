@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_loadgen import fake_server
+from test_loadgen import ManualClock, engine_on_clock, fake_server
 
 from diffsim.cli import main as cli_main
 from diffsim.errors import DiffsimError, InputError
@@ -219,40 +219,54 @@ def _post(url: str, seed: int, n: int = 8) -> httpx.Response:
     return httpx.post(f"{url}/v1/images/generations", json={"prompt": f"p{seed}", "n": n, "seed": seed}, timeout=60)
 
 
-def test_server_reports_served_fid(tmp_path, small_inception, inception_weights, reference):
+def test_server_reports_served_fid(tmp_path, monkeypatch, small_inception, inception_weights, reference):
+    """The server's engine (and so its monitor) runs on a clock the test moves: 2 images served at t = 1
+    (window [0, 4)), 80 at t = 5 (window [4, 8)), then the clock moves to 9 and both windows close. What
+    each window holds is certain: the first has too few images for a FID, the second has one, and the
+    light/heavy split is the one the answers report."""
     import concurrent.futures
 
     window_s = 4.0
+    clock = ManualClock()
+    engine_on_clock(monkeypatch, clock)
     server = fake_server(tmp_path, plan=PLAN, fid_reference=str(reference), inception_weights=str(inception_weights),
                          fid_window_s=window_s)
+
+    def quality() -> dict:
+        return httpx.get(f"{server.url}/v1/quality").json()
+
     with server:
-        assert _post(server.url, seed=7, n=2).status_code == 200
-        served = 2
-        # 80 images at the start of a window (they take well under a second): a window with a FID.
-        now = httpx.get(f"{server.url}/v1/quality").json()["now_s"]
-        time.sleep(window_s - now % window_s + 0.05)
+        clock.t = 1.0
+        first = _post(server.url, seed=7, n=2)
+        assert first.status_code == 200
+        clock.t = 5.0  # past the first window and its grace
         with concurrent.futures.ThreadPoolExecutor(10) as pool:
             answers = list(pool.map(lambda i: _post(server.url, seed=1000 * i), range(10)))
         assert [r.status_code for r in answers] == [200] * 10
-        served += 80
-        _wait(lambda: sum(w["served"]["all"] for w in httpx.get(f"{server.url}/v1/quality").json()["windows"])
-              == served)
-        body = httpx.get(f"{server.url}/v1/quality").json()
+        assert quality()["current"]["served"]["all"] == 80
+        clock.t = 9.0  # past the second window and its grace: the monitor closes it once its images are in
+        _wait(lambda: len(quality()["windows"]) == 2)
+        body = quality()
         text = httpx.get(f"{server.url}/metrics").text
     assert body["feature_dim"] == DIM and body["window_s"] == window_s and body["sample"] == 2 * DIM
     assert body["feature"].startswith("inception_v3/maxpool1/sha256:")
-    windows = [w for w in body["windows"] if w["served"]["all"]]
-    assert windows and all(w["end_s"] == pytest.approx(w["start_s"] + window_s) for w in body["windows"])
-    assert any(w["fid"] is not None for w in windows)
-    for w in windows:
-        assert w["n"] == w["served"]["all"]  # fewer than the sample size: every image is in it
-        assert (w["fid"] is None) == (w["n"] <= DIM)
-        assert w["fid"] is not None or "64-d features" in w["reason"]
-        assert w["stages"]["light"]["n"] + w["stages"]["heavy"]["n"] == w["n"]
-    last = body["windows"][-1]
-    assert f'diffsim_served_fid_sample_size{{stage="all"}} {float(last["n"])}' in text
+    assert body["late"] == 0 and body["errors"] == 0
+    early, busy = body["windows"]
+    assert (early["start_s"], early["end_s"], busy["start_s"], busy["end_s"]) == (0.0, 4.0, 4.0, 8.0)
+    for w, responses in ((early, [first]), (busy, answers)):
+        by_stage = Counter(item["served_by"] for r in responses for item in r.json()["data"])
+        assert w["served"] == {"all": sum(by_stage.values()), "light": by_stage["light"], "heavy": by_stage["heavy"]}
+        assert w["n"] == w["served"]["all"] and w["skipped"] == 0  # fewer than the sample size: all are in it
+        for stage in ("light", "heavy"):
+            assert w["stages"][stage]["n"] == by_stage[stage]
+            assert (w["stages"][stage]["fid"] is None) == (by_stage[stage] <= DIM)
+    assert early["n"] == 2 and early["fid"] is None and "64-d features" in early["reason"]
+    assert busy["n"] == 80 and busy["fid"] is not None and busy["fid"] > 0 and busy["reason"] is None
+    assert busy["served"]["light"] > 0 and busy["served"]["heavy"] > 0  # seeds 1000 i + j: both stages serve
+    assert 'diffsim_served_fid_sample_size{stage="all"} 80.0' in text
+    assert f'diffsim_served_fid{{stage="all"}} {busy["fid"]}' in text
     assert 'diffsim_served_fid{stage="light"}' in text and 'diffsim_served_fid{stage="heavy"}' in text
-    assert f"diffsim_served_fid_window_end_seconds {float(last['end_s'])}" in text
+    assert "diffsim_served_fid_window_end_seconds 8.0" in text
 
 
 def test_without_the_flags_nothing_changes(tmp_path):
