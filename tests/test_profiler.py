@@ -98,10 +98,22 @@ def test_series_percentiles_and_nulls():
 
 
 def test_time_calls_counts_warmup_and_iterations():
-    calls, syncs = [], []
-    samples = time_calls(lambda: calls.append(1), lambda: syncs.append(1), warmup=2, iters=3)
-    assert len(calls) == 5 and len(samples) == 3 and all(s >= 0 for s in samples)
-    assert len(syncs) >= 2 * 3  # before and after every timed call
+    """On a fake clock: the k-th call takes k ms and a sync 0.25 ms. A timed sample is its call plus the
+    sync after it (the work the call queued on the device), not the sync before it nor a warm-up."""
+    clock = FakeClock()
+    events: list[str] = []
+
+    def call():
+        events.append("call")
+        clock.s += events.count("call") / 1000.0
+
+    def sync():
+        events.append("sync")
+        clock.s += 0.25 / 1000.0
+
+    samples = time_calls(call, sync, warmup=2, iters=3, clock=clock)
+    assert samples == pytest.approx([3.25, 4.25, 5.25], abs=1e-9)
+    assert events == ["call", "call", "sync"] + ["sync", "call", "sync"] * 3
 
 
 def test_out_of_memory_is_null_and_profiling_goes_on():

@@ -118,11 +118,28 @@ def test_kid_same_distribution_is_near_zero_and_unbiased():
     for seed in range(20):
         a, b = rng.normal(size=(200, 8)), rng.normal(size=(200, 8))
         mean, std = kid(a, b, subsets=10, subset_size=100, seed=seed)
-        assert abs(mean) < 0.1 and std >= 0
+        assert abs(mean) < 0.1 and std > 0  # 10 different subsets of 100 out of 200: different values
         means.append(mean)
     # Unbiased: the average over independent draws is close to zero, and individual values fall on both sides.
     assert abs(np.mean(means)) < 3 * np.std(means) / np.sqrt(len(means)) + 1e-4
     assert min(means) < 0 < max(means)
+
+
+def test_kid_known_values():
+    """By hand, k(x, y) = (x.y / d + 1)^3 with d = 1: a = {0, 0}, b = {1, 1} give k(0, 0) = 1, k(1, 1) = 8,
+    k(0, 1) = 1, so the unbiased MMD^2 is 2/2 + 16/2 - 2 x 4/4 = 7. Subsets as large as the sets are
+    the sets themselves, in some order: every subset gives the same value, so the spread is 0."""
+    a, b = np.zeros((2, 1)), np.ones((2, 1))
+    assert kid(a, b, subsets=3, subset_size=2) == (7.0, 0.0)
+    assert kid(b, a, subsets=3, subset_size=2) == (7.0, 0.0)
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(6, 3)), rng.normal(loc=0.5, size=(6, 3))
+    k = lambda u, v: (float(u @ v) / 3 + 1.0) ** 3  # noqa: E731
+    pairs = [(i, j) for i in range(6) for j in range(6) if i != j]
+    by_hand = (sum(k(x[i], x[j]) for i, j in pairs) / 30 + sum(k(y[i], y[j]) for i, j in pairs) / 30
+               - 2 * sum(k(x[i], y[j]) for i in range(6) for j in range(6)) / 36)
+    mean, std = kid(x, y, subsets=4, subset_size=6)
+    assert mean == pytest.approx(by_hand, rel=1e-12) and std == pytest.approx(0.0, abs=1e-12)
 
 
 def test_kid_shifted_distribution_is_clearly_positive_and_seeded():
