@@ -276,18 +276,24 @@ CORRELATION_LAGS = 15  # over lags 1 .. this many batches
 def measured_correlation(queries, cascade) -> Optional[dict]:
     """How one run's batch times hung together in time (the profile's ``batch_time_correlation``): the
     rebuilt batches of both stages in start order, each one's log(measured / profile) standardised per
-    stage; their autocorrelation at lag k fitted as ``share x rho^k`` (least squares on its log over the
-    lags 1 .. :data:`CORRELATION_LAGS` where it is positive). None with fewer than
+    stage and batch size; their autocorrelation at lag k fitted as ``share x rho^k`` (least squares on
+    its log over the lags 1 .. :data:`CORRELATION_LAGS` where it is positive). None with fewer than
     :data:`MIN_CORRELATED_BATCHES` batches; share 0 where no lag is correlated."""
+    import math
+
     import numpy as np
 
     merged = []
     for batches in rebuilt_batches(queries, cascade).values():
-        if len(batches) < 2:
-            continue
-        z = np.log([run_s / profile_s for _, run_s, profile_s, _ in batches])
-        z = (z - z.mean()) / (z.std() or 1.0)
-        merged += [(start, v) for (_, _, _, start), v in zip(batches, z)]
+        by_size: dict[int, list] = {}
+        for n, run_s, profile_s, start in batches:
+            by_size.setdefault(n, []).append((start, math.log(run_s / profile_s)))
+        for group in by_size.values():  # per batch size: the profile's shape across sizes may be off,
+            if len(group) < 2:          # and sizes follow the load, which would read as slow spells
+                continue
+            z = np.array([v for _, v in group])
+            z = (z - z.mean()) / (z.std() or 1.0)
+            merged += [(start, v) for (start, _), v in zip(group, z)]
     if len(merged) < MIN_CORRELATED_BATCHES:
         return None
     merged.sort()
