@@ -62,6 +62,12 @@ def assert_clean(argv: list[str]) -> int:
     return rc
 
 
+def half_valid(valid: st.SearchStrategy, odd: st.SearchStrategy) -> st.SearchStrategy:
+    """``valid`` or ``odd``, each about half the time (``st.one_of`` would flatten ``odd``'s own branches
+    beside ``valid`` and draw it rarely): both outcomes, exit 0 and exit 2, are reached."""
+    return st.booleans().flatmap(lambda ok: valid if ok else odd)
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """A folder to run in (relative --out paths land here) with a small trace and a binary file."""
@@ -112,9 +118,42 @@ TRACE_LINES = st.lists(st.one_of(VALID_TRACE_ROW, VALID_TRACE_ROW,
 TRACE_HEADERS = st.sampled_from(["", "", "arrival_s,prompt_id\n", "# diffsim-trace v1\narrival_s,prompt_id\n",
                                  "# diffsim-trace v1\n", "# diffsim-trace v2\n", "arrival_s,prompt_id\n",
                                  "# diffsim-trace v1\narrival_s,prompt_id,prompt,seed\n", "prompt_id,arrival_s\n"])
-TRACES = st.one_of(st.tuples(TRACE_HEADERS, TRACE_LINES).map(lambda t: t[0] + "\n".join(t[1]) + "\n"),
-                   st.lists(VALID_TRACE_ROW, min_size=1, max_size=20).map(lambda rows: "\n".join(rows) + "\n"),
-                   st.binary(max_size=200))
+ODD_TRACES = st.one_of(st.tuples(TRACE_HEADERS, TRACE_LINES).map(lambda t: t[0] + "\n".join(t[1]) + "\n"),
+                       st.lists(VALID_TRACE_ROW, min_size=1, max_size=20).map(lambda rows: "\n".join(rows) + "\n"),
+                       st.binary(max_size=200))
+
+
+@st.composite
+def valid_traces(draw) -> str:
+    """Well-formed but unusual traces (traces/README.md): either format, rows in any order, ties, comment and
+    blank lines between records, optional prompt (quoted, with commas) and seed columns, CRLF line ends."""
+    arrival = st.one_of(st.floats(0, 1e7, allow_nan=False), st.integers(0, 10**7), st.just(0.0))
+    rows = draw(st.lists(st.tuples(arrival, st.integers(0, 2**63 - 1)), min_size=1, max_size=12))
+    fillers = st.sampled_from(["", "# a comment", "#", "# , ,"])
+    if draw(st.booleans()):  # artifact: arrival_ms,prompt_id, no header
+        lines = [f"{int(t * 1000) if isinstance(t, int) else t * 1000!r},{pid}" for t, pid in rows]
+        header: list[str] = []
+    else:
+        extra = draw(st.sampled_from(["", ",prompt", ",seed", ",prompt,seed"]))
+        header = draw(st.sampled_from([[], ["# diffsim-trace v1"]])) + ["arrival_s,prompt_id" + extra]
+        lines = []
+        for t, pid in rows:
+            line = f"{t!r},{pid}"
+            if "prompt" in extra:
+                line += "," + draw(st.sampled_from(['"a cat, on a mat"', "plain", '""', '"say ""hi"""', "ünï"]))
+            if "seed" in extra:
+                line += f",{draw(st.integers(0, 2**32 - 1))}"
+            lines.append(line)
+    body: list[str] = []
+    for line in lines:
+        if draw(st.integers(0, 3)) == 0:
+            body.append(draw(fillers))
+        body.append(line)
+    newline = draw(st.sampled_from(["\n", "\r\n"]))
+    return newline.join(header + body) + newline
+
+
+TRACES = half_valid(valid_traces(), ODD_TRACES)
 
 
 @GUARD
@@ -135,13 +174,16 @@ SIM_TRACES = st.tuples(
 )
 
 
+SIM_TEXTS = SIM_TRACES.map(lambda trace: trace[0] + "".join(f"{t!r},{pid}{extra}\n" for t, pid, extra in trace[1]))
+VALID_SIM_TEXTS = st.lists(st.tuples(st.floats(0, 30, allow_nan=False), st.integers(0, 5000)), min_size=1,
+                           max_size=15).map(lambda rows: "arrival_s,prompt_id\n" + "".join(f"{t!r},{p}\n" for t, p in rows))
+
+
 @GUARD
 @fuzz(15)
-@given(trace=SIM_TRACES)
-def test_fuzz_traces_simulated(workdir, trace):
+@given(text=half_valid(VALID_SIM_TEXTS, SIM_TEXTS))
+def test_fuzz_traces_simulated(workdir, text):
     """Traces short enough to simulate (arrival times up to 30 s), with malformed rows among them."""
-    header, rows = trace
-    text = header + "".join(f"{t!r},{pid}{extra}\n" for t, pid, extra in rows)
     path = write(workdir / "trace.csv", text)
     assert_clean(["simulate", "--trace", path, "--gpus", "4", "--out", workdir / "out", "--no-plot", "--quiet"])
 
@@ -266,12 +308,6 @@ VALID_A100 = edited(A100, _profile_edit)
 VALID_CASCADES = edited(CASCADES, _cascades_edit)
 
 
-def half_valid(valid: st.SearchStrategy, odd: st.SearchStrategy) -> st.SearchStrategy:
-    """``valid`` or ``odd``, each about half the time (``st.one_of`` would flatten ``odd``'s own branches
-    beside ``valid`` and draw it rarely): both outcomes, exit 0 and exit 2, are reached."""
-    return st.booleans().flatmap(lambda ok: valid if ok else odd)
-
-
 PROFILES = half_valid(VALID_A100, yaml_mutations(A100))
 CASCADE_FILES = half_valid(VALID_CASCADES, yaml_mutations(CASCADES))
 
@@ -351,15 +387,6 @@ PLAUSIBLE_CONFIGS = st.lists(st.sampled_from(sorted(PLAUSIBLE)), unique=True, ma
 CONFIGS = st.one_of(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=4), PLAUSIBLE_CONFIGS, PLAUSIBLE_CONFIGS)
 
 
-@GUARD
-@fuzz(30)
-@given(config=st.one_of(CONFIGS, CONFIGS.map(lambda c: yaml.safe_dump(c) + "gpus: 3\n"), VALUES))
-def test_fuzz_config_files(workdir, config):
-    text = config if isinstance(config, str) else yaml.safe_dump(config, allow_unicode=True)
-    path = write(workdir / "run.yaml", text)
-    assert_clean(["simulate", "--config", path, "--trace", "small.csv", "--out", "out", "--no-plot", "--quiet"])
-
-
 # Settings inside their bounds, to reach the simulator with unusual but valid combinations
 VALID = {
     "gpus": st.integers(1, 24),
@@ -389,10 +416,23 @@ VALID = {
 }
 
 
+VALID_CONFIGS = st.lists(st.sampled_from(sorted(VALID)), unique=True, min_size=1, max_size=6).flatmap(
+    lambda keys: st.fixed_dictionaries({k: VALID[k] for k in keys}))
+
+
+@GUARD
+@fuzz(30)
+@given(config=half_valid(VALID_CONFIGS, st.one_of(CONFIGS, CONFIGS.map(lambda c: yaml.safe_dump(c) + "gpus: 3\n"),
+                                                  VALUES)))
+def test_fuzz_config_files(workdir, config):
+    text = config if isinstance(config, str) else yaml.safe_dump(config, allow_unicode=True)
+    path = write(workdir / "run.yaml", text)
+    assert_clean(["simulate", "--config", path, "--trace", "small.csv", "--out", "out", "--no-plot", "--quiet"])
+
+
 @GUARD
 @fuzz(20)
-@given(config=st.lists(st.sampled_from(sorted(VALID)), unique=True, min_size=1, max_size=6).flatmap(
-    lambda keys: st.fixed_dictionaries({k: VALID[k] for k in keys})))
+@given(config=VALID_CONFIGS)
 def test_fuzz_config_files_within_bounds(workdir, config):
     path = write(workdir / "run.yaml", yaml.safe_dump(config))
     assert_clean(["simulate", "--config", path, "--trace", "small.csv", "--out", "out", "--no-plot", "--quiet"])
@@ -428,7 +468,10 @@ CONFIDENCE_ROWS = st.one_of(
 
 @GUARD
 @fuzz(20)
-@given(rows=st.one_of(CONFIDENCE_ROWS.map(lambda rows: "\n".join(rows) + "\n"), st.binary(max_size=100)))
+@given(rows=half_valid(
+    st.tuples(st.sampled_from(["", "prompt_id,confidence\n", "# scores\n"]), VALID_CONFIDENCE_ROWS).map(
+        lambda t: t[0] + "\n".join(t[1]) + "\n"),
+    st.one_of(CONFIDENCE_ROWS.map(lambda rows: "\n".join(rows) + "\n"), st.binary(max_size=100))))
 def test_fuzz_confidences(workdir, rows):
     path = write(workdir / "fuzzed-conf.csv", rows)
     write(workdir / "run.yaml", f"confidences: {path.name}\n")
