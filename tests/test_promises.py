@@ -45,8 +45,28 @@ def test_the_dispatcher_judges_batches_by_its_measured_estimates():
     d.complete_batch(batch, 1.0, [0.9], run_s=10 * profile_s)  # a measured batch, much slower
     d.admit(Query(1, 1, 1.0, 5.0), 1.0)
     batch, _ = d.take_batch(0, 1.0)
-    assert batch.service_s > 2 * profile_s
+    assert batch.service_s == pytest.approx(1.4 * profile_s)  # one batch moves it by 3x at most: 1 + 0.2 x 2
     assert d.busy_remaining_s("light", 1.0) == pytest.approx(batch.service_s)
+
+
+def test_stalls_cannot_lock_the_server_out():
+    """Batches 1000x slower than the profile, again and again: the estimate of a batch of one stops at the
+    drop limit, so a new query on the idle stage is still admitted and served (and measured) -- were it
+    to pass the limit, every query would be refused or dropped and no batch would ever correct it."""
+    cascade = a100_cascade()
+    d = Dispatcher(cascade, 1, router=Router("least-loaded", np.random.default_rng(0)), seed=0)
+    d.apply_plan(fixed_plan(cascade, 1, 0, 1, 1, 0.0), 0.0, preloaded=True)
+    t = 0.0
+    for i in range(40):
+        assert predict(d, ["light"], t, 5.0, 1.5).accept
+        d.admit(Query(i, i, t, 5.0), t)
+        batch, dropped = d.take_batch(0, t)
+        assert batch is not None and not dropped
+        stall = 1000 * d.service.profile_s("light", 1, batch.with_discriminator)
+        t += stall
+        d.complete_batch(batch, t, [0.9], run_s=stall)
+    assert d.service.factor["light"] > 100  # the learnt factor is kept (3x a batch at most) ...
+    assert d.service("light", 1, batch.with_discriminator) <= 7.5  # ... but a batch of one still fits
 
 
 def overloaded_heavy(deferral_threshold):

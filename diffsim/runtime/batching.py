@@ -58,13 +58,23 @@ class ServiceTimes:
     the factor; when they jump (a burst's event-loop hand-offs, contention) it widens at once while the
     factor is still catching up, so admission does not promise on an estimate that is about to rise. The
     drop rule and batch formation keep the plain estimate.
+
+    Two guards keep a wrong estimate from locking the server out. One batch moves the factor by at most
+    ``jump`` times (its ratio is clamped to [factor / jump, factor x jump] before the EWMA): a single stall
+    -- a 4.7 s batch where 0.1 s is usual was seen -- is not taken as the new normal. And the estimate of
+    a batch of one never exceeds the drop limit ``limit_s`` (nor falls below the profile): were it to, every
+    query would be refused or dropped, no batch would run, and no measurement could ever correct it; at
+    the cap an idle stage still takes one query at a time and so measures again.
     """
 
-    def __init__(self, cascade: Cascade, alpha: float = 0.2, beta: float = 0.25, k: float = 2.0):
+    def __init__(self, cascade: Cascade, alpha: float = 0.2, beta: float = 0.25, k: float = 2.0,
+                 jump: float = 3.0, limit_s: Optional[float] = None):
         self.cascade = cascade
         self.alpha = alpha
         self.beta = beta
         self.k = k
+        self.jump = jump
+        self.limit_s = limit_s
         self.factor = {"light": 1.0, "heavy": 1.0}
         self.deviation = {"light": 0.0, "heavy": 0.0}
         self.observed = {"light": 0, "heavy": 0}
@@ -78,12 +88,20 @@ class ServiceTimes:
             t = self._cache[key] = service_time_s(self.cascade, role, batch_size, with_discriminator)
         return t
 
+    def _capped(self, role: Role, with_discriminator: bool, factor: float) -> float:
+        """``factor``, at most what lets a batch of one fit the drop limit (never below 1)."""
+        if self.limit_s is None or factor <= 1.0:
+            return factor
+        cap = max(1.0, self.limit_s / self.profile_s(role, 1, with_discriminator) * (1 - 1e-9))  # fits, rounded
+        return min(factor, cap)
+
     def __call__(self, role: Role, batch_size: int, with_discriminator: bool) -> float:
-        return self.profile_s(role, batch_size, with_discriminator) * self.factor[role]
+        factor = self._capped(role, with_discriminator, self.factor[role])
+        return self.profile_s(role, batch_size, with_discriminator) * factor
 
     def cautious(self, role: Role, batch_size: int, with_discriminator: bool) -> float:
         """The batch time admission promises on: the estimate widened by ``k`` mean deviations."""
-        factor = self.factor[role] + self.k * self.deviation[role]
+        factor = self._capped(role, with_discriminator, self.factor[role] + self.k * self.deviation[role])
         return self.profile_s(role, batch_size, with_discriminator) * factor
 
     def observe(self, role: Role, batch_size: int, with_discriminator: bool, measured_s: float) -> None:
@@ -92,7 +110,8 @@ class ServiceTimes:
         if expected <= 0 or not measured_s > 0:
             return
         ratio = measured_s / expected
-        error = ratio - self.factor[role]
+        factor = self.factor[role]
+        error = min(max(ratio, factor / self.jump), factor * self.jump) - factor
         self.deviation[role] += self.beta * (abs(error) - self.deviation[role])
         self.factor[role] += self.alpha * error
         self.observed[role] += 1

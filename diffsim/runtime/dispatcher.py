@@ -99,7 +99,7 @@ class Dispatcher:
             self.answer_overhead_s, self._draw_overhead = 0.0, answer_overhead_s
         else:
             self.answer_overhead_s, self._draw_overhead = answer_overhead_s, None
-        self.service = ServiceTimes(cascade)
+        self.service = ServiceTimes(cascade, limit_s=self.limit_s)
         self.plan: Optional[Plan] = None
         # role -> (batch size, with discriminator, service time of a batch of n for n = 0..batch size)
         self._stage_settings: dict[str, tuple[int, bool, list[float]]] = {}
