@@ -54,6 +54,8 @@ def test_draws_reproduce_the_profile_percentiles():
     assert p99 == pytest.approx(3.68 * np.exp(0.25 * Z99), rel=0.05)
     again = ServiceTimeModel(cascade, "sampled", seed=1)
     assert [again.draw("heavy", 4, False) for _ in range(5)] == list(draws[:5])
+    # and a known value, not only a repeat within this process (the seed fixes the draws on any machine)
+    assert list(draws[:3]) == pytest.approx([3.0450671171478976, 2.8552416947468466, 3.852917311421095], rel=1e-12)
 
 
 def test_p50_mode_and_profiles_without_spread_draw_the_median():
@@ -72,6 +74,8 @@ def test_sampled_simulation_is_deterministic_and_slower_in_the_tail():
     key = lambda r: [(q.outcome, q.finished_s, q.stages) for q in r.queries]  # noqa: E731
     assert key(a) == key(b)
     assert key(a) != key(fixed)
+    completed = [q.latency_s for q in a.queries if q.outcome == "completed"]  # known values for seed 3
+    assert len(completed) == 793 and sum(completed) == pytest.approx(1616.96338712415, rel=1e-9)
     lat = lambda r: np.percentile([q.latency_s for q in r.queries if q.outcome == "completed"], 99)  # noqa: E731
     assert lat(a) > lat(fixed)
 
