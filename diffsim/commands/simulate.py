@@ -65,8 +65,9 @@ def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
                    help=bounded(f"time-series window in seconds, at most {limits.MAX_WINDOWS:,} windows over the "
                                 "trace", limits.WINDOW_S, 10))
     p.add_argument("--service-time", choices=("p50", "sampled"),
-                   help="batch times: the profile's p50 (default), or drawn from a log-normal fitted to the "
-                        "profile's p50/p95/p99 (what a measured profile says a real batch does)")
+                   help="batch times and request overheads: the profile's p50 (default), or drawn from "
+                        "log-normals fitted to the profile's p50/p95/p99 (batch times in slow spells when the "
+                        "profile has batch_time_correlation; overheads from its overheads: request_*_ms)")
     p.add_argument("--fail-worker", action="append", metavar="W[,W...]@T",
                    help="lose these workers at simulated second T, as if their GPU or node died: the batch they "
                         "run is served again elsewhere and the plan shrinks (repeatable; e.g. 3@120, 2,3@120)")
