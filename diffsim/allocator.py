@@ -533,6 +533,27 @@ def _fewest_workers(stage: _Stage, ok: list[int], demand: float, fraction: np.nd
     return out
 
 
+class _ConstraintRows:
+    """A MILP's constraint rows, added one at a time: ``low <= sum(coeffs[k] * x[k]) <= high``."""
+
+    def __init__(self, n_vars: int):
+        self.n_vars = n_vars
+        self.rows: list[np.ndarray] = []
+        self.lo: list[float] = []
+        self.hi: list[float] = []
+
+    def add(self, coeffs: dict[int, float], low: float, high: float) -> None:
+        row = np.zeros(self.n_vars)
+        for k, v in coeffs.items():
+            row[k] += v
+        self.rows.append(row)
+        self.lo.append(low)
+        self.hi.append(high)
+
+    def constraint(self) -> LinearConstraint:
+        return LinearConstraint(np.array(self.rows), np.array(self.lo), np.array(self.hi))
+
+
 def _solve_milp(cascade, gpus, demand, light, heavy, ranked, mode, objective, waits) -> Optional[Plan]:
     slo = cascade.slo_s
     coupled = mode == "cascade"  # in cascade mode a deferred query pays both stages' latency
@@ -564,15 +585,8 @@ def _solve_milp(cascade, gpus, demand, light, heavy, ranked, mode, objective, wa
         ub[ixH + j] = bound(heavy, i, max_hf)
     integrality = np.ones(n)
 
-    rows, lo, hi = [], [], []
-
-    def add(coeffs: dict[int, float], low: float, high: float) -> None:
-        row = np.zeros(n)
-        for k, v in coeffs.items():
-            row[k] += v
-        rows.append(row)
-        lo.append(low)
-        hi.append(high)
+    rows = _ConstraintRows(n)
+    add = rows.add
 
     add({iz + k: 1.0 for k in range(nk)}, 1, 1)
     # Stage used iff its batch binary is set; it is needed iff the chosen candidate sends it traffic.
@@ -621,7 +635,7 @@ def _solve_milp(cascade, gpus, demand, light, heavy, ranked, mode, objective, wa
         c,
         integrality=integrality,
         bounds=Bounds(lb, ub),
-        constraints=LinearConstraint(np.array(rows), np.array(lo), np.array(hi)),
+        constraints=rows.constraint(),
         options={"mip_rel_gap": 0.0, "presolve": True},
     )
     if res.status != 0 or res.x is None:
@@ -691,6 +705,13 @@ def _plan(cascade, gpus, demand, light_plan, heavy_plan, cand, mode, objective, 
     batch_wait, (q_light, q_heavy) = waits
     light_path = light_plan.latency_s * (1 + batch_wait) + q_light if light_plan.workers else 0.0
     heavy_path = heavy_plan.latency_s * (1 + batch_wait) + q_heavy if heavy_plan.workers else 0.0
+    return _plan_of_paths(cascade, gpus, demand, light_plan, heavy_plan, light_path, heavy_path, cand, mode,
+                          objective, feasible, reason)
+
+
+def _plan_of_paths(cascade, gpus, demand, light_plan, heavy_plan, light_path, heavy_path, cand, mode, objective,
+                   feasible, reason, extra=None) -> Plan:
+    """The plan of these stages, given each stage's path latency (batch time, waits, queueing delay)."""
     if mode == "cascade":
         latency = light_path + (heavy_path if cand.heavy_fraction > 0 else 0.0)
         threshold, light_share = cand.key, 1.0
@@ -711,6 +732,7 @@ def _plan(cascade, gpus, demand, light_plan, heavy_plan, cand, mode, objective, 
         feasible=feasible,
         reason=reason,
         objective=objective,
+        extra={} if extra is None else extra,
     )
 
 
@@ -1226,15 +1248,8 @@ def _solve_queued_milp(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, 
     workers = np.tile(np.arange(1, g + 1, dtype=float), max(nl, nh))
     big_m = 2.0 * _cap_s(slo)
 
-    rows, lo, hi = [], [], []
-
-    def add(coeffs: dict[int, float], low: float, high: float) -> None:
-        row = np.zeros(n_var)
-        for i, v in coeffs.items():
-            row[i] += v
-        rows.append(row)
-        lo.append(low)
-        hi.append(high)
+    rows = _ConstraintRows(n_var)
+    add = rows.add
 
     wl = range(iwl, iwl + nl * g)
     wh = range(iwh, iwh + nh * g)
@@ -1272,7 +1287,7 @@ def _solve_queued_milp(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, 
     c[iwh:iwh + nh * g] = workers[:nh * g]
     c[itl] = c[ith] = 1.0 / norm
     res = milp(c, integrality=integrality, bounds=Bounds(lb, ub),
-               constraints=LinearConstraint(np.array(rows), np.array(lo), np.array(hi)),
+               constraints=rows.constraint(),
                options={"mip_rel_gap": 0.0, "presolve": True})
     if res.status != 0 or res.x is None:
         return None
@@ -1304,19 +1319,9 @@ def _queued_plan(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, cand, 
 
     light_plan, path_l = stage_plan("light", light, light_ok, lsel)
     heavy_plan, path_h = stage_plan("heavy", heavy, heavy_ok, hsel)
-    if mode == "cascade":
-        latency = path_l + (path_h if cand.heavy_fraction > 0 else 0.0)
-        threshold, light_share = cand.key, 1.0
-    else:
-        latency = max(path_l, path_h)
-        threshold, light_share = 0.0, cand.light_fraction
-    return Plan(
-        cascade=cascade.name, mode="cascade" if mode == "cascade" else "split", stages=(light_plan, heavy_plan),
-        threshold=threshold, light_share=light_share, deferral_fraction=cand.heavy_fraction,
-        expected_fid=cand.fid, predicted_latency_s=latency, demand_qps=demand, gpus=gpus, feasible=not reason,
-        reason=reason, objective=objective,
-        extra={"stage_path_s": (path_l, path_h), "summed_path_s": path_l + path_h},
-    )
+    return _plan_of_paths(cascade, gpus, demand, light_plan, heavy_plan, path_l, path_h, cand, mode, objective,
+                          not reason, reason,
+                          extra={"stage_path_s": (path_l, path_h), "summed_path_s": path_l + path_h})
 
 
 def _best_effort_queued(cascade, gpus, demand, light, heavy, mode, objective, q: _Queueing) -> Plan:

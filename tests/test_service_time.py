@@ -44,14 +44,24 @@ def test_sigma_fits_the_percentiles():
     assert lognormal_sigma(100.0, 150.0, None) == pytest.approx(np.log(1.5) / Z95)
 
 
+def heavy_draws(cascade, *, seed: int, n: int) -> np.ndarray:
+    """n sampled times of a heavy batch of 4 (profile p50 3.68 s)."""
+    model = ServiceTimeModel(cascade, "sampled", seed=seed)
+    return np.array([model.draw("heavy", 4, False) for _ in range(n)])
+
+
+def assert_percentiles(draws: np.ndarray, *, sigma: float, rel: tuple[float, float, float]) -> None:
+    """The draws' p50 / p95 / p99 are a log-normal's around 3.68 s with this sigma, within ``rel``."""
+    p50, p95, p99 = np.percentile(draws, [50, 95, 99])
+    assert p50 == pytest.approx(3.68, rel=rel[0])
+    assert p95 == pytest.approx(3.68 * np.exp(sigma * Z95), rel=rel[1])
+    assert p99 == pytest.approx(3.68 * np.exp(sigma * Z99), rel=rel[2])
+
+
 def test_draws_reproduce_the_profile_percentiles():
     cascade = spread_cascade(p95_factor=np.exp(0.25 * Z95), p99_factor=np.exp(0.25 * Z99))
-    model = ServiceTimeModel(cascade, "sampled", seed=1)
-    draws = np.array([model.draw("heavy", 4, False) for _ in range(40_000)])
-    p50, p95, p99 = np.percentile(draws, [50, 95, 99])
-    assert p50 == pytest.approx(3.68, rel=0.02)
-    assert p95 == pytest.approx(3.68 * np.exp(0.25 * Z95), rel=0.03)
-    assert p99 == pytest.approx(3.68 * np.exp(0.25 * Z99), rel=0.05)
+    draws = heavy_draws(cascade, seed=1, n=40_000)
+    assert_percentiles(draws, sigma=0.25, rel=(0.02, 0.03, 0.05))
     again = ServiceTimeModel(cascade, "sampled", seed=1)
     assert [again.draw("heavy", 4, False) for _ in range(5)] == list(draws[:5])
     # and a known value, not only a repeat within this process (the seed fixes the draws on any machine)
@@ -178,12 +188,8 @@ def test_correlated_batch_times_keep_the_percentiles_and_come_in_spells():
 
     plain = spread_cascade(p95_factor=np.exp(0.25 * Z95), p99_factor=np.exp(0.25 * Z99))
     cascade = replace(plain, batch_time_correlation=BatchTimeCorrelation(share=0.7, rho=0.9))
-    model = ServiceTimeModel(cascade, "sampled", seed=2)
-    draws = np.array([model.draw("heavy", 4, False) for _ in range(200_000)])
-    p50, p95, p99 = np.percentile(draws, [50, 95, 99])
-    assert p50 == pytest.approx(3.68, rel=0.03)
-    assert p95 == pytest.approx(3.68 * np.exp(0.25 * Z95), rel=0.04)
-    assert p99 == pytest.approx(3.68 * np.exp(0.25 * Z99), rel=0.06)
+    draws = heavy_draws(cascade, seed=2, n=200_000)
+    assert_percentiles(draws, sigma=0.25, rel=(0.03, 0.04, 0.06))
     z = np.log(draws / 3.68)
     assert np.corrcoef(z[:-1], z[1:])[0, 1] == pytest.approx(0.7 * 0.9, abs=0.02)
     assert np.corrcoef(z[:-10], z[10:])[0, 1] == pytest.approx(0.7 * 0.9 ** 10, abs=0.03)
