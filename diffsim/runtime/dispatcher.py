@@ -218,6 +218,8 @@ class Dispatcher:
             self.service.observe(batch.role, len(batch.queries), batch.with_discriminator, run_s)
             self._refresh_times(batch.role)
         woken: list[int] = []
+        draw = self._draw_overhead  # per query when the overhead is sampled; else one answer time for all
+        answered = now + self.answer_overhead_s
         if batch.with_discriminator:
             if confidences is None:
                 if self.confidences is None:
@@ -233,19 +235,14 @@ class Dispatcher:
                     if target is not None:
                         woken.append(target)
                 else:
-                    q.finish("completed", now + self._overhead(), "light")
+                    q.finish("completed", answered if draw is None else now + draw(), "light")
                     self.finished += 1
         else:
             role = batch.role
             for q in batch.queries:
-                q.finish("completed", now + self._overhead(), role)
+                q.finish("completed", answered if draw is None else now + draw(), role)
             self.finished += len(batch.queries)
         return woken
-
-    def _overhead(self) -> float:
-        """One completed query's answer overhead (seconds)."""
-        draw = self._draw_overhead
-        return self.answer_overhead_s if draw is None else draw()
 
     def fail_batch(self, batch: Batch, now: float, error: str, *, run_s: Optional[float] = None) -> None:
         """A batch raised: each of its queries ends ``failed`` with ``error``; the worker is freed as by
