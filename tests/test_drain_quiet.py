@@ -48,6 +48,7 @@ def test_a_drained_server_answers_503_while_clients_send_then_closes(tmp_path):
         assert health.status_code == 503 and health.json()["status"] == "draining"
         assert server._thread.is_alive()  # an hour's quiet period has not passed
     finally:
-        server._server.quiet_s = 0.0  # clients have stopped: the server closes
+        if server._server is not None:
+            server._server.quiet_s = 0.0  # clients have stopped: the server closes
         server.join(GUARD_S)
     assert not server._thread.is_alive() and server.error is None
