@@ -69,6 +69,19 @@ def test_stalls_cannot_lock_the_server_out():
     assert d.service("light", 1, batch.with_discriminator) <= 7.5  # ... but a batch of one still fits
 
 
+def test_the_stall_cap_holds_for_a_profile_without_batch_one():
+    from dataclasses import replace
+
+    from diffsim.profiles import LatencyTable
+
+    cascade = a100_cascade()
+    light = LatencyTable(batch_sizes=[2, 4], p50_ms=[cascade.light.latency_ms(2), cascade.light.latency_ms(4)])
+    times = ServiceTimes(replace(cascade, light=light), limit_s=7.5)
+    for _ in range(40):
+        times.observe("light", 2, False, 1000.0)
+    assert times("light", 2, False) <= 7.5  # the smallest batch the profile has still fits the limit
+
+
 def overloaded_heavy(deferral_threshold):
     """One light and one heavy worker; the heavy queue holds 40 queries of a 3.68 s batch of 4."""
     cascade = a100_cascade()

@@ -80,6 +80,7 @@ class ServiceTimes:
         self.observed = {"light": 0, "heavy": 0}
         self._ratio_sum = {"light": 0.0, "heavy": 0.0}  # for the mean over every batch (mean_ratio)
         self._cache: dict[tuple[str, int, bool], float] = {}
+        self._caps: dict[tuple[str, bool], float] = {}  # (role, discriminator) -> the factor's cap
 
     def profile_s(self, role: Role, batch_size: int, with_discriminator: bool) -> float:
         key = (role, batch_size, with_discriminator)
@@ -89,10 +90,16 @@ class ServiceTimes:
         return t
 
     def _capped(self, role: Role, with_discriminator: bool, factor: float) -> float:
-        """``factor``, at most what lets a batch of one fit the drop limit (never below 1)."""
+        """``factor``, at most what lets the smallest batch the profile has (one, usually) fit the drop limit
+        (never below 1)."""
         if self.limit_s is None or factor <= 1.0:
             return factor
-        cap = max(1.0, self.limit_s / self.profile_s(role, 1, with_discriminator) * (1 - 1e-9))  # fits, rounded
+        cap = self._caps.get((role, with_discriminator))
+        if cap is None:
+            table = self.cascade.light if role == "light" else self.cascade.heavy
+            smallest = min(b for b, ms in zip(table.batch_sizes, table.p50_ms) if ms is not None)  # 1, usually
+            cap = max(1.0, self.limit_s / self.profile_s(role, smallest, with_discriminator) * (1 - 1e-9))  # fits
+            self._caps[(role, with_discriminator)] = cap
         return min(factor, cap)
 
     def __call__(self, role: Role, batch_size: int, with_discriminator: bool) -> float:
