@@ -65,13 +65,16 @@ def role_switches(plans, gpus: int) -> list[tuple[float, int]]:
 
 
 def run(args_and_spec):
-    settings, policy, gpus, peak_qps = args_and_spec
+    settings, policy, gpus, peak_qps, switch_margin = args_and_spec
     from diffsim.policies import policy_for
     from diffsim.simulator import simulate
 
     config, trace, trace_name = load_scenario(settings)
     config = replace(config, policy=policy, gpus=gpus)
-    recorder = _Recorder(policy_for(config))
+    made = policy_for(config)
+    if switch_margin is not None and hasattr(made, "switch_margin"):
+        made.switch_margin = switch_margin
+    recorder = _Recorder(made)
     result = simulate(config, trace, policy=recorder)
     summary = summarize_result(result, trace_name)
     rows = metrics.timeseries(result.queries, result.plans, result.demand, cascade=config.cascade,
@@ -104,9 +107,11 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-gpus", default="16")
     p.add_argument("--peak-qps", type=float, default=25.0)
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--switch-margin", type=float, default=None,
+                   help="the MILP policies' hysteresis margin (diffsim.policies.SWITCH_MARGIN unless given; 0: none)")
     args = p.parse_args(argv)
     settings = scenario_settings(args)
-    specs = [(settings, pol, int(g), args.peak_qps) for pol in args.policies.split(",")
+    specs = [(settings, pol, int(g), args.peak_qps, args.switch_margin) for pol in args.policies.split(",")
              for g in args.sweep_gpus.split(",")]
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(specs)))) as pool:
         results = list(pool.map(run, specs))

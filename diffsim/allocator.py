@@ -166,6 +166,7 @@ def allocate(
     backlog: tuple[float, float] = (0.0, 0.0),
     routing: str = "least-loaded",
     tail_quantile: float = DEFAULT_TAIL_QUANTILE,
+    workers: Optional[tuple[int, int]] = None,
 ) -> Plan:
     """Solve for the best plan; see the module docstring for the model.
 
@@ -182,6 +183,10 @@ def allocate(
     ``solver`` picks how the model is solved: ``exact`` (the structured enumeration in
     :func:`_solve_exact`, about 0.1 ms) or ``milp`` (the formulation of record, HiGHS, milliseconds);
     both return the same plan, as ``tests/test_allocator_exact.py`` checks.
+
+    ``workers`` (light, heavy), with ``mean`` or ``tail`` only: the best plan whose running stages have
+    exactly these worker counts (:func:`_allocate_pinned`; a policy's hysteresis asks it for the split in
+    force); infeasible when none meets the constraints with them.
     """
     started = time.perf_counter()
     _check_inputs(gpus, demand_qps, queue_delay_s, batch_sizes, objective, mode)
@@ -200,6 +205,14 @@ def allocate(
     light = _stage(cascade, "light", batch_sizes, q_light, use_disc, batch_wait, max_utilization)
     heavy = _stage(cascade, "heavy", batch_sizes, q_heavy, False, batch_wait, max_utilization)
     candidates = _candidates(cascade, grid, objective, mode)
+    if workers is not None:
+        if queueing is None:
+            raise DiffsimError("pinned worker counts need a plan-dependent queue model (mean or tail)")
+        if len(workers) != 2 or any(int(w) != w or w < 0 for w in workers):
+            raise DiffsimError(f"workers must be two counts >= 0 (light, heavy), got {workers!r}")
+        plan = _allocate_pinned(cascade, gpus, demand_qps, light, heavy, candidates, mode, objective, queueing,
+                                (int(workers[0]), int(workers[1])))
+        return _with_solve_ms(plan, (time.perf_counter() - started) * 1e3)
     if queueing is not None:
         plan = _allocate_queued(cascade, gpus, demand_qps, light, heavy, candidates, mode, objective, queueing, solver)
         return _with_solve_ms(plan, (time.perf_counter() - started) * 1e3)
@@ -1349,3 +1362,59 @@ def _best_effort_queued(cascade, gpus, demand, light, heavy, mode, objective, q:
     stages = (drain, main) if heavy_only else (main, drain)
     reason = f"{plan.reason}; {keep} {other_role} worker(s) drain its backlog of {backlog:g}"
     return Plan(**{**plan.__dict__, "stages": stages, "reason": reason, "extra": {}})
+
+
+def _allocate_pinned(cascade, gpus, demand, light, heavy, ranked, mode, objective, q: _Queueing,
+                     workers: tuple[int, int]) -> Plan:
+    """The best plan with each running stage at exactly ``workers`` (light, heavy) workers: the best-ranked
+    candidate with an option pair that meets the SLO (with the backlog's drain) at those counts, then the
+    least summed path, then the smallest light option, then heavy. A stage the candidate sends nothing
+    and that holds no queued work is off (0 workers: a caller that keeps its workers spreads them back,
+    :func:`diffsim.policies.spread_spare_gpus`); one that runs needs its count above 0.
+
+    The same path tables as the solvers (:func:`_candidate_paths`), read at the pinned counts, so a split
+    the unpinned solve chooses gives the plan it chose (``tests/test_allocator_queueing.py``). When nothing
+    fits, the best-effort plan with ``feasible=False`` (no spread backlog here: the caller wants to know
+    whether this split serves the demand within the SLO, and the unpinned solve handles the rest)."""
+    nl, nh = workers
+    slo = cascade.slo_s
+    coupled = mode == "cascade"
+    light_ok, heavy_ok = _queued_options(light, heavy, coupled, slo)
+    found = None
+    if 0 < nl + nh <= gpus:
+        servable = _servable(ranked, demand, gpus, light, heavy, light_ok, heavy_ok)
+        ks = np.flatnonzero(servable)
+        on_l = (ranked.light[ks] > 0) | q.keep[0] | coupled
+        on_h = (ranked.heavy[ks] > 0) | q.keep[1]
+
+        def at_count(stage, ok, loads, backlog, n, on):
+            # [k, option] path at exactly n workers (its table's running minimum from the fewest the rows need),
+            # then an "off" option: inf where the stage runs, 0 where it is off (so the pair is the other stage).
+            if n > 0 and ok and len(ks):
+                first = min(n, int(_queued_need(stage, ok, loads).min()))
+                quantiles = q.path_quantiles(ranked.heavy[ks], coupled)
+                table = _stage_paths(stage, ok, loads, backlog, q, slo, quantiles, first, n - first + 1)[:, :, -1]
+            else:
+                table = np.full((len(ks), len(ok)), np.inf)
+            table = np.where(on[:, None], table, np.inf)
+            return np.concatenate([table, np.where(on, np.inf, 0.0)[:, None]], axis=1)
+
+        loads_l, loads_h = _queued_loads(ranked, ks, demand, q)
+        pl = at_count(light, light_ok, loads_l, q.backlog[0], nl, on_l)
+        ph = at_count(heavy, heavy_ok, loads_h, q.backlog[1], nh, on_h)
+        total = pl[:, :, None] + ph[:, None, :]
+        fits = (pl <= slo)[:, :, None] & (ph <= slo)[:, None, :]
+        if coupled:
+            fits &= total <= slo
+        some = fits.reshape(len(ks), -1).any(axis=1)
+        if some.any():
+            i = int(np.argmax(some))  # the best-ranked candidate with a pair
+            jl, jh = np.unravel_index(int(np.where(fits[i], total[i], np.inf).argmin()), fits[i].shape)
+            lsel = (int(jl), nl, float(pl[i, jl])) if jl < len(light_ok) else (None, 0, 0.0)
+            hsel = (int(jh), nh, float(ph[i, jh])) if jh < len(heavy_ok) else (None, 0, 0.0)
+            found = ranked.candidate(int(ks[i])), lsel, hsel
+    if found is None:
+        plan = _best_effort_queued(cascade, gpus, demand, light, heavy, mode, objective, q)
+        return replace(plan, feasible=False, reason=f"no plan on {nl} light + {nh} heavy workers; {plan.reason}")
+    cand, lsel, hsel = found
+    return _queued_plan(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, cand, mode, objective, lsel, hsel)

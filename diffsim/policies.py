@@ -24,7 +24,11 @@ grid is refined so that the deferred fraction moves in steps of about :data:`DEF
 (:func:`deferral_grid`): the allocator's grid of thresholds every 0.005 defers 0% or 14.3% of
 sdturbo-sdv15's queries and nothing between (its deferral curve is steep near 0), and a plan-dependent
 delay sizes the heavy stage closely enough that at peak load 14.3% does not fit where 5% would: the
-plans fell back to deferring nothing (every image light) for whole peaks.
+plans fell back to deferring nothing (every image light) for whole peaks. They also re-plan with
+hysteresis (:meth:`MilpPolicy._keep_split`): a new plan that moves GPUs between the stages is taken
+only when the best plan on the worker split in force is infeasible or more than
+:data:`SWITCH_MARGIN` (0.5%) worse in expected FID; otherwise that plan is (new threshold and batch
+sizes, no role switch).
 """
 
 from __future__ import annotations
@@ -63,6 +67,10 @@ DEFAULT_QUEUE_MODEL = {"diffserve": "little", "diffserve-maxt": "little", "prote
 # With a plan-dependent delay (queue_model mean or tail) the cascade policies choose among thresholds at
 # which the deferred fraction moves by about this much (up to rounding) (see the module docstring).
 DEFERRAL_STEP = 0.01
+
+# With a plan-dependent delay, a re-plan keeps the worker split in force when the best plan on it is
+# feasible and its expected FID is within this fraction of the new plan's (see MilpPolicy.plan).
+SWITCH_MARGIN = 0.005
 
 
 @dataclass(frozen=True)
@@ -206,6 +214,7 @@ class MilpPolicy:
     queue_model: str = "little"  # little: the measured delay; mean / tail: per plan, from the backlog
     routing: str = "least-loaded"  # the routing the plan-dependent delay models
     tail_quantile: float = DEFAULT_TAIL_QUANTILE
+    switch_margin: float = SWITCH_MARGIN  # hysteresis with a plan-dependent delay; 0: none
 
     def __post_init__(self) -> None:
         # The threshold grid the allocator chooses from: pinned (a sweep), the allocator's own, or with a
@@ -215,7 +224,18 @@ class MilpPolicy:
             self.grid = deferral_grid(self.cascade)
 
     def plan(self, inp: PolicyInput) -> Plan:
-        plan = allocate(
+        plan = self._allocate(inp)
+        if self.queue_model == "little":
+            # The little model keeps its original spreading and no hysteresis (the artifact's; diffsim's
+            # outputs unchanged).
+            return spread_spare_gpus(plan)
+        # With a delay model that reads the backlog, plans follow the queues more closely; keeping spare
+        # GPUs where they are keeps that from turning into role switches.
+        plan = spread_spare_gpus(plan, inp.current)
+        return self._keep_split(plan, inp)
+
+    def _allocate(self, inp: PolicyInput, workers: Optional[tuple[int, int]] = None) -> Plan:
+        return allocate(
             self.cascade,
             inp.gpus,
             inp.demand_qps,
@@ -230,11 +250,35 @@ class MilpPolicy:
             backlog=inp.queue_lengths,
             routing=self.routing,
             tail_quantile=self.tail_quantile,
+            workers=workers,
         )
-        # With a delay model that reads the backlog, plans follow the queues more closely; keeping spare
-        # GPUs where they are keeps that from turning into role switches. The little model keeps its
-        # original spreading (the artifact's, and diffsim's outputs unchanged).
-        return spread_spare_gpus(plan, inp.current if self.queue_model != "little" else None)
+
+    def _keep_split(self, plan: Plan, inp: PolicyInput) -> Plan:
+        """Hysteresis: ``plan``, or the best plan on the plan in force's worker split when that one is
+        feasible for this demand and backlog and its expected FID is within ``switch_margin`` (a fraction)
+        of ``plan``'s.
+
+        Why: with the DiffServe artifact's estimator (queries in the system, about arrival rate x time in
+        the system) the demand a plan is made for depends on the plan before it: a plan that defers more
+        keeps more queries in the slow heavy stage, so the next estimate is higher, the next plan defers
+        less, and so on. The light stage's worker count then flips between n and n + 1 at alternate re-plans
+        (11-13 role switches in a minute), with the light queue building while it has too few. A split
+        that still carries the demand within the SLO costs at most the margin in quality, and keeping it
+        switches no role. The margin is relative, so it means the same for cascades with other FID scales:
+        0.5% is about 0.1 FID on sdturbo-sdv15, about the FID of one DEFERRAL_STEP of deferral there.
+        """
+        cur = inp.current
+        if (self.switch_margin <= 0 or cur is None or cur.mode != plan.mode or not plan.feasible
+                or cur.gpus_used == 0 or cur.gpus_used > inp.gpus
+                or (plan.light.workers, plan.heavy.workers) == (cur.light.workers, cur.heavy.workers)):
+            return plan
+        kept = self._allocate(inp, workers=(cur.light.workers, cur.heavy.workers))
+        if not kept.feasible or kept.expected_fid > plan.expected_fid * (1.0 + self.switch_margin):
+            return plan
+        # A stage the kept plan leaves without load gets its workers back here (no switch either).
+        kept = spread_spare_gpus(kept, cur)
+        return replace(kept, extra={**kept.extra, "kept_split_over": (plan.light.workers, plan.heavy.workers,
+                                                                       plan.expected_fid)})
 
 
 @dataclass
@@ -322,13 +366,18 @@ def make_policy(
     queue_model: Optional[str] = None,
     routing: str = "least-loaded",
     tail_quantile: float = DEFAULT_TAIL_QUANTILE,
+    switch_margin: float = SWITCH_MARGIN,
 ) -> Policy:
     """Build a policy by name.
 
     ``thresholds`` pins the MILP's threshold grid (for threshold sweeps); ``max_utilization``,
     ``batch_wait``, ``queue_model`` (None: the policy's default, :data:`DEFAULT_QUEUE_MODEL`), ``routing``
-    and ``tail_quantile`` are passed to the allocator (see :func:`diffsim.allocator.allocate`).
+    and ``tail_quantile`` are passed to the allocator (see :func:`diffsim.allocator.allocate`);
+    ``switch_margin`` is the MILP policies' hysteresis with a plan-dependent delay
+    (:meth:`MilpPolicy._keep_split`; 0 turns it off).
     """
+    if not 0 <= switch_margin < 1:
+        raise DiffsimError(f"switch margin must lie in [0, 1), got {switch_margin!r}")
     bs = tuple(int(b) for b in batch_sizes)
     th = None if thresholds is None else tuple(float(t) for t in thresholds)
     milp = {"diffserve": ("quality", "cascade"), "diffserve-maxt": ("max-threshold", "cascade"),
@@ -337,7 +386,7 @@ def make_policy(
         objective, mode = milp[name]
         model = DEFAULT_QUEUE_MODEL[name] if queue_model is None else queue_model
         return MilpPolicy(name, cascade, objective, mode, bs, th, batch_wait, max_utilization, model, routing,
-                          tail_quantile)
+                          tail_quantile, switch_margin)
     if name == "clipper-light":
         return FixedPolicy(name, cascade, "split", 0.0, 1.0, 1.0)
     if name == "clipper-heavy":

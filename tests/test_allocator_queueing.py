@@ -105,3 +105,37 @@ def test_shipped_cascades_same_plan_from_both_solvers(name):
 def test_bad_inputs_raise_clear_errors(turbo, kwargs, match):
     with pytest.raises(DiffsimError, match=match):
         allocate(turbo, 8, 10.0, **kwargs)
+
+
+@pytest.mark.parametrize("model", ["mean", "tail"])
+@pytest.mark.parametrize("routing", ["random", "least-loaded"])
+def test_pinned_workers_at_the_chosen_split_give_the_chosen_plan(turbo, model, routing):
+    """Pinning the worker counts the unpinned solve chose gives back its candidate and paths (the same path
+    tables, read at those counts)."""
+    for gpus, demand, backlog in ((8, 6.0, (0, 0)), (8, 14.5, (0, 2)), (12, 25.0, (6, 4)), (16, 30.0, (0, 25)),
+                                  (16, 18.0, (4, 9))):
+        kwargs = dict(queue_model=model, routing=routing, backlog=backlog, max_utilization=1.0)
+        free = allocate(turbo, gpus, demand, **kwargs)
+        if not free.feasible:
+            continue
+        pinned = allocate(turbo, gpus, demand, **kwargs, workers=(free.light.workers, free.heavy.workers))
+        assert pinned.feasible
+        assert (pinned.threshold, pinned.light.workers, pinned.heavy.workers) == (
+            free.threshold, free.light.workers, free.heavy.workers)
+        assert pinned.extra["summed_path_s"] == pytest.approx(free.extra["summed_path_s"])
+
+
+def test_pinned_workers_that_cannot_serve_are_infeasible(turbo):
+    kwargs = dict(queue_model="tail", routing="random", max_utilization=1.0)
+    assert not allocate(turbo, 8, 30.0, **kwargs, workers=(1, 7)).feasible  # one light worker: < 20.3 qps
+    assert not allocate(turbo, 8, 10.0, backlog=(0, 3), **kwargs, workers=(8, 0)).feasible  # heavy queue, no worker
+    assert not allocate(turbo, 8, 10.0, **kwargs, workers=(0, 8)).feasible  # a cascade needs the light stage
+    fine = allocate(turbo, 8, 10.0, **kwargs, workers=(8, 0))
+    assert fine.feasible and fine.threshold == 0.0 and fine.light.workers == 8  # nothing deferred
+
+
+def test_pinned_workers_need_a_plan_dependent_model(turbo):
+    with pytest.raises(DiffsimError, match="plan-dependent"):
+        allocate(turbo, 8, 10.0, workers=(2, 6))
+    with pytest.raises(DiffsimError, match="workers"):
+        allocate(turbo, 8, 10.0, queue_model="tail", workers=(-1, 6))

@@ -1,0 +1,79 @@
+"""The MILP policies' hysteresis with a plan-dependent delay (:meth:`diffsim.policies.MilpPolicy._keep_split`):
+a re-plan keeps the worker split in force when the best plan on it is feasible and within the margin of the
+new plan's FID, and switches roles otherwise. Constructed inputs: the 8-GPU sdturbo-sdv15 plans of a busy
+minute under ``--preset artifact --queue-model tail``, where alternate re-plans moved one GPU back and forth."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffsim.allocator import allocate
+from diffsim.errors import DiffsimError
+from diffsim.policies import SWITCH_MARGIN, PolicyInput, make_policy
+from diffsim.profiles import load_cascade
+
+SETTINGS = dict(queue_model="tail", routing="random", max_utilization=1.0)
+
+
+@pytest.fixture(scope="module")
+def turbo():
+    return load_cascade("sdturbo-sdv15", "profiles/a100.yaml", "profiles/cascades.yaml")
+
+
+def split(plan):
+    return plan.light.workers, plan.heavy.workers
+
+
+def in_force(turbo, light, heavy, demand=14.5, backlog=(0, 2)):
+    """A plan in force on ``light`` + ``heavy`` workers, as the policy would have made it."""
+    grid = make_policy("diffserve", turbo, **SETTINGS).grid
+    plan = allocate(turbo, light + heavy, demand, backlog=backlog, thresholds=grid, workers=(light, heavy), **SETTINGS)
+    assert plan.feasible and split(plan) == (light, heavy)
+    return plan
+
+
+def test_keeps_the_split_when_it_costs_less_than_the_margin(turbo):
+    """At 14.5 qps the best plan moves a GPU from light to heavy (FID 18.77); the split in force, 2 + 6,
+    still serves the demand within the SLO at FID 18.86, within 0.5%: no role switch. Without hysteresis
+    the GPU moves."""
+    current = in_force(turbo, 2, 6)
+    inp = PolicyInput(14.5, (0.0, 0.0), 8, (0, 2), current)
+    moved = make_policy("diffserve", turbo, switch_margin=0.0, **SETTINGS).plan(inp)
+    assert split(moved) == (1, 7) and moved.feasible
+    kept = make_policy("diffserve", turbo, **SETTINGS).plan(inp)
+    assert split(kept) == (2, 6) and kept.feasible
+    assert moved.expected_fid < kept.expected_fid <= moved.expected_fid * (1 + SWITCH_MARGIN)
+    assert kept.extra["kept_split_over"][:2] == (1, 7)
+
+
+def test_switches_when_the_split_in_force_costs_more_than_the_margin(turbo):
+    """At 13.1 qps the best plan (1 + 7, FID 18.50) is more than 0.5% better than any on 2 + 6: it is taken."""
+    current = in_force(turbo, 2, 6)
+    plan = make_policy("diffserve", turbo, **SETTINGS).plan(PolicyInput(13.12, (0.0, 0.0), 8, (2, 0), current))
+    assert split(plan) == (1, 7) and "kept_split_over" not in plan.extra
+    kept = allocate(turbo, 8, 13.12, backlog=(2, 0), thresholds=make_policy("diffserve", turbo, **SETTINGS).grid,
+                    workers=(2, 6), **SETTINGS)
+    assert kept.feasible and kept.expected_fid > plan.expected_fid * (1 + SWITCH_MARGIN)
+
+
+def test_switches_when_the_split_in_force_cannot_carry_the_demand(turbo):
+    """One light worker (at most 18.6 qps) cannot carry 33.8 qps with 21 queued: however small the cost of
+    switching, the plan moves GPUs to the light stage."""
+    current = in_force(turbo, 1, 7)
+    plan = make_policy("diffserve", turbo, switch_margin=0.5, **SETTINGS).plan(
+        PolicyInput(33.79, (0.0, 0.0), 8, (21, 2), current))
+    assert plan.feasible and plan.light.workers >= 2
+
+
+def test_no_hysteresis_with_the_little_model(turbo):
+    """The artifact's model keeps its plans (and diffsim's default outputs) as they were."""
+    current = in_force(turbo, 2, 6)
+    inp = PolicyInput(14.5, (0.0, 0.0), 8, (0, 2), current)
+    plan = make_policy("diffserve", turbo, max_utilization=1.0, switch_margin=0.5).plan(inp)
+    assert split(plan) == (1, 7)
+    assert plan == make_policy("diffserve", turbo, max_utilization=1.0, switch_margin=0.0).plan(inp)
+
+
+def test_switch_margin_is_checked(turbo):
+    with pytest.raises(DiffsimError, match="switch margin"):
+        make_policy("diffserve", turbo, switch_margin=-0.1)
