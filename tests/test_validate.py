@@ -51,8 +51,6 @@ def test_the_profile_is_scaled_per_stage_by_the_measured_ratio():
 
 def test_request_overhead_percentiles_by_hand():
     """Client latency minus the server's queueing and batches, over the completed requests only."""
-    from types import SimpleNamespace
-
     from diffsim.commands.validate import request_overhead_ms
     from diffsim.query import Query
 
@@ -63,13 +61,13 @@ def test_request_overhead_percentiles_by_hand():
         return q
 
     gaps = list(range(1, 101))  # 1..100 ms over two runs; a dropped and a rejected one do not count
-    runs = [SimpleNamespace(queries=[answered(g) for g in gaps[:60]] + [answered(5000, "dropped")]),
-            SimpleNamespace(queries=[answered(g) for g in gaps[60:]] + [answered(9000, "rejected")])]
+    runs = [[answered(g) for g in gaps[:60]] + [answered(5000, "dropped")],
+            [answered(g) for g in gaps[60:]] + [answered(9000, "rejected")]]
     o = request_overhead_ms(runs)
     assert o["request_ms"] == pytest.approx(np.percentile(gaps, 50), abs=1e-3)  # 50.5
     assert o["request_p95_ms"] == pytest.approx(np.percentile(gaps, 95), abs=1e-3)  # 95.05
     assert o["request_p99_ms"] == pytest.approx(np.percentile(gaps, 99), abs=1e-3)  # 99.01
-    assert request_overhead_ms([SimpleNamespace(queries=[])]) == {"request_ms": 0.0, "request_p95_ms": 0.0,
+    assert request_overhead_ms([[]]) == {"request_ms": 0.0, "request_p95_ms": 0.0,
                                                                   "request_p99_ms": 0.0}
 
 
@@ -107,6 +105,15 @@ def test_batches_are_rebuilt_from_the_answers_and_give_the_measured_spread():
     assert light["batches"] == 40
     for q in (50, 95, 99):
         assert light[f"p{q}"] == pytest.approx(np.percentile(ratios, q), rel=1e-4)
+    # per batch size, for the sizes with 20 batches or more: none of 14 / 13 / 13 here
+    assert light["sizes"] == {}
+    more = [answered_query(500.0 + 10.0 * i, 0.1, round(r * service_time_s(cascade, "light", 1, True), 6))
+            for i, r in enumerate(np.linspace(0.5, 0.7, 10))]  # 24 batches of 1 now
+    by_size = measured_spread(queries + more, cascade)["light"]["sizes"]
+    ones = np.concatenate([ratios[0::3], np.linspace(0.5, 0.7, 10)])
+    assert set(by_size) == {1} and by_size[1]["batches"] == 24
+    assert by_size[1]["p50"] == pytest.approx(np.percentile(ones, 50), rel=1e-4)
+    assert by_size[1]["p99"] == pytest.approx(np.percentile(ones, 99), rel=1e-4)
     profile = {"models": {"l": {"batch_sizes": [1, 2], "p50_ms": [10.0, 20.0], "p99_ms": [11.0, 22.0]},
                           "h": {"batch_sizes": [1, 2], "p50_ms": [100.0, None]}},
                "discriminator": {"batch_sizes": [1, 2], "p50_ms": [1.0, 2.0]}}
@@ -115,6 +122,12 @@ def test_batches_are_rebuilt_from_the_answers_and_give_the_measured_spread():
                                   "p99_ms": [30.0, 60.0]}
     assert out["discriminator"]["p99_ms"] == [3.0, 6.0]
     assert out["models"]["h"]["p50_ms"] == [200.0, None]  # no measured spread: the server's mean ratio
+    # a batch size with its own measured ratios takes them; the others the stage's
+    sized = {"light": {"p50": 1.5, "p95": 2.0, "p99": 3.0, "sizes": {2: {"p50": 0.5, "p95": 1.0, "p99": 1.25}}}}
+    out = calibrated_profile(profile, "l", "h", sized, {})
+    assert out["models"]["l"]["p50_ms"] == [15.0, 10.0]
+    assert out["models"]["l"]["p99_ms"] == [30.0, 25.0]
+    assert out["discriminator"]["p95_ms"] == [2.0, 2.0]
 
 
 def test_the_correlation_of_batch_times_is_fitted_from_the_rebuilt_batches():
@@ -292,3 +305,37 @@ def test_validate_end_to_end_on_a_fake_server(tmp_path, capsys):
     o = sim_config_from(described, service_time="sampled", overhead=overhead).cascade.overheads
     assert (o.request_ms, o.request_p95_ms, o.request_p99_ms) == tuple(overhead[k] for k in
                                                                        ("request_ms", "request_p95_ms", "request_p99_ms"))
+    # The real runs are saved with what simulating them takes: --replay, with no server, makes the same
+    # simulations and the same report (the live command simulates from those files too)
+    capsys.readouterr()
+    assert cli.main(["validate", "--replay", str(tmp_path / "v"), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "validation.json").read_text())
+    assert again.pop("replayed_from") == str(tmp_path / "v")
+    assert again == report
+    assert (tmp_path / "again" / "sim-2" / "queries.csv").read_bytes() == (tmp_path / "v" / "sim-2" / "queries.csv").read_bytes()
+    assert "throughput_qps" in capsys.readouterr().out
+    # a damaged saved run: one line naming the file and the row, exit 2
+    import shutil
+
+    shutil.copytree(tmp_path / "v", tmp_path / "damaged")
+    rows = (tmp_path / "damaged" / "real-2" / "queries.csv").read_text().splitlines()
+    rows[3] = rows[3].replace(",", ",x", 1)
+    (tmp_path / "damaged" / "real-2" / "queries.csv").write_text("\n".join(rows) + "\n")
+    assert cli.main(["validate", "--replay", str(tmp_path / "damaged"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "real-2/queries.csv:4: not a queries.csv row" in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--replay", "{tmp}/nothing"], "no such file"),
+    (["--url", "http://127.0.0.1:9"], "give --url and --trace"),
+    (["--replay", "{tmp}", "--trace", "t.csv"], "without --url and --trace"),
+    (["--replay", "{tmp}/notjson"], "cannot read it"),
+])
+def test_validate_bad_arguments_give_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "notjson").mkdir()
+    (tmp_path / "notjson" / "server.json").write_text("{not json")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    rc = cli.main(["validate", *argv, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -4,15 +4,18 @@
    allocator plans with, and every run setting (policy, workers, routing, SLO, batch sizes, controller,
    admission, deadline sweep).
 2. Replays the trace against it ``--repeats`` times with ``diffsim load`` (open loop), to measure the real
-   system and its own run-to-run spread; each run's reports go to ``OUT/real-K/``.
+   system and its own run-to-run spread; each run's reports go to ``OUT/real-K/``, and what simulating
+   the runs takes besides (the trace as sent, ``OUT/trace.csv``; the server's description,
+   ``OUT/server.json``; its state at each run's start, ``OUT/real-runs.json``) beside them.
 3. Simulates the same trace once per real run, each as that run went (into ``OUT/sim-K/``):
 
    * from the server's state at the run's start: a server idle before the run plans for no demand and
      re-plans at its own phase (an idle lead-in reproduces both); one still planning for the previous
      trace's demand is started from that demand estimate, under the same plan;
    * with the batch times the run itself measured: each answer carries its
-     batch's run time, so the run's batches are rebuilt from them, and the profile's p50 per stage is
-     scaled by their measured / profile p50, p95 and p99 (a stage with too few rebuilt batches, e.g. a
+     batch's run time, so the run's batches are rebuilt from them, and the profile's p50 per stage and
+     batch size is scaled by their measured / profile p50, p95 and p99 (the stage's, for a batch size
+     with fewer than 20 batches of its own; a stage with too few rebuilt batches, e.g. a
      heavy stage whose queries were all deferred, is scaled by the server's mean ratio over that run's
      batches, from ``GET /v1/plan`` and ``GET /metrics`` before and after it; ``--no-calibrate`` keeps
      the profile as it is); batch times are drawn around
@@ -28,6 +31,11 @@
    and each real value, the error, the real spread, within_spread; per run its calibration and, request
    by request, how simulated and real outcomes pair up), ``OUT/server.json`` (what the server described),
    prints the table, and plots latency CDFs and violations per window (``OUT/validation.png``).
+
+The simulations are made from those saved files, so ``diffsim validate --replay DIR --out OUT2``, with no
+server, simulates the same real runs again: the same report, or the effect of a change to the simulator
+measured against the very runs it was measured against before (the real system's noise is then out of
+the comparison).
 """
 
 from __future__ import annotations
@@ -51,8 +59,11 @@ def add_parser(subparsers) -> None:
         description=__doc__.split("\n\n", 1)[1].replace("``", "'"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--url", required=True, type=nonempty, help="the running server, e.g. http://127.0.0.1:8000")
-    p.add_argument("--trace", required=True, type=nonempty, metavar="FILE", help="trace CSV, a path or a shipped name")
+    p.add_argument("--url", type=nonempty, help="the running server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--trace", type=nonempty, metavar="FILE", help="trace CSV, a path or a shipped name (with --url)")
+    p.add_argument("--replay", type=nonempty, metavar="DIR",
+                   help="no server: simulate again the real runs an earlier validate saved in DIR (e.g. after a "
+                        "change to the simulator, against the same real runs) and write the report to --out")
     p.add_argument("--out", required=True, type=nonempty, metavar="DIR", help="output folder")
     p.add_argument("--repeats", type=limits.REPEATS, default=3, metavar="K",
                    help=bounded("real runs of the trace", limits.REPEATS, 3))
@@ -201,12 +212,13 @@ def run_ratio(before: dict, after: dict) -> dict:
 
 
 def request_overhead_ms(runs) -> dict:
-    """The request overhead's percentiles (ms) over every request answered 200, as the profile's
+    """The request overhead's percentiles (ms) over every request answered 200 in ``runs`` (lists of
+    queries), as the profile's
     ``overheads`` takes them: ``request_ms`` (p50), ``request_p95_ms``, ``request_p99_ms`` of client
     latency minus the server's own time for the request (its queueing and batches). All 0 without answers."""
     import numpy as np
 
-    gaps = [1e3 * (q.latency_s - q.queue_s - q.service_s) for result in runs for q in result.queries
+    gaps = [1e3 * (q.latency_s - q.queue_s - q.service_s) for queries in runs for q in queries
             if q.outcome == "completed" and q.latency_s is not None]
     if not gaps:
         return {"request_ms": 0.0, "request_p95_ms": 0.0, "request_p99_ms": 0.0}
@@ -255,17 +267,26 @@ def rebuilt_batches(queries, cascade) -> dict:
 
 def measured_spread(queries, cascade) -> dict:
     """Per stage, the p50 / p95 / p99 of measured over profile batch time in one run (from
-    :func:`rebuilt_batches`), with the number of batches; a stage with fewer than :data:`MIN_BATCHES` is
-    left out."""
+    :func:`rebuilt_batches`), with the number of batches, and the same per batch size under ``"sizes"``
+    for the sizes with at least :data:`MIN_BATCHES` batches of their own (a profile's shape across batch
+    sizes is itself off on a loaded host: one run here had batches of 1 at 0.89x their profile time and
+    batches of 4 at 1.47x). A stage with fewer than :data:`MIN_BATCHES` batches is left out."""
     import numpy as np
+
+    def percentiles(ratios) -> dict:
+        p50, p95, p99 = (round(float(v), 4) for v in np.percentile(ratios, [50, 95, 99]))
+        return {"p50": p50, "p95": p95, "p99": p99, "batches": len(ratios)}
 
     spread = {}
     for role, batches in rebuilt_batches(queries, cascade).items():
         if len(batches) < MIN_BATCHES:
             continue
-        r = np.array([run_s / profile_s for _, run_s, profile_s, _ in batches])
-        p50, p95, p99 = (round(float(v), 4) for v in np.percentile(r, [50, 95, 99]))
-        spread[role] = {"p50": p50, "p95": p95, "p99": p99, "batches": len(batches)}
+        by_size: dict[int, list] = {}
+        for n, run_s, profile_s, _ in batches:
+            by_size.setdefault(n, []).append(run_s / profile_s)
+        spread[role] = {**percentiles([r for ratios in by_size.values() for r in ratios]),
+                        "sizes": {n: percentiles(ratios) for n, ratios in sorted(by_size.items())
+                                  if len(ratios) >= MIN_BATCHES}}
     return spread
 
 
@@ -310,14 +331,17 @@ def measured_correlation(queries, cascade) -> Optional[dict]:
 
 def calibrated_profile(profile: dict, light_model: str, heavy_model: str, spread: dict, ratio: dict) -> dict:
     """``profile`` (as /v1/config gives it) with each stage's batch times as one run measured them: where
-    ``spread`` has the stage (:func:`measured_spread`), its p50 / p95 / p99 are the profile's p50 times the
-    measured ratios (the light model's and the discriminator's alike); otherwise the stage is scaled by
-    ``ratio`` as in :func:`scaled_profile`."""
+    ``spread`` has the stage (:func:`measured_spread`), each batch size's p50 / p95 / p99 are the profile's
+    p50 times that size's measured ratios, or the stage's where the size had too few batches of its own
+    (the light model's and the discriminator's alike); otherwise the stage is scaled by ``ratio`` as in
+    :func:`scaled_profile`."""
     def measured(table: dict, r: dict) -> dict:
         out = dict(table)
+        sizes = r.get("sizes") or {}
         base = table["p50_ms"]
         for key, q in (("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99")):
-            out[key] = [None if v is None else round(v * r[q], 3) for v in base]
+            out[key] = [None if v is None else round(v * sizes.get(n, sizes.get(str(n), r))[q], 3)
+                        for n, v in zip(table["batch_sizes"], base)]
         return out
 
     data = scaled_profile(profile, light_model, heavy_model, {k: v for k, v in ratio.items() if k not in spread})
@@ -363,38 +387,46 @@ def lead_in_s(snapshot: dict, controller) -> float:
 
 
 def measured_confidences(runs, cascade, seed: int):
-    """Per-prompt confidences the server reported (light images are scored, whatever the request's
-    status), falling back to the cascade's deferral curve for prompts never scored."""
+    """Per-prompt confidences the server reported in ``runs`` (lists of queries; light images are scored,
+    whatever the request's status), falling back to the cascade's deferral curve for prompts never scored."""
     from ..runtime.confidence import Confidences
 
     conf = Confidences.from_curve(cascade.deferral, seed)
     known = {}
-    for result in runs:
-        for q in result.queries:
+    for queries in runs:
+        for q in queries:
             if q.confidence is not None:
                 known.setdefault(q.prompt_id, float(q.confidence))
     conf.learn(known)
     return conf, len(known)
 
 
+TRACE_FILE = "trace.csv"  # the trace as sent: from 0, arrival times x --time-scale
+RUNS_FILE = "real-runs.json"  # what the real runs' own folders do not hold: each run's server state at its start
+SERVER_FILE = "server.json"
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..policies import policy_for
-    from ..reports import metrics
-    from ..reports.comparison import summarize_result
-    from ..reports.validation import compare, figures_of, format_table, mean_figures, outcome_pairs, plot
+    if args.replay is not None:
+        if args.url is not None or args.trace is not None:
+            raise DiffsimError("validate: --replay re-simulates saved runs; give it without --url and --trace")
+        return simulate_runs(Path(args.replay), Path(args.out), args)
+    if args.url is None or args.trace is None:
+        raise DiffsimError("validate: give --url and --trace (measure a running server), or --replay DIR")
     from ..resources import resolve_trace
-    from ..workload.loadgen import run_load, summary_and_rows, write_results
-    from ..workload.traces import read_trace
+    from ..workload.loadgen import run_load, write_results
+    from ..workload.traces import read_trace, write_trace
 
     described = fetch_config(args.url, args.api_key)
+    sim_config = sim_config_from(described, service_time=args.service_time)
     trace = read_trace(resolve_trace(args.trace))
     if args.max_requests is not None:
         trace = _head(trace, args.max_requests)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sim_config = sim_config_from(described, service_time=args.service_time)
-    cascade = sim_config.cascade
-    runs, real_figures, real_rows, ratios = [], [], [], []
+    (out / SERVER_FILE).write_text(json.dumps(described, indent=2, sort_keys=True) + "\n")
+    write_trace(_scaled(trace, args.time_scale), out / TRACE_FILE)
+    starts = []
     for k in range(args.repeats):
         if k:
             import time
@@ -403,30 +435,121 @@ def run(args: argparse.Namespace) -> int:
         print(f"real run {k + 1}/{args.repeats}: {len(trace)} requests against {args.url}", flush=True)
         before = batch_time_stats(args.url, args.api_key)
         result = asyncio.run(run_load(args.url, trace, time_scale=args.time_scale, api_key=args.api_key))
-        runs.append(result)
-        ratios.append({} if args.no_calibrate else run_ratio(before, batch_time_stats(args.url, args.api_key)))
-        summary, rows = summary_and_rows(result, cascade, trace_name=args.trace, window_s=args.window_s)
-        write_results(out / f"real-{k + 1}", result, cascade, trace_name=args.trace, window_s=args.window_s)
-        real_figures.append(figures_of(summary, result.queries))
-        real_rows.append(rows)
+        ratio = run_ratio(before, batch_time_stats(args.url, args.api_key))
+        write_results(out / f"real-{k + 1}", result, sim_config.cascade, trace_name=args.trace,
+                      window_s=args.window_s)
+        starts.append({"server_start": result.server, "server_mean_ratio": ratio})
+    (out / RUNS_FILE).write_text(json.dumps({"url": args.url, "trace": args.trace, "time_scale": args.time_scale,
+                                             "runs": starts}, indent=2, sort_keys=True) + "\n")
+    # The simulations are made from what was just written, as --replay makes them: one code path, and a
+    # replay of this folder reproduces this report exactly.
+    return simulate_runs(out, out, args)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DiffsimError(f"validate --replay: {path}: no such file (a folder written by diffsim validate?)") from None
+    except (OSError, ValueError) as e:
+        raise DiffsimError(f"validate --replay: {path}: cannot read it: {e}") from None
+
+
+def read_real_queries(path: Path, slo_s: float) -> list:
+    """The queries of a real run as its ``queries.csv`` has them (what validate compares and calibrates
+    from: outcome, times, stages, confidence)."""
+    import csv
+
+    from ..query import Query
+
+    def number(row, key):
+        text = row[key]
+        return float(text) if text else None
+
+    queries = []
+    try:
+        with open(path, newline="") as f:
+            for line, row in enumerate(csv.DictReader(f), start=2):
+                try:
+                    q = Query(int(row["id"]), int(row["prompt_id"]), float(row["arrival_s"]), slo_s)
+                    q.outcome = None if row["outcome"] == "unfinished" else row["outcome"]
+                    q.finished_s = number(row, "finished_s")
+                    q.served_by = row["served_by"] or None
+                    q.deferred = row["deferred"] == "true"
+                    q.confidence = number(row, "confidence")
+                    q.stages = row["stages"].split("+") if row["stages"] else []
+                    q.batch_sizes = [int(b) for b in row["batch_sizes"].split("+")] if row["batch_sizes"] else []
+                    q.queue_s = number(row, "queue_s") or 0.0
+                    q.service_s = number(row, "service_s") or 0.0
+                except (KeyError, TypeError, ValueError) as e:
+                    raise DiffsimError(f"validate --replay: {path}:{line}: not a queries.csv row ({e})") from None
+                queries.append(q)
+    except FileNotFoundError:
+        raise DiffsimError(f"validate --replay: {path}: no such file (a folder written by diffsim validate?)") from None
+    return queries
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """A time series as the plot reads it (window start and violations)."""
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            return [{"t_start_s": float(r["t_start_s"]), "violations": float(r["violations"])}
+                    for r in csv.DictReader(f)]
+    except (OSError, KeyError, ValueError):
+        return []  # only the plot uses it
+
+
+def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
+    """Simulate each real run saved in ``src`` (by a live validate: ``server.json``, ``trace.csv``,
+    ``real-runs.json`` and ``real-K/``) and compare: write the simulations and the report to ``out``."""
+    from ..policies import policy_for
+    from ..reports import metrics
+    from ..reports.comparison import summarize_result
+    from ..reports.validation import compare, figures_of, format_table, mean_figures, outcome_pairs, plot
+    from ..workload.traces import read_trace
+
+    described = _read_json(src / SERVER_FILE)
+    saved = _read_json(src / RUNS_FILE)
+    try:
+        sim_config = sim_config_from(described, service_time=args.service_time)
+        starts = list(saved["runs"])
+        trace_name = str(saved["trace"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DiffsimError(f"validate --replay: {src}: {SERVER_FILE} / {RUNS_FILE} lack a field ({e})") from None
+    if not starts:
+        raise DiffsimError(f"validate --replay: {src / RUNS_FILE}: no runs")
+    cascade = sim_config.cascade
+    trace = read_trace(src / TRACE_FILE)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, real_figures, real_rows = [], [], []
+    for k in range(len(starts)):
+        folder = src / f"real-{k + 1}"
+        queries = read_real_queries(folder / metrics.QUERIES_FILE, cascade.slo_s)
+        if len(queries) != len(trace):
+            raise DiffsimError(f"validate --replay: {folder / metrics.QUERIES_FILE}: {len(queries)} queries for a "
+                               f"trace of {len(trace)}")
+        runs.append(queries)
+        real_figures.append(figures_of(_read_json(folder / metrics.SUMMARY_FILE), queries))
+        real_rows.append(_read_rows(folder / metrics.TIMESERIES_FILE))
     confidences, scored = measured_confidences(runs, cascade, sim_config.seed)
-    scaled = _scaled(trace, args.time_scale)
     sims, sim_figures, sim_rows, per_run = [], [], [], []
-    for k, result in enumerate(runs):
-        overhead = request_overhead_ms([result])
-        spread = {} if args.no_calibrate else measured_spread(result.queries, cascade)
-        correlation = None if args.no_calibrate else measured_correlation(result.queries, cascade)
-        fallback = ratios[k]
+    for k, queries in enumerate(runs):
+        overhead = request_overhead_ms([queries])
+        spread = {} if args.no_calibrate else measured_spread(queries, cascade)
+        correlation = None if args.no_calibrate else measured_correlation(queries, cascade)
+        fallback = {} if args.no_calibrate else dict(starts[k].get("server_mean_ratio") or {})
         config_k = sim_config_from(described, service_time=args.service_time, overhead=overhead, ratio=fallback,
                                    spread=spread, correlation=correlation)
         # The server's allocator plans with the server's profile (its batch estimates are corrected by
         # measured times only for batching, drops and admission): so does the simulated one.
         policy = policy_for(sim_config)
-        config_k, lead, how = start_state(config_k, scaled, confidences, result.server, policy)
+        config_k, lead, how = start_state(config_k, trace, confidences, starts[k].get("server_start") or {}, policy)
         replicas = []  # the run simulated with --sim-seeds seeds: its figures are their mean
         for j in range(args.sim_seeds):
-            sim_j = simulate_run(replace(config_k, seed=config_k.seed + j), scaled, confidences, lead, policy)
-            summary = summarize_result(sim_j, args.trace)
+            sim_j = simulate_run(replace(config_k, seed=config_k.seed + j), trace, confidences, lead, policy)
+            summary = summarize_result(sim_j, trace_name)
             replicas.append(figures_of(summary, sim_j.queries))
             if j == 0:  # the first seed's outputs are written and plotted
                 sim = sim_j
@@ -442,19 +565,20 @@ def run(args: argparse.Namespace) -> int:
                         "batch_time_ratio": spread, "batch_time_correlation": correlation,
                         "scaled_by_server_mean": {r: v for r, v in fallback.items() if r not in spread},
                         "server_mean_ratio": fallback,
-                        "outcomes": outcome_pairs(sim.queries, result.queries)})
+                        "outcomes": outcome_pairs(sim.queries, queries)})
     comparison = compare(mean_figures(sim_figures), real_figures, sim_runs=sim_figures)
     report = {
-        "url": args.url, "trace": args.trace, "requests": len(trace), "repeats": args.repeats,
+        "url": saved.get("url"), "trace": trace_name, "requests": len(trace), "repeats": len(runs),
         "service_time": args.service_time, "prompts_scored": scored, "runs": per_run,
         "server": {"cascade": described["cascade"]["name"], "policy": described["run"]["policy"],
                    "gpus": described["run"]["gpus"], "routing": described["run"]["routing"],
                    "slo_s": described["cascade"]["slo_s"]},
         "figures": comparison,
     }
+    if src != out:
+        report["replayed_from"] = str(src)
     (out / "validation.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    (out / "server.json").write_text(json.dumps(described, indent=2, sort_keys=True) + "\n")
-    plot(out / "validation.png", [s.queries for s in sims], [r.queries for r in runs], sim_rows, real_rows)
+    plot(out / "validation.png", [s.queries for s in sims], runs, sim_rows, real_rows)
     print(format_table(comparison))
     for k, run_k in enumerate(per_run):
         light = run_k["batch_time_ratio"].get("light")
