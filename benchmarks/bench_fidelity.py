@@ -1,14 +1,25 @@
-"""How far the simulator predicts the real server, on cpu-tiny: ``diffsim validate`` on two traces.
+"""How far the simulator predicts the real server: ``diffsim validate`` on three traces.
 
-Starts ``diffsim serve --backend cpu-tiny`` (2 workers, SLO 2 s, the start-up profile measured on both
-workers at once) in a process of its own, reads its planned capacity, and validates the simulator against
-it on a steady Poisson trace at ~70% of that capacity and a bursty one (Gamma gaps, cv 3) above it, each
-replayed ``--repeats`` times for the real system's own spread (validate simulates each real run from its
-own start state, with the batch times and request overhead measured in it). Prints validate's tables and
-the machine's load average before and after each trace (the figures move with it on a shared machine);
-writes validate's reports under ``--out``.
+Starts ``diffsim serve`` in a process of its own -- ``--backend cpu-tiny`` (tiny random models on the
+CPU, 2 workers, SLO 2 s, the start-up profile measured on both workers at once) or ``--backend emulated``
+(workers that hold each batch for the A100 profile's time, confidences drawn from the cascade's deferral
+curve, the cascade's SLO) --, reads its planned capacity, and validates the simulator against it on:
 
-    .venv/bin/python benchmarks/bench_fidelity.py --out out/fidelity           # ~15 min on 2 cores
+* ``steady``: Poisson at ~70% of that capacity;
+* ``bursty``: Gamma gaps (cv 3) at a mean above it;
+* ``deferring``: Poisson at 70% of the highest demand at which the server's own policy (asked with the
+  server's profile and settings) still plans to defer queries to the heavy model. At the other two rates
+  the plans serve everything light. On cpu-tiny the random-weight discriminator scores every image about
+  0.5, above any threshold the policy picks, so nothing is deferred there either: the heavy stage is
+  exercised with ``--backend emulated``, whose confidences follow the deferral curve.
+
+Each trace is replayed ``--repeats`` times for the real system's own spread (validate simulates each real
+run from its own start state, with the batch times and request overhead measured in it). Prints
+validate's tables and the machine's load average before and after each trace (the figures move with it on
+a shared machine); writes validate's reports under ``--out``.
+
+    .venv/bin/python benchmarks/bench_fidelity.py --out out/fidelity                     # ~15 min on 2 cores
+    .venv/bin/python benchmarks/bench_fidelity.py --out out/fid-emulated --backend emulated --gpus 4
     .venv/bin/python benchmarks/bench_fidelity.py --out out/fidelity --ray     # workers in their own processes
 
 The figures depend on this machine; the comparison (sim against the real spread) is what to read.
@@ -35,6 +46,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="real runs per trace (default 3)")
     ap.add_argument("--steady", type=float, default=0.7, help="steady trace's rate, x capacity (default 0.7)")
     ap.add_argument("--bursty", type=float, default=1.1, help="bursty trace's mean rate, x capacity (default 1.1)")
+    ap.add_argument("--deferring", type=float, default=0.7,
+                    help="deferring trace's rate, x the highest demand the server's plans still defer at (default 0.7)")
+    ap.add_argument("--traces", default="steady,bursty,deferring", help="which traces to run (default: all three)")
+    ap.add_argument("--backend", choices=("cpu-tiny", "emulated"), default="cpu-tiny",
+                    help="cpu-tiny (default: tiny models on the CPU, SLO 2 s) or emulated (workers that sleep for the "
+                         "A100 profile's batch times, confidences from the deferral curve, the cascade's SLO)")
+    ap.add_argument("--gpus", type=int, default=2, help="workers (default 2)")
     ap.add_argument("--ray", action="store_true", help="serve with --ray local")
     args = ap.parse_args()
     out = Path(args.out)
@@ -42,9 +60,11 @@ def main() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     if args.ray:
         env.setdefault("RAY_AUTH_MODE", "disabled")
-    cmd = [sys.executable, "-m", "diffsim.cli", "serve", "--backend", "cpu-tiny", "--cascade", "sdturbo-sdv15",
-           "--gpus", "2", "--port", "0", "--slo-s", "2", "--discriminator-arch", "test_efficientnet",
-           "--batch-sizes", "1,2,4", "--save-profile", str(out / "cpu-tiny-measured.yaml"), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "diffsim.cli", "serve", "--backend", args.backend, "--cascade", "sdturbo-sdv15",
+           "--gpus", str(args.gpus), "--port", "0", "--save-profile", str(out / f"{args.backend}-profile.yaml"),
+           "--log-level", "warning"]
+    if args.backend == "cpu-tiny":
+        cmd += ["--slo-s", "2", "--discriminator-arch", "test_efficientnet", "--batch-sizes", "1,2,4"]
     if args.ray:
         cmd += ["--ray", "local"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -56,11 +76,18 @@ def main() -> None:
         capacity = plan["stages"][0]["capacity_qps"]
         print(f"server {url}: planned light capacity {capacity:.2f} qps ({plan['stages'][0]['workers']} light workers, "
               f"batch {plan['stages'][0]['batch_size']})", flush=True)
+        deferring = highest_deferring_demand(url, capacity)
+        print(f"the server's policy defers up to {deferring:.2f} qps", flush=True)
         traces = {
             "steady": ["poisson", "--rate", f"{args.steady * capacity:.3f}"],
             "bursty": ["gamma", "--rate", f"{args.bursty * capacity:.3f}", "--cv", "3"],
+            "deferring": ["poisson", "--rate", f"{args.deferring * deferring:.3f}"],
         }
-        for name, spec in traces.items():
+        wanted = [t.strip() for t in args.traces.split(",") if t.strip()]
+        unknown = sorted(set(wanted) - set(traces))
+        if unknown:
+            sys.exit(f"--traces: unknown trace(s) {', '.join(unknown)} (choose from {', '.join(traces)})")
+        for name, spec in ((n, traces[n]) for n in wanted):
             trace = out / f"{name}.csv"
             cli.main(["trace", *spec, "--duration", str(args.seconds), "--seed", "1", "--out", str(trace)])
             print(f"\n== {name}: {' '.join(spec)} for {args.seconds:g} s; load average {_load()}", flush=True)
@@ -69,6 +96,23 @@ def main() -> None:
             print(f"load average after {name}: {_load()}", flush=True)
     finally:
         stop_server(proc)
+
+
+def highest_deferring_demand(url: str, capacity: float, step: float = 0.25) -> float:
+    """The highest demand (qps, on a ``step`` grid up to ``capacity``) at which the server's policy, planning
+    with the server's own profile and settings (``GET /v1/config``) and no queueing delay, still defers
+    queries to the heavy model; 0 when it defers at none."""
+    from diffsim.commands.validate import fetch_config, sim_config_from
+    from diffsim.policies import PolicyInput, policy_for
+
+    config = sim_config_from(fetch_config(url), service_time="p50")
+    policy = policy_for(config)
+    best = 0.0
+    for k in range(1, int(capacity / step) + 1):
+        plan = policy.plan(PolicyInput(demand_qps=k * step, queue_delay_s=(0.0, 0.0), gpus=config.gpus))
+        if plan.feasible and plan.heavy.workers > 0 and config.cascade.deferral(plan.threshold) > 0:
+            best = k * step
+    return best
 
 
 def _load() -> str:
