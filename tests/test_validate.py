@@ -285,7 +285,7 @@ def test_validate_end_to_end_on_a_fake_server(tmp_path, capsys):
     # the fake's confidences (seed / 100, seed = prompt id) reach the simulation: the same deferrals
     assert figs["deferral_fraction"]["sim"] == pytest.approx(figs["deferral_fraction"]["real"][0]) == 0.5
     for path in ("validation.png", "server.json", "real-1/summary.json", "real-2/summary.json", "sim-1/summary.json",
-                 "sim-2/queries.csv"):
+                 "sim-2/queries.csv", "sim-2/plans.csv", "real-runs.json", "trace.csv"):
         assert (tmp_path / "v" / path).exists(), path
     out = capsys.readouterr().out
     assert "throughput_qps" in out and "within" in out

@@ -26,7 +26,7 @@
    * with the per-prompt confidences the server reported and every setting it described (admission and
      deadline sweep included); its allocator plans with the server's profile, as the server's does.
    Each run is simulated with ``--sim-seeds`` seeds (default 3) and its figures are their mean; the
-   first seed's outputs are written.
+   first seed's outputs are written (summary, time series, queries.csv and plans.csv, as the real run's).
 4. Writes ``OUT/validation.json`` (per figure: sim -- the mean over the simulated runs --, each simulated
    and each real value, the error, the real spread, within_spread; per run its calibration and, request
    by request, how simulated and real outcomes pair up), ``OUT/server.json`` (what the server described),
@@ -558,6 +558,8 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
                 metrics.write_outputs(out / f"sim-{k + 1}", summary, rows, plot=False)
                 metrics.write_csv(out / f"sim-{k + 1}" / metrics.QUERIES_FILE, metrics.query_rows(sim.queries),
                                   metrics.QUERY_COLUMNS)
+                metrics.write_csv(out / f"sim-{k + 1}" / metrics.PLANS_FILE, metrics.plan_rows(sim.plans),
+                                  metrics.PLAN_COLUMNS)
         sims.append(sim)
         sim_figures.append(mean_figures(replicas))
         sim_rows.append(rows)
