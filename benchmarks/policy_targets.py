@@ -18,7 +18,13 @@ prints one markdown row per run:
   requests), counted by arrival time as timeseries.csv does;
 * ``switches/min``: role switches (workers whose role changes when a plan is applied, as the
   dispatcher assigns them: fewest switches) per minute of the run, and the most in any 60 s;
-* ``stranded``: applied plans that gave a stage no worker while it had queued work.
+* ``stranded``: applied plans that gave a stage no worker while it had queued work;
+* ``FID (on time)``: as ``FID``, counting only the images served within the SLO (cascade-mode runs): what
+  a plan's quality is when its late images are worth nothing to the client.
+
+``--rate-bins 10,15,20,25`` adds a table per run of the windows grouped by their arrival rate (the
+trace's, the same for every policy; edges in qps): each group's completion-weighted FID (windows by
+finish, as ``FID``), light fraction served and violation ratio (windows by arrival).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from diffsim.commands.simulate import add_scenario_arguments, load_scenario, sce
 from diffsim.reports import metrics  # noqa: E402
 from diffsim.reports.comparison import summarize_result  # noqa: E402
 from diffsim.runtime.roles import assign_roles, switched  # noqa: E402
+
+WINDOW_S = 10.0  # as summary.json's mean_fid
 
 
 class _Recorder:
@@ -64,8 +72,40 @@ def role_switches(plans, gpus: int) -> list[tuple[float, int]]:
     return out
 
 
+def fid_of_served(queries, cascade, on_time_only: bool) -> float | None:
+    """Completion-weighted mean over 10 s windows (by finish) of the FID at each window's light fraction,
+    of the completed queries (only those within the SLO with ``on_time_only``); None when a plan of the
+    run was not in cascade mode (the split modes' FID is another curve) or nothing counts."""
+    windows: dict[int, list[int]] = {}
+    for q in queries:
+        if q.outcome != "completed" or (on_time_only and q.late):
+            continue
+        counts = windows.setdefault(int(q.finished_s // WINDOW_S), [0, 0])
+        counts[0] += 1
+        counts[1] += q.served_by == "light"
+    total = sum(n for n, _ in windows.values())
+    if not total:
+        return None
+    return sum(n * float(cascade.fid(light / n)) for n, light in windows.values()) / total
+
+
+def by_rate(rows, edges):
+    """(low, high, windows, completion-weighted FID, light fraction served, violation ratio) per group of
+    windows whose arrival rate lies in [low, high)."""
+    out = []
+    lows = ([0.0] if edges[0] > 0 else []) + edges
+    for lo, hi in zip(lows, lows[1:] + [float("inf")]):
+        group = [r for r in rows if lo <= r["arrival_qps"] < hi]
+        done = sum(r["completions"] for r in group if r["fid"] is not None)
+        arrivals = sum(r["arrivals"] for r in group)
+        fid = sum(r["fid"] * r["completions"] for r in group if r["fid"] is not None) / done if done else None
+        light = sum(r["light_served"] for r in group) / done if done else None
+        out.append((lo, hi, len(group), fid, light, sum(r["violations"] for r in group) / arrivals if arrivals else None))
+    return out
+
+
 def run(args_and_spec):
-    settings, policy, gpus, peak_qps, switch_margin = args_and_spec
+    settings, policy, gpus, peak_qps, switch_margin, edges = args_and_spec
     from diffsim.policies import policy_for
     from diffsim.simulator import simulate
 
@@ -79,6 +119,7 @@ def run(args_and_spec):
     summary = summarize_result(result, trace_name)
     rows = metrics.timeseries(result.queries, result.plans, result.demand, cascade=config.cascade,
                               window_s=config.window_s)
+    cascade_only = all(plan.mode == "cascade" for _, plan in result.plans)
     peak = [r for r in rows if r["arrival_qps"] > peak_qps]
     peak_arrivals = sum(r["arrivals"] for r in peak)
     switches = role_switches(result.plans, gpus)
@@ -97,6 +138,8 @@ def run(args_and_spec):
         "peak_requests": peak_arrivals, "peak_windows": len(peak),
         "switches_per_min": sum(n for _, n in switches) / minutes if minutes else 0.0,
         "max_switches_60s": worst, "stranded": stranded,
+        "fid_on_time": fid_of_served(result.queries, config.cascade, True) if cascade_only else None,
+        "by_rate": by_rate(rows, edges) if edges else [],
     }
 
 
@@ -107,19 +150,21 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-gpus", default="16")
     p.add_argument("--peak-qps", type=float, default=25.0)
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--rate-bins", default="", help="edges (qps) of arrival-rate groups of windows, e.g. 10,15,20,25")
     p.add_argument("--switch-margin", type=float, default=None,
                    help="the MILP policies' hysteresis margin (diffsim.policies.SWITCH_MARGIN unless given; 0: none)")
     args = p.parse_args(argv)
     settings = scenario_settings(args)
-    specs = [(settings, pol, int(g), args.peak_qps, args.switch_margin) for pol in args.policies.split(",")
+    edges = [float(e) for e in args.rate_bins.split(",") if e.strip()]
+    specs = [(settings, pol, int(g), args.peak_qps, args.switch_margin, edges) for pol in args.policies.split(",")
              for g in args.sweep_gpus.split(",")]
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(specs)))) as pool:
         results = list(pool.map(run, specs))
     peak = results[0]
     print(f"peak windows: {peak['peak_windows']} ({peak['peak_requests']} requests, > {args.peak_qps:g} qps)")
     print("| policy | GPUs | viol | viol (window mean) | FID | FID (overall mix) | peak viol "
-          "| switches/min (max in 60 s) | stranded |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| switches/min (max in 60 s) | stranded | FID (on time) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}%"
@@ -130,7 +175,15 @@ def main(argv=None) -> int:
     for r in results:
         print(f"| {r['policy']} | {r['gpus']} | {pct(r['violations'])} | {pct(r['window_violations'])} | "
               f"{fid(r['fid'])} | {fid(r['fid_overall'])} | {pct(r['peak_violations'])} | "
-              f"{r['switches_per_min']:.1f} ({r['max_switches_60s']}) | {r['stranded']} |")
+              f"{r['switches_per_min']:.1f} ({r['max_switches_60s']}) | {r['stranded']} | {fid(r['fid_on_time'])} |")
+    if edges:
+        print("\n| policy | GPUs | arrival rate (qps) | windows | FID | light served | viol |")
+        print("|---|---|---|---|---|---|---|")
+        for r in results:
+            for lo, hi, n, f, light, v in r["by_rate"]:
+                span = f"{lo:g}-{hi:g}" if hi != float("inf") else f">= {lo:g}"
+                light_s = "-" if light is None else f"{light:.3f}"
+                print(f"| {r['policy']} | {r['gpus']} | {span} | {n} | {fid(f)} | {light_s} | {pct(v)} |")
     return 0
 
 
