@@ -1383,38 +1383,60 @@ def _allocate_pinned(cascade, gpus, demand, light, heavy, ranked, mode, objectiv
     found = None
     if 0 < nl + nh <= gpus:
         servable = _servable(ranked, demand, gpus, light, heavy, light_ok, heavy_ok)
-        ks = np.flatnonzero(servable)
-        on_l = (ranked.light[ks] > 0) | q.keep[0] | coupled
-        on_h = (ranked.heavy[ks] > 0) | q.keep[1]
+        on_l_all = (ranked.light > 0) | q.keep[0] | coupled
+        on_h_all = (ranked.heavy > 0) | q.keep[1]
+        loads_l_all, loads_h_all = _queued_loads(ranked, slice(None), demand, q)
 
-        def at_count(stage, ok, loads, backlog, n, on):
-            # [k, option] path at exactly n workers (its table's running minimum from the fewest the rows need),
-            # then an "off" option: inf where the stage runs, 0 where it is off (so the pair is the other stage).
-            if n > 0 and ok and len(ks):
-                first = min(n, int(_queued_need(stage, ok, loads).min()))
-                quantiles = q.path_quantiles(ranked.heavy[ks], coupled)
-                table = _stage_paths(stage, ok, loads, backlog, q, slo, quantiles, first, n - first + 1)[:, :, -1]
-            else:
-                table = np.full((len(ks), len(ok)), np.inf)
-            table = np.where(on[:, None], table, np.inf)
-            return np.concatenate([table, np.where(on, np.inf, 0.0)[:, None]], axis=1)
+        def carries(stage, ok, loads, n, on):  # a running stage has n >= the fewest workers some option needs
+            if not ok or n == 0:
+                return ~on
+            return ~on | (_queued_need(stage, ok, loads).min(axis=1) <= n)
 
-        loads_l, loads_h = _queued_loads(ranked, ks, demand, q)
-        pl = at_count(light, light_ok, loads_l, q.backlog[0], nl, on_l)
-        ph = at_count(heavy, heavy_ok, loads_h, q.backlog[1], nh, on_h)
-        total = pl[:, :, None] + ph[:, None, :]
-        fits = (pl <= slo)[:, :, None] & (ph <= slo)[:, None, :]
-        if coupled:
-            fits &= total <= slo
-        some = fits.reshape(len(ks), -1).any(axis=1)
-        if some.any():
-            i = int(np.argmax(some))  # the best-ranked candidate with a pair
-            jl, jh = np.unravel_index(int(np.where(fits[i], total[i], np.inf).argmin()), fits[i].shape)
-            lsel = (int(jl), nl, float(pl[i, jl])) if jl < len(light_ok) else (None, 0, 0.0)
-            hsel = (int(jh), nh, float(ph[i, jh])) if jh < len(heavy_ok) else (None, 0, 0.0)
-            found = ranked.candidate(int(ks[i])), lsel, hsel
+        # Candidates the counts cannot carry even with no delay are skipped; the rest are read a few at a time
+        # in rank order (1, 4, 16, ...: one table per stage for a group), stopping at the first that fits.
+        ks_all = np.flatnonzero(servable & carries(light, light_ok, loads_l_all, nl, on_l_all)
+                                & carries(heavy, heavy_ok, loads_h_all, nh, on_h_all))
+        start, size = 0, 1
+        while found is None and start < len(ks_all):
+            ks = ks_all[start:start + size]
+            start, size = start + size, size * 4
+            found = _pinned_fit(ks, ranked, demand, light, heavy, light_ok, heavy_ok, q, coupled, slo, nl, nh,
+                                on_l_all[ks], on_h_all[ks])
     if found is None:
         plan = _best_effort_queued(cascade, gpus, demand, light, heavy, mode, objective, q)
         return replace(plan, feasible=False, reason=f"no plan on {nl} light + {nh} heavy workers; {plan.reason}")
     cand, lsel, hsel = found
     return _queued_plan(cascade, gpus, demand, light, heavy, light_ok, heavy_ok, cand, mode, objective, lsel, hsel)
+
+
+def _pinned_fit(ks, ranked, demand, light, heavy, light_ok, heavy_ok, q, coupled, slo, nl, nh, on_l, on_h):
+    """The first of candidates ``ks`` (in rank order) with an option pair within the SLO at exactly ``nl`` and
+    ``nh`` workers, as ``(candidate, light selection, heavy selection)``, or None (see :func:`_allocate_pinned`)."""
+    quantiles = q.path_quantiles(ranked.heavy[ks], coupled)
+    loads_l, loads_h = _queued_loads(ranked, ks, demand, q)
+
+    def at_count(stage, ok, loads, backlog, n, on):
+        # [k, option] path at exactly n workers (its table's running minimum from the fewest the rows need, as
+        # the solvers' tables), then an "off" option: inf where the stage runs, 0 where it is off.
+        if n > 0 and ok:
+            first = min(n, int(_queued_need(stage, ok, loads).min()))
+            table = _stage_paths(stage, ok, loads, backlog, q, slo, quantiles, first, n - first + 1)[:, :, -1]
+        else:
+            table = np.full((len(ks), len(ok)), np.inf)
+        table = np.where(on[:, None], table, np.inf)
+        return np.concatenate([table, np.where(on, np.inf, 0.0)[:, None]], axis=1)
+
+    pl = at_count(light, light_ok, loads_l, q.backlog[0], nl, on_l)
+    ph = at_count(heavy, heavy_ok, loads_h, q.backlog[1], nh, on_h)
+    total = pl[:, :, None] + ph[:, None, :]
+    fits = (pl <= slo)[:, :, None] & (ph <= slo)[:, None, :]
+    if coupled:
+        fits &= total <= slo
+    some = fits.reshape(len(ks), -1).any(axis=1)
+    if not some.any():
+        return None
+    i = int(np.argmax(some))  # the best-ranked candidate with a pair
+    jl, jh = np.unravel_index(int(np.where(fits[i], total[i], np.inf).argmin()), fits[i].shape)
+    lsel = (int(jl), nl, float(pl[i, jl])) if jl < len(light_ok) else (None, 0, 0.0)
+    hsel = (int(jh), nh, float(ph[i, jh])) if jh < len(heavy_ok) else (None, 0, 0.0)
+    return ranked.candidate(int(ks[i])), lsel, hsel

@@ -109,20 +109,24 @@ def test_bad_inputs_raise_clear_errors(turbo, kwargs, match):
 
 @pytest.mark.parametrize("model", ["mean", "tail"])
 @pytest.mark.parametrize("routing", ["random", "least-loaded"])
-def test_pinned_workers_at_the_chosen_split_give_the_chosen_plan(turbo, model, routing):
+@pytest.mark.parametrize("mode", ["cascade", "split"])
+def test_pinned_workers_at_the_chosen_split_give_the_chosen_plan(turbo, model, routing, mode):
     """Pinning the worker counts the unpinned solve chose gives back its candidate and paths (the same path
     tables, read at those counts)."""
+    checked = 0
     for gpus, demand, backlog in ((8, 6.0, (0, 0)), (8, 14.5, (0, 2)), (12, 25.0, (6, 4)), (16, 30.0, (0, 25)),
-                                  (16, 18.0, (4, 9))):
-        kwargs = dict(queue_model=model, routing=routing, backlog=backlog, max_utilization=1.0)
+                                  (16, 18.0, (4, 9)), (64, 120.0, (10, 30))):
+        kwargs = dict(queue_model=model, routing=routing, backlog=backlog, max_utilization=1.0, mode=mode)
         free = allocate(turbo, gpus, demand, **kwargs)
         if not free.feasible:
             continue
+        checked += 1
         pinned = allocate(turbo, gpus, demand, **kwargs, workers=(free.light.workers, free.heavy.workers))
         assert pinned.feasible
         assert (pinned.threshold, pinned.light.workers, pinned.heavy.workers) == (
             free.threshold, free.light.workers, free.heavy.workers)
         assert pinned.extra["summed_path_s"] == pytest.approx(free.extra["summed_path_s"])
+    assert checked >= 4
 
 
 def test_pinned_workers_that_cannot_serve_are_infeasible(turbo):
