@@ -117,6 +117,7 @@ def simulate(
     keep_queries: bool = True,
     on_query: Optional[Callable[[Query], None]] = None,
     skip_idle: bool = True,
+    service_estimate: Optional[dict] = None,
 ) -> SimResult:
     """Simulate ``trace`` under ``config``.
 
@@ -127,7 +128,9 @@ def simulate(
     :class:`QueryRecords`, and a query is let go once it has ended; ``on_query(query)`` is called for
     each query once it and every query before it in the trace have ended. ``skip_idle=False``: the
     controller ticks through idle time one tick at a time (the reference the skip is tested against; the
-    results are the same, only the events and the time differ).
+    results are the same, only the events and the time differ). ``service_estimate``: the batch-time
+    estimate the dispatcher starts from (``{"factor": {role: f}, "deviation": {role: d}}``, as
+    :meth:`~diffsim.runtime.batching.ServiceTimes.state` gives it; default: the profile's own times).
     """
     started = time.perf_counter()
     cascade = config.cascade
@@ -148,6 +151,8 @@ def simulate(
         answer_overhead_s=request_overhead(cascade, config.service_time, config.seed),
     )
     dispatcher.on_enqueue = on_enqueue
+    if service_estimate is not None:
+        dispatcher.service.start_from(service_estimate["factor"], service_estimate["deviation"])
     controller = Controller(timed, config.gpus, config.controller)
     plan0 = controller.initial_plan(0.0)
     dispatcher.apply_plan(plan0, 0.0, preloaded=True)

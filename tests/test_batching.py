@@ -44,6 +44,28 @@ def test_cautious_times_widen_by_the_measured_spread():
     assert times.cautious("light", 1, False) == pytest.approx(0.100)  # one estimate per stage
 
 
+def test_an_estimate_carries_over_from_one_run_to_the_next():
+    """state() of one estimator is where start_from() puts another: the same times, plain and cautious."""
+    c = a100_cascade()
+    first = ServiceTimes(c, alpha=0.5, beta=0.5)
+    first.observe("heavy", 4, False, 2 * 3.680)  # factor 1.5, deviation 0.5
+    first.observe("light", 1, False, 0.05)  # ratio 0.5: factor 0.75, deviation 0.25
+    state = first.state()
+    assert state == {"factor": {"light": 0.75, "heavy": 1.5}, "deviation": {"light": 0.25, "heavy": 0.5}}
+    second = ServiceTimes(c, alpha=0.5, beta=0.5)
+    second.start_from(state["factor"], state["deviation"])
+    for role, n, disc in (("heavy", 4, False), ("light", 1, False), ("light", 8, True)):
+        assert second(role, n, disc) == first(role, n, disc)
+        assert second.cautious(role, n, disc) == first.cautious(role, n, disc)
+    assert second.observed == {"light": 0, "heavy": 0}  # nothing measured in this run yet
+    state["factor"]["heavy"] = 10.0  # a copy: the estimator's own state does not move with it
+    assert first.factor["heavy"] == 1.5
+    with pytest.raises(ValueError, match="heavy stage"):
+        second.start_from({"heavy": 0.0}, {})
+    with pytest.raises(ValueError, match="light stage"):
+        second.start_from({}, {"light": -1.0})
+
+
 def test_eager_takes_what_is_there_up_to_b():
     queue = deque(q(i, 0.0) for i in range(3))
     batch, dropped = form_batch(queue, 1.0, 8, lambda n: 0.1 * n, 7.5)

@@ -130,6 +130,38 @@ def test_batches_are_rebuilt_from_the_answers_and_give_the_measured_spread():
     assert out["discriminator"]["p95_ms"] == [2.0, 2.0]
 
 
+def test_the_server_estimate_at_a_run_start_is_put_in_the_calibrated_profile_units():
+    """The server's factor is on its own profile; the simulated profile is already scaled by the run's
+    measured p50 ratio (or the server's mean ratio where a stage had too few batches): divided by it."""
+    from diffsim.commands.validate import start_estimate
+
+    snapshot = {"service_time_estimate": {"factor": {"light": 3.0, "heavy": 1.2},
+                                          "deviation": {"light": 0.6, "heavy": 0.3}}}
+    out = start_estimate(snapshot, {"light": {"p50": 1.5, "p95": 2.0, "p99": 3.0}}, {"heavy": 1.2, "light": 9.0})
+    assert out == {"factor": {"light": pytest.approx(2.0), "heavy": pytest.approx(1.0)},
+                   "deviation": {"light": pytest.approx(0.4), "heavy": pytest.approx(0.25)}}
+    assert start_estimate(snapshot, {}, {}) == snapshot["service_time_estimate"]  # nothing to divide by
+    assert start_estimate({}, {}, {}) is None  # an older server: the simulation starts from its profile
+    assert start_estimate({"service_time_estimate": {"factor": {"light": 1.0}}}, {}, {}) is None
+
+
+def test_a_carried_over_estimate_changes_what_the_simulated_server_admits():
+    """A server that left its last run with a slow estimate refuses at the start of the next what a fresh
+    one takes: the simulator started from that estimate does the same."""
+    from diffsim.config import SimConfig
+    from diffsim.simulator import simulate
+    from sim_helpers import a100_cascade
+
+    cascade = a100_cascade()
+    config = SimConfig(cascade=cascade, gpus=4, policy="diffserve", seed=0, admission=True)
+    trace = Trace(arrival_s=np.linspace(0.0, 2.0, 120), prompt_id=np.arange(120))
+    fresh = simulate(config, trace)
+    slow = simulate(config, trace, service_estimate={"factor": {"light": 3.0, "heavy": 3.0},
+                                                     "deviation": {"light": 0.5, "heavy": 0.5}})
+    refused = lambda r: sum(q.outcome == "rejected" for q in r.queries)  # noqa: E731
+    assert refused(fresh) == 0 and refused(slow) > 30
+
+
 def test_the_correlation_of_batch_times_is_fitted_from_the_rebuilt_batches():
     """Batches whose log time follows sqrt(share) x AR(1, rho) + sqrt(1 - share) x noise, one after the
     other: the fit finds share and rho back (loosely: a run has hundreds of batches, not millions)."""
@@ -274,6 +306,7 @@ def test_validate_end_to_end_on_a_fake_server(tmp_path, capsys):
         # at least their profile's time)
         assert run["scaled_by_server_mean"]["light"] == run["server_mean_ratio"]["light"] > 0.9
         assert run["lead_in_s"] >= (20 + 1) * 0.5  # at least ewma_window + 1 idle ticks
+        assert set(run["start_estimate"]["factor"]) == {"light", "heavy"}  # the server reports its estimate
         assert sum(run["outcomes"].values()) == 24
     figs = report["figures"]
     assert set(figs) == {f.name for f in FIGURES}

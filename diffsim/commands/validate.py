@@ -24,7 +24,9 @@
    * with the run's request overhead (client latency minus the server's own time for the request: p50,
      p95 and p99, each request's drawn from a log-normal fitted to them with ``--service-time sampled``);
    * with the per-prompt confidences the server reported and every setting it described (admission and
-     deadline sweep included); its allocator plans with the server's profile, as the server's does.
+     deadline sweep included); its allocator plans with the server's profile, as the server's does;
+   * from the batch-time estimate the server held at the run's start (it carries over from run to run:
+     admission promises on it), in the calibrated profile's units.
    Each run is simulated with ``--sim-seeds`` seeds (default 3) and its figures are their mean; the
    first seed's outputs are written (summary, time series, queries.csv and plans.csv, as the real run's).
 4. Writes ``OUT/validation.json`` (per figure: sim -- the mean over the simulated runs --, each simulated
@@ -545,10 +547,13 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
         # The server's allocator plans with the server's profile (its batch estimates are corrected by
         # measured times only for batching, drops and admission): so does the simulated one.
         policy = policy_for(sim_config)
-        config_k, lead, how = start_state(config_k, trace, confidences, starts[k].get("server_start") or {}, policy)
+        snapshot = starts[k].get("server_start") or {}
+        config_k, lead, how = start_state(config_k, trace, confidences, snapshot, policy)
+        estimate = start_estimate(snapshot, spread, fallback)
         replicas = []  # the run simulated with --sim-seeds seeds: its figures are their mean
         for j in range(args.sim_seeds):
-            sim_j = simulate_run(replace(config_k, seed=config_k.seed + j), trace, confidences, lead, policy)
+            sim_j = simulate_run(replace(config_k, seed=config_k.seed + j), trace, confidences, lead, policy,
+                                 service_estimate=estimate)
             summary = summarize_result(sim_j, trace_name)
             replicas.append(figures_of(summary, sim_j.queries))
             if j == 0:  # the first seed's outputs are written and plotted
@@ -566,7 +571,7 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
         per_run.append({"lead_in_s": round(lead, 3), "start": how, "request_overhead_ms": overhead,
                         "batch_time_ratio": spread, "batch_time_correlation": correlation,
                         "scaled_by_server_mean": {r: v for r, v in fallback.items() if r not in spread},
-                        "server_mean_ratio": fallback,
+                        "server_mean_ratio": fallback, "start_estimate": estimate,
                         "outcomes": outcome_pairs(sim.queries, queries)})
     comparison = compare(mean_figures(sim_figures), real_figures, sim_runs=sim_figures)
     report = {
@@ -626,14 +631,36 @@ def start_state(config, trace, confidences, snapshot: dict, policy=None):
     return replace(config, controller=controller), 0.0, "the server's plan and demand estimate"
 
 
-def simulate_run(config, trace, confidences, lead_s: float, policy=None):
+def start_estimate(snapshot: dict, spread: dict, ratio: dict) -> Optional[dict]:
+    """The batch-time estimate the server held at a run's start (``snapshot``: its ``GET /v1/plan`` then),
+    in the units of the profile the run is simulated with: the server's estimate is a factor on its own
+    profile, carried over from its earlier runs (a noisy run before leaves a wide deviation, and admission
+    refuses more at the start of the next), while the simulated profile is already scaled by the run's
+    measured ratio (``spread``'s p50 per stage, else ``ratio``'s), so factor and deviation are divided by
+    it. None when the server did not report one (the simulation then starts from its profile)."""
+    est = snapshot.get("service_time_estimate")
+    if not isinstance(est, dict):
+        return None
+    out: dict = {"factor": {}, "deviation": {}}
+    try:
+        for role in ("light", "heavy"):
+            r = spread[role]["p50"] if role in spread else (ratio.get(role) or 1.0)
+            out["factor"][role] = float(est["factor"][role]) / r
+            out["deviation"][role] = float(est["deviation"][role]) / r
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return out
+
+
+def simulate_run(config, trace, confidences, lead_s: float, policy=None, service_estimate=None):
     """The simulation of ``trace`` after ``lead_s`` of idle time (:func:`lead_in_s`), with every time of
     the result moved back by ``lead_s``: the run's t = 0 is the trace's first arrival, as on the client.
-    ``policy``: the policy to plan with (default: the config's, on its own profile)."""
+    ``policy``: the policy to plan with (default: the config's, on its own profile); ``service_estimate``:
+    the batch-time estimate to start from (:func:`start_estimate`)."""
     from ..simulator import simulate
 
     result = simulate(config, replace(trace, arrival_s=trace.arrival_s + lead_s), confidences=confidences,
-                      policy=policy)
+                      policy=policy, service_estimate=service_estimate)
     if not lead_s:
         return result
     for q in result.queries:

@@ -124,6 +124,19 @@ class ServiceTimes:
         self.observed[role] += 1
         self._ratio_sum[role] += ratio
 
+    def state(self) -> dict[str, dict[str, float]]:
+        """The estimate as it stands, per stage: the factor and its mean deviation (``GET /v1/plan``)."""
+        return {"factor": dict(self.factor), "deviation": dict(self.deviation)}
+
+    def start_from(self, factor: dict[str, float], deviation: dict[str, float]) -> None:
+        """Go on from an estimate another run left, per stage (``diffsim validate`` simulates a run from the
+        estimate the server held at its start: a server's estimate carries over from one run to the next)."""
+        for role in ("light", "heavy"):
+            f, d = float(factor.get(role, 1.0)), float(deviation.get(role, 0.0))
+            if not (f > 0 and d >= 0):
+                raise ValueError(f"service-time estimate of the {role} stage: factor {f!r} (> 0), deviation {d!r} (>= 0)")
+            self.factor[role], self.deviation[role] = f, d
+
     def mean_ratio(self) -> dict[str, Optional[float]]:
         """Per stage, the mean of measured / profile time over every batch so far (None: none measured):
         how much slower than its profile the stage really ran (``diffsim validate`` scales the profile

@@ -544,6 +544,7 @@ class Engine:
             },
             "queues": {"light": light_q, "heavy": heavy_q},
             "service_time_ratio": d.service.mean_ratio(),  # measured / profile batch time, per stage
+            "service_time_estimate": d.service.state(),  # what batches, drops and admission are judged by
             "pending": len(self._pending),
             "outcomes": dict(self.outcomes),
             "late": self.late,
