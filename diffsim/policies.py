@@ -69,7 +69,7 @@ DEFAULT_QUEUE_MODEL = {"diffserve": "little", "diffserve-maxt": "little", "prote
 DEFERRAL_STEP = 0.01
 
 # With a plan-dependent delay, a re-plan keeps the worker split in force when the best plan on it is
-# feasible and its expected FID is within this fraction of the new plan's (see MilpPolicy.plan).
+# feasible and its expected FID is within this fraction of the new plan's (MilpPolicy._keep_split).
 SWITCH_MARGIN = 0.005
 
 
@@ -266,6 +266,8 @@ class MilpPolicy:
         that still carries the demand within the SLO costs at most the margin in quality, and keeping it
         switches no role. The margin is relative, so it means the same for cascades with other FID scales:
         0.5% is about 0.1 FID on sdturbo-sdv15, about the FID of one DEFERRAL_STEP of deferral there.
+        ``diffserve-maxt`` compares expected FIDs too (a threshold has no scale of its own; the quality is
+        what a lower one costs), and ``proteus`` its random-mix FID.
         """
         cur = inp.current
         if (self.switch_margin <= 0 or cur is None or cur.mode != plan.mode or not plan.feasible
