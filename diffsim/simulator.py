@@ -178,12 +178,14 @@ def simulate(
             waiting[w] = None
             ev.succeed()
 
+    record = None if keep_queries else records.add
+
     def hand_on() -> None:
         """Hand the ended queries at the front of ``pending`` to their records and ``on_query``."""
         while pending and pending[0].outcome is not None:
             q = pending.popleft()
-            if not keep_queries:
-                records.add(q)
+            if record is not None:
+                record(q)
             if on_query is not None:
                 on_query(q)
 
@@ -239,6 +241,7 @@ def simulate(
     def worker(w: int):
         take = dispatcher.take_batch
         complete = dispatcher.complete_batch
+        timeout = env.timeout
         now = env.now
         while True:
             batch, retry_at = take(w, now)
@@ -262,7 +265,7 @@ def simulate(
                 run_s = (batch.service_s if run_s is None else run_s) + cold[w]
                 cold[w] = 0.0
             try:
-                yield env.timeout(batch.service_s if run_s is None else run_s)
+                yield timeout(batch.service_s if run_s is None else run_s)
             except simpy.Interrupt:  # lost with this batch: the fault process has handed it back
                 now = env.now
                 continue

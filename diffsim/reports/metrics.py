@@ -147,20 +147,6 @@ SERVED_LIGHT = 32
 SCORED = 64  # the light image has a confidence (tells cascade routing when no plan is known)
 
 
-def query_flags(q: Query) -> int:
-    """The byte of flags :class:`QueryRecords` keeps of ``q``."""
-    flags = _OUTCOME_CODE[q.outcome]
-    if q.late:
-        flags |= LATE
-    if q.deferred:
-        flags |= DEFERRED
-    if q.served_by == "light":
-        flags |= SERVED_LIGHT
-    if q.confidence is not None:
-        flags |= SCORED
-    return flags
-
-
 class QueryRecords:
     """What the summary and the time series need of each query: arrival and finish times (NaN: no
     outcome yet) and a byte of flags (outcome, late, deferred, served light, scored), in query order.
@@ -211,8 +197,21 @@ class RecordsBuilder:
         self._flags = array("B")
 
     def add(self, q: Query) -> None:
-        self._finished.append(math.nan if q.finished_s is None else q.finished_s)
-        self._flags.append(query_flags(q))
+        """Append ``q``'s record: its finish time (NaN: none) and its byte of flags (outcome, late,
+        deferred, served light, scored). Runs once for every query of a simulation: the flags are
+        worked out here, not in a helper called for each."""
+        finished = q.finished_s
+        self._finished.append(math.nan if finished is None else finished)
+        flags = _OUTCOME_CODE[q.outcome]
+        if q.late:
+            flags |= LATE
+        if q.deferred:
+            flags |= DEFERRED
+        if q.served_by == "light":
+            flags |= SERVED_LIGHT
+        if q.confidence is not None:
+            flags |= SCORED
+        self._flags.append(flags)
 
     def __len__(self) -> int:
         return len(self._flags)

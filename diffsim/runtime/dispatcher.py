@@ -443,12 +443,14 @@ class Dispatcher:
 
     def holding(self) -> int:
         """Queries queued, in backlog or running: those not yet ended that the dispatcher holds."""
-        return sum(len(q) for q in self.queues) + sum(self.inflight) + sum(len(b) for b in self.backlog.values())
+        # map, not a generator expression: this reads every worker's queue on every controller tick
+        return sum(map(len, self.queues)) + sum(self.inflight) + sum(map(len, self.backlog.values()))
 
     def queue_lengths(self) -> tuple[int, int]:
         """Queued (not running) queries per stage, (light, heavy), backlog included."""
+        queues = self.queues
         return tuple(  # type: ignore[return-value]
-            sum(len(self.queues[w]) for w in self.stage_workers[role]) + len(self.backlog[role])
+            sum([len(queues[w]) for w in self.stage_workers[role]]) + len(self.backlog[role])
             for role in STAGES
         )
 

@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-import heapq
+from heapq import heapify, heappop, heappush, heapreplace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -125,9 +125,9 @@ class LoadIndex:
         if heap[0] & _WORKER_MASK == worker:
             # Its entry on top is stale now: replace it rather than push beside it (a placement goes
             # to the top worker, so this halves the heap operations of routing).
-            heapq.heapreplace(heap, entry)
+            heapreplace(heap, entry)
             return
-        heapq.heappush(heap, entry)
+        heappush(heap, entry)
         if len(heap) > self._max_heap[name]:  # mostly stale entries: start afresh
             self._rebuild(name)
 
@@ -142,12 +142,12 @@ class LoadIndex:
             worker = entry & _WORKER_MASK
             if load[worker] == entry >> _WORKER_BITS:
                 return worker
-            heapq.heappop(heap)  # stale: its worker's load has changed since
+            heappop(heap)  # stale: its worker's load has changed since
 
     def _rebuild(self, name: str) -> None:
         load = self.load
         heap = [load[w] << _WORKER_BITS | w for w in self._members[name]]
-        heapq.heapify(heap)
+        heapify(heap)
         self._heaps[name] = heap
 
 
