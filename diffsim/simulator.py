@@ -118,6 +118,7 @@ def simulate(
     on_query: Optional[Callable[[Query], None]] = None,
     skip_idle: bool = True,
     service_estimate: Optional[dict] = None,
+    controller_state: Optional[dict] = None,
 ) -> SimResult:
     """Simulate ``trace`` under ``config``.
 
@@ -131,6 +132,9 @@ def simulate(
     results are the same, only the events and the time differ). ``service_estimate``: the batch-time
     estimate the dispatcher starts from (``{"factor": {role: f}, "deviation": {role: d}}``, as
     :meth:`~diffsim.runtime.batching.ServiceTimes.state` gives it; default: the profile's own times).
+    ``controller_state``: where the controller starts (:meth:`~diffsim.runtime.controller.Controller.state`
+    of another run, e.g. a server's: its plan in force, re-plan phase, demand samples); default: a first
+    plan for ``initial_demand_qps`` and a re-plan at the first tick.
     """
     started = time.perf_counter()
     cascade = config.cascade
@@ -154,7 +158,7 @@ def simulate(
     if service_estimate is not None:
         dispatcher.service.start_from(service_estimate["factor"], service_estimate["deviation"])
     controller = Controller(timed, config.gpus, config.controller)
-    plan0 = controller.initial_plan(0.0)
+    plan0 = controller.initial_plan(0.0) if controller_state is None else controller.resume(controller_state, 0.0)
     dispatcher.apply_plan(plan0, 0.0, preloaded=True)
     plans: list[tuple[float, Plan]] = [(0.0, plan0)]
     demand: list[tuple[float, float, float]] = []

@@ -236,7 +236,7 @@ def test_the_simulation_starts_under_the_server_s_plan():
     trace = poisson_trace(5.0, 20.0, seed=2)
     idle = start_state(config, trace, None, {"now_s": 300.2, "applied_s": 297.0, "controller": {"ticks": 300}})
     assert idle[1:] == (lead_in_s({"now_s": 300.2, "applied_s": 297.0, "controller": {"ticks": 300}},
-                                  config.controller), "idle lead-in")  # no plan in the snapshot: as idle
+                                  config.controller), "idle lead-in", None)  # no plan in the snapshot: as idle
     from diffsim.commands.validate import simulate_run
 
     idle_plan = simulate_run(config, trace, None, idle[1]).plans[0][1]
@@ -248,10 +248,68 @@ def test_the_simulation_starts_under_the_server_s_plan():
     busy_plan = policy_for(config).plan(PolicyInput(demand_qps=40.0, queue_delay_s=(0.0, 0.0), gpus=8))
     assert _plan_key(busy_plan) != _plan_key(idle_plan)
     busy = {**snapshot, "plan": busy_plan.to_dict(), "controller": {"ticks": 300, "demand_qps": 40.0}}
-    started, lead, how = start_state(config, trace, None, busy)
+    started, lead, how, state = start_state(config, trace, None, busy)
+    assert state is None  # an older server, without its controller's state
     assert (lead, how) == (0.0, "the server's plan and demand estimate")
     assert started.controller.initial_demand_qps == pytest.approx(40.0 / config.controller.headroom)
     assert _plan_key(simulate_run(started, trace, None, 0.0).plans[0][1]) == _plan_key(busy_plan)
+
+
+def test_the_simulation_takes_up_the_server_s_controller_state():
+    """A server that reports its controller's state: the simulation resumes it after a lead-in of the
+    server's tick phase, so its ticks fall on the server's and its next re-plan where the server's falls
+    (replan_s after the plan in force was made, not at the first tick), under the server's plan."""
+    from diffsim.commands.validate import start_state
+    from diffsim.config import SimConfig
+    from diffsim.policies import PolicyInput, policy_for
+    from diffsim.runtime.controller import Controller
+    from sim_helpers import a100_cascade
+    from test_worker_loss import poisson_trace
+
+    config = SimConfig(cascade=a100_cascade(), gpus=8, seed=0)
+    trace = poisson_trace(5.0, 20.0, seed=2)
+    server = Controller(policy_for(config), 8, config.controller)  # ticks 1 s, re-plans every 5 s
+    server.initial_plan(0.0)
+    for k in range(1, 13):  # the server's last re-plan at tick 11 (ticks 1, 6, 11)
+        server.on_tick(k + 0.004, 30, (2, 0), (30.0, 0.0), in_system=5)
+    assert server.last_plan_s == pytest.approx(11.004)
+    snapshot = {"now_s": 12.3, "plan": server.plan.to_dict(), "controller": {"state": server.state(12.3)}}
+    _, lead, how, state = start_state(config, trace, None, snapshot)
+    assert how == "the server's controller state" and lead == pytest.approx(0.3)
+    from diffsim.commands.validate import simulate_run
+
+    sim = simulate_run(config, trace, None, lead, controller_state=state)
+    assert sim.plans[0][1] == server.plan  # the server's plan, not one made for the sim's initial demand
+    # the run starts at the server's 12.3: the server's next ticks at 13, 14, ... are the run's 0.7, 1.7,
+    # ...; its next re-plan at tick 16 (11.004 + 5 - half a tick of tolerance), the run's 3.7
+    assert [round(t, 6) for t, _, _ in sim.demand[:3]] == [0.7, 1.7, 2.7]
+    assert round(sim.plans[1][0], 6) == 3.7
+
+
+def test_a_resumed_controller_goes_on_as_the_one_it_was_taken_from():
+    from diffsim.config import ControllerConfig, SimConfig
+    from diffsim.policies import policy_for
+    from diffsim.runtime.controller import Controller
+    from sim_helpers import a100_cascade
+
+    config = SimConfig(cascade=a100_cascade(), gpus=8, seed=0)
+    policy = policy_for(config)
+    rng = np.random.default_rng(3)
+    feed = [(int(rng.integers(0, 60)), (int(rng.integers(0, 9)), int(rng.integers(0, 4)))) for _ in range(40)]
+    for demand in ("arrival", "in-system"):
+        cfg = ControllerConfig(demand=demand)
+        a = Controller(policy, 8, cfg)
+        a.initial_plan(0.0)
+        for k, (n, q) in enumerate(feed[:17], start=1):
+            a.on_tick(float(k), n, q, (n, n / 4), in_system=n // 2 + q[0])
+        b = Controller(policy, 8, cfg)
+        assert b.resume(a.state(17.25), 100.25) == a.plan  # another clock: 100.25 there is 17.25 here
+        for k, (n, q) in enumerate(feed[17:], start=18):
+            pa = a.on_tick(float(k), n, q, (n, n / 4), in_system=n // 2 + q[0])
+            pb = b.on_tick(k + 83.0, n, q, (n, n / 4), in_system=n // 2 + q[0])
+            assert pa == pb and a.demand_qps == b.demand_qps and a.queue_delay_s == b.queue_delay_s, (demand, k)
+    with pytest.raises(ValueError, match="not a controller state"):
+        Controller(policy, 8).resume({"plan": a.plan.to_dict()})
 
 
 def test_simulate_run_moves_the_lead_in_out_of_the_results():
@@ -305,7 +363,7 @@ def test_validate_end_to_end_on_a_fake_server(tmp_path, capsys):
         # too few batches to rebuild: the server's mean ratio over the run's batches (the fake executors take
         # at least their profile's time)
         assert run["scaled_by_server_mean"]["light"] == run["server_mean_ratio"]["light"] > 0.9
-        assert run["lead_in_s"] >= (20 + 1) * 0.5  # at least ewma_window + 1 idle ticks
+        assert run["start"] == "the server's controller state" and 0 <= run["lead_in_s"] < 0.5  # a tick's phase
         assert set(run["start_estimate"]["factor"]) == {"light", "heavy"}  # the server reports its estimate
         assert sum(run["outcomes"].values()) == 24
     figs = report["figures"]

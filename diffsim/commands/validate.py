@@ -9,9 +9,10 @@
    ``OUT/server.json``; its state at each run's start, ``OUT/real-runs.json``) beside them.
 3. Simulates the same trace once per real run, each as that run went (into ``OUT/sim-K/``):
 
-   * from the server's state at the run's start: a server idle before the run plans for no demand and
-     re-plans at its own phase (an idle lead-in reproduces both); one still planning for the previous
-     trace's demand is started from that demand estimate, under the same plan;
+   * from the server's state at the run's start: its controller's (the plan in force, the re-plan
+     phase, the demand samples and the delay sums, which ``GET /v1/plan`` reports), taken up at the
+     server's tick phase; for a server that does not report it, an idle one is reproduced by an idle
+     lead-in (an empty demand estimate, its re-plan phase) and a busy one from its demand estimate;
    * with the batch times the run itself measured: each answer carries its
      batch's run time, so the run's batches are rebuilt from them, and the profile's p50 per stage and
      batch size is scaled by their measured / profile p50, p95 and p99 (the stage's, for a batch size
@@ -548,12 +549,12 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
         # measured times only for batching, drops and admission): so does the simulated one.
         policy = policy_for(sim_config)
         snapshot = starts[k].get("server_start") or {}
-        config_k, lead, how = start_state(config_k, trace, confidences, snapshot, policy)
+        config_k, lead, how, controller_state = start_state(config_k, trace, confidences, snapshot, policy)
         estimate = start_estimate(snapshot, spread, fallback)
         replicas = []  # the run simulated with --sim-seeds seeds: its figures are their mean
         for j in range(args.sim_seeds):
             sim_j = simulate_run(replace(config_k, seed=config_k.seed + j), trace, confidences, lead, policy,
-                                 service_estimate=estimate)
+                                 service_estimate=estimate, controller_state=controller_state)
             summary = summarize_result(sim_j, trace_name)
             replicas.append(figures_of(summary, sim_j.queries))
             if j == 0:  # the first seed's outputs are written and plotted
@@ -572,6 +573,7 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
                         "batch_time_ratio": spread, "batch_time_correlation": correlation,
                         "scaled_by_server_mean": {r: v for r, v in fallback.items() if r not in spread},
                         "server_mean_ratio": fallback, "start_estimate": estimate,
+                        "start_controller": controller_state,
                         "outcomes": outcome_pairs(sim.queries, queries)})
     comparison = compare(mean_figures(sim_figures), real_figures, sim_runs=sim_figures)
     report = {
@@ -608,27 +610,35 @@ def _plan_key(plan) -> tuple:
 
 def start_state(config, trace, confidences, snapshot: dict, policy=None):
     """How to start the simulation of a run as the server started it (``snapshot``: its ``GET /v1/plan`` at
-    the run's start): ``(config, lead_s, how)``.
+    the run's start): ``(config, lead_s, how, controller_state)``.
 
-    A server idle long enough before the run holds an empty demand estimate and the plan made for it:
-    the idle lead-in of :func:`lead_in_s` reproduces both, and its re-plan phase. One that was busy shortly
-    before (the previous trace, a short pause) still plans for a demand it has not forgotten: when the
-    lead-in does not end under the server's plan, the simulation starts without one, its first plan made
-    for the server's demand estimate (``initial_demand_qps``) -- the server's plan -- and re-plans from
-    the first tick on."""
+    A server that reports its controller's state (``controller.state``: plan in force, re-plan phase,
+    demand samples, delay sums) is taken up exactly: the simulation resumes that state, after a lead-in
+    shorter than a tick that puts its ticks at the server's (the server ticks every ``tick_s`` of its own
+    clock since it started). For an older server that does not: one idle long enough before the run
+    holds an empty demand estimate and the plan made for it, and the idle lead-in of :func:`lead_in_s`
+    reproduces both, and its re-plan phase; one that was busy shortly before (the previous trace, a
+    short pause) is started from its demand estimate, under the same plan, re-planning from the first
+    tick on."""
+    state = (snapshot.get("controller") or {}).get("state")
+    if isinstance(state, dict) and state.get("plan") and "now_s" in snapshot:
+        tick = config.controller.tick_s
+        phase = float(snapshot["now_s"]) % tick  # the run starts this long after the server's last tick
+        resumed = {**state, "since_plan_s": float(state["since_plan_s"]) - phase}  # as seen at the lead-in's start
+        return config, phase, "the server's controller state", resumed
     lead = lead_in_s(snapshot, config.controller)
     server_plan = snapshot.get("plan")
     if not lead or not server_plan:
-        return config, lead, "idle lead-in" if lead else "fresh start"
+        return config, lead, "idle lead-in" if lead else "fresh start", None
     from ..plan import Plan
 
     probe = simulate_run(config, replace(trace, arrival_s=trace.arrival_s[:1], prompt_id=trace.prompt_id[:1],
                                          prompt=None, seed=None), confidences, lead, policy)
     if _plan_key(probe.plans[0][1]) == _plan_key(Plan.from_dict(server_plan)):
-        return config, lead, "idle lead-in"
+        return config, lead, "idle lead-in", None
     demand = float((snapshot.get("controller") or {}).get("demand_qps") or 0.0) / config.controller.headroom
     controller = replace(config.controller, initial_demand_qps=demand)
-    return replace(config, controller=controller), 0.0, "the server's plan and demand estimate"
+    return replace(config, controller=controller), 0.0, "the server's plan and demand estimate", None
 
 
 def start_estimate(snapshot: dict, spread: dict, ratio: dict) -> Optional[dict]:
@@ -652,15 +662,17 @@ def start_estimate(snapshot: dict, spread: dict, ratio: dict) -> Optional[dict]:
     return out
 
 
-def simulate_run(config, trace, confidences, lead_s: float, policy=None, service_estimate=None):
+def simulate_run(config, trace, confidences, lead_s: float, policy=None, service_estimate=None,
+                 controller_state=None):
     """The simulation of ``trace`` after ``lead_s`` of idle time (:func:`lead_in_s`), with every time of
     the result moved back by ``lead_s``: the run's t = 0 is the trace's first arrival, as on the client.
     ``policy``: the policy to plan with (default: the config's, on its own profile); ``service_estimate``:
-    the batch-time estimate to start from (:func:`start_estimate`)."""
+    the batch-time estimate to start from (:func:`start_estimate`); ``controller_state``: the controller's
+    (:func:`start_state`)."""
     from ..simulator import simulate
 
     result = simulate(config, replace(trace, arrival_s=trace.arrival_s + lead_s), confidences=confidences,
-                      policy=policy, service_estimate=service_estimate)
+                      policy=policy, service_estimate=service_estimate, controller_state=controller_state)
     if not lead_s:
         return result
     for q in result.queries:

@@ -87,6 +87,49 @@ class Controller:
         self.last_plan_s = now
         return plan
 
+    def state(self, now: float) -> dict:
+        """Everything the next ticks depend on, times relative to ``now``: the plan in force, how long ago
+        it was made, the tick count, the demand samples held (oldest first), the last tick's measurements
+        and delay estimate, and the sums the next re-plan's queueing delay is taken from. A server reports it (``GET /v1/plan``) so that ``diffsim
+        validate`` can start a simulation where the server stood (:meth:`resume`)."""
+        return {
+            "plan": None if self.plan is None else self.plan.to_dict(),
+            "since_plan_s": None if self.last_plan_s is None else now - self.last_plan_s,
+            "ticks": self.ticks,
+            "samples": self.estimator.held(),
+            "rate_qps": self.rate_qps,
+            "queue_delay_s": list(self.queue_delay_s),
+            "queue_lengths": list(self.queue_lengths),
+            "window_ticks": self._window_ticks,
+            "queue_sum": list(self._queue_sum),
+            "rate_sum": list(self._rate_sum),
+        }
+
+    def resume(self, state: dict, now: float = 0.0) -> Plan:
+        """Take up where :meth:`state` left another controller, at ``now`` on this one's clock; returns the
+        plan in force (to apply, as :meth:`initial_plan`'s). The next re-plan falls where it would have
+        (``replan_s`` after that plan was made), not at the first tick."""
+        try:
+            plan = Plan.from_dict(state["plan"])
+            since = float(state["since_plan_s"])
+            ticks = int(state["ticks"])
+            window = int(state["window_ticks"])
+            queue_sum = [float(x) for x in state["queue_sum"]]
+            rate_sum = [float(x) for x in state["rate_sum"]]
+            samples = list(state["samples"])
+            rate = float(state["rate_qps"])
+            delay = (float(state["queue_delay_s"][0]), float(state["queue_delay_s"][1]))
+            lengths = (int(state["queue_lengths"][0]), int(state["queue_lengths"][1]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not a controller state: {type(e).__name__}: {e}") from None
+        if len(queue_sum) != 2 or len(rate_sum) != 2 or ticks < 0 or window < 0:
+            raise ValueError("not a controller state: two stages' sums and counts >= 0")
+        self.estimator.restore(samples)
+        self.plan, self.last_plan_s, self.ticks = plan, now - since, ticks
+        self._window_ticks, self._queue_sum, self._rate_sum = window, queue_sum, rate_sum
+        self.rate_qps, self.queue_delay_s, self.queue_lengths = rate, delay, lengths
+        return plan
+
     def on_tick(
         self,
         now: float,

@@ -60,6 +60,18 @@ class DemandEstimator:
         would leave the window anyway. The same state as ``count`` calls of ``update(0)``."""
         self._samples.extend(repeat(0.0, min(count, self._samples.maxlen)))
 
+    def held(self) -> list[float]:
+        """The samples held, oldest first (a controller's state: :meth:`~diffsim.runtime.controller.Controller.state`)."""
+        return list(self._samples)
+
+    def restore(self, samples) -> None:
+        """Hold ``samples`` (oldest first; the newest ``window`` of them) in place of the ones held."""
+        values = [float(x) for x in samples]
+        if any(not x >= 0 for x in values):
+            raise ValueError(f"demand samples must be >= 0, got {values!r}")
+        self._samples.clear()
+        self._samples.extend(values)
+
     @property
     def all_zero(self) -> bool:
         """At least one sample, and every sample held is 0: the estimate is 0 and more zeros keep it 0."""

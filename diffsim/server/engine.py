@@ -533,6 +533,7 @@ class Engine:
                 "rate_qps": self.controller.rate_qps,
                 "demand_qps": self.controller.demand_qps,
                 "queue_delay_s": list(self.controller.queue_delay_s),
+                "state": self.controller.state(self.now),  # where a simulation of the next run starts
             },
             "workers": {
                 "roles": list(d.roles),
