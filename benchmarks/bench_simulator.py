@@ -21,6 +21,13 @@ wall time measures the neighbours. Printed, in order:
     .venv/bin/python benchmarks/bench_simulator.py --big      # also 10M requests (several more minutes)
     .venv/bin/python benchmarks/bench_simulator.py --small    # 1, 2 and 6 only
     .venv/bin/python benchmarks/bench_simulator.py --profile  # also cProfile the dynamic-trace run (top 20)
+    .venv/bin/python benchmarks/bench_simulator.py --instructions  # instruction counts instead (valgrind)
+
+``--instructions`` counts instructions (valgrind's callgrind) instead of timing: bare SimPy's per event,
+and the simulator's per event and per request on 2 minutes of the 1 h run's load (allocator apart),
+alone and as ``diffsim simulate`` runs it. CPU times on a machine others share move by a quarter
+from run to run; instruction counts repeat to a few in 10,000, so two commits compare exactly (memory
+stalls are not counted: a ratio of instructions is not a ratio of times, only its direction is).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import json
 import os
 import pstats
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -268,6 +276,73 @@ def bench_idle(cascade) -> None:
               f"({len(result.demand):,} demand rows, {len(result.plans):,} plans)")
 
 
+def _callgrind_total(pid: str) -> int:
+    """Instructions callgrind has counted in process ``pid`` so far."""
+    out = subprocess.run(["callgrind_control", "-e", "Ir", pid], capture_output=True, text=True, check=True).stdout
+    return int(out.split("Th 1")[1].split()[0].replace(",", ""))
+
+
+def instructions_child(duration_s: float) -> None:
+    """Under callgrind (instrumentation off at the start): count instructions of bare SimPy and of the
+    simulation, the allocator's left out; report them as JSON."""
+    pid = str(os.getpid())
+    count = lambda: _callgrind_total(pid)  # noqa: E731
+    cascade = load_cascade("sdturbo-sdv15", resolve_profile("a100"), profiles_dir() / "cascades.yaml")
+    trace = large_trace(200.0, duration_s)
+    config = SimConfig(cascade=cascade, gpus=256, policy="diffserve", seed=0)
+
+    class CountedPolicy(CpuTimedPolicy):  # the allocator's instructions, to take them out
+        def plan(self, inp):
+            before = count()
+            try:
+                return self.policy.plan(inp)
+            finally:
+                self.cpu_s += count() - before
+
+    _bare_simpy_run(20_000, 256)  # warm: imports and caches outside the counts
+    simulate(config, large_trace(200.0, 10.0), keep_queries=False)
+    subprocess.run(["callgrind_control", "-i", "on", pid], capture_output=True, check=True)
+    c0 = count()
+    _bare_simpy_run(50_000, 256)
+    bare = (count() - c0) / (256 * (50_000 // 256 + 2))
+    policy = CountedPolicy(make_policy(config.policy, cascade, batch_sizes=config.batch_sizes))
+    c0 = count()
+    result = simulate(config, trace, policy=policy, keep_queries=False)
+    alone = count() - c0 - policy.cpu_s
+    policy = CountedPolicy(make_policy(config.policy, cascade, batch_sizes=config.batch_sizes))
+    with tempfile.TemporaryDirectory() as tmp:
+        c0 = count()
+        simulate_as_cli(config, trace, Path(tmp), policy)
+        cli = count() - c0 - policy.cpu_s
+    print(json.dumps({"requests": len(trace), "events": result.events, "bare_per_event": bare,
+                      "alone": alone, "cli": cli}))
+
+
+def bench_instructions(duration_s: float) -> None:
+    """``--instructions``: run :func:`instructions_child` under callgrind and print its counts."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("--instructions needs valgrind (callgrind) on the PATH")
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                               f"--callgrind-out-file={tmp}/callgrind.out", sys.executable,
+                               os.path.abspath(__file__), "--instructions-child", str(duration_s)],
+                              capture_output=True, text=True)
+    if proc.returncode:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit("the callgrind run failed")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    n, events = r["requests"], r["events"]
+    per_event = r["alone"] / events
+    print(f"instructions (callgrind), {duration_s:g} s at 200 qps on 256 GPUs: {n:,} requests, {events:,} events; "
+          f"the allocator's left out")
+    print(f"  bare SimPy: {r['bare_per_event']:,.0f} per event")
+    print(f"  simulator alone: {r['alone'] / n:,.0f} per request, {per_event:,.0f} per event = "
+          f"{r['bare_per_event'] / per_event:.2f} of bare SimPy's events per instruction")
+    outputs = (r["cli"] - r["alone"]) / n
+    print(f"  as diffsim simulate: {r['cli'] / n:,.0f} per request ({outputs:,.0f} for queries.csv, the summary "
+          f"and the files)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="only bare SimPy, the dynamic trace on 16 GPUs and idle time")
@@ -276,10 +351,19 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=float, default=200.0, help="large run: queries/s (default 200)")
     p.add_argument("--duration", type=float, default=3600.0, help="large run: seconds (default 3600)")
     p.add_argument("--gpus", type=int, default=256, help="large run: GPUs (default 256)")
+    p.add_argument("--instructions", action="store_true",
+                   help="count instructions with valgrind's callgrind instead of timing (exact from run to run)")
     p.add_argument("--rss-child", type=int, metavar="N", help=argparse.SUPPRESS)
+    p.add_argument("--instructions-child", type=float, metavar="S", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rss_child:
         rss_child(args.rss_child)
+        return 0
+    if args.instructions_child:
+        instructions_child(args.instructions_child)
+        return 0
+    if args.instructions:
+        bench_instructions(120.0)
         return 0
     bare = bare_simpy_rate()
     print(f"bare SimPy: {bare:,.0f} events/s (CPU), processes waiting on timeouts")
