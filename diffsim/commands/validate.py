@@ -596,7 +596,7 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
         o = run_k["request_overhead_ms"]
         c = run_k["batch_time_correlation"]
         spells = f"slow spells: share {c['share']:.2f}, rho {c['rho']:.2f}; " if c else ""
-        start = (f"idle lead-in {run_k['lead_in_s']:.1f} s" if run_k["lead_in_s"] else run_k["start"])
+        start = run_k["start"] + (f", lead-in {run_k['lead_in_s']:.2f} s" if run_k["lead_in_s"] else "")
         print(f"run {k + 1}: simulated from its start state ({start}); {speed}; "
               f"{spells}request overhead p50 {o['request_ms']:.0f} ms, p99 {o['request_p99_ms']:.0f} ms")
     print(f"wrote {out / 'validation.json'}, {out / 'validation.png'}")
