@@ -211,6 +211,7 @@ def simulate(
         follow = pending.append if track else None
         i = 0
         group_t = None  # the arrival time being admitted: queries arriving together are admitted together
+        timeout = env.timeout  # bound once: SimPy makes a new method object on each read of env.timeout
         now = env.now
         for times, prompt_ids, seeds in _trace_blocks(trace):
             for t, prompt_id, seed in zip(times, prompt_ids, seeds):
@@ -219,7 +220,7 @@ def simulate(
                     group_t = t
                     if t > now:
                         next_arrival[0] = t
-                        yield env.timeout(t - now)
+                        yield timeout(t - now)
                         now = env.now
                 q = Query(i, prompt_id, t, slo, seed=seed)
                 if keep is not None:
@@ -245,17 +246,17 @@ def simulate(
     def worker(w: int):
         take = dispatcher.take_batch
         complete = dispatcher.complete_batch
-        timeout = env.timeout
+        timeout, event = env.timeout, env.event  # bound once, as in arrivals()
         now = env.now
         while True:
             batch, retry_at = take(w, now)
             if batch is None:
                 if dispatcher.finished == total:
                     check_done()  # the take may have dropped the last queries
-                ev = env.event()
+                ev = event()
                 waiting[w] = ev
                 if retry_at is not None:
-                    yield ev | env.timeout(retry_at - now)
+                    yield ev | timeout(retry_at - now)
                 else:
                     yield ev
                 waiting[w] = None
