@@ -52,7 +52,9 @@ from .runtime.dispatcher import Batch, Dispatcher
 from .plan import Plan
 from .query import Query
 from .reports.metrics import QueryRecords, RecordsBuilder
+from .profiles import Cascade
 from .runtime.admission import predict
+from .runtime.batching import ServiceTimes
 from .runtime.routing import Router, first_stage
 from .runtime.service_time import ServiceTimeModel, request_overhead
 
@@ -119,6 +121,7 @@ def simulate(
     skip_idle: bool = True,
     service_estimate: Optional[dict] = None,
     controller_state: Optional[dict] = None,
+    estimates_from: Optional[Cascade] = None,
 ) -> SimResult:
     """Simulate ``trace`` under ``config``.
 
@@ -129,9 +132,14 @@ def simulate(
     :class:`QueryRecords`, and a query is let go once it has ended; ``on_query(query)`` is called for
     each query once it and every query before it in the trace have ended. ``skip_idle=False``: the
     controller ticks through idle time one tick at a time (the reference the skip is tested against; the
-    results are the same, only the events and the time differ). ``service_estimate``: the batch-time
-    estimate the dispatcher starts from (``{"factor": {role: f}, "deviation": {role: d}}``, as
-    :meth:`~diffsim.runtime.batching.ServiceTimes.state` gives it; default: the profile's own times).
+    results are the same, only the events and the time differ). ``estimates_from``: the profile the
+    dispatcher judges batches by (its batch-time estimates start from it and learn from the times batches
+    take; default: ``config.cascade``, whose times batches take): a server judges by its own profile,
+    and ``diffsim validate`` simulates batches at the times a run measured, judged by the server's
+    profile. ``service_estimate``: the state that estimate starts from (``{"factor": {role: f},
+    "deviation": {role: d}}``, as :meth:`~diffsim.runtime.batching.ServiceTimes.state` gives it; default:
+    the profile's own times). With either, every batch reports its time to the dispatcher, with
+    ``service_time="p50"`` too, so that the estimate converges on the times batches take.
     ``controller_state``: where the controller starts (:meth:`~diffsim.runtime.controller.Controller.state`
     of another run, e.g. a server's: its plan in force, re-plan phase, demand samples); default: a first
     plan for ``initial_demand_qps`` and a re-plan at the first tick.
@@ -153,6 +161,8 @@ def simulate(
         batch_timeout_s=config.batch_timeout_s,
         swap_s=config.swap_s,
         answer_overhead_s=request_overhead(cascade, config.service_time, config.seed),
+        service_times=None if estimates_from is None else ServiceTimes(
+            estimates_from, limit_s=config.drop_factor * cascade.slo_s),
     )
     dispatcher.on_enqueue = on_enqueue
     if service_estimate is not None:
@@ -239,7 +249,9 @@ def simulate(
         admitted[0] = i
         next_arrival[0] = float("inf")
 
-    sampled = config.service_time == "sampled"
+    # Batch times reported to the dispatcher's estimate: drawn ones, and profile ones where the estimate
+    # is not on the profile the batches run at (it would otherwise stay where it started).
+    sampled = config.service_time == "sampled" or estimates_from is not None or service_estimate is not None
     times = ServiceTimeModel(cascade, config.service_time, config.seed)
     cold = [cascade.overheads.cold_start_s] * config.gpus  # each worker's first batch takes this much longer
 

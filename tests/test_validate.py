@@ -13,6 +13,7 @@ import yaml
 from backends.fake import FixedLatencyFactory
 from diffsim import cli
 from diffsim.config import ControllerConfig
+from diffsim.errors import DiffsimError
 from diffsim.reports.validation import FIGURES, compare
 from diffsim.server.http import HttpSettings
 from diffsim.server.startup import BackgroundServer, ServeOptions
@@ -130,19 +131,45 @@ def test_batches_are_rebuilt_from_the_answers_and_give_the_measured_spread():
     assert out["discriminator"]["p95_ms"] == [2.0, 2.0]
 
 
-def test_the_server_estimate_at_a_run_start_is_put_in_the_calibrated_profile_units():
-    """The server's factor is on its own profile; the simulated profile is already scaled by the run's
-    measured p50 ratio (or the server's mean ratio where a stage had too few batches): divided by it."""
+def test_the_server_estimate_at_a_run_start_is_read_as_it_was_reported():
     from diffsim.commands.validate import start_estimate
 
     snapshot = {"service_time_estimate": {"factor": {"light": 3.0, "heavy": 1.2},
                                           "deviation": {"light": 0.6, "heavy": 0.3}}}
-    out = start_estimate(snapshot, {"light": {"p50": 1.5, "p95": 2.0, "p99": 3.0}}, {"heavy": 1.2, "light": 9.0})
-    assert out == {"factor": {"light": pytest.approx(2.0), "heavy": pytest.approx(1.0)},
-                   "deviation": {"light": pytest.approx(0.4), "heavy": pytest.approx(0.25)}}
-    assert start_estimate(snapshot, {}, {}) == snapshot["service_time_estimate"]  # nothing to divide by
-    assert start_estimate({}, {}, {}) is None  # an older server: the simulation starts from its profile
-    assert start_estimate({"service_time_estimate": {"factor": {"light": 1.0}}}, {}, {}) is None
+    assert start_estimate(snapshot) == snapshot["service_time_estimate"]
+    assert start_estimate({}) is None  # an older server: the simulation starts from its profile
+    assert start_estimate({"service_time_estimate": {"factor": {"light": 1.0}}}) is None
+
+
+def test_batches_judged_by_another_profile_take_their_own_times(tmp_path):
+    """validate simulates batches at a run's measured times, judged by the server's profile and its
+    carried estimate: batches still take their own times, with p50 times too (the estimate is what they
+    are judged by, not how long they run)."""
+    from diffsim.config import SimConfig
+    from diffsim.simulator import simulate
+    from sim_helpers import a100_cascade
+
+    cascade = a100_cascade()
+    config = SimConfig(cascade=cascade, gpus=4, policy="diffserve", seed=0, admission=False)
+    trace = Trace(arrival_s=np.arange(20) * 3.0, prompt_id=np.arange(20))  # spaced: one query per batch
+    plain = simulate(config, trace)
+    slow = {"factor": {"light": 2.0, "heavy": 2.0}, "deviation": {"light": 0.0, "heavy": 0.0}}
+    carried = simulate(config, trace, service_estimate=slow)
+    assert [q.service_s for q in carried.queries] == [q.service_s for q in plain.queries]
+    assert plain.queries[-1].service_s > 0
+    # judged by a profile twice as slow as the one batches run at: the same batch times
+    from diffsim.profiles import load_cascade
+    from diffsim.resources import profiles_dir, resolve_profile
+
+    data = yaml.safe_load(Path(resolve_profile("a100")).read_text())
+    for table in [*data["models"].values(), data["discriminator"]]:
+        for key in ("p50_ms", "p95_ms", "p99_ms"):
+            if table.get(key):
+                table[key] = [None if v is None else 2 * v for v in table[key]]
+    (tmp_path / "doubled.yaml").write_text(yaml.safe_dump(data))
+    doubled = load_cascade("sdturbo-sdv15", tmp_path / "doubled.yaml", profiles_dir() / "cascades.yaml")
+    judged = simulate(config, trace, estimates_from=doubled)
+    assert [q.service_s for q in judged.queries] == [q.service_s for q in plain.queries]
 
 
 def test_a_carried_over_estimate_changes_what_the_simulated_server_admits():
@@ -273,17 +300,21 @@ def test_the_simulation_takes_up_the_server_s_controller_state():
     for k in range(1, 13):  # the server's last re-plan at tick 11 (ticks 1, 6, 11)
         server.on_tick(k + 0.004, 30, (2, 0), (30.0, 0.0), in_system=5)
     assert server.last_plan_s == pytest.approx(11.004)
-    snapshot = {"now_s": 12.3, "plan": server.plan.to_dict(), "controller": {"state": server.state(12.3)}}
+    # the state as tick 12 (at 12.004) left it; the run starts at the server's 12.3
+    snapshot = {"now_s": 12.3, "plan": server.plan.to_dict(),
+                "controller": {"state": server.state(12.004), "state_at_s": 12.004}}
     _, lead, how, state = start_state(config, trace, None, snapshot)
-    assert how == "the server's controller state" and lead == pytest.approx(0.3)
+    assert how == "the server's controller state" and lead == pytest.approx(0.296)
     from diffsim.commands.validate import simulate_run
 
     sim = simulate_run(config, trace, None, lead, controller_state=state)
     assert sim.plans[0][1] == server.plan  # the server's plan, not one made for the sim's initial demand
-    # the run starts at the server's 12.3: the server's next ticks at 13, 14, ... are the run's 0.7, 1.7,
-    # ...; its next re-plan at tick 16 (11.004 + 5 - half a tick of tolerance), the run's 3.7
-    assert [round(t, 6) for t, _, _ in sim.demand[:3]] == [0.7, 1.7, 2.7]
-    assert round(sim.plans[1][0], 6) == 3.7
+    # the server's next ticks at 13.004, 14.004, ... are the run's 0.704, 1.704, ...; its next re-plan at
+    # tick 16 (11.004 + 5 - half a tick of tolerance), the run's 3.704
+    assert [round(t, 6) for t, _, _ in sim.demand[:3]] == [0.704, 1.704, 2.704]
+    assert round(sim.plans[1][0], 6) == 3.704
+    with pytest.raises(DiffsimError, match="lacks a time"):
+        start_state(config, trace, None, {**snapshot, "controller": {"state": server.state(12.004)}})
 
 
 def test_a_resumed_controller_goes_on_as_the_one_it_was_taken_from():

@@ -66,7 +66,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--trace", type=nonempty, metavar="FILE", help="trace CSV, a path or a shipped name (with --url)")
     p.add_argument("--replay", type=nonempty, metavar="DIR",
                    help="no server: simulate again the real runs an earlier validate saved in DIR (e.g. after a "
-                        "change to the simulator, against the same real runs) and write the report to --out")
+                        "change to the simulator, against the same real runs) and write the report to --out; the "
+                        "real-run options (--repeats, --max-requests, --time-scale, --pause-s, --api-key) do not apply")
     p.add_argument("--out", required=True, type=nonempty, metavar="DIR", help="output folder")
     p.add_argument("--repeats", type=limits.REPEATS, default=3, metavar="K",
                    help=bounded("real runs of the trace", limits.REPEATS, 3))
@@ -149,6 +150,8 @@ def sim_config_from(described: dict, *, service_time: str, overhead=None, ratio=
     if overhead is not None:
         kept = {k: v for k, v in profile_data.get("overheads", {}).items() if not k.startswith("request_")}
         profile_data["overheads"] = {**kept, **overhead}
+    # the server being validated is warm: its workers' first batches were taken before the runs
+    profile_data["overheads"] = {**profile_data.get("overheads", {}), "cold_start_s": 0.0}
     profile = GpuProfile.model_validate(profile_data)
     spec = {k: c[k] for k in ("light", "heavy", "slo_s", "deferral_curve", "fid") if k in c}
     spec["deferral_curve"] = c["deferral_curve"]
@@ -334,8 +337,9 @@ def measured_correlation(queries, cascade) -> Optional[dict]:
 
 def calibrated_profile(profile: dict, light_model: str, heavy_model: str, spread: dict, ratio: dict) -> dict:
     """``profile`` (as /v1/config gives it) with each stage's batch times as one run measured them: where
-    ``spread`` has the stage (:func:`measured_spread`), each batch size's p50 / p95 / p99 are the profile's
-    p50 times that size's measured ratios, or the stage's where the size had too few batches of its own
+    ``spread`` has the stage (:func:`measured_spread`), each of the profile's batch sizes has its p50 / p95 /
+    p99 made the profile's p50 times that size's measured ratios, or the stage's where the size had too few
+    batches of its own (sizes between the profile's are interpolated, as the profile's own are)
     (the light model's and the discriminator's alike); otherwise the stage is scaled by ``ratio`` as in
     :func:`scaled_profile`."""
     def measured(table: dict, r: dict) -> dict:
@@ -453,9 +457,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise DiffsimError(f"validate --replay: {path}: no such file (a folder written by diffsim validate?)") from None
+        raise DiffsimError(f"validate: {path}: no such file (a folder written by diffsim validate?)") from None
     except (OSError, ValueError) as e:
-        raise DiffsimError(f"validate --replay: {path}: cannot read it: {e}") from None
+        raise DiffsimError(f"validate: {path}: cannot read it: {e}") from None
 
 
 def read_real_queries(path: Path, slo_s: float) -> list:
@@ -485,10 +489,10 @@ def read_real_queries(path: Path, slo_s: float) -> list:
                     q.queue_s = number(row, "queue_s") or 0.0
                     q.service_s = number(row, "service_s") or 0.0
                 except (KeyError, TypeError, ValueError) as e:
-                    raise DiffsimError(f"validate --replay: {path}:{line}: not a queries.csv row ({e})") from None
+                    raise DiffsimError(f"validate: {path}:{line}: not a queries.csv row ({e})") from None
                 queries.append(q)
     except FileNotFoundError:
-        raise DiffsimError(f"validate --replay: {path}: no such file (a folder written by diffsim validate?)") from None
+        raise DiffsimError(f"validate: {path}: no such file (a folder written by diffsim validate?)") from None
     return queries
 
 
@@ -520,9 +524,9 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
         starts = list(saved["runs"])
         trace_name = str(saved["trace"])
     except (KeyError, TypeError, ValueError) as e:
-        raise DiffsimError(f"validate --replay: {src}: {SERVER_FILE} / {RUNS_FILE} lack a field ({e})") from None
-    if not starts:
-        raise DiffsimError(f"validate --replay: {src / RUNS_FILE}: no runs")
+        raise DiffsimError(f"validate: {src}: {SERVER_FILE} / {RUNS_FILE} lack a field ({e})") from None
+    if not starts or not all(isinstance(run, dict) for run in starts):
+        raise DiffsimError(f"validate: {src / RUNS_FILE}: 'runs' must be a non-empty list of objects")
     cascade = sim_config.cascade
     trace = read_trace(src / TRACE_FILE)
     out.mkdir(parents=True, exist_ok=True)
@@ -531,7 +535,7 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
         folder = src / f"real-{k + 1}"
         queries = read_real_queries(folder / metrics.QUERIES_FILE, cascade.slo_s)
         if len(queries) != len(trace):
-            raise DiffsimError(f"validate --replay: {folder / metrics.QUERIES_FILE}: {len(queries)} queries for a "
+            raise DiffsimError(f"validate: {folder / metrics.QUERIES_FILE}: {len(queries)} queries for a "
                                f"trace of {len(trace)}")
         runs.append(queries)
         real_figures.append(figures_of(_read_json(folder / metrics.SUMMARY_FILE), queries))
@@ -549,23 +553,29 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
         # measured times only for batching, drops and admission): so does the simulated one.
         policy = policy_for(sim_config)
         snapshot = starts[k].get("server_start") or {}
-        config_k, lead, how, controller_state = start_state(config_k, trace, confidences, snapshot, policy)
-        estimate = start_estimate(snapshot, spread, fallback)
-        replicas = []  # the run simulated with --sim-seeds seeds: its figures are their mean
-        for j in range(args.sim_seeds):
-            sim_j = simulate_run(replace(config_k, seed=config_k.seed + j), trace, confidences, lead, policy,
-                                 service_estimate=estimate, controller_state=controller_state)
-            summary = summarize_result(sim_j, trace_name)
-            replicas.append(figures_of(summary, sim_j.queries))
-            if j == 0:  # the first seed's outputs are written and plotted
-                sim = sim_j
-                rows = metrics.timeseries(sim.queries, sim.plans, sim.demand, cascade=config_k.cascade,
-                                          window_s=args.window_s)
-                metrics.write_outputs(out / f"sim-{k + 1}", summary, rows, plot=False)
-                metrics.write_csv(out / f"sim-{k + 1}" / metrics.QUERIES_FILE, metrics.query_rows(sim.queries),
-                                  metrics.QUERY_COLUMNS)
-                metrics.write_csv(out / f"sim-{k + 1}" / metrics.PLANS_FILE, metrics.plan_rows(sim.plans),
-                                  metrics.PLAN_COLUMNS)
+        try:
+            config_k, lead, how, controller_state = start_state(config_k, trace, confidences, snapshot, policy)
+            estimate = start_estimate(snapshot)
+            replicas = []  # the run simulated with --sim-seeds seeds: its figures are their mean
+            for j in range(args.sim_seeds):
+                # batches at the times this run measured, judged (batching, drops, admission) by the
+                # server's profile and its estimate at the run's start, as the server judged them
+                sim_j = simulate_run(replace(config_k, seed=config_k.seed + j), trace, confidences, lead, policy,
+                                     service_estimate=estimate, controller_state=controller_state,
+                                     estimates_from=sim_config.cascade)
+                summary = summarize_result(sim_j, trace_name)
+                replicas.append(figures_of(summary, sim_j.queries))
+                if j == 0:
+                    sim, sim_summary = sim_j, summary
+        except (KeyError, TypeError, ValueError) as e:
+            raise DiffsimError(f"validate: {src / RUNS_FILE}: run {k + 1}: the server's state at its start cannot be "
+                               f"taken up ({type(e).__name__}: {e})") from None
+        # the first seed's outputs are written and plotted
+        rows = metrics.timeseries(sim.queries, sim.plans, sim.demand, cascade=config_k.cascade, window_s=args.window_s)
+        metrics.write_outputs(out / f"sim-{k + 1}", sim_summary, rows, plot=False)
+        metrics.write_csv(out / f"sim-{k + 1}" / metrics.QUERIES_FILE, metrics.query_rows(sim.queries),
+                          metrics.QUERY_COLUMNS)
+        metrics.write_csv(out / f"sim-{k + 1}" / metrics.PLANS_FILE, metrics.plan_rows(sim.plans), metrics.PLAN_COLUMNS)
         sims.append(sim)
         sim_figures.append(mean_figures(replicas))
         sim_rows.append(rows)
@@ -578,7 +588,8 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
     comparison = compare(mean_figures(sim_figures), real_figures, sim_runs=sim_figures)
     report = {
         "url": saved.get("url"), "trace": trace_name, "requests": len(trace), "repeats": len(runs),
-        "service_time": args.service_time, "prompts_scored": scored, "runs": per_run,
+        "service_time": args.service_time, "sim_seeds": args.sim_seeds, "calibrated": not args.no_calibrate,
+        "window_s": args.window_s, "prompts_scored": scored, "runs": per_run,
         "server": {"cascade": described["cascade"]["name"], "policy": described["run"]["policy"],
                    "gpus": described["run"]["gpus"], "routing": described["run"]["routing"],
                    "slo_s": described["cascade"]["slo_s"]},
@@ -613,19 +624,22 @@ def start_state(config, trace, confidences, snapshot: dict, policy=None):
     the run's start): ``(config, lead_s, how, controller_state)``.
 
     A server that reports its controller's state (``controller.state``: plan in force, re-plan phase,
-    demand samples, delay sums) is taken up exactly: the simulation resumes that state, after a lead-in
-    shorter than a tick that puts its ticks at the server's (the server ticks every ``tick_s`` of its own
-    clock since it started). For an older server that does not: one idle long enough before the run
+    demand samples, delay sums, as its last tick left them at ``controller.state_at_s``) is taken up
+    exactly: the simulation resumes that state at its time 0, the server's ``state_at_s``, and the run
+    starts a lead-in of ``now_s - state_at_s`` later, so that the simulated ticks fall on the server's
+    (every ``tick_s`` of its clock). For an older server that does not: one idle long enough before the run
     holds an empty demand estimate and the plan made for it, and the idle lead-in of :func:`lead_in_s`
     reproduces both, and its re-plan phase; one that was busy shortly before (the previous trace, a
     short pause) is started from its demand estimate, under the same plan, re-planning from the first
     tick on."""
-    state = (snapshot.get("controller") or {}).get("state")
-    if isinstance(state, dict) and state.get("plan") and "now_s" in snapshot:
-        tick = config.controller.tick_s
-        phase = float(snapshot["now_s"]) % tick  # the run starts this long after the server's last tick
-        resumed = {**state, "since_plan_s": float(state["since_plan_s"]) - phase}  # as seen at the lead-in's start
-        return config, phase, "the server's controller state", resumed
+    controller = snapshot.get("controller") or {}
+    state = controller.get("state")
+    if isinstance(state, dict) and state.get("plan"):
+        try:
+            phase = float(snapshot["now_s"]) - float(controller["state_at_s"])  # the run starts this long after
+        except (KeyError, TypeError, ValueError) as e:  # the tick that left the state
+            raise DiffsimError(f"the server's state at the run's start lacks a time ({type(e).__name__}: {e})") from None
+        return config, max(0.0, phase), "the server's controller state", state
     lead = lead_in_s(snapshot, config.controller)
     server_plan = snapshot.get("plan")
     if not lead or not server_plan:
@@ -641,38 +655,34 @@ def start_state(config, trace, confidences, snapshot: dict, policy=None):
     return replace(config, controller=controller), 0.0, "the server's plan and demand estimate", None
 
 
-def start_estimate(snapshot: dict, spread: dict, ratio: dict) -> Optional[dict]:
-    """The batch-time estimate the server held at a run's start (``snapshot``: its ``GET /v1/plan`` then),
-    in the units of the profile the run is simulated with: the server's estimate is a factor on its own
-    profile, carried over from its earlier runs (a noisy run before leaves a wide deviation, and admission
-    refuses more at the start of the next), while the simulated profile is already scaled by the run's
-    measured ratio (``spread``'s p50 per stage, else ``ratio``'s), so factor and deviation are divided by
-    it. None when the server did not report one (the simulation then starts from its profile)."""
+def start_estimate(snapshot: dict) -> Optional[dict]:
+    """The batch-time estimate the server held at a run's start (``snapshot``: its ``GET /v1/plan`` then):
+    per stage, its factor on the server's profile and the factor's mean deviation. It carries over from
+    the server's earlier runs (a noisy run before leaves a wide deviation, and admission refuses more at
+    the start of the next). None when the server did not report one (the simulation then starts from
+    the profile)."""
     est = snapshot.get("service_time_estimate")
     if not isinstance(est, dict):
         return None
-    out: dict = {"factor": {}, "deviation": {}}
     try:
-        for role in ("light", "heavy"):
-            r = spread[role]["p50"] if role in spread else (ratio.get(role) or 1.0)
-            out["factor"][role] = float(est["factor"][role]) / r
-            out["deviation"][role] = float(est["deviation"][role]) / r
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return {key: {role: float(est[key][role]) for role in ("light", "heavy")} for key in ("factor", "deviation")}
+    except (KeyError, TypeError, ValueError):
         return None
-    return out
 
 
 def simulate_run(config, trace, confidences, lead_s: float, policy=None, service_estimate=None,
-                 controller_state=None):
+                 controller_state=None, estimates_from=None):
     """The simulation of ``trace`` after ``lead_s`` of idle time (:func:`lead_in_s`), with every time of
     the result moved back by ``lead_s``: the run's t = 0 is the trace's first arrival, as on the client.
     ``policy``: the policy to plan with (default: the config's, on its own profile); ``service_estimate``:
     the batch-time estimate to start from (:func:`start_estimate`); ``controller_state``: the controller's
-    (:func:`start_state`)."""
+    (:func:`start_state`); ``estimates_from``: the profile batches are judged by (see
+    :func:`~diffsim.simulator.simulate`)."""
     from ..simulator import simulate
 
     result = simulate(config, replace(trace, arrival_s=trace.arrival_s + lead_s), confidences=confidences,
-                      policy=policy, service_estimate=service_estimate, controller_state=controller_state)
+                      policy=policy, service_estimate=service_estimate, controller_state=controller_state,
+                      estimates_from=estimates_from)
     if not lead_s:
         return result
     for q in result.queries:

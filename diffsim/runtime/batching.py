@@ -48,8 +48,10 @@ class ServiceTimes:
     measured / profile time over the batches that stage completed, applied to every batch size. A real
     server's batches run slower than the profile's p50 when every worker is busy, and the PNG encoding
     and transport are not in the profile; one factor per stage learns that from the first few batches and
-    keeps the profile's shape across batch sizes. The simulator reports no measurement, so its times stay
-    the profile's.
+    keeps the profile's shape across batch sizes. The simulator reports the times it draws (``--service-time
+    sampled``), and, where it judges batches by another profile than the one they run at or from a
+    carried-over estimate (``diffsim validate``), its p50 times too; otherwise its times stay the
+    profile's.
 
     Admission promises on a *cautious* time (:meth:`cautious`): the factor plus ``k`` times the EWMA
     (weight ``beta``) of the measured ratio's absolute deviation from it -- the estimator TCP sets its

@@ -128,6 +128,7 @@ class Controller:
         self.plan, self.last_plan_s, self.ticks = plan, now - since, ticks
         self._window_ticks, self._queue_sum, self._rate_sum = window, queue_sum, rate_sum
         self.rate_qps, self.queue_delay_s, self.queue_lengths = rate, delay, lengths
+        self._asked = self._answer = None  # the policy has not been asked here yet
         return plan
 
     def on_tick(

@@ -123,6 +123,7 @@ class Engine:
         self.draining = False
         self.started = False
         self.stopped = False
+        self._controller_state: Optional[tuple[float, dict]] = None  # (tick time, Controller.state then)
         # Counters (the HTTP layer and Prometheus read them).
         self.outcomes = {"completed": 0, "dropped": 0, "failed": 0, "rejected": 0}
         self.late = 0
@@ -151,6 +152,7 @@ class Engine:
         if self.started:
             return
         plan0 = self.controller.initial_plan(0.0)
+        self._controller_state = (0.0, self.controller.state(0.0))
         self.dispatcher.apply_plan(plan0, 0.0, preloaded=True)
         await asyncio.gather(*(w.start(role) for w, role in zip(self.workers, self.dispatcher.roles)))
         self._t0 = self._clock()
@@ -472,6 +474,9 @@ class Engine:
             # A worker may have left while the policy ran: the next tick re-plans for the ones left.
             if plan is not None and plan.gpus_used <= d.workers_in_service():
                 self.apply_plan(plan)
+            # What GET /v1/plan reports of the controller: its state as this tick left it (the tick runs
+            # in a thread, and a state read during the policy's solve would be half old, half new).
+            self._controller_state = (now, self.controller.state(now))
 
     def apply_plan(self, plan: Plan) -> None:
         """Switch to ``plan`` now (the controller's plans come here; tests may call it directly)."""
@@ -515,10 +520,11 @@ class Engine:
         d = self.dispatcher
         applied_s = self.plans[-1][0] if self.plans else 0.0
         light_q, heavy_q = d.queue_lengths()
+        now = self.now
         return {
             "plan_id": self.plan_id,
             "applied_s": applied_s,
-            "now_s": self.now,
+            "now_s": now,
             "plan": d.plan.to_dict() if d.plan is not None else None,
             "cascade": self.cascade.name,
             "gpu": self.cascade.gpu,
@@ -533,7 +539,9 @@ class Engine:
                 "rate_qps": self.controller.rate_qps,
                 "demand_qps": self.controller.demand_qps,
                 "queue_delay_s": list(self.controller.queue_delay_s),
-                "state": self.controller.state(self.now),  # where a simulation of the next run starts
+                # where a simulation of the next run starts: the state the last tick left, and that tick's time
+                "state": self._controller_state[1] if self._controller_state else None,
+                "state_at_s": self._controller_state[0] if self._controller_state else None,
             },
             "workers": {
                 "roles": list(d.roles),
