@@ -39,6 +39,13 @@ from bench_promises import _wait_listening, stop_server  # the same serve subpro
 from diffsim import cli
 
 
+TRACES = {  # name -> the trace generator and its shape (the rate is the server's, found at start-up)
+    "steady": ["poisson"],
+    "bursty": ["gamma", "--cv", "3"],
+    "deferring": ["poisson"],
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output folder")
@@ -55,6 +62,10 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=2, help="workers (default 2)")
     ap.add_argument("--ray", action="store_true", help="serve with --ray local")
     args = ap.parse_args()
+    wanted = [t.strip() for t in args.traces.split(",") if t.strip()]
+    unknown = sorted(set(wanted) - set(TRACES))
+    if unknown or not wanted:
+        sys.exit(f"--traces: unknown trace(s) {', '.join(unknown) or '(none given)'} (choose from {', '.join(TRACES)})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -76,23 +87,23 @@ def main() -> None:
         capacity = plan["stages"][0]["capacity_qps"]
         print(f"server {url}: planned light capacity {capacity:.2f} qps ({plan['stages'][0]['workers']} light workers, "
               f"batch {plan['stages'][0]['batch_size']})", flush=True)
-        deferring = highest_deferring_demand(url, capacity)
-        print(f"the server's policy defers up to {deferring:.2f} qps", flush=True)
-        traces = {
-            "steady": ["poisson", "--rate", f"{args.steady * capacity:.3f}"],
-            "bursty": ["gamma", "--rate", f"{args.bursty * capacity:.3f}", "--cv", "3"],
-            "deferring": ["poisson", "--rate", f"{args.deferring * deferring:.3f}"],
-        }
-        wanted = [t.strip() for t in args.traces.split(",") if t.strip()]
-        unknown = sorted(set(wanted) - set(traces))
-        if unknown:
-            sys.exit(f"--traces: unknown trace(s) {', '.join(unknown)} (choose from {', '.join(traces)})")
-        for name, spec in ((n, traces[n]) for n in wanted):
+        rates = {"steady": args.steady * capacity, "bursty": args.bursty * capacity}
+        if "deferring" in wanted:
+            deferring = highest_deferring_demand(url, capacity)
+            print(f"the server's policy defers up to {deferring:.2f} qps", flush=True)
+            rates["deferring"] = args.deferring * deferring
+        for name in wanted:
+            if not rates[name] > 0:
+                print(f"\n== {name}: skipped (no rate: the server's policy defers at no demand)", flush=True)
+                continue
+            spec = [TRACES[name][0], "--rate", f"{rates[name]:.3f}", *TRACES[name][1:]]
             trace = out / f"{name}.csv"
-            cli.main(["trace", *spec, "--duration", str(args.seconds), "--seed", "1", "--out", str(trace)])
+            if cli.main(["trace", *spec, "--duration", str(args.seconds), "--seed", "1", "--out", str(trace)]):
+                sys.exit(f"could not write the {name} trace")
             print(f"\n== {name}: {' '.join(spec)} for {args.seconds:g} s; load average {_load()}", flush=True)
-            cli.main(["validate", "--url", url, "--trace", str(trace), "--out", str(out / name),
-                      "--repeats", str(args.repeats)])
+            if cli.main(["validate", "--url", url, "--trace", str(trace), "--out", str(out / name),
+                         "--repeats", str(args.repeats)]):
+                sys.exit(f"validate failed on the {name} trace")
             print(f"load average after {name}: {_load()}", flush=True)
     finally:
         stop_server(proc)
