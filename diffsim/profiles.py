@@ -152,6 +152,28 @@ class BatchTimeCorrelation(_Strict):
     rho: float = Field(ge=0, le=0.999)
 
 
+class BatchTimeContention(_Strict):
+    """How a host's batch times depend on how many workers are running batches at once, for
+    ``--service-time sampled``: workers that share a host's CPU cores, memory bandwidth or PCIe (the
+    event loop too, in one server process) slow each other down. ``factors[k - 1]``: the multiplier of
+    the latency tables' times for a batch that starts while k workers (itself included) are running; a
+    k past the list takes its last factor (``diffsim validate`` measures them from a run's batches,
+    normalised so that the run's own mix of k keeps the tables' times)."""
+
+    factors: list[float] = Field(min_length=1, max_length=limits.JOBS.hi)
+
+    @field_validator("factors")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if not all(0 < f <= 100 for f in v):
+            raise ValueError(f"factors must lie in (0, 100], got {v}")
+        return v
+
+    def at(self, busy: int) -> float:
+        """The factor for a batch starting while ``busy`` workers run (itself included)."""
+        return self.factors[min(max(busy, 1), len(self.factors)) - 1]
+
+
 class GpuProfile(_Strict):
     """Per-GPU latency profile: every model's batch latency plus the discriminator's."""
 
@@ -164,6 +186,7 @@ class GpuProfile(_Strict):
     concurrency: int = Field(default=1, ge=1, le=limits.JOBS.hi)
     overheads: Overheads = Field(default_factory=Overheads)
     batch_time_correlation: Optional[BatchTimeCorrelation] = None
+    batch_time_contention: Optional[BatchTimeContention] = None
 
 
 class Curve(_Strict):
@@ -321,6 +344,7 @@ class Cascade:
     confidences_path: Optional[Path] = None
     overheads: Overheads = field(default_factory=Overheads)
     batch_time_correlation: Optional[BatchTimeCorrelation] = None
+    batch_time_contention: Optional[BatchTimeContention] = None
 
     def random_mix_fid(self, light_share: float) -> float:
         """FID when a random ``light_share`` of queries is served light (no discriminator).
@@ -374,4 +398,5 @@ def build_cascade(
         confidences_path=conf,
         overheads=profile.overheads,
         batch_time_correlation=profile.batch_time_correlation,
+        batch_time_contention=profile.batch_time_contention,
     )

@@ -254,6 +254,9 @@ def simulate(
     sampled = config.service_time == "sampled" or estimates_from is not None or service_estimate is not None
     times = ServiceTimeModel(cascade, config.service_time, config.seed)
     cold = [cascade.overheads.cold_start_s] * config.gpus  # each worker's first batch takes this much longer
+    # With a contention profile, a drawn batch time is scaled by how many workers run batches at its start.
+    contention = cascade.batch_time_contention if sampled else None
+    busy = [0]  # workers running a batch (counted only with a contention profile)
 
     def worker(w: int):
         take = dispatcher.take_batch
@@ -278,6 +281,9 @@ def simulate(
                 on_batch(batch)
             running[w] = batch
             run_s = times.draw(batch.role, len(batch.queries), batch.with_discriminator) if sampled else None
+            if contention is not None:
+                busy[0] += 1
+                run_s *= contention.at(busy[0])
             if cold[w]:
                 run_s = (batch.service_s if run_s is None else run_s) + cold[w]
                 cold[w] = 0.0
@@ -285,8 +291,12 @@ def simulate(
                 yield timeout(batch.service_s if run_s is None else run_s)
             except simpy.Interrupt:  # lost with this batch: the fault process has handed it back
                 now = env.now
+                if contention is not None:
+                    busy[0] -= 1
                 continue
             now = env.now
+            if contention is not None:
+                busy[0] -= 1
             running[w] = None
             for target in complete(batch, now, run_s=run_s):
                 if waiting[target] is not None:

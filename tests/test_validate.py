@@ -189,6 +189,53 @@ def test_a_carried_over_estimate_changes_what_the_simulated_server_admits():
     assert refused(fresh) == 0 and refused(slow) > 30
 
 
+def test_contention_factors_are_measured_from_batches_that_ran_together():
+    """Batches that ran alone at 0.8x their profile time and, in pairs (two workers at once), at 1.2x:
+    the fitted factors for one and two workers running stand 1.5 apart, and dividing them out leaves
+    the batches' spread to the per-size calibration."""
+    from diffsim.commands.validate import batch_contention, measured_contention, measured_spread
+    from diffsim.runtime.batching import service_time_s
+    from sim_helpers import a100_cascade
+
+    cascade = a100_cascade()
+    base = service_time_s(cascade, "light", 1, True)
+    queries = []
+    for i in range(30):  # alone, 10 s apart
+        queries.append(answered_query(10.0 * i, 0.0, round(0.8 * base, 6) + i * 1e-6))
+    for i in range(30):  # two at once, on two workers (told apart by their run times)
+        for j in range(2):
+            queries.append(answered_query(500.0 + 10.0 * i, 0.0, round(1.2 * base, 6) + (2 * i + j) * 1e-6))
+    running = batch_contention(queries, cascade, gpus=2)
+    assert list(running.values()).count(1) == 30 and list(running.values()).count(2) == 60  # pairs start together
+    contention = measured_contention(queries, cascade, gpus=2)
+    f1, f2 = contention["factors"]
+    assert f2 / f1 == pytest.approx(1.5, rel=1e-3)
+    assert contention["batches"] == {1: 30, 2: 60}
+    assert measured_contention(queries[:30], cascade, gpus=2) is None  # one count only: nothing to fit
+    # de-contended, the ratios of the batches that ran alone equal those that ran in pairs
+    spread = measured_spread(queries, cascade, contention, gpus=2)["light"]
+    assert spread["p95"] / spread["p50"] < 1.6  # 1.2 / 0.8 = 1.5 would remain without it
+
+
+def test_the_simulator_scales_drawn_batch_times_by_the_workers_running():
+    import dataclasses
+
+    from diffsim.config import SimConfig
+    from diffsim.profiles import BatchTimeContention
+    from diffsim.simulator import simulate
+    from sim_helpers import a100_cascade
+
+    cascade = dataclasses.replace(a100_cascade(), batch_time_contention=BatchTimeContention(factors=[1.0, 2.0]))
+    trace = Trace(arrival_s=np.array([0.0, 0.0, 10.0]), prompt_id=np.arange(3))
+    times = lambda mode: [q.service_s for q in simulate(SimConfig(  # noqa: E731
+        cascade=cascade, gpus=2, policy="clipper-light", seed=0, service_time=mode), trace).queries]
+    assert times("sampled") == [0.1, 0.2, 0.1]  # the second starts while the first runs; the third alone
+    assert times("p50") == [0.1, 0.1, 0.1]  # the fixed-time simulator keeps the profile's times
+    assert BatchTimeContention(factors=[0.8, 1.2]).at(5) == 1.2
+    with pytest.raises(ValueError):
+        BatchTimeContention(factors=[0.0])
+
+
 def test_the_correlation_of_batch_times_is_fitted_from_the_rebuilt_batches():
     """Batches whose log time follows sqrt(share) x AR(1, rho) + sqrt(1 - share) x noise, one after the
     other: the fit finds share and rho back (loosely: a run has hundreds of batches, not millions)."""

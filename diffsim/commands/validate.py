@@ -130,7 +130,7 @@ def scaled_profile(profile: dict, light_model: str, heavy_model: str, ratio: dic
 
 
 def sim_config_from(described: dict, *, service_time: str, overhead=None, ratio=None, spread=None,
-                    correlation=None):
+                    correlation=None, contention=None):
     """The :class:`~diffsim.config.SimConfig` of a simulation of the described server: its profile's
     batch times as one run measured them (``spread``, see :func:`calibrated_profile`), or scaled by
     ``ratio`` per stage (:func:`scaled_profile`); its request overhead replaced by ``overhead``, the
@@ -147,6 +147,8 @@ def sim_config_from(described: dict, *, service_time: str, overhead=None, ratio=
         profile_data = scaled_profile(profile_data, c["light"], c["heavy"], ratio)
     if correlation:
         profile_data["batch_time_correlation"] = {"share": correlation["share"], "rho": correlation["rho"]}
+    if contention:
+        profile_data["batch_time_contention"] = {"factors": list(contention["factors"])}
     if overhead is not None:
         kept = {k: v for k, v in profile_data.get("overheads", {}).items() if not k.startswith("request_")}
         profile_data["overheads"] = {**kept, **overhead}
@@ -271,7 +273,80 @@ def rebuilt_batches(queries, cascade) -> dict:
     return out
 
 
-def measured_spread(queries, cascade) -> dict:
+def batch_contention(queries, cascade, gpus: int) -> dict:
+    """Per rebuilt batch (:func:`rebuilt_batches`, keyed ``(role, index)``), how many workers were running
+    batches when it started, itself included: its run overlaps counted on the client's clock, at most
+    ``gpus``."""
+    import numpy as np
+
+    batches = rebuilt_batches(queries, cascade)
+    starts = np.array(sorted(b[3] for bs in batches.values() for b in bs))
+    ends = np.array(sorted(b[3] + b[1] for bs in batches.values() for b in bs))
+    out = {}
+    for role, bs in batches.items():
+        for i, (_, _, _, start) in enumerate(bs):
+            running = int(np.searchsorted(starts, start, side="right") - np.searchsorted(ends, start, side="right"))
+            out[(role, i)] = min(max(running, 1), gpus)
+    return out
+
+
+def measured_contention(queries, cascade, gpus: int) -> Optional[dict]:
+    """How one run's batch times depended on the workers running at once (the profile's
+    ``batch_time_contention``): ``log(measured / profile)`` per rebuilt batch fitted as an effect of its stage and batch size plus an
+    effect of the number of workers running at its start (:func:`batch_contention`), by median polish
+    (counts with fewer than :data:`MIN_BATCHES` batches take the nearest count's factor below, else
+    above); the factors are the exponentials of the second effect. :func:`measured_spread` and :func:`measured_correlation` then take the
+    batches' times divided by their factors, so that the simulator's draws, times the factor of the
+    workers running, have the run's distribution. None where fewer than two counts have enough batches
+    (nothing to tell apart)."""
+    import math
+
+    import numpy as np
+
+    batches = rebuilt_batches(queries, cascade)
+    running = batch_contention(queries, cascade, gpus)
+    logs, group, count = [], [], []
+    for role, bs in batches.items():
+        for i, (n, run_s, profile_s, _) in enumerate(bs):
+            logs.append(math.log(run_s / profile_s))
+            group.append((role, n))
+            count.append(running[(role, i)])
+    logs, count = np.array(logs), np.array(count)
+    levels = [k for k in range(1, gpus + 1) if (count == k).sum() >= MIN_BATCHES]
+    if len(levels) < 2:
+        return None
+    # Batch size and contention go together (batches grow when every worker is busy), so the two are
+    # fitted together: log ratio = size effect + contention effect, by Tukey's median polish.
+    groups = sorted(set(group))
+    g_index = np.array([groups.index(g) for g in group])
+    size_effect, busy_effect = np.zeros(len(groups)), np.zeros(gpus + 1)
+    for _ in range(20):
+        for j in range(len(groups)):
+            size_effect[j] = np.median((logs - busy_effect[count])[g_index == j])
+        for k in levels:
+            busy_effect[k] = np.median((logs - size_effect[g_index])[count == k])
+    factors = []
+    for k in range(1, max(levels) + 1):
+        below = [j for j in levels if j <= k]
+        factors.append(math.exp(busy_effect[max(below) if below else min(levels)]))
+    return {"factors": [round(f, 4) for f in factors], "batches": {k: int((count == k).sum()) for k in levels}}
+
+
+def _decontended(queries, cascade, contention: Optional[dict], gpus: int) -> dict:
+    """:func:`rebuilt_batches` with each batch's run time divided by its contention factor (unchanged
+    without one)."""
+    batches = rebuilt_batches(queries, cascade)
+    if not contention:
+        return batches
+    from ..profiles import BatchTimeContention
+
+    model = BatchTimeContention(factors=contention["factors"])
+    running = batch_contention(queries, cascade, gpus)
+    return {role: [(n, run_s / model.at(running[(role, i)]), profile_s, start)
+                   for i, (n, run_s, profile_s, start) in enumerate(bs)] for role, bs in batches.items()}
+
+
+def measured_spread(queries, cascade, contention: Optional[dict] = None, gpus: int = 1) -> dict:
     """Per stage, the p50 / p95 / p99 of measured over profile batch time in one run (from
     :func:`rebuilt_batches`), with the number of batches, and the same per batch size under ``"sizes"``
     for the sizes with at least :data:`MIN_BATCHES` batches of their own (a profile's shape across batch
@@ -284,7 +359,7 @@ def measured_spread(queries, cascade) -> dict:
         return {"p50": p50, "p95": p95, "p99": p99, "batches": len(ratios)}
 
     spread = {}
-    for role, batches in rebuilt_batches(queries, cascade).items():
+    for role, batches in _decontended(queries, cascade, contention, gpus).items():
         if len(batches) < MIN_BATCHES:
             continue
         by_size: dict[int, list] = {}
@@ -300,7 +375,7 @@ MIN_CORRELATED_BATCHES = 60  # the correlation of batch times is fitted from thi
 CORRELATION_LAGS = 15  # over lags 1 .. this many batches
 
 
-def measured_correlation(queries, cascade) -> Optional[dict]:
+def measured_correlation(queries, cascade, contention: Optional[dict] = None, gpus: int = 1) -> Optional[dict]:
     """How one run's batch times hung together in time (the profile's ``batch_time_correlation``): the
     rebuilt batches of both stages in start order, each one's log(measured / profile) standardised per
     stage and batch size; their autocorrelation at lag k fitted as ``share x rho^k`` (least squares on
@@ -311,7 +386,7 @@ def measured_correlation(queries, cascade) -> Optional[dict]:
     import numpy as np
 
     merged = []
-    for batches in rebuilt_batches(queries, cascade).values():
+    for batches in _decontended(queries, cascade, contention, gpus).values():
         by_size: dict[int, list] = {}
         for n, run_s, profile_s, start in batches:
             by_size.setdefault(n, []).append((start, math.log(run_s / profile_s)))
@@ -544,11 +619,13 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
     sims, sim_figures, sim_rows, per_run = [], [], [], []
     for k, queries in enumerate(runs):
         overhead = request_overhead_ms([queries])
-        spread = {} if args.no_calibrate else measured_spread(queries, cascade)
-        correlation = None if args.no_calibrate else measured_correlation(queries, cascade)
+        gpus = sim_config.gpus
+        contention = None if args.no_calibrate else measured_contention(queries, cascade, gpus)
+        spread = {} if args.no_calibrate else measured_spread(queries, cascade, contention, gpus)
+        correlation = None if args.no_calibrate else measured_correlation(queries, cascade, contention, gpus)
         fallback = {} if args.no_calibrate else dict(starts[k].get("server_mean_ratio") or {})
         config_k = sim_config_from(described, service_time=args.service_time, overhead=overhead, ratio=fallback,
-                                   spread=spread, correlation=correlation)
+                                   spread=spread, correlation=correlation, contention=contention)
         # The server's allocator plans with the server's profile (its batch estimates are corrected by
         # measured times only for batching, drops and admission): so does the simulated one.
         policy = policy_for(sim_config)
@@ -581,6 +658,7 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
         sim_rows.append(rows)
         per_run.append({"lead_in_s": round(lead, 3), "start": how, "request_overhead_ms": overhead,
                         "batch_time_ratio": spread, "batch_time_correlation": correlation,
+                        "batch_time_contention": contention,
                         "scaled_by_server_mean": {r: v for r, v in fallback.items() if r not in spread},
                         "server_mean_ratio": fallback, "start_estimate": estimate,
                         "start_controller": controller_state,
