@@ -493,6 +493,20 @@ def test_validate_end_to_end_on_a_fake_server(tmp_path, capsys):
     assert cli.main(["validate", "--replay", str(tmp_path / "damaged"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "real-2/queries.csv:4: not a queries.csv row" in err and len(err.splitlines()) == 1, err
+    # a damaged server state: one line naming the run
+    for damage in ("since_plan_s", "factor"):
+        shutil.rmtree(tmp_path / "damaged")
+        shutil.copytree(tmp_path / "v", tmp_path / "damaged")
+        saved = json.loads((tmp_path / "damaged" / "real-runs.json").read_text())
+        start = saved["runs"][1]["server_start"]
+        if damage == "since_plan_s":
+            del start["controller"]["state"]["since_plan_s"]
+        else:
+            start["service_time_estimate"]["factor"]["light"] = -1.0
+        (tmp_path / "damaged" / "real-runs.json").write_text(json.dumps(saved))
+        assert cli.main(["validate", "--replay", str(tmp_path / "damaged"), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "run 2: the server's state at its start cannot be taken up" in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("argv, message", [

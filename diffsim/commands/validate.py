@@ -633,20 +633,20 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
         try:
             config_k, lead, how, controller_state = start_state(config_k, trace, confidences, snapshot, policy)
             estimate = start_estimate(snapshot)
-            replicas = []  # the run simulated with --sim-seeds seeds: its figures are their mean
-            for j in range(args.sim_seeds):
-                # batches at the times this run measured, judged (batching, drops, admission) by the
-                # server's profile and its estimate at the run's start, as the server judged them
-                sim_j = simulate_run(replace(config_k, seed=config_k.seed + j), trace, confidences, lead, policy,
-                                     service_estimate=estimate, controller_state=controller_state,
-                                     estimates_from=sim_config.cascade)
-                summary = summarize_result(sim_j, trace_name)
-                replicas.append(figures_of(summary, sim_j.queries))
-                if j == 0:
-                    sim, sim_summary = sim_j, summary
         except (KeyError, TypeError, ValueError) as e:
             raise DiffsimError(f"validate: {src / RUNS_FILE}: run {k + 1}: the server's state at its start cannot be "
                                f"taken up ({type(e).__name__}: {e})") from None
+        replicas = []  # the run simulated with --sim-seeds seeds: its figures are their mean
+        for j in range(args.sim_seeds):
+            # batches at the times this run measured, judged (batching, drops, admission) by the server's
+            # profile and its estimate at the run's start, as the server judged them
+            sim_j = simulate_run(replace(config_k, seed=config_k.seed + j), trace, confidences, lead, policy,
+                                 service_estimate=estimate, controller_state=controller_state,
+                                 estimates_from=sim_config.cascade)
+            summary = summarize_result(sim_j, trace_name)
+            replicas.append(figures_of(summary, sim_j.queries))
+            if j == 0:
+                sim, sim_summary = sim_j, summary
         # the first seed's outputs are written and plotted
         rows = metrics.timeseries(sim.queries, sim.plans, sim.demand, cascade=config_k.cascade, window_s=args.window_s)
         metrics.write_outputs(out / f"sim-{k + 1}", sim_summary, rows, plot=False)
@@ -717,6 +717,9 @@ def start_state(config, trace, confidences, snapshot: dict, policy=None):
             phase = float(snapshot["now_s"]) - float(controller["state_at_s"])  # the run starts this long after
         except (KeyError, TypeError, ValueError) as e:  # the tick that left the state
             raise DiffsimError(f"the server's state at the run's start lacks a time ({type(e).__name__}: {e})") from None
+        from ..runtime.controller import Controller
+
+        Controller(policy, config.gpus, config.controller).resume(state)  # a state it can take up, or ValueError
         return config, max(0.0, phase), "the server's controller state", state
     lead = lead_in_s(snapshot, config.controller)
     server_plan = snapshot.get("plan")
@@ -743,9 +746,12 @@ def start_estimate(snapshot: dict) -> Optional[dict]:
     if not isinstance(est, dict):
         return None
     try:
-        return {key: {role: float(est[key][role]) for role in ("light", "heavy")} for key in ("factor", "deviation")}
+        out = {key: {role: float(est[key][role]) for role in ("light", "heavy")} for key in ("factor", "deviation")}
     except (KeyError, TypeError, ValueError):
         return None
+    if not all(f > 0 for f in out["factor"].values()) or not all(d >= 0 for d in out["deviation"].values()):
+        raise ValueError(f"a batch-time estimate with a factor <= 0 or a deviation < 0: {out}")
+    return out
 
 
 def simulate_run(config, trace, confidences, lead_s: float, policy=None, service_estimate=None,
