@@ -21,7 +21,9 @@
      batches, from ``GET /v1/plan`` and ``GET /metrics`` before and after it; ``--no-calibrate`` keeps
      the profile as it is); batch times are drawn around
      p50 by p95 / p99 with ``--service-time sampled`` (the default), correlated from one batch to the
-     next as the run's were (slow spells of a shared host: the profile's batch_time_correlation);
+     next as the run's were (slow spells of a shared host: the profile's batch_time_correlation), and
+     scaled by the workers running at once as the run's were (batch_time_contention,
+     :func:`measured_contention`);
    * with the run's request overhead (client latency minus the server's own time for the request: p50,
      p95 and p99, each request's drawn from a log-normal fitted to them with ``--service-time sampled``);
    * with the per-prompt confidences the server reported and every setting it described (admission and
@@ -273,13 +275,12 @@ def rebuilt_batches(queries, cascade) -> dict:
     return out
 
 
-def batch_contention(queries, cascade, gpus: int) -> dict:
-    """Per rebuilt batch (:func:`rebuilt_batches`, keyed ``(role, index)``), how many workers were running
-    batches when it started, itself included: its run overlaps counted on the client's clock, at most
-    ``gpus``."""
+def batch_contention(batches: dict, gpus: int) -> dict:
+    """Per rebuilt batch (``batches`` as :func:`rebuilt_batches` gives them; keyed ``(role, index)``), how
+    many workers were running batches when it started, itself included: its run overlaps counted on the
+    client's clock, at most ``gpus``."""
     import numpy as np
 
-    batches = rebuilt_batches(queries, cascade)
     starts = np.array(sorted(b[3] for bs in batches.values() for b in bs))
     ends = np.array(sorted(b[3] + b[1] for bs in batches.values() for b in bs))
     out = {}
@@ -304,7 +305,7 @@ def measured_contention(queries, cascade, gpus: int) -> Optional[dict]:
     import numpy as np
 
     batches = rebuilt_batches(queries, cascade)
-    running = batch_contention(queries, cascade, gpus)
+    running = batch_contention(batches, gpus)
     logs, group, count = [], [], []
     for role, bs in batches.items():
         for i, (n, run_s, profile_s, _) in enumerate(bs):
@@ -341,7 +342,7 @@ def _decontended(queries, cascade, contention: Optional[dict], gpus: int) -> dic
     from ..profiles import BatchTimeContention
 
     model = BatchTimeContention(factors=contention["factors"])
-    running = batch_contention(queries, cascade, gpus)
+    running = batch_contention(batches, gpus)
     return {role: [(n, run_s / model.at(running[(role, i)]), profile_s, start)
                    for i, (n, run_s, profile_s, start) in enumerate(bs)] for role, bs in batches.items()}
 
@@ -617,9 +618,9 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
         real_rows.append(_read_rows(folder / metrics.TIMESERIES_FILE))
     confidences, scored = measured_confidences(runs, cascade, sim_config.seed)
     sims, sim_figures, sim_rows, per_run = [], [], [], []
+    gpus = sim_config.gpus
     for k, queries in enumerate(runs):
         overhead = request_overhead_ms([queries])
-        gpus = sim_config.gpus
         contention = None if args.no_calibrate else measured_contention(queries, cascade, gpus)
         spread = {} if args.no_calibrate else measured_spread(queries, cascade, contention, gpus)
         correlation = None if args.no_calibrate else measured_correlation(queries, cascade, contention, gpus)

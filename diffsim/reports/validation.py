@@ -57,10 +57,8 @@ def mean_figures(runs: Sequence[dict]) -> dict[str, Optional[float]]:
     return out
 
 
-OUTCOME_CLASSES = ("on_time", "late", "dropped", "rejected", "failed", "unfinished")
-
-
 def outcome_class(q: Query) -> str:
+    """on_time, late, dropped, rejected, failed or unfinished."""
     if q.outcome is None:
         return "unfinished"
     if q.outcome == "completed":
