@@ -54,7 +54,6 @@ from .query import Query
 from .reports.metrics import QueryRecords, RecordsBuilder
 from .profiles import Cascade
 from .runtime.admission import predict
-from .runtime.batching import ServiceTimes
 from .runtime.routing import Router, first_stage
 from .runtime.service_time import ServiceTimeModel, request_overhead
 
@@ -161,8 +160,7 @@ def simulate(
         batch_timeout_s=config.batch_timeout_s,
         swap_s=config.swap_s,
         answer_overhead_s=request_overhead(cascade, config.service_time, config.seed),
-        service_times=None if estimates_from is None else ServiceTimes(
-            estimates_from, limit_s=config.drop_factor * cascade.slo_s),
+        estimates_from=estimates_from,
     )
     dispatcher.on_enqueue = on_enqueue
     if service_estimate is not None:

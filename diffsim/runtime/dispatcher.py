@@ -82,7 +82,7 @@ class Dispatcher:
         batch_timeout_s: float = 0.0,
         swap_s: float = 0.0,
         answer_overhead_s: float | Callable[[], float] = 0.0,
-        service_times: Optional[ServiceTimes] = None,
+        estimates_from: Optional[Cascade] = None,
     ):
         self.cascade = cascade
         self.gpus = gpus
@@ -100,9 +100,9 @@ class Dispatcher:
             self.answer_overhead_s, self._draw_overhead = 0.0, answer_overhead_s
         else:
             self.answer_overhead_s, self._draw_overhead = answer_overhead_s, None
-        # The batch-time estimates batches, drops and admission are judged by: the cascade's profile, learnt
-        # from measured times (``service_times``: one made on another profile, e.g. the server's in validate).
-        self.service = service_times if service_times is not None else ServiceTimes(cascade, limit_s=self.limit_s)
+        # The batch-time estimates batches, drops and admission are judged by: the cascade's profile (or
+        # ``estimates_from``, another one: the server's, in validate), learnt from measured times.
+        self.service = ServiceTimes(estimates_from or cascade, limit_s=self.limit_s)
         self.plan: Optional[Plan] = None
         # role -> (batch size, with discriminator, service time of a batch of n for n = 0..batch size)
         self._stage_settings: dict[str, tuple[int, bool, list[float]]] = {}
