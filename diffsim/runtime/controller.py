@@ -90,8 +90,9 @@ class Controller:
     def state(self, now: float) -> dict:
         """Everything the next ticks depend on, times relative to ``now``: the plan in force, how long ago
         it was made, the tick count, the demand samples held (oldest first), the last tick's measurements
-        and delay estimate, and the sums the next re-plan's queueing delay is taken from. A server reports it (``GET /v1/plan``) so that ``diffsim
-        validate`` can start a simulation where the server stood (:meth:`resume`)."""
+        and delay estimate, and the sums the next re-plan's queueing delay is taken from. A server reports
+        it (``GET /v1/plan``) so that ``diffsim validate`` can start a simulation where the server stood
+        (:meth:`resume`)."""
         return {
             "plan": None if self.plan is None else self.plan.to_dict(),
             "since_plan_s": None if self.last_plan_s is None else now - self.last_plan_s,
