@@ -1028,9 +1028,10 @@ def _first_answer(pl: np.ndarray, first_l: int, ph: np.ndarray, first_h: int, on
                 found = _BEYOND  # nothing fits within the windows: wider ones may hold a plan
         elif on_l[k]:
             found = _best_alone(pl[k], first_l, gpus, slo)
+            found = (*found, None, 0) if isinstance(found, tuple) else found
         elif on_h[k]:
             found = _best_alone(ph[k], first_h, gpus, slo)
-            found = found if not isinstance(found, tuple) else (None, 0) + found[:2]
+            found = (None, 0, *found) if isinstance(found, tuple) else found
         else:
             found = None
         if found is not None:
@@ -1060,7 +1061,7 @@ def _pairs_that_fit(pl: np.ndarray, first_l: int, ph: np.ndarray, first_h: int, 
 
 def _best_alone(path: np.ndarray, first: int, gpus: int, slo: float):
     """One running stage: its first option with the fewest workers within the SLO, then the least path,
-    ``(j, n, None, 0)``; None or ``_BEYOND`` as in :func:`_first_answer`. Exact on a window: the counts below
+    ``(j, n)``; None or ``_BEYOND`` as in :func:`_first_answer`. Exact on a window: the counts below
     ``first`` are at the cap, so the first fit in the window is the first fit."""
     fits = path <= slo
     found = fits.any(axis=1)
@@ -1069,7 +1070,7 @@ def _best_alone(path: np.ndarray, first: int, gpus: int, slo: float):
     opts = np.flatnonzero(found)
     at = fits[opts].argmax(axis=1)  # the first fit is the fewest workers (path is non-increasing)
     j = int(opts[np.lexsort((path[opts, at], at))[0]])  # fewest workers, then least path, then first option
-    return j, first + int(fits[j].argmax()), None, 0
+    return j, first + int(fits[j].argmax())
 
 
 def _best_pair(pl: np.ndarray, first_l: int, ph: np.ndarray, first_h: int, gpus: int, slo: float, coupled: bool):

@@ -77,3 +77,40 @@ def test_no_hysteresis_with_the_little_model(turbo):
 def test_switch_margin_is_checked(turbo):
     with pytest.raises(DiffsimError, match="switch margin"):
         make_policy("diffserve", turbo, switch_margin=-0.1)
+
+
+def test_plan_dependent_delay_plans_on_a_grid_of_small_deferral_steps():
+    """With queue_model mean or tail the cascade policies choose among thresholds whose deferred fractions
+    are about 1% apart: on the allocator's own grid (every 0.005) sdturbo-sdv15 defers 0% or 14.3% and
+    nothing between, and tail-aware plans fell back to deferring nothing at peak load."""
+    import numpy as np
+
+    from diffsim.allocator import DEFAULT_THRESHOLDS
+    from diffsim.config import build_sim_config
+    from diffsim.policies import DEFERRAL_STEP, deferral_grid, make_policy
+
+    config = build_sim_config({})
+    cascade = config.cascade
+    assert cascade.deferral(0.005) == pytest.approx(0.143)  # the allocator grid's first step
+    grid = deferral_grid(cascade)
+    assert set(DEFAULT_THRESHOLDS) <= set(grid) and list(grid) == sorted(grid)
+    steps = np.diff([cascade.deferral(t) for t in grid])
+    assert steps.max() <= DEFERRAL_STEP + 1e-4 and steps.min() >= 0.0
+    assert cascade.deferral(grid[1]) == pytest.approx(0.01, abs=1e-4)
+    with pytest.raises(Exception, match="deferral step"):
+        deferral_grid(cascade, 0.0)
+    for model in ("mean", "tail"):
+        assert make_policy("diffserve", cascade, queue_model=model).grid == grid
+    # little (every policy's default), split mode (Proteus) and a pinned threshold keep their grids
+    assert make_policy("diffserve", cascade).grid is None
+    assert make_policy("proteus", cascade, queue_model="tail").grid is None
+    assert make_policy("diffserve", cascade, queue_model="tail", thresholds=[0.05]).grid == (0.05,)
+    # At 8 GPUs and 28 qps the tail-aware plan defers a little rather than nothing.
+    policy = make_policy("diffserve", cascade, queue_model="tail", routing="random", max_utilization=1.0)
+    from diffsim.policies import PolicyInput
+
+    plan = policy.plan(PolicyInput(demand_qps=28.0, queue_delay_s=(0.0, 0.0), gpus=8))
+    coarse = make_policy("diffserve", cascade, queue_model="tail", routing="random", max_utilization=1.0,
+                         thresholds=DEFAULT_THRESHOLDS).plan(PolicyInput(demand_qps=28.0, queue_delay_s=(0.0, 0.0), gpus=8))
+    assert plan.feasible and coarse.feasible
+    assert coarse.deferral_fraction == 0.0 < plan.deferral_fraction < 0.143
