@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from .errors import InputError
-from .textfile import read_text  # noqa: F401 - also imported from here by the commands
+from .textfile import read_text
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

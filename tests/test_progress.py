@@ -58,16 +58,24 @@ def test_trace_info_prints_the_same_results_with_a_bar(tmp_path, capsys, monkeyp
     plain = capsys.readouterr().out
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    for args in (["trace", "info", str(path)], ["trace", "convert", str(path), "--out", str(tmp_path / "o.csv")]):
-        assert main(args) == 0
+    import diffsim.progress
+
+    made = diffsim.progress.progress_bar  # the commands' bars wait 1 s before drawing: here they draw at once
+    monkeypatch.setattr(diffsim.progress, "progress_bar", lambda **kw: made(**{**kw, "delay": 0}))
+    assert main(["trace", "info", str(path)]) == 0
+    assert "reading" in terminal.getvalue()  # a bar was drawn, on stderr
+    assert main(["trace", "convert", str(path), "--out", str(tmp_path / "o.csv")]) == 0
+    assert "converting" in terminal.getvalue()
     out = capsys.readouterr().out
     assert out.startswith(plain) and out[len(plain):].startswith("wrote 300 requests")
 
 
-def test_startup_steps_run_their_awaitables_and_count():
+def test_startup_steps_run_their_awaitables_and_count(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, whatever pytest's capture is
+
     async def go():
         progress = StartupProgress(2)
-        assert progress.bar.disable  # pytest's stderr is not a terminal
+        assert progress.bar.disable  # stderr is not a terminal: no bar
 
         async def value():
             return 7

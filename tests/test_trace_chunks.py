@@ -81,7 +81,7 @@ def expected_info(trace) -> dict:
     return info
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=trace_texts(), chunk_rows=st.sampled_from(CHUNK_SIZES))
 def test_chunked_reading_info_and_convert_equal_the_whole_file(tmp_path, case, chunk_rows):
     text, fmt = case

@@ -162,7 +162,7 @@ def test_diffsim_round_trip_is_exact(tmp_path):
     assert (tmp_path / "rt2.csv").read_bytes() == path.read_bytes()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(
     rows=st.lists(
         st.tuples(

@@ -175,27 +175,24 @@ class Progress:
     line above it; otherwise (a log file, a pipe) the plain lines only, no bar's control characters."""
 
     def __init__(self, total: int, stream):
+        from ..progress import progress_bar
+
         self.stream = stream
         self.total = total
         self.finished = 0
-        self.bar = None
-        if stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc="runs", unit="run", file=stream, dynamic_ncols=True, leave=False)
+        self.bar = progress_bar(stream=stream, total=total, desc="runs", unit="run")
 
     def done(self, result) -> None:
         self.finished += 1
         line = f"[{self.finished}/{self.total}] {run_line(result)}"
-        if self.bar is None:
+        if self.bar.disable:
             print(line, file=self.stream, flush=True)
         else:
             self.bar.write(line, file=self.stream)
             self.bar.update(1)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 def _plots(out: Path, rows: list[dict], args: argparse.Namespace, config) -> list[Path]:

@@ -216,7 +216,7 @@ def read_prompts(path: Path) -> dict[str, str]:
     """CSV ``image,prompt`` -> {image file name: prompt}; one-line errors naming the line."""
     if not path.exists():
         raise InputError(f"{path}: no such prompts file")
-    from ..yamlfile import read_text
+    from ..textfile import read_text
 
     prompts: dict[str, str] = {}
     with io.StringIO(read_text(path), newline="") as fh:  # not UTF-8: one line naming the file

@@ -129,7 +129,7 @@ def load_scenario(settings: dict, args: Optional[argparse.Namespace] = None):
     from ..errors import SettingError
     from ..resources import resolve_trace
     from ..workload.traces import read_trace
-    from ..yamlfile import read_text
+    from ..textfile import read_text
 
     trace_name = str(settings.get("trace", DEFAULT_TRACE))
     trace = read_trace(resolve_trace(trace_name))

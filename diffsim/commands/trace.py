@@ -147,23 +147,14 @@ def file_stats(path, chunk_rows: Optional[int] = None):
     """The figures of a trace file, read in chunks (memory does not grow with its length), with a
     progress bar on a terminal (:mod:`diffsim.progress`) for files that take more than a second."""
     from ..progress import progress_bar
-    from ..workload.traces import DEFAULT_CHUNK_ROWS, TraceStats, trace_chunks
+    from ..workload.traces import DEFAULT_CHUNK_ROWS, TraceStats, file_size, trace_chunks
 
     stats = TraceStats(WINDOWS_S)
-    with progress_bar(total=_file_size(path), desc="reading", unit="B", unit_scale=True, delay=1.0) as bar:
+    with progress_bar(total=file_size(path), desc="reading", unit="B", unit_scale=True, delay=1.0) as bar:
         for chunk in trace_chunks(path, chunk_rows or DEFAULT_CHUNK_ROWS):
             stats.add(chunk)
             bar.update(min(chunk.chars_read, bar.total) - bar.n)  # characters: bytes for ASCII text
     return stats
-
-
-def _file_size(path) -> int:
-    import os
-
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0  # the reader says what is wrong
 
 
 def describe(stats, source: str) -> dict:

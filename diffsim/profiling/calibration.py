@@ -63,7 +63,7 @@ def read_prompts(path: Path | str, *, limit: Optional[int] = None) -> list[Promp
     path = Path(path)
     text = read_text(path, "prompts file")  # one line naming the file (and where it stops being UTF-8)
     lines = text.splitlines()
-    first = lines[0].strip().lstrip("\ufeff") if lines else ""
+    first = lines[0].strip() if lines else ""  # read_text has dropped a byte-order mark
     if [c.strip() for c in first.split(",")] == list(PROMPTS_CSV_HEADER):
         prompts = _read_prompts_csv(path, text)
     else:
@@ -90,7 +90,7 @@ def _read_prompts_lines(path: Path, lines: list[str]) -> list[Prompt]:
 
 
 def _read_prompts_csv(path: Path, text: str) -> list[Prompt]:
-    reader = csv.reader(text.lstrip("\ufeff").splitlines())
+    reader = csv.reader(text.splitlines())
     next(reader)  # header, checked by the caller
     prompts: list[Prompt] = []
     seen: set[int] = set()

@@ -288,9 +288,7 @@ def _parse_count(source: str, line_no: int, name: str, text: str) -> int:
     where = f"{source}: line {line_no}"
     if value < 0:
         raise InputError(f"{where}: {name} {value} is negative")
-    if value >= 2**63:
-        raise InputError(f"{where}: {name} {value} is too large (at most 2**63-1)")
-    return value
+    raise InputError(f"{where}: {name} {value} is too large (at most 2**63-1)")
 
 
 def _header(where: str, row: list[str]) -> list[str]:
@@ -593,7 +591,7 @@ def convert_trace(src, dst, fmt: str = "diffsim", *, drop_extra: bool = False,
     """
     _check_writable(fmt, False, drop_extra)
     dst = Path(dst)
-    size = _file_size(src)
+    size = file_size(src)
     with _output(dst) as out:
         try:
             return _write_chunks(out, trace_chunks(src, chunk_rows), fmt, drop_extra, in_order=True,
@@ -608,7 +606,7 @@ def convert_trace(src, dst, fmt: str = "diffsim", *, drop_extra: bool = False,
                                  on_read=_reporter(progress, "merge", sum(run.n for run in runs), by_rows=True))
 
 
-def _file_size(path) -> int:
+def file_size(path) -> int:
     try:
         return os.path.getsize(path)
     except OSError:
