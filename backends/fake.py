@@ -28,8 +28,6 @@ class FixedLatencyExecutor:
     fast as it can). ``confidence(prompt, seed)``: the score of that image (default: from the seed, as
     :func:`seed_confidence`). ``sleep`` is injectable so tests need not wait."""
 
-    backend = "fake"
-
     def __init__(self, model: str, latency_s: Union[float, Callable[[int], float]] = 0.0, *,
                  score_latency_s: Union[float, Callable[[int], float]] = 0.0,
                  confidence: Optional[Callable[[str, int], float]] = None,

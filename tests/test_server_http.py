@@ -12,13 +12,14 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+
+from test_loadgen import Gate, ManualClock, engine_on_clock, wait_for
 
 from diffsim import cli
 from diffsim.server.startup import BackgroundServer, ServeOptions, default_executor_factory
@@ -76,14 +77,6 @@ class Exploding:
         if "explode" in prompts:
             raise RuntimeError("simulated executor crash")
         return self.inner.generate(prompts, seeds)
-
-
-class Gate:
-    """``entered`` is set when a held batch starts running; it returns once ``release`` is set."""
-
-    def __init__(self):
-        self.entered = threading.Event()
-        self.release = threading.Event()
 
 
 class Held:
@@ -274,13 +267,14 @@ def test_threshold_one_defers_every_query(tmp_path_factory, torch_one_thread):
         assert item["deferred"] and item["model"] == "sd-v1.5"
 
 
-def test_overload_gets_429_with_retry_after_and_loses_nothing(tmp_path_factory, torch_one_thread):
+def test_overload_gets_429_with_retry_after_and_loses_nothing(tmp_path_factory, torch_one_thread, monkeypatch):
     """The first request's batch is held running at a gate while 15 more arrive. The profile is scaled so
     that a light batch of one takes 28 s and the limit is 1.5 x 40 s = 60 s: one more fits behind the held
     batch (at most 28 + 28 s), a second would not (56 s more), so exactly one is queued and 14 are refused
-    (429), however fast the requests come, unless they take 24 s to arrive; no queued deadline passes
-    before the gate opens (32 s). Once every request has its decision, the gate opens and the two admitted
-    are answered 200."""
+    (429). The engine's clock stands still at 0, so every decision is taken at t = 0 however fast the
+    requests come, and no queued deadline passes before the gate opens. Once every request has its
+    decision, the gate opens and the two admitted are answered 200."""
+    engine_on_clock(monkeypatch, ManualClock())
     gate = Gate()
     server = start_server(tmp_path_factory, plan(0.0, 1, 0, lb=1), slo_s=40.0, gate=gate, profile_scale=100.0)
     n = 16
@@ -289,13 +283,12 @@ def test_overload_gets_429_with_retry_after_and_loses_nothing(tmp_path_factory, 
             first = pool.submit(post, server.url, {"prompt": "p0"}, {})
             assert gate.entered.wait(GUARD_S), "the first batch never started"
             rest = [pool.submit(post, server.url, {"prompt": f"p{i}"}, {}) for i in range(1, n)]
-            deadline = time.monotonic() + GUARD_S  # a failure guard: the loop ends when all are decided
-            while time.monotonic() < deadline:
+
+            def decided() -> bool:  # each admitted or refused
                 snap = httpx.get(f"{server.url}/v1/plan", timeout=GUARD_S).json()
-                if snap["pending"] + sum(snap["outcomes"].values()) == n:  # each admitted or refused
-                    break
-            else:
-                pytest.fail("the requests were never all admitted or refused")
+                return snap["pending"] + sum(snap["outcomes"].values()) == n
+
+            wait_for(decided, "every request is admitted or refused")
             gate.release.set()
             responses = [f.result() for f in [first] + rest]
         text = httpx.get(f"{server.url}/metrics").text
@@ -325,7 +318,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
     cmd = [sys.executable, "-m", "diffsim.cli", "serve", "--backend", "cpu-tiny", "--cascade", CASCADE,
            "--port", "0", "--gpus", "1", "--policy", "clipper-light", "--gpu-profile", str(profile),
            "--discriminator-arch", "test_efficientnet",
-           "--batch-sizes", "1,2,4", "--slo-s", "60", "--threads", "1", "--log-level", "warning"]
+           "--batch-sizes", "1,2,4", "--slo-s", "60", "--threads", "1", "--log-level", "warning",
+           "--drain-quiet-s", "0"]
+    # --drain-quiet-s 0: the probes below never pause, so with a quiet period the socket would stay open
+    # until --drain-max-s (the quiet period is tested in tests/test_drain_quiet.py)
     guard_s = 180.0  # failure guards only
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
