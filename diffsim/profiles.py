@@ -111,6 +111,9 @@ class LatencyTable(_Strict):
     def max_batch_size(self) -> int:
         return max(b for b, v in zip(self.batch_sizes, self.p50_ms) if v is not None)
 
+    def min_batch_size(self) -> int:
+        return min(b for b, v in zip(self.batch_sizes, self.p50_ms) if v is not None)
+
 
 class Overheads(_Strict):
     """What a served request pays outside the batches, for the simulator to add (``diffsim validate`` and

@@ -249,11 +249,12 @@ def simulate(
 
     # Batch times reported to the dispatcher's estimate: drawn ones, and profile ones where the estimate
     # is not on the profile the batches run at (it would otherwise stay where it started).
-    sampled = config.service_time == "sampled" or estimates_from is not None or service_estimate is not None
+    report_times = config.service_time == "sampled" or estimates_from is not None or service_estimate is not None
     times = ServiceTimeModel(cascade, config.service_time, config.seed)
     cold = [cascade.overheads.cold_start_s] * config.gpus  # each worker's first batch takes this much longer
-    # With a contention profile, a drawn batch time is scaled by how many workers run batches at its start.
-    contention = cascade.batch_time_contention if sampled else None
+    # With sampled times and a contention profile, a batch time is scaled by how many workers run batches
+    # at its start (as the profile's batch_time_contention says; the fixed-time simulator keeps p50s).
+    contention = cascade.batch_time_contention if config.service_time == "sampled" else None
     busy = [0]  # workers running a batch (counted only with a contention profile)
 
     def worker(w: int):
@@ -278,7 +279,7 @@ def simulate(
             if on_batch is not None:
                 on_batch(batch)
             running[w] = batch
-            run_s = times.draw(batch.role, len(batch.queries), batch.with_discriminator) if sampled else None
+            run_s = times.draw(batch.role, len(batch.queries), batch.with_discriminator) if report_times else None
             if contention is not None:
                 busy[0] += 1
                 run_s *= contention.at(busy[0])

@@ -324,12 +324,6 @@ def summarize(
     }
 
 
-def served_mix_fid(completed: Sequence[Query], plans: PlanTimeline, cascade: Cascade) -> tuple[Optional[float], str]:
-    """FID of the images served to ``completed`` queries as one mix, and which curve it was read from."""
-    rec = QueryRecords.of(completed)
-    return _mix_fid(rec.has(SERVED_LIGHT), _cascade_mode(rec.arrival_s, rec.has(SCORED | DEFERRED), plans), cascade)
-
-
 def _cascade_mode(arrival_s: np.ndarray, scored: np.ndarray, plans: PlanTimeline) -> np.ndarray:
     """Which completed queries (arrival times; scored or deferred) were routed in cascade mode: the mode
     of the plan in force at their arrival (the last applied at or before it, the first before any). With

@@ -99,7 +99,7 @@ class ServiceTimes:
         cap = self._caps.get((role, with_discriminator))
         if cap is None:
             table = self.cascade.light if role == "light" else self.cascade.heavy
-            smallest = min(b for b, ms in zip(table.batch_sizes, table.p50_ms) if ms is not None)  # 1, usually
+            smallest = table.min_batch_size()  # 1, usually
             cap = max(1.0, self.limit_s / self.profile_s(role, smallest, with_discriminator) * (1 - 1e-9))  # fits
             self._caps[(role, with_discriminator)] = cap
         return min(factor, cap)

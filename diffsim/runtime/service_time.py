@@ -86,7 +86,9 @@ class ServiceTimeModel:
         self._next = 0
         self._params: dict[tuple[str, int, bool], tuple[float, float]] = {}
         c = cascade.batch_time_correlation
-        self._correlation = None if c is None or c.share == 0.0 else (c.share, c.rho)
+        # (sqrt(share), sqrt(1 - share), rho, sqrt(1 - rho^2)): the weights of each draw, computed once
+        self._correlation = None if c is None or c.share == 0.0 else (
+            math.sqrt(c.share), math.sqrt(1.0 - c.share), c.rho, math.sqrt(1.0 - c.rho * c.rho))
         self._slow: Optional[float] = None
 
     def params(self, role: Role, n: int, with_disc: bool) -> tuple[float, float]:
@@ -122,10 +124,10 @@ class ServiceTimeModel:
     def _correlated_z(self) -> float:
         """A standard normal, ``sqrt(share) x slow + sqrt(1 - share) x noise`` with ``slow`` an AR(1) of
         correlation ``rho`` from one batch (of any stage) to the next (the host's state)."""
-        share, rho = self._correlation
+        slow_w, noise_w, rho, innovation_w = self._correlation
         e = self._normal()
-        self._slow = e if self._slow is None else rho * self._slow + math.sqrt(1.0 - rho * rho) * e
-        return math.sqrt(share) * self._slow + math.sqrt(1.0 - share) * self._normal()
+        self._slow = e if self._slow is None else rho * self._slow + innovation_w * e
+        return slow_w * self._slow + noise_w * self._normal()
 
 
 Z999 = 3.090232306167813  # the normal's 99.9th percentile
