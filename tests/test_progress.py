@@ -13,7 +13,7 @@ from test_loadgen import CASCADE, write_profile
 
 from diffsim.cli import main
 from diffsim.progress import progress_bar, progress_enabled
-from diffsim.server import startup, worker
+from diffsim.server import worker
 from diffsim.server.startup import ServeOptions, StartupProgress, build_engine
 
 
@@ -91,8 +91,8 @@ def test_startup_steps_run_their_awaitables_and_count(monkeypatch):
     asyncio.run(go())
 
 
-@pytest.mark.parametrize("measure", [False, True])
-def test_startup_counts_its_steps(tmp_path, monkeypatch, measure):
+@pytest.mark.parametrize("measure,swap", [(False, False), (True, False), (False, True), (True, True)])
+def test_startup_counts_its_steps(tmp_path, monkeypatch, measure, swap):
     steps = []
     real_step = StartupProgress.step
 
@@ -111,7 +111,7 @@ def test_startup_counts_its_steps(tmp_path, monkeypatch, measure):
                 "load_s": {"light": 0.0, "heavy": 0.0}}
 
     monkeypatch.setattr(worker, "measure_profile", measured)
-    options = ServeOptions(backend="cpu-tiny", cascade=CASCADE, gpus=2, batch_sizes=(1, 2),
+    options = ServeOptions(backend="cpu-tiny", cascade=CASCADE, gpus=2, batch_sizes=(1, 2), swap=swap,
                            gpu_profile="measure" if measure else str(write_profile(tmp_path / "p.yaml")),
                            measure_warmup=0, measure_iters=1)
 
@@ -120,5 +120,6 @@ def test_startup_counts_its_steps(tmp_path, monkeypatch, measure):
         await engine.stop(0.0)
 
     asyncio.run(go())
-    assert totals == [startup._startup_steps(options)] and len(steps) == totals[0] == (3 if measure else 1)
+    # measuring: building and measuring; a swap is timed only when nothing measured the loads
+    assert totals == [len(steps)] and len(steps) == 1 + 2 * measure + (swap and not measure)
     assert steps[-1].startswith("loading the first plan's models")

@@ -24,6 +24,7 @@ from ..config import ControllerConfig, HealthConfig
 from ..policies import DEFAULT_MAX_UTILIZATION
 from ..errors import DiffsimError, InputError
 from .emulation import BACKEND as EMULATED
+from .emulation import EmulatedFactory
 
 log = logging.getLogger("diffsim.server")
 
@@ -197,16 +198,25 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
     check_options(options)
     light, heavy, cascades_path = cascade_models(options)
     weights = model_weights(options, light, heavy)
-    if executor_factory is None and options.backend == EMULATED:
-        executor_factory = emulated_factory(options, cascades_path)
+    measure = options.profile_source == MEASURE
+    if not measure:  # read once: the emulated executors take their times from the same cascade
+        profile_path = resolve_profile(options.profile_source)
+        profile = load_gpu_profile(profile_path)
+        cascade = build_cascade(options.cascade, profile, load_cascades(cascades_path), profile_path, cascades_path)
+    if executor_factory is None and options.backend == EMULATED:  # never measure (check_options)
+        executor_factory = EmulatedFactory(cascade, seed=options.seed)
     factory = executor_factory or default_executor_factory(options, weights)
     models = {"light": light, "heavy": heavy}
     workers = make_workers(options, factory, models)
-    progress = StartupProgress(_startup_steps(options))
+    timing_swap = options.swap and not measure  # measuring loads both models: it times their loads
+    with_quality = options.fid_reference is not None
+    # One progress step per await below: building and measuring (measure), timing a swap (timing_swap),
+    # the FID reference (with_quality), and the first plan's models.
+    progress = StartupProgress(2 * measure + timing_swap + with_quality + 1)
     try:
         sizes = options.sizes
         swap_s = 0.0
-        if options.profile_source == MEASURE:
+        if measure:
             import asyncio
 
             # Every worker at once: under load they all run, and share the host (see diffsim.profiling.profiler).
@@ -222,19 +232,18 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
                                        "measured profile")
             profile_path = "<measured at start-up>"
             swap_s = max(measured["load_s"].values())
-        else:
-            profile_path = resolve_profile(options.profile_source)
-            profile = load_gpu_profile(profile_path)
         if options.save_profile:
             write_profile(profile, options.save_profile)
-        cascade = build_cascade(options.cascade, profile, load_cascades(cascades_path), profile_path, cascades_path)
+        if measure:
+            cascade = build_cascade(options.cascade, profile, load_cascades(cascades_path), profile_path,
+                                    cascades_path)
         if options.slo_s is not None:
             cascade = replace(cascade, slo_s=float(options.slo_s))
         usable = tuple(b for b in sizes if _has_latency(cascade, b))
         if not usable:
             raise DiffsimError(f"the latency profile ({profile_path}) has no batch size of {list(sizes)} "
                                f"for both {light} and {heavy} and the discriminator")
-        if options.swap and swap_s == 0.0:
+        if timing_swap:
             # The dispatcher keeps a swapping worker idle for the time a model load takes: time both.
             async def time_swap():
                 await workers[0].prepare("heavy")
@@ -255,7 +264,7 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
         )
         engine = Engine(config, workers)
         monitor = None
-        if options.fid_reference is not None:
+        if with_quality:
             import asyncio
 
             from .quality_monitor import build_quality_monitor
@@ -278,12 +287,6 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
         raise
     progress.close()
     return engine
-
-
-def _startup_steps(options: ServeOptions) -> int:
-    """How many :meth:`StartupProgress.step` calls :func:`build_engine` makes with these options."""
-    measure = options.profile_source == MEASURE
-    return 1 + 2 * measure + (options.swap and not measure) + (options.fid_reference is not None)
 
 
 class StartupProgress:
@@ -327,19 +330,6 @@ class StartupProgress:
     def close(self) -> None:
         self.bar.close()
         self._logging.close()
-
-
-def emulated_factory(options: ServeOptions, cascades_path: Path) -> ExecutorFactory:
-    """Executors that sleep for the profile's batch times (:mod:`diffsim.server.emulation`)."""
-    from .emulation import EmulatedFactory
-
-    from ..profiles import build_cascade, load_cascades, load_gpu_profile
-    from ..resources import resolve_profile
-
-    profile_path = resolve_profile(options.profile_source)
-    cascade = build_cascade(options.cascade, load_gpu_profile(profile_path), load_cascades(cascades_path),
-                            profile_path, cascades_path)
-    return EmulatedFactory(cascade, seed=options.seed)
 
 
 def make_workers(options: ServeOptions, factory: ExecutorFactory, models: dict[str, str]) -> list:
