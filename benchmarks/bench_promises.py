@@ -60,7 +60,7 @@ async def open_loop(url: str, rate: float, seconds: float, *, seed: int = 0, sto
 
     rng = np.random.default_rng(seed)
     records: list[dict] = []
-    async with loadgen._session(None, 120.0) as client:
+    async with loadgen.client_session(None, 120.0) as client:
         t0 = time.monotonic()
 
         async def one(i: int) -> None:

@@ -103,8 +103,10 @@ def _aiohttp():
     return aiohttp
 
 
-def _session(api_key: Optional[str], timeout_s: float):
-    """The client: no limit on open connections, idle ones kept :data:`KEEPALIVE_S` (module docstring)."""
+def client_session(api_key: Optional[str], timeout_s: float):
+    """The client, an ``aiohttp.ClientSession`` to use with ``async with``: no limit on open connections,
+    idle ones kept :data:`KEEPALIVE_S` (module docstring), each request given ``timeout_s`` in all.
+    Benchmarks that send their own requests use it too, to measure the server through the same client."""
     aiohttp = _aiohttp()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_S)
@@ -135,7 +137,7 @@ def server_info(url: str, api_key: Optional[str] = None) -> dict:
     """The server's ``GET /v1/plan`` snapshot (which cascade, SLO, GPUs, policy), or a one-line error."""
 
     async def get() -> dict:
-        async with _session(api_key, PLAN_TIMEOUT_S) as session:
+        async with client_session(api_key, PLAN_TIMEOUT_S) as session:
             return await fetch_plan(session, url.rstrip("/"))
 
     return asyncio.run(get())
@@ -222,7 +224,7 @@ async def run_load(
         raise DiffsimError("no requests to send (empty trace or --max-requests 0)")
     base = url.rstrip("/")
     wall0 = time.perf_counter()
-    async with _session(api_key, timeout_s) as session:
+    async with client_session(api_key, timeout_s) as session:
         first = await fetch_plan(session, base)
         slo = float(slo_s if slo_s is not None else first.get("slo_s", 0.0)) or 1.0
         busy0 = list(first.get("workers", {}).get("busy_s", []))
