@@ -26,12 +26,14 @@ def _num(value: Number) -> str:
 
 @dataclass(frozen=True)
 class Range:
-    """Numbers from ``lo`` to ``hi`` (both included unless ``lo_open``), integers only if ``integer``."""
+    """Numbers from ``lo`` to ``hi`` (both included unless ``lo_open`` / ``hi_open``), integers only if
+    ``integer``."""
 
     lo: Number
     hi: Number = math.inf
     integer: bool = False
     lo_open: bool = False
+    hi_open: bool = False
 
     def describe(self) -> str:
         """What the range accepts, e.g. ``an integer in 1..100000`` or ``a number > 0 and <= 1``."""
@@ -42,13 +44,16 @@ class Range:
         low = f"> {_num(self.lo)}" if self.lo_open else f">= {_num(self.lo)}"
         if self.hi == math.inf:
             return f"a number {low}"
-        return f"a number {low} and <= {_num(self.hi)}"
+        return f"a number {low} and {self._high()}"
 
     def __str__(self) -> str:
         if self.integer:
             return f"{self.lo}..{self.hi}" if self.hi != math.inf else f">= {self.lo}"
         low = f"> {_num(self.lo)}" if self.lo_open else f">= {_num(self.lo)}"
-        return low if self.hi == math.inf else f"{low}, <= {_num(self.hi)}"
+        return low if self.hi == math.inf else f"{low}, {self._high()}"
+
+    def _high(self) -> str:
+        return f"< {_num(self.hi)}" if self.hi_open else f"<= {_num(self.hi)}"
 
     def contains(self, value: object) -> bool:
         """True for a value of the right type inside the range (booleans are not numbers here)."""
@@ -60,7 +65,8 @@ class Range:
         elif not isinstance(value, (int, float)) or not math.isfinite(value):
             return False
         above = value > self.lo if self.lo_open else value >= self.lo
-        return above and value <= self.hi
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
 
     def parse(self, text: str) -> Number:
         """The number ``text`` spells, inside the range; ValueError with a one-line reason otherwise."""
@@ -83,7 +89,7 @@ class Range:
         """Keyword arguments of ``pydantic.Field`` for the same bounds."""
         bounds: dict = {"gt" if self.lo_open else "ge": self.lo}
         if self.hi != math.inf:
-            bounds["le"] = self.hi
+            bounds["lt" if self.hi_open else "le"] = self.hi
         return bounds
 
 
@@ -97,6 +103,7 @@ LATENCY_MS = Range(0.001, 1e7)  # one batch, in a GPU profile: from a microsecon
 MAX_BATCH_SIZES = 64  # entries in a list of allowed batch sizes
 FRACTION = Range(0, 1)  # thresholds, batch_wait
 FRACTION_ABOVE_0 = Range(0, 1, lo_open=True)  # max_utilization, ewma_alpha
+QUANTILE = Range(0, 1, lo_open=True, hi_open=True)  # tail_quantile: the 0th and 100th percentiles plan nothing
 DROP_FACTOR = Range(0, 100, lo_open=True)
 HEADROOM = Range(0, 100, lo_open=True)
 SLO_S = Range(0, 86_400, lo_open=True)

@@ -60,6 +60,7 @@ def simulate_args(tmp_path, trace, *args):
     (["--seed", "-1"], "--seed: must be an integer in 0..4294967295"),
     (["--window-s", "1e-6"], "--window-s: must be a number >= 0.01"),
     (["--max-utilization", "nan"], "--max-utilization: must be a number > 0 and <= 1"),
+    (["--tail-quantile", "1"], "--tail-quantile: must"),  # the 100th percentile of a latency plans nothing
     (["--out", ""], "--out: must not be empty"),
     (["--trace", ""], "--trace: must not be empty"),
     (["--fail-worker", "20@5"], "--fail-worker/--recover-worker: worker 20 does not exist"),
@@ -89,6 +90,8 @@ def test_windows_are_bounded_by_count_over_the_trace(tmp_path):
     (["serve", "--backend", "cpu-tiny", "--cascade", "sdturbo-sdv15", "--port", "-1"], "--port: must be an integer in 0..65535", "serve"),
     (["serve", "--backend", "cpu-tiny", "--cascade", "sdturbo-sdv15", "--threads", "0"], "--threads: must be an integer in 1..1024", "serve"),
     (["serve", "--backend", "cpu-tiny", "--cascade", "sdturbo-sdv15", "--batch-sizes", ""], "--batch-sizes: expected", "serve"),
+    (["serve", "--backend", "cpu-tiny", "--cascade", "sdturbo-sdv15", "--tail-quantile", "1"],
+     "--tail-quantile: must be a number > 0 and < 1, got '1'", "serve"),
     (["serve", "--backend", "cpu-tiny", "--cascade", "sdturbo-sdv15", "--static-plan",
       '{"threshold": 0.1, "light_workers": 40, "heavy_workers": 2, "light_batch": 1, "heavy_batch": 1}'],
      "--static-plan: 40 light + 2 heavy workers need 42 GPUs", "serve"),
@@ -116,6 +119,8 @@ def test_help_states_the_bounds_and_points_to_the_config_format():
     assert "--images DIR folder of images to score" in " ".join(out.split())
     _, out, _ = run_cli_help("profile")
     assert "{cuda,cpu-tiny}" in out
+    _, out, _ = run_cli_help("serve")
+    assert "latency meets the SLO (> 0, < 1; default 0.99)" in " ".join(out.split())  # what --tail-quantile takes
 
 
 def run_cli_help(*argv) -> tuple[int, str, str]:

@@ -70,9 +70,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--queue-model", choices=("little", "mean", "tail"),
                    help="queueing delay the MILP plans with: little (measured under the plan in force, default), "
                         "mean or tail (per candidate plan; tail: --tail-quantile of latency meets the SLO)")
-    p.add_argument("--tail-quantile", type=limits.FRACTION_ABOVE_0, default=0.99, metavar="Q",
+    p.add_argument("--tail-quantile", type=limits.QUANTILE, default=0.99, metavar="Q",
                    help=bounded("with --queue-model tail, this quantile of all queries' latency meets the SLO",
-                                limits.FRACTION_ABOVE_0, 0.99))
+                                limits.QUANTILE, 0.99))
     p.add_argument("--demand", choices=("arrival", "in-system"),
                    help="what the demand EWMA is taken of: arrival rate (default) or queries in the system "
                         "(the artifact's)")
