@@ -256,6 +256,7 @@ def simulate(
     # at its start (as the profile's batch_time_contention says; the fixed-time simulator keeps p50s).
     contention = cascade.batch_time_contention if config.service_time == "sampled" else None
     busy = [0]  # workers running a batch (counted only with a contention profile)
+    last_end = [-math.inf]  # when the last batch ended (the host's idle time before a batch that runs alone)
 
     def worker(w: int):
         take = dispatcher.take_batch
@@ -279,10 +280,14 @@ def simulate(
             if on_batch is not None:
                 on_batch(batch)
             running[w] = batch
-            run_s = times.draw(batch.role, len(batch.queries), batch.with_discriminator) if report_times else None
             if contention is not None:
                 busy[0] += 1
-                run_s *= contention.at(busy[0])
+                k = busy[0]
+                idle_s = now - last_end[0] if k == 1 else 0.0
+                run_s = contention.at(k, idle_s) * times.draw(batch.role, len(batch.queries), batch.with_discriminator,
+                                                              contention.spread_at(k, idle_s))
+            else:
+                run_s = times.draw(batch.role, len(batch.queries), batch.with_discriminator) if report_times else None
             if cold[w]:
                 run_s = (batch.service_s if run_s is None else run_s) + cold[w]
                 cold[w] = 0.0
@@ -292,10 +297,12 @@ def simulate(
                 now = env.now
                 if contention is not None:
                     busy[0] -= 1
+                    last_end[0] = now
                 continue
             now = env.now
             if contention is not None:
                 busy[0] -= 1
+                last_end[0] = now
             running[w] = None
             for target in complete(batch, now, run_s=run_s):
                 if waiting[target] is not None:

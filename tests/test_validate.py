@@ -3,6 +3,8 @@ end to end against a small server with fixed-latency fake executors, writing wha
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 
@@ -206,7 +208,10 @@ def test_contention_factors_are_measured_from_batches_that_ran_together():
         for j in range(2):
             queries.append(answered_query(500.0 + 10.0 * i, 0.0, round(1.2 * base, 6) + (2 * i + j) * 1e-6))
     running = batch_contention(rebuilt_batches(queries, cascade), gpus=2)
-    assert list(running.values()).count(1) == 30 and list(running.values()).count(2) == 60  # pairs start together
+    counts = [k for k, _ in running.values()]
+    assert counts.count(1) == 30 and counts.count(2) == 60  # pairs start together
+    assert all(idle == (9.0 if i else math.inf) or abs(idle - (10.0 - 0.8 * base)) < 1e-3
+               for i, (k, idle) in enumerate(running.values()) if k == 1)  # alone: the host idle before each
     contention = measured_contention(queries, cascade, gpus=2)
     f1, f2 = contention["factors"]
     assert f2 / f1 == pytest.approx(1.5, rel=1e-3)
@@ -215,6 +220,78 @@ def test_contention_factors_are_measured_from_batches_that_ran_together():
     # de-contended, the ratios of the batches that ran alone equal those that ran in pairs
     spread = measured_spread(queries, cascade, contention, gpus=2)["light"]
     assert spread["p95"] / spread["p50"] < 1.6  # 1.2 / 0.8 = 1.5 would remain without it
+
+
+def test_idle_factors_are_measured_from_batches_that_ran_alone():
+    """Batches that ran alone: back to back (1 ms after the last ended) at 0.7x their profile time, after
+    10 s of idle at 1.3x; and pairs at 1.0x. The fitted idle factors stand 1.3 / 0.7 apart, each idle class
+    with its batches counted, and dividing them out leaves the alone batches' spread to the calibration."""
+    from diffsim.commands.validate import IDLE_GAPS_S, measured_contention, measured_spread
+    from diffsim.profiles import BatchTimeContention
+    from diffsim.runtime.batching import service_time_s
+    from sim_helpers import a100_cascade
+
+    cascade = a100_cascade()
+    base = service_time_s(cascade, "light", 1, True)
+    queries, t = [], 0.0
+    for i in range(30):  # after idle
+        queries.append(answered_query(t, 0.0, round(1.3 * base, 6) + i * 1e-6))
+        t += 10.0
+    for i in range(30):  # back to back
+        run = round(0.7 * base, 6) + i * 1e-6
+        queries.append(answered_query(t, 0.0, run))
+        t += run + 0.001
+    t += 10.0
+    for i in range(30):  # in pairs
+        for j in range(2):
+            queries.append(answered_query(t, 0.0, round(base, 6) + (2 * i + j) * 1e-6))
+        t += 10.0
+    contention = measured_contention(queries, cascade, gpus=2)
+    assert contention["idle_gaps_s"] == list(IDLE_GAPS_S)
+    assert contention["idle_batches"] == [29, 0, 0, 0, 31]  # the first back-to-back batch came after idle
+    fast, slow = contention["idle_factors"][0], contention["idle_factors"][-1]
+    assert slow / fast == pytest.approx(1.3 / 0.7, rel=1e-3)
+    assert contention["idle_factors"][1:4] == [contention["factors"][0]] * 3  # classes with no batches
+    model = BatchTimeContention(**{k: contention[k] for k in ("factors", "idle_gaps_s", "idle_factors")})
+    assert model.at(1, 0.001) == fast and model.at(1, 60.0) == slow and model.at(2, 0.0) == contention["factors"][1]
+    spread = measured_spread(queries, cascade, contention, gpus=2)["light"]
+    assert spread["p95"] / spread["p50"] < 1.05  # 1.3 / 0.7 would remain without the idle classes
+
+
+def test_contention_profile_fields_are_validated():
+    from diffsim.profiles import BatchTimeContention
+
+    ok = BatchTimeContention(factors=[0.8, 1.2], spreads=[1.5, 0.8], idle_gaps_s=[0.0, 0.1],
+                             idle_factors=[0.6, 1.1], idle_spreads=[1.0, 2.0])
+    assert (ok.at(1, 0.05), ok.spread_at(1, 0.05), ok.at(1, 0.1), ok.spread_at(1, 0.1)) == (0.6, 1.0, 1.1, 2.0)
+    assert (ok.at(3, 0.0), ok.spread_at(3, 0.0)) == (1.2, 0.8)
+    assert BatchTimeContention(factors=[1.0]).spread_at(1) == 1.0
+    for bad, words in [
+        (dict(factors=[1.0, 1.0], spreads=[1.0]), "one value per factor"),
+        (dict(factors=[1.0], idle_gaps_s=[0.0]), "go together"),
+        (dict(factors=[1.0], idle_gaps_s=[0.1, 0.2], idle_factors=[1.0, 1.0]), "start at 0"),
+        (dict(factors=[1.0], idle_gaps_s=[0.0, 0.2], idle_factors=[1.0]), "one value per idle gap"),
+        (dict(factors=[1.0], idle_gaps_s=[0.0], idle_factors=[0.0]), "must lie in"),
+        (dict(factors=[1.0], idle_gaps_s=[0.0], idle_factors=[1.0], idle_spreads=[1.0]), "needs spreads"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            BatchTimeContention(**bad)
+
+
+def test_the_simulator_scales_batches_that_run_alone_by_the_host_s_idle_time():
+    """One worker: the first batch after idle (2x), the next back to back (0.5x), one after 9.75 s (2x)."""
+    import dataclasses
+
+    from diffsim.config import SimConfig
+    from diffsim.profiles import BatchTimeContention
+    from diffsim.simulator import simulate
+    from sim_helpers import a100_cascade
+
+    contention = BatchTimeContention(factors=[1.0], idle_gaps_s=[0.0, 1.0], idle_factors=[0.5, 2.0])
+    cascade = dataclasses.replace(a100_cascade(), batch_time_contention=contention)
+    trace = Trace(arrival_s=np.array([0.0, 0.15, 10.0]), prompt_id=np.arange(3))
+    result = simulate(SimConfig(cascade=cascade, gpus=1, policy="clipper-light", seed=0, service_time="sampled"), trace)
+    assert [q.service_s for q in result.queries] == pytest.approx([0.2, 0.05, 0.2], rel=1e-12)
 
 
 def test_the_simulator_scales_drawn_batch_times_by_the_workers_running():

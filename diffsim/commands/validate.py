@@ -22,8 +22,9 @@
      the profile as it is); batch times are drawn around
      p50 by p95 / p99 with ``--service-time sampled`` (the default), correlated from one batch to the
      next as the run's were (slow spells of a shared host: the profile's batch_time_correlation), and
-     scaled by the workers running at once as the run's were (batch_time_contention,
-     :func:`measured_contention`);
+     scaled, and their spread widened or narrowed, by the host's state at each batch's start as the
+     run's were: the workers running at once, and for a batch that runs alone how long the host had been
+     idle (batch_time_contention, :func:`measured_contention`);
    * with the run's request overhead (client latency minus the server's own time for the request: p50,
      p95 and p99, each request's drawn from a log-normal fitted to them with ``--service-time sampled``);
    * with the per-prompt confidences the server reported and every setting it described (admission and
@@ -150,7 +151,7 @@ def sim_config_from(described: dict, *, service_time: str, overhead=None, ratio=
     if correlation:
         profile_data["batch_time_correlation"] = {"share": correlation["share"], "rho": correlation["rho"]}
     if contention:
-        profile_data["batch_time_contention"] = {"factors": list(contention["factors"])}
+        profile_data["batch_time_contention"] = {k: list(contention[k]) for k in CONTENTION_FIELDS if contention.get(k)}
     if overhead is not None:
         kept = {k: v for k, v in profile_data.get("overheads", {}).items() if not k.startswith("request_")}
         profile_data["overheads"] = {**kept, **overhead}
@@ -275,10 +276,19 @@ def rebuilt_batches(queries, cascade) -> dict:
     return out
 
 
+IDLE_GAPS_S = (0.0, 0.005, 0.02, 0.1, 0.5)  # idle-time classes of a batch that runs alone (lower edges)
+MIN_SIGMA = 0.01  # residuals spread less than this (1%) are not told apart by state
+MAX_SPREAD = 10.0  # a state's spread is taken as at most this many times the run's
+CONTENTION_FIELDS = ("factors", "spreads", "idle_gaps_s", "idle_factors", "idle_spreads")  # as the profile has them
+
+
 def batch_contention(batches: dict, gpus: int) -> dict:
-    """Per rebuilt batch (``batches`` as :func:`rebuilt_batches` gives them; keyed ``(role, index)``), how
-    many workers were running batches when it started, itself included: its run overlaps counted on the
-    client's clock, at most ``gpus``."""
+    """Per rebuilt batch (``batches`` as :func:`rebuilt_batches` gives them; keyed ``(role, index)``),
+    ``(running, idle_s)``: how many workers were running batches when it started, itself included (its
+    run overlaps counted on the client's clock, at most ``gpus``), and, when it ran alone, how long
+    before its start the last batch had ended (the host's idle time; 0 otherwise)."""
+    import math
+
     import numpy as np
 
     starts = np.array(sorted(b[3] for bs in batches.values() for b in bs))
@@ -286,51 +296,112 @@ def batch_contention(batches: dict, gpus: int) -> dict:
     out = {}
     for role, bs in batches.items():
         for i, (_, _, _, start) in enumerate(bs):
-            running = int(np.searchsorted(starts, start, side="right") - np.searchsorted(ends, start, side="right"))
-            out[(role, i)] = min(max(running, 1), gpus)
+            ended = int(np.searchsorted(ends, start, side="right"))
+            running = min(max(int(np.searchsorted(starts, start, side="right")) - ended, 1), gpus)
+            idle_s = (max(float(start - ends[ended - 1]), 0.0) if ended else math.inf) if running == 1 else 0.0
+            out[(role, i)] = (running, idle_s)
     return out
 
 
 def measured_contention(queries, cascade, gpus: int) -> Optional[dict]:
-    """How one run's batch times depended on the workers running at once (the profile's
-    ``batch_time_contention``): ``log(measured / profile)`` per rebuilt batch fitted as an effect of its stage and batch size plus an
-    effect of the number of workers running at its start (:func:`batch_contention`), by median polish
-    (counts with fewer than :data:`MIN_BATCHES` batches take the nearest count's factor below, else
-    above); the factors are the exponentials of the second effect. :func:`measured_spread` and :func:`measured_correlation` then take the
-    batches' times divided by their factors, so that the simulator's draws, times the factor of the
-    workers running, have the run's distribution. None where fewer than two counts have enough batches
-    (nothing to tell apart)."""
+    """How one run's batch times depended on the host's state at their start (the profile's
+    ``batch_time_contention``): ``log(measured / profile)`` per rebuilt batch fitted as an effect of its
+    stage and batch size plus an effect of its start state (:func:`batch_contention`) -- the number of
+    workers running, and for a batch that ran alone the class of the host's idle time before it
+    (:data:`IDLE_GAPS_S`) -- by Tukey's median polish (batch size and state go together: batches grow
+    when every worker is busy). States with fewer than :data:`MIN_BATCHES` batches take the nearest
+    count's factor below, else above (an idle class, the alone count's). The factors are the
+    exponentials of the state effects; the spreads each state's residual sigma over all residuals'.
+    :func:`measured_spread` and :func:`measured_correlation` then take the batches' times divided by
+    their factors, so that the simulator's draws, times the factor of the state, have the run's
+    distribution. None where fewer than two states have enough batches (nothing to tell apart)."""
     import math
 
     import numpy as np
 
     batches = rebuilt_batches(queries, cascade)
-    running = batch_contention(batches, gpus)
-    logs, group, count = [], [], []
+    state_of = batch_contention(batches, gpus)
+    logs, group, states = [], [], []
     for role, bs in batches.items():
         for i, (n, run_s, profile_s, _) in enumerate(bs):
             logs.append(math.log(run_s / profile_s))
             group.append((role, n))
-            count.append(running[(role, i)])
-    logs, count = np.array(logs), np.array(count)
-    levels = [k for k in range(1, gpus + 1) if (count == k).sum() >= MIN_BATCHES]
-    if len(levels) < 2:
+            states.append(_state(*state_of[(role, i)]))
+    logs = np.array(logs)
+    counts = np.array([k for k, _ in states])
+    names = sorted(set(states), key=lambda st: (st[0], -1 if st[1] is None else st[1]))
+    s_index = np.array([names.index(st) for st in states])
+    enough = [j for j, st in enumerate(names) if (s_index == j).sum() >= MIN_BATCHES]
+    if len(enough) < 2:
         return None
-    # Batch size and contention go together (batches grow when every worker is busy), so the two are
-    # fitted together: log ratio = size effect + contention effect, by Tukey's median polish.
     groups = sorted(set(group))
     g_index = np.array([groups.index(g) for g in group])
-    size_effect, busy_effect = np.zeros(len(groups)), np.zeros(gpus + 1)
+    size_effect, state_effect = np.zeros(len(groups)), np.zeros(len(names))
     for _ in range(20):
         for j in range(len(groups)):
-            size_effect[j] = np.median((logs - busy_effect[count])[g_index == j])
-        for k in levels:
-            busy_effect[k] = np.median((logs - size_effect[g_index])[count == k])
-    factors = []
-    for k in range(1, max(levels) + 1):
-        below = [j for j in levels if j <= k]
-        factors.append(math.exp(busy_effect[max(below) if below else min(levels)]))
-    return {"factors": [round(f, 4) for f in factors], "batches": {k: int((count == k).sum()) for k in levels}}
+            size_effect[j] = np.median((logs - state_effect[s_index])[g_index == j])
+        for j in enough:
+            state_effect[j] = np.median((logs - size_effect[g_index])[s_index == j])
+    residuals = logs - size_effect[g_index] - state_effect[s_index]
+    alone = counts == 1
+    levels = sorted({k for k in range(2, gpus + 1) if (counts == k).sum() >= MIN_BATCHES}
+                    | ({1} if alone.sum() >= MIN_BATCHES else set()))
+    if not levels:
+        return None
+
+    def level_effect(k: int) -> tuple[float, np.ndarray]:
+        """The effect of k workers running and its residuals (k = 1: the alone batches together,
+        whatever their idle time)."""
+        if k == 1:
+            alone_logs = (logs - size_effect[g_index])[alone]
+            effect = float(np.median(alone_logs))
+            return effect, alone_logs - effect
+        j = names.index((k, None))
+        return float(state_effect[j]), residuals[s_index == j]
+
+    # The spread by state: each state's residuals' log-normal sigma (fitted to their p95 and p99 about
+    # their median, as the profile's are) over that of all residuals -- the spread the tables get
+    # (measured_spread pools the states) -- so that the run's own mix of states keeps the tables' spread.
+    pooled = _residual_sigma(residuals)
+    spread_of = lambda r: round(min(_residual_sigma(r) / pooled, MAX_SPREAD), 4)  # noqa: E731
+    nearest = [max([j for j in levels if j <= k] or [min(levels)]) for k in range(1, max(levels) + 1)]
+    effects = {k: level_effect(k) for k in set(nearest)}
+    out = {"factors": [round(math.exp(effects[k][0]), 4) for k in nearest],
+           "batches": {k: int((counts == k).sum()) for k in levels}}
+    if pooled >= MIN_SIGMA:
+        out["spreads"] = [spread_of(effects[k][1]) for k in nearest]
+    if 1 in levels:
+        idle = [names.index((1, c)) if (1, c) in names else None for c in range(len(IDLE_GAPS_S))]
+        fitted = [j if j is not None and j in enough else None for j in idle]
+        if sum(j is not None for j in fitted) >= 2:
+            out["idle_gaps_s"] = list(IDLE_GAPS_S)
+            out["idle_factors"] = [round(math.exp(state_effect[j] if j is not None else effects[1][0]), 4) for j in fitted]
+            out["idle_batches"] = [int((s_index == j).sum()) if j is not None else 0 for j in idle]
+            if pooled >= MIN_SIGMA:
+                out["idle_spreads"] = [spread_of(residuals[s_index == j] if j is not None else effects[1][1])
+                                       for j in fitted]
+    return out
+
+
+def _state(running: int, idle_s: float) -> tuple[int, Optional[int]]:
+    """A batch's start state for the fit: ``(running, None)``, or ``(1, idle class)`` when it ran alone."""
+    import bisect
+
+    if running > 1:
+        return running, None
+    return 1, bisect.bisect_right(IDLE_GAPS_S, idle_s) - 1
+
+
+def _residual_sigma(residuals) -> float:
+    """The log-normal sigma of log residuals, fitted to their p95 and p99 about their median."""
+    import math
+
+    import numpy as np
+
+    from ..runtime.service_time import lognormal_sigma
+
+    p50, p95, p99 = np.percentile(residuals, [50, 95, 99])
+    return lognormal_sigma(1.0, math.exp(p95 - p50), math.exp(p99 - p50))
 
 
 def _decontended(queries, cascade, contention: Optional[dict], gpus: int) -> dict:
@@ -341,9 +412,9 @@ def _decontended(queries, cascade, contention: Optional[dict], gpus: int) -> dic
         return batches
     from ..profiles import BatchTimeContention
 
-    model = BatchTimeContention(factors=contention["factors"])
+    model = BatchTimeContention(**{k: contention[k] for k in CONTENTION_FIELDS if contention.get(k)})
     running = batch_contention(batches, gpus)
-    return {role: [(n, run_s / model.at(running[(role, i)]), profile_s, start)
+    return {role: [(n, run_s / model.at(*running[(role, i)]), profile_s, start)
                    for i, (n, run_s, profile_s, start) in enumerate(bs)] for role, bs in batches.items()}
 
 
