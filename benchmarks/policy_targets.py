@@ -20,7 +20,9 @@ prints one markdown row per run:
   dispatcher assigns them: fewest switches) per minute of the run, and the most in any 60 s;
 * ``stranded``: applied plans that gave a stage no worker while it had queued work;
 * ``FID (on time)``: as ``FID``, counting only the images served within the SLO (cascade-mode runs): what
-  a plan's quality is when its late images are worth nothing to the client.
+  a plan's quality is when its late images are worth nothing to the client;
+* ``fallback``: deferred queries answered with their light image (``--fallback light``; summary.json:
+  ``fallback_light``), and their share of the deferred ones.
 
 ``--rate-bins 10,15,20,25`` adds a table per run of the windows grouped by their arrival rate (the
 trace's, the same for every policy; edges in qps): each group's completion-weighted FID (windows by
@@ -139,6 +141,7 @@ def run(args_and_spec):
         "switches_per_min": sum(n for _, n in switches) / minutes if minutes else 0.0,
         "max_switches_60s": worst, "stranded": stranded,
         "fid_on_time": fid_of_served(result.queries, config.cascade, True) if cascade_only else None,
+        "fallback_light": summary["fallback_light"], "deferred": summary["deferred"],
         "by_rate": by_rate(rows, edges) if edges else [],
     }
 
@@ -163,8 +166,8 @@ def main(argv=None) -> int:
     peak = results[0]
     print(f"peak windows: {peak['peak_windows']} ({peak['peak_requests']} requests, > {args.peak_qps:g} qps)")
     print("| policy | GPUs | viol | viol (window mean) | FID | FID (overall mix) | peak viol "
-          "| switches/min (max in 60 s) | stranded | FID (on time) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| switches/min (max in 60 s) | stranded | FID (on time) | fallback |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}%"
@@ -175,7 +178,8 @@ def main(argv=None) -> int:
     for r in results:
         print(f"| {r['policy']} | {r['gpus']} | {pct(r['violations'])} | {pct(r['window_violations'])} | "
               f"{fid(r['fid'])} | {fid(r['fid_overall'])} | {pct(r['peak_violations'])} | "
-              f"{r['switches_per_min']:.1f} ({r['max_switches_60s']}) | {r['stranded']} | {fid(r['fid_on_time'])} |")
+              f"{r['switches_per_min']:.1f} ({r['max_switches_60s']}) | {r['stranded']} | {fid(r['fid_on_time'])} | "
+              f"{r['fallback_light']} ({pct(r['fallback_light'] / r['deferred'] if r['deferred'] else None)}) |")
     if edges:
         print("\n| policy | GPUs | arrival rate (qps) | windows | FID | light served | viol |")
         print("|---|---|---|---|---|---|---|")

@@ -58,7 +58,7 @@ finds the fewest GPUs by a search over the light worker count (the path never ri
 the least summed path (:func:`_solve_queued_exact`). The objective's third term is the summed path
 (batch time and delay) instead of the batch time alone. A stage that holds queued work always runs: no
 plan, the best-effort one included, leaves queued work without a worker. In ``tail`` mode the quantile is
-that of all queries' latency (:meth:`_Queueing.path_quantiles`). Dominated batch sizes are not pruned in
+that of all queries' latency (:meth:`_Queueing.path_rules`). Dominated batch sizes are not pruned in
 this mode (a slower batch size with less capacity can still wait less: its queue has more slots).
 
 The exact solver here costs what the delay model costs: one ``stage_delay`` entry per (candidate, batch
@@ -118,6 +118,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from .errors import DiffsimError
 from .plan import Plan, StagePlan
 from .profiles import Cascade
+from .runtime.batching import FALLBACKS
 from .runtime.queueing import DEFAULT_TAIL_QUANTILE, QUEUE_MODELS, stage_delay
 
 Objective = Literal["quality", "max-threshold"]
@@ -167,6 +168,7 @@ def allocate(
     routing: str = "least-loaded",
     tail_quantile: float = DEFAULT_TAIL_QUANTILE,
     workers: Optional[tuple[int, int]] = None,
+    fallback: str = "none",
 ) -> Plan:
     """Solve for the best plan; see the module docstring for the model.
 
@@ -187,6 +189,11 @@ def allocate(
     ``workers`` (light, heavy), with ``mean`` or ``tail`` only: the best plan whose running stages have
     exactly these worker counts (:func:`_allocate_pinned`; a policy's hysteresis asks it for the split in
     force); infeasible when none meets the constraints with them.
+
+    ``fallback`` ``light`` (cascade mode, ``mean`` or ``tail``): the run answers a deferred query whose
+    heavy image would be late with its light image, so the heavy stage is planned to its capacity and the
+    deferred path to its mean, the light stage alone to ``tail_quantile`` in ``tail`` mode
+    (:meth:`_Queueing.path_rules`); ``none`` (default) plans both stages as the queue model says.
     """
     started = time.perf_counter()
     _check_inputs(gpus, demand_qps, queue_delay_s, batch_sizes, objective, mode)
@@ -199,7 +206,7 @@ def allocate(
     grid = DEFAULT_THRESHOLDS if thresholds is None else tuple(thresholds)
     if thresholds is not None and (not grid or any(not 0 <= t <= 1 for t in grid)):
         raise DiffsimError("thresholds must be a non-empty list of values in [0, 1]")
-    queueing = _queueing(queue_model, backlog, routing, tail_quantile, batch_wait, max_utilization)
+    queueing = _queueing(queue_model, backlog, routing, tail_quantile, batch_wait, max_utilization, fallback)
     q_light, q_heavy = queue_delay_s if queueing is None else (0.0, 0.0)
     use_disc = mode == "cascade"
     light = _stage(cascade, "light", batch_sizes, q_light, use_disc, batch_wait, max_utilization)
@@ -831,10 +838,11 @@ class _Queueing:
     max_utilization: float
     keep: tuple[bool, bool] = (False, False)  # stages that must run (they hold queued work), light and heavy
     extra_load: tuple[float, float] = (0.0, 0.0)  # queries/s added to each stage's load (a backlog spread out)
+    fallback: bool = False  # deferred queries late for their heavy image get their light one (path_rules)
 
-    def path_quantiles(self, heavy_fractions: np.ndarray, coupled: bool) -> Optional[np.ndarray]:
-        """The quantile each candidate's stage paths are planned to, so that ``quantile`` of all queries
-        meet the SLO (None: the mean).
+    def path_rules(self, heavy_fractions: np.ndarray, coupled: bool) -> tuple["_PathRule", "_PathRule"]:
+        """How each candidate's light and heavy stage paths are planned, so that ``quantile`` of all queries
+        meet the SLO (a quantile None: the mean).
 
         In cascade mode only the deferred fraction f pays both stages: if a share v of them is late, a
         share f v of all queries is, so the deferred path needs the quantile ``1 - (1 - p) / f`` (0.98 for
@@ -842,19 +850,44 @@ class _Queueing:
         alone gets ``p``. Each stage is planned to that quantile and their sum meets the SLO: the sum of
         two quantiles bounds the quantile of the sum from above for the positively related delays of a
         cascade, so this errs on the safe side. In split mode each path gets ``p``.
+
+        With a light fallback (``fallback``, cascade mode) a deferred query whose heavy image would be late
+        is answered with its light image on time: every query's SLO then rests on the light path alone,
+        which must meet the SLO at ``p`` (a gate on the light table), and the heavy stage's waits cost
+        images served light, not violations. A heavy queue cannot grow past what its workers finish in time
+        (the rest is answered light), so the heavy stage is planned to its capacity (at the utilisation cap,
+        no queueing delay), and the deferred path to its mean: the light stage's mean latency plus the
+        heavy batch time within the SLO. Holding each heavy worker to the low utilisation its own queue's
+        tail needs under random routing would cost heavy images where no violation is at stake. (With the
+        ``mean`` model the same, without the gate.)
         """
+        n = len(heavy_fractions)
+        if coupled and self.fallback:
+            gate = None if self.quantile is None else np.full(n, self.quantile)
+            return _PathRule(None, gate=gate), _PathRule(None, wait=False)
         if self.quantile is None:
-            return None
+            return _PathRule(None), _PathRule(None)
         p = self.quantile
         if not coupled:
-            return np.full(len(heavy_fractions), p)
+            return _PathRule(np.full(n, p)), _PathRule(np.full(n, p))
         f = np.asarray(heavy_fractions, dtype=float)
         with np.errstate(divide="ignore"):
             deferred = np.where(f > 0, 1.0 - (1.0 - p) / np.where(f > 0, f, 1.0), p)
-        return np.maximum(deferred, _LEAST_PATH_QUANTILE)
+        both = _PathRule(np.maximum(deferred, _LEAST_PATH_QUANTILE))
+        return both, both
 
 
-def _queueing(queue_model, backlog, routing, tail_quantile, batch_wait, max_utilization) -> Optional[_Queueing]:
+@dataclass(frozen=True)
+class _PathRule:
+    """How one stage's path table is computed for a group of candidates (:func:`_stage_paths`)."""
+
+    quantiles: Optional[np.ndarray]  # per candidate, the quantile of the wait planned to; None: the mean wait
+    wait: bool = True  # False: no queueing delay, the batch time alone (the stage planned to its capacity)
+    gate: Optional[np.ndarray] = None  # per candidate: an entry whose path at this quantile exceeds the SLO is out
+
+
+def _queueing(queue_model, backlog, routing, tail_quantile, batch_wait, max_utilization,
+              fallback: str = "none") -> Optional[_Queueing]:
     """The checked settings of a plan-dependent delay model; None for ``little`` (a constant delay)."""
     if queue_model not in QUEUE_MODELS:
         raise DiffsimError(f"unknown queue model {queue_model!r} (choose from {', '.join(QUEUE_MODELS)})")
@@ -864,11 +897,13 @@ def _queueing(queue_model, backlog, routing, tail_quantile, batch_wait, max_util
         raise DiffsimError(f"unknown routing {routing!r} (choose from random, least-loaded)")
     if not 0 < tail_quantile < 1:
         raise DiffsimError(f"tail_quantile must lie in (0, 1), got {tail_quantile!r}")
+    if fallback not in FALLBACKS:
+        raise DiffsimError(f"unknown fallback {fallback!r} (choose from {', '.join(FALLBACKS)})")
     if queue_model == "little":
         return None
     quantile = tail_quantile if queue_model == "tail" else None
     return _Queueing(quantile, routing, (float(backlog[0]), float(backlog[1])), batch_wait, max_utilization,
-                     (backlog[0] > 0, backlog[1] > 0))
+                     (backlog[0] > 0, backlog[1] > 0), fallback=fallback == "light")
 
 
 def _queued_options(light: _Stage, heavy: _Stage, coupled: bool, slo: float) -> tuple[list[int], list[int]]:
@@ -892,7 +927,7 @@ def _cap_s(slo: float) -> float:
 
 
 def _stage_paths(stage: _Stage, ok: list[int], loads: np.ndarray, backlog: float, q: _Queueing, slo: float,
-                 quantiles: Optional[np.ndarray], first: int, width: int) -> np.ndarray:
+                 rule: _PathRule, first: int, width: int) -> np.ndarray:
     """``path[k, j, i]``: the latency of stage option ``ok[j]`` on ``n = first + i`` workers (a window of
     ``width`` worker counts; the full table is ``first`` 0 and ``width`` gpus + 1) for load ``loads[k]``
     queries/s: batch time x (1 + batch_wait) + the plan-dependent delay
@@ -914,13 +949,19 @@ def _stage_paths(stage: _Stage, ok: list[int], loads: np.ndarray, backlog: float
     n = np.arange(first, first + width, dtype=float)
     b = np.array([stage.batch_sizes[i] for i in ok], dtype=float)
     lat = np.array([stage.latency_s[i] for i in ok])
-    quantile = None if quantiles is None else np.asarray(quantiles, dtype=float)[:, None, None]
     # One load for every candidate (the light stage in cascade mode): its queue is computed once, and only
     # the quantile, if any, per candidate (stage_delay broadcasts).
     lam = loads[:1] if len(loads) > 1 and (loads == loads[0]).all() else loads
-    delay = stage_delay(lam[:, None, None], n[None, None, :], b[None, :, None], lat[None, :, None],
-                        routing=q.routing, backlog=backlog, quantile=quantile)
-    path = lat[None, :, None] * (1.0 + q.batch_wait) + delay
+
+    def delay(quantiles):
+        quantile = None if quantiles is None else np.asarray(quantiles, dtype=float)[:, None, None]
+        return stage_delay(lam[:, None, None], n[None, None, :], b[None, :, None], lat[None, :, None],
+                           routing=q.routing, backlog=backlog, quantile=quantile)
+
+    batch = lat[None, :, None] * (1.0 + q.batch_wait)
+    path = batch + delay(rule.quantiles) if rule.wait else np.broadcast_to(batch, (len(lam), len(ok), width))
+    if rule.gate is not None:
+        path = np.where(batch + delay(rule.gate) > slo, cap, path)
     need = _queued_need(stage, ok, loads)
     path = np.where(n[None, None, :] < need[:, :, None], cap, np.minimum(path, cap))
     return np.minimum.accumulate(path, axis=2)
@@ -939,10 +980,10 @@ def _candidate_paths(ks: np.ndarray, ranked: _Ranked, demand: float, light: _Sta
     """Both stages' path tables (:func:`_stage_paths`) of candidates ``ks``, light then heavy: each
     candidate's load on each stage (a fraction of the demand, plus any spread backlog) at its quantile.
     Both solvers build their tables here, so they read the same numbers."""
-    quantiles = q.path_quantiles(ranked.heavy[ks], coupled)
+    rule_l, rule_h = q.path_rules(ranked.heavy[ks], coupled)
     loads_l, loads_h = _queued_loads(ranked, ks, demand, q)
-    return (_stage_paths(light, light_ok, loads_l, q.backlog[0], q, slo, quantiles, first[0], width[0]),
-            _stage_paths(heavy, heavy_ok, loads_h, q.backlog[1], q, slo, quantiles, first[1], width[1]))
+    return (_stage_paths(light, light_ok, loads_l, q.backlog[0], q, slo, rule_l, first[0], width[0]),
+            _stage_paths(heavy, heavy_ok, loads_h, q.backlog[1], q, slo, rule_h, first[1], width[1]))
 
 
 def _queued_loads(ranked: _Ranked, ks, demand: float, q: _Queueing) -> tuple[np.ndarray, np.ndarray]:
@@ -1413,22 +1454,22 @@ def _allocate_pinned(cascade, gpus, demand, light, heavy, ranked, mode, objectiv
 def _pinned_fit(ks, ranked, demand, light, heavy, light_ok, heavy_ok, q, coupled, slo, nl, nh, on_l, on_h):
     """The first of candidates ``ks`` (in rank order) with an option pair within the SLO at exactly ``nl`` and
     ``nh`` workers, as ``(candidate, light selection, heavy selection)``, or None (see :func:`_allocate_pinned`)."""
-    quantiles = q.path_quantiles(ranked.heavy[ks], coupled)
+    rule_l, rule_h = q.path_rules(ranked.heavy[ks], coupled)
     loads_l, loads_h = _queued_loads(ranked, ks, demand, q)
 
-    def at_count(stage, ok, loads, backlog, n, on):
+    def at_count(stage, ok, loads, backlog, n, on, rule):
         # [k, option] path at exactly n workers (its table's running minimum from the fewest the rows need, as
         # the solvers' tables), then an "off" option: inf where the stage runs, 0 where it is off.
         if n > 0 and ok:
             first = min(n, int(_queued_need(stage, ok, loads).min()))
-            table = _stage_paths(stage, ok, loads, backlog, q, slo, quantiles, first, n - first + 1)[:, :, -1]
+            table = _stage_paths(stage, ok, loads, backlog, q, slo, rule, first, n - first + 1)[:, :, -1]
         else:
             table = np.full((len(ks), len(ok)), np.inf)
         table = np.where(on[:, None], table, np.inf)
         return np.concatenate([table, np.where(on, np.inf, 0.0)[:, None]], axis=1)
 
-    pl = at_count(light, light_ok, loads_l, q.backlog[0], nl, on_l)
-    ph = at_count(heavy, heavy_ok, loads_h, q.backlog[1], nh, on_h)
+    pl = at_count(light, light_ok, loads_l, q.backlog[0], nl, on_l, rule_l)
+    ph = at_count(heavy, heavy_ok, loads_h, q.backlog[1], nh, on_h, rule_h)
     total = pl[:, :, None] + ph[:, None, :]
     fits = (pl <= slo)[:, :, None] & (ph <= slo)[:, None, :]
     if coupled:

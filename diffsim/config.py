@@ -19,6 +19,7 @@ types and bounds, from :mod:`diffsim.limits`, are tabled in README.md, section "
     max_utilization: 0.8         # plan each stage to at most this fraction of its capacity
     queue_model: little          # queueing delay the MILP plans with: little (measured), mean or tail (per plan)
     tail_quantile: 0.99          # queue_model tail: plan this quantile of all queries' latency to the SLO
+    fallback: none               # or light: a deferred query whose heavy image would be late gets its light one
     demand: arrival              # EWMA of arrival rates, or in-system (queries not yet ended, the artifact's)
     batch_wait: 0                # fraction of a batch time counted as waiting for the batch in flight
     drop_factor: 1.5
@@ -56,6 +57,7 @@ from .policies import DEFAULT_MAX_UTILIZATION, StaticPlanSpec
 from .profiles import Cascade, load_cascade, validation_message
 from .resources import profiles_dir, resolve_profile
 from .runtime.demand import DEMAND_KINDS
+from .runtime.batching import FALLBACKS
 from .runtime.queueing import DEFAULT_TAIL_QUANTILE, QUEUE_MODELS
 from .runtime.routing import ROUTING_KINDS
 from .yamlfile import read_yaml
@@ -199,9 +201,16 @@ class RunConfig:
     # diffsim.runtime.queueing); None: the policy's own default (diffsim.policies.DEFAULT_QUEUE_MODEL).
     queue_model: Optional[str] = None
     tail_quantile: float = DEFAULT_TAIL_QUANTILE  # "tail": this quantile of all queries' latency meets the SLO
+    # What a deferred query whose heavy image could not be ready by its SLO deadline gets: "none" (served
+    # late by the heavy model, or dropped) or "light" (its light image, on time; diffsim.runtime.batching).
+    # With "light" and a plan-dependent delay the MILP policies plan the heavy stage to its capacity
+    # (diffsim.allocator: its waits cost images served light, not violations).
+    fallback: str = "none"
 
     def __post_init__(self) -> None:
         _within("gpus", self.gpus, limits.GPUS)
+        if self.fallback not in FALLBACKS:
+            raise SettingError("fallback", f"must be one of {', '.join(FALLBACKS)}, got {self.fallback!r}")
         if self.queue_model is not None and self.queue_model not in QUEUE_MODELS:
             raise SettingError("queue_model", f"must be one of {', '.join(QUEUE_MODELS)}, got {self.queue_model!r}")
         if not (isinstance(self.tail_quantile, float) and 0 < self.tail_quantile < 1):
@@ -339,6 +348,7 @@ class ConfigFile(_Strict):
     preset: Optional[_Name] = None
     queue_model: Optional[Literal["little", "mean", "tail"]] = None
     tail_quantile: Optional[float] = Field(default=None, gt=0, lt=1)
+    fallback: Optional[Literal["none", "light"]] = None
     demand: Optional[Literal["arrival", "in-system"]] = None
 
 
@@ -424,7 +434,7 @@ def build_sim_config(settings: dict[str, Any]) -> SimConfig:
     kwargs: dict[str, Any] = {"cascade": cascade, "controller": ControllerConfig(**ctrl)}
     for key in ("gpus", "policy", "seed", "routing", "drop_factor", "batch_timeout_s", "swap_s", "window_s",
                 "static_plan", "max_utilization", "batch_wait", "service_time", "admission", "deadline_sweep_s",
-                "queue_model", "tail_quantile"):
+                "queue_model", "tail_quantile", "fallback"):
         if key in settings:
             kwargs[key] = settings[key]
     if "batch_sizes" in settings:

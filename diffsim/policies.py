@@ -215,6 +215,7 @@ class MilpPolicy:
     routing: str = "least-loaded"  # the routing the plan-dependent delay models
     tail_quantile: float = DEFAULT_TAIL_QUANTILE
     switch_margin: float = SWITCH_MARGIN  # hysteresis with a plan-dependent delay; 0: none
+    fallback: str = "none"  # "light": late deferred queries get their light image; heavy planned to its capacity
 
     def __post_init__(self) -> None:
         # The threshold grid the allocator chooses from: pinned (a sweep), the allocator's own, or with a
@@ -251,6 +252,7 @@ class MilpPolicy:
             routing=self.routing,
             tail_quantile=self.tail_quantile,
             workers=workers,
+            fallback=self.fallback,
         )
 
     def _keep_split(self, plan: Plan, inp: PolicyInput) -> Plan:
@@ -369,6 +371,7 @@ def make_policy(
     routing: str = "least-loaded",
     tail_quantile: float = DEFAULT_TAIL_QUANTILE,
     switch_margin: float = SWITCH_MARGIN,
+    fallback: str = "none",
 ) -> Policy:
     """Build a policy by name.
 
@@ -376,7 +379,8 @@ def make_policy(
     ``batch_wait``, ``queue_model`` (None: the policy's default, :data:`DEFAULT_QUEUE_MODEL`), ``routing``
     and ``tail_quantile`` are passed to the allocator (see :func:`diffsim.allocator.allocate`);
     ``switch_margin`` is the MILP policies' hysteresis with a plan-dependent delay
-    (:meth:`MilpPolicy._keep_split`; 0 turns it off).
+    (:meth:`MilpPolicy._keep_split`; 0 turns it off). ``fallback`` is the run's (``light``: the MILP
+    policies plan the heavy stage as :func:`diffsim.allocator.allocate` says).
     """
     if not 0 <= switch_margin < 1:
         raise DiffsimError(f"switch margin must lie in [0, 1), got {switch_margin!r}")
@@ -388,7 +392,7 @@ def make_policy(
         objective, mode = milp[name]
         model = DEFAULT_QUEUE_MODEL[name] if queue_model is None else queue_model
         return MilpPolicy(name, cascade, objective, mode, bs, th, batch_wait, max_utilization, model, routing,
-                          tail_quantile, switch_margin)
+                          tail_quantile, switch_margin, fallback)
     if name == "clipper-light":
         return FixedPolicy(name, cascade, "split", 0.0, 1.0, 1.0)
     if name == "clipper-heavy":
@@ -420,4 +424,5 @@ def policy_for(config, *, thresholds: Optional[Sequence[float]] = None) -> Polic
         queue_model=config.queue_model,
         routing=config.routing,
         tail_quantile=config.tail_quantile,
+        fallback=config.fallback,
     )

@@ -161,6 +161,7 @@ def simulate(
         swap_s=config.swap_s,
         answer_overhead_s=request_overhead(cascade, config.service_time, config.seed),
         estimates_from=estimates_from,
+        fallback=config.fallback,
     )
     dispatcher.on_enqueue = on_enqueue
     if service_estimate is not None:

@@ -140,6 +140,7 @@ def queued_instances(draw, mode: str):
         backlog=(draw(backlogs), draw(backlogs)),
         routing=draw(st.sampled_from(["random", "least-loaded"])),
         tail_quantile=draw(st.sampled_from([0.9, 0.99, 0.999])),
+        fallback=draw(st.sampled_from(["none", "light"])),
     )
     return kwargs
 
@@ -154,7 +155,7 @@ def test_exact_solver_returns_the_milp_plan_with_plan_dependent_delay(mode, data
     kwargs = data.draw(queued_instances(mode))
     milp = allocate(**kwargs, solver="milp")
     exact = allocate(**kwargs, solver="exact")
-    event(f"{kwargs['queue_model']} {kwargs['routing']}")
+    event(f"{kwargs['queue_model']} {kwargs['routing']} fallback {kwargs['fallback']}")
     event("feasible" if milp.feasible else "infeasible")
     event("backlog" if any(kwargs["backlog"]) else "no backlog")
     if exact != milp:

@@ -61,7 +61,9 @@ def test_predicted_paths_are_the_queueing_model_at_the_candidates_quantile(turbo
     quantile the candidate is planned to; together they meet the SLO."""
     demand = 20.0
     plan = allocate(turbo, 16, demand, queue_model="tail", routing=routing)
-    (q,) = _Queueing(0.99, routing, (0.0, 0.0), 0.0, 1.0).path_quantiles(np.array([plan.deferral_fraction]), True)
+    rule_l, rule_h = _Queueing(0.99, routing, (0.0, 0.0), 0.0, 1.0).path_rules(np.array([plan.deferral_fraction]), True)
+    (q,) = rule_l.quantiles
+    assert rule_h.quantiles == pytest.approx([q]) and rule_l.gate is None and rule_h.wait
     light, heavy = plan.light, plan.heavy
     # the allocator plans with the fewest GPUs; the plan's stages are those before spare GPUs are spread
     path_l = stage_latency_s(demand, light.workers, light.batch_size, light.latency_s, routing=routing, quantile=q)
@@ -76,10 +78,63 @@ def test_tail_quantile_of_all_queries():
     """Only the deferred share pays both stages: with half deferred, p99 of all needs p98 of the deferred
     path; at least the median however little is deferred; p itself with nothing deferred or in split mode."""
     q = _Queueing(0.99, "random", (0.0, 0.0), 0.0, 1.0)
-    got = q.path_quantiles(np.array([0.5, 1.0, 0.0, 0.01]), True)
-    assert got == pytest.approx([0.98, 0.99, 0.99, 0.5])
-    assert q.path_quantiles(np.array([0.5, 0.0]), False) == pytest.approx([0.99, 0.99])
-    assert _Queueing(None, "random", (0.0, 0.0), 0.0, 1.0).path_quantiles(np.array([0.5]), True) is None
+    light, heavy = q.path_rules(np.array([0.5, 1.0, 0.0, 0.01]), True)
+    assert light.quantiles == pytest.approx([0.98, 0.99, 0.99, 0.5])
+    assert heavy.quantiles == pytest.approx([0.98, 0.99, 0.99, 0.5])
+    light, heavy = q.path_rules(np.array([0.5, 0.0]), False)
+    assert light.quantiles == pytest.approx([0.99, 0.99]) and heavy.quantiles == pytest.approx([0.99, 0.99])
+    light, heavy = _Queueing(None, "random", (0.0, 0.0), 0.0, 1.0).path_rules(np.array([0.5]), True)
+    assert light.quantiles is None and heavy.quantiles is None
+
+
+def test_fallback_rules_gate_the_light_path_and_plan_the_heavy_stage_to_capacity():
+    """With a light fallback every query's SLO rests on the light path (gated at p), the deferred path is
+    planned to its mean (light mean + heavy batch time), the heavy stage to its capacity (no wait); split
+    mode (no light image to fall back on) is planned as without it."""
+    q = _Queueing(0.99, "random", (0.0, 0.0), 0.0, 1.0, fallback=True)
+    light, heavy = q.path_rules(np.array([0.5, 0.1]), True)
+    assert light.quantiles is None and light.gate == pytest.approx([0.99, 0.99]) and light.wait
+    assert heavy.quantiles is None and heavy.gate is None and not heavy.wait
+    light, heavy = q.path_rules(np.array([0.5]), False)
+    assert light.quantiles == pytest.approx([0.99]) and heavy.quantiles == pytest.approx([0.99])
+    light, _ = _Queueing(None, "random", (0.0, 0.0), 0.0, 1.0, fallback=True).path_rules(np.array([0.5]), True)
+    assert light.gate is None
+
+
+@pytest.mark.parametrize("routing", ["random", "least-loaded"])
+def test_fallback_plan_paths(turbo, routing):
+    """A plan with the light fallback: its light path is the light stage's mean latency and its p99 meets the
+    SLO; its heavy path is the heavy batch time alone, and the sum meets the SLO; its heavy stage carries
+    the deferred load at the utilisation cap (not more)."""
+    demand = 20.0
+    plan = allocate(turbo, 16, demand, queue_model="tail", routing=routing, fallback="light", max_utilization=0.9)
+    light, heavy = plan.light, plan.heavy
+    assert plan.feasible and plan.deferral_fraction > 0
+    mean_l = stage_latency_s(demand, light.workers, light.batch_size, light.latency_s, routing=routing)
+    p99_l = stage_latency_s(demand, light.workers, light.batch_size, light.latency_s, routing=routing, quantile=0.99)
+    assert p99_l <= turbo.slo_s
+    assert plan.extra["stage_path_s"][1] == pytest.approx(heavy.latency_s)
+    assert sum(plan.extra["stage_path_s"]) <= turbo.slo_s
+    assert demand * plan.deferral_fraction <= 0.9 * heavy.workers * heavy.batch_size / heavy.latency_s + 1e-9
+    # the allocator plans with the fewest GPUs; the light path is the mean at the plan's own light stage
+    assert plan.extra["stage_path_s"][0] == pytest.approx(mean_l)
+
+
+def test_fallback_defers_at_least_as_much_as_the_tail_plan(turbo):
+    """Planning the heavy stage to its capacity instead of its tail never defers less (random routing, where
+    a heavy worker's own queue needs a low utilisation for its tail)."""
+    for gpus, demand in ((8, 12.0), (8, 30.0), (12, 18.0), (16, 24.0)):
+        tail = allocate(turbo, gpus, demand, queue_model="tail", routing="random", max_utilization=1.0)
+        fb = allocate(turbo, gpus, demand, queue_model="tail", routing="random", max_utilization=1.0, fallback="light")
+        assert fb.feasible and fb.deferral_fraction >= tail.deferral_fraction
+    assert allocate(turbo, 8, 30.0, queue_model="tail", routing="random", max_utilization=1.0,
+                    fallback="light").deferral_fraction > allocate(turbo, 8, 30.0, queue_model="tail",
+                                                                   routing="random", max_utilization=1.0).deferral_fraction
+
+
+def test_unknown_fallback_is_refused(turbo):
+    with pytest.raises(DiffsimError, match="unknown fallback 'heavy'"):
+        allocate(turbo, 8, 10.0, queue_model="tail", fallback="heavy")
 
 
 @pytest.mark.parametrize("name", ["sdturbo-sdv15", "sdxs-sdv15", "sdxlltn-sdxl"])
@@ -87,8 +142,11 @@ def test_shipped_cascades_same_plan_from_both_solvers(name):
     cascade = load_cascade(name, "profiles/a100.yaml", "profiles/cascades.yaml")
     for model in ("mean", "tail"):
         for routing in ("random", "least-loaded"):
-            for gpus, demand, backlog in ((8, 6.0, (0, 0)), (16, 18.0, (4, 9)), (16, 30.0, (0, 25)), (12, 0.0, (0, 3))):
-                kwargs = dict(queue_model=model, routing=routing, backlog=backlog, max_utilization=1.0)
+            for gpus, demand, backlog, fallback in ((8, 6.0, (0, 0), "none"), (16, 18.0, (4, 9), "none"),
+                                                    (16, 30.0, (0, 25), "none"), (12, 0.0, (0, 3), "none"),
+                                                    (8, 20.0, (0, 0), "light"), (16, 30.0, (3, 25), "light")):
+                kwargs = dict(queue_model=model, routing=routing, backlog=backlog, max_utilization=1.0,
+                              fallback=fallback)
                 exact = allocate(cascade, gpus, demand, **kwargs, solver="exact")
                 milp = allocate(cascade, gpus, demand, **kwargs, solver="milp")
                 assert (exact.threshold, exact.gpus_used, exact.feasible) == (milp.threshold, milp.gpus_used,

@@ -9,7 +9,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from sim_helpers import a100_cascade
 
-from diffsim.runtime.batching import ServiceTimes, batch_ready, expired, form_batch, service_time_s
+from diffsim.runtime.batching import (ServiceTimes, batch_ready, expired, finish_s, form_batch, late_deferred,
+                                      service_time_s)
 from diffsim.errors import DiffsimError
 from diffsim.query import Query
 
@@ -147,3 +148,71 @@ def test_batch_ready_with_and_without_timeout():
 def test_expired():
     assert expired(q(0, 0.0), 7.0, 0.6, 7.5)
     assert not expired(q(0, 0.0), 6.8, 0.6, 7.5)
+
+
+def deferred(i, arrival):
+    query = q(i, arrival)
+    query.deferred = True
+    return query
+
+
+HEAVY = {1: 1.0, 2: 1.5, 3: 2.0, 4: 2.5}.__getitem__  # batch times of n queries
+
+
+def test_finish_counts_full_rounds_then_its_own_batch():
+    # free at 10 s, batches of up to 2: positions 0 and 1 run in the first batch, 2 and 3 after it
+    assert finish_s(10.0, 0, 1, 2, HEAVY) == 11.0  # alone: a batch of one
+    assert finish_s(10.0, 1, 2, 2, HEAVY) == 11.5
+    assert finish_s(10.0, 2, 3, 2, HEAVY) == 11.5 + 1.0  # one full batch, then a batch of one
+    assert finish_s(10.0, 3, 5, 2, HEAVY) == 11.5 + 1.5
+    assert finish_s(10.0, 4, 5, 2, HEAVY) == 11.5 * 2 - 10.0 + 1.0
+    with pytest.raises(ValueError):
+        finish_s(10.0, 2, 2, 2, HEAVY)
+
+
+def test_late_deferred_takes_out_only_deferred_queries_past_their_deadline():
+    """Deadline arrival + 5 s. Worker free at 3.0 s, batches of 2 (1.5 s for two): the first pair ends at
+    4.5 s, the next at 6.0 s, the next 7.5 s."""
+    a, b, c, e, f = deferred(0, 0.0), deferred(1, 0.0), deferred(2, 0.5), q(3, 0.0), deferred(4, 2.0)
+    queue = deque([a, b, c, e, f])
+    late = late_deferred(queue, 3.0, 2, HEAVY)
+    # a, b end at 4.5 (in time); c would end at 6.0 > 5.5: late, out; e (not deferred) stays in its place and
+    # moves up to the second batch, ending at 6.0 (a late heavy image, not this rule's); f then runs with it
+    # (ending at 6.0 <= 7.0)
+    assert late == [c]
+    assert list(queue) == [a, b, e, f]
+
+
+def test_late_deferred_counts_positions_after_removals():
+    """A query that falls back no longer delays the queries behind it."""
+    x, y, z = deferred(0, 0.0), deferred(1, 3.0), deferred(2, 3.0)
+    queue = deque([x, y, z])
+    # free at 4.5: x alone would end at 5.5 > 5.0 (late); without it, y and z run together and end at 6.0 <= 8.0
+    assert late_deferred(queue, 4.5, 2, HEAVY) == [x]
+    assert list(queue) == [y, z]
+
+
+def test_late_deferred_adds_the_answer_time_and_leaves_a_queue_it_does_not_change():
+    query = deferred(0, 0.0)
+    queue = deque([query])
+    assert late_deferred(queue, 3.9, 4, HEAVY) == [] and list(queue) == [query]  # ends at 4.9
+    assert late_deferred(queue, 3.9, 4, HEAVY, answer_s=0.2) == [query] and not queue  # answered at 5.1
+    assert late_deferred(deque(), 0.0, 4, HEAVY) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(free_at=st.floats(0.0, 10.0), b=st.integers(1, 4),
+       arrivals=st.lists(st.tuples(st.floats(0.0, 10.0), st.booleans()), max_size=12))
+def test_late_deferred_properties(free_at, b, arrivals):
+    """Every kept deferred query is predicted on time among the kept ones; every query removed is deferred
+    and was predicted late; order is kept."""
+    queries = [deferred(i, t) if d else q(i, t) for i, (t, d) in enumerate(arrivals)]
+    queue = deque(queries)
+    late = late_deferred(queue, free_at, b, HEAVY)
+    assert all(x.deferred for x in late)
+    assert sorted(late + list(queue), key=lambda x: x.id) == queries
+    kept = list(queue)
+    for i, x in enumerate(kept):
+        if x.deferred:
+            assert finish_s(free_at, i, len(kept), b, HEAVY) <= x.deadline_s + 1e-9
+    event(f"{len(late)} late")

@@ -355,12 +355,18 @@ def scenarios(draw):
         swap_s=draw(st.sampled_from([0.0, 0.5])),
         batch_timeout_s=draw(st.sampled_from([0.0, 0.2])),
         controller=ControllerConfig(replan_s=draw(st.sampled_from([1.0, 2.0, 5.0]))),
+        fallback=draw(st.sampled_from(["none", "light"])),
     )
     return gpus, arrivals, prompt_ids, plans, extra
 
 
 def check_invariants(r, batches, enqueues, n):
     queries = r.queries
+    if r.config.fallback == "light":
+        # batch times are the estimates' (p50): a heavy batch a deferred query runs in ends by its deadline
+        assert not any(q.deferred and q.served_by == "heavy" and q.late for q in queries)
+    else:
+        assert not any(q.deferred and q.served_by == "light" for q in queries)
     # Every arrival ends exactly once (Query.finish refuses a second outcome).
     assert len(queries) == n and [q.id for q in queries] == list(range(n))
     assert all(q.outcome in ("completed", "dropped") for q in queries)
@@ -412,7 +418,9 @@ def test_invariants_with_real_policies(policy, gpus, seed, rate):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 150))
     arrivals = np.sort(rng.uniform(0, n / rate, n))
-    config = SimConfig(cascade=CASCADE, gpus=gpus, policy=policy, seed=seed % 5)
+    config = SimConfig(cascade=CASCADE, gpus=gpus, policy=policy, seed=seed % 5,
+                       fallback="light" if seed % 2 else "none", routing="random" if seed % 3 else "least-loaded",
+                       queue_model="tail" if seed % 4 < 2 else None)
     batches, enqueues = [], []
     r = simulate(
         config, trace_of(arrivals, rng.integers(1, 5000, n)),
@@ -583,3 +591,31 @@ def test_exact_hops_land_on_the_tick_times():
         m = _first_tick_at_or_after(t, tick)
         assert (m - 1) * tick < t <= m * tick
     assert _first_tick_at_or_after(float("inf"), tick) is None
+
+
+# -- the light fallback ------------------------------------------------------------------------------------
+
+
+def test_light_fallback_answers_late_deferred_queries_light_in_a_whole_run():
+    """traces/dynamic.csv on 8 GPUs, the artifact's settings with tail planning: without the fallback
+    deferred queries are served late; with it none is, the deferred queries that could not have their
+    heavy image in time are answered light, on time, and the heavy stage is planned to its capacity (so
+    more images are served heavy than under the tail plan). The same seed gives the same run."""
+    from diffsim.commands.simulate import load_scenario
+
+    def run_with(fallback):
+        config, trace, _ = load_scenario({"trace": "dynamic.csv", "preset": "artifact", "queue_model": "tail",
+                                          "gpus": 8, "fallback": fallback})
+        return simulate(config, trace)
+
+    plain, fb = run_with("none"), run_with("light")
+    late_deferred = [q for q in plain.queries if q.deferred and q.violation]
+    assert late_deferred and not any(q.deferred and q.served_by == "light" for q in plain.queries)
+    fallbacks = [q for q in fb.queries if q.deferred and q.served_by == "light"]
+    assert fallbacks and all(q.outcome == "completed" and not q.late for q in fallbacks)
+    assert all(q.stages[-1] == "light" for q in fallbacks)
+    assert not any(q.deferred and q.violation for q in fb.queries)
+    heavy = lambda r: sum(q.served_by == "heavy" for q in r.queries)  # noqa: E731
+    assert heavy(fb) > heavy(plain)
+    again = run_with("light")
+    assert again.queries == fb.queries and again.plans == fb.plans

@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
                 "trace": trace_name,
                 "seed": config.seed,
                 "routing": config.routing,
+                "fallback": config.fallback,
                 "window_s": config.window_s,
             },
             "runs": rows,
@@ -149,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         columns = CONSOLE_COLUMNS
         if args.sweep_thresholds:
             columns = columns[:2] + ("threshold", "pinned_share") + columns[2:]
+        if config.fallback != "none":  # deferred queries answered light, beside those not deferred
+            columns = columns + ("fallback_light",)
         print(format_table(rows, columns))
         print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -76,6 +76,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--demand", choices=("arrival", "in-system"),
                    help="what the demand EWMA is taken of: arrival rate (default) or queries in the system "
                         "(the artifact's)")
+    p.add_argument("--fallback", choices=("none", "light"), default="none",
+                   help="what a deferred request whose heavy image could not be ready by its SLO deadline gets: "
+                        "none = served late by the heavy model or dropped (default), light = the light image "
+                        "already made for it, on time (with --queue-model mean or tail the heavy stage is then "
+                        "planned to its capacity)")
     p.add_argument("--seed", type=limits.SEED, default=0,
                    help=bounded("seed of the router and of image seeds", limits.SEED, 0))
     p.add_argument("--max-n", type=limits.IMAGES_PER_REQUEST, default=8,
@@ -169,7 +174,7 @@ def options_from_args(args: argparse.Namespace):
         admission=not args.no_admission, save_profile=args.save_profile,
         fid_reference=args.fid_reference, inception_weights=args.inception_weights, fid_window_s=args.fid_window_s,
         fid_sample=args.fid_sample, fid_device=args.fid_device, ray=args.ray, ray_max_restarts=args.ray_max_restarts,
-        queue_model=args.queue_model, tail_quantile=args.tail_quantile,
+        queue_model=args.queue_model, tail_quantile=args.tail_quantile, fallback=args.fallback,
         health=health,
     )
 

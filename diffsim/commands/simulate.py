@@ -61,6 +61,10 @@ def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tail-quantile", type=limits.FRACTION_ABOVE_0, metavar="Q",
                    help=bounded("--queue-model tail plans so that this quantile of all queries' latency meets the SLO",
                                 limits.FRACTION_ABOVE_0, 0.99))
+    p.add_argument("--fallback", choices=("none", "light"),
+                   help="what a deferred query whose heavy image could not be ready by its SLO deadline gets: "
+                        "none = served late by the heavy model or dropped (default), light = its light image, on "
+                        "time (with --queue-model mean or tail the heavy stage is then planned to its capacity)")
     p.add_argument("--window-s", type=limits.WINDOW_S, metavar="S",
                    help=bounded(f"time-series window in seconds, at most {limits.MAX_WINDOWS:,} windows over the "
                                 "trace", limits.WINDOW_S, 10))
@@ -105,7 +109,7 @@ def scenario_settings(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> 
 
     settings = read_config_file(args.config) if args.config else {}
     for key in ("trace", "cascade", "gpu", "cascades", "seed", "routing", "window_s", "max_utilization",
-                "batch_wait", "service_time", "preset", "demand", "queue_model", "tail_quantile") + extra:
+                "batch_wait", "service_time", "preset", "demand", "queue_model", "tail_quantile", "fallback") + extra:
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value

@@ -38,6 +38,7 @@ COMPARISON_COLUMNS = (
     "latency_p99_s",
     "light_fraction",
     "deferral_fraction",
+    "fallback_light",
     "gpu_utilization",
     "threshold_mean",
     "light_workers_mean",
@@ -120,6 +121,8 @@ def summarize_result(result, trace_name: str) -> dict:
     summary["routing"] = config.routing
     if config.service_time != "p50":
         summary["service_time"] = config.service_time
+    if config.fallback != "none":
+        summary["fallback"] = config.fallback
     if result.faults:
         summary["faults"] = [{"at_s": t, "workers": list(ws), "recover": rec} for t, ws, rec in result.faults]
     return summary

@@ -305,6 +305,8 @@ def summarize(
         "light_fraction": _ratio(light_served, completed),
         "deferred": deferred,
         "deferral_fraction": _ratio(deferred, requests),
+        # deferred queries answered with their light image (the run's light fallback; 0 without it)
+        "fallback_light": int(np.count_nonzero(light & rec.has(DEFERRED))),
         "latency_mean_s": float(lat.mean()) if lat.size else None,
         "latency_p50_s": float(np.percentile(lat, 50)) if lat.size else None,
         "latency_p99_s": float(np.percentile(lat, 99)) if lat.size else None,

@@ -16,9 +16,10 @@ defers a fraction f > 0 it must also be able to finish on the heavy stage: it re
 when its light batch ends, behind the heavy queue and the f share of the light work ahead of it (which
 will be deferred before it), and the decision is taken on that later completion. Refusing at the door
 what the heavy stage cannot serve keeps the accepted requests' promise; the controller meanwhile lowers
-the threshold (fewer deferrals) or moves workers. Batch times are the dispatcher's cautious estimates:
-the profile corrected by measured batch times and widened by their recent spread
-(:meth:`~diffsim.runtime.batching.ServiceTimes.cautious`).
+the threshold (fewer deferrals) or moves workers. With the dispatcher's light fallback a deferred query
+is answered light when its heavy image would be late, so only its light path is predicted. Batch times
+are the dispatcher's cautious estimates: the profile corrected by measured batch times and widened by
+their recent spread (:meth:`~diffsim.runtime.batching.ServiceTimes.cautious`).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def predict(d: "Dispatcher", first_stages: Sequence[str], now: float, slo_s: flo
             continue
         ahead = queued[role] + extra[role] - 1
         done = _stage_completion(d, role, ahead, now)
-        if role == "light" and plan.mode == "cascade" and plan.deferral_fraction > 0:
+        if role == "light" and plan.mode == "cascade" and plan.deferral_fraction > 0 and d.fallback != "light":
             # A deferred query reaches the heavy stage when its light batch ends, behind the heavy queue
             # and the share of the light work ahead of it that will be deferred first.
             light_ahead = ahead + sum(d.inflight[w] for w in d.stage_workers["light"])

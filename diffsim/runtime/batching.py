@@ -12,6 +12,17 @@ are dropped, so a kept query was checked against a batch at least as large as th
 
 Queries waiting in a stage's backlog (a stage with no worker) are checked at each controller tick with
 :func:`expired`, against the time of a batch of one.
+
+Light fallback (``fallback: light``, off by default): a deferred query already has its light image, so
+one whose heavy image could no longer be ready by its SLO deadline is answered with the light image
+instead of being served late or dropped. The rule (:func:`late_deferred`) predicts when each deferred
+query in a heavy worker's FIFO queue would finish, from when the worker is next free and the batch times
+(eager batches of ``b``: the query at position i runs in round ``i // b``, after ``i // b`` full batches;
+its own batch holds the queries queued with it now, at most ``b``), and returns those predicted past
+``arrival + SLO``. The dispatcher applies it wherever a deferred query could wait for a heavy image it
+will not get in time: when it is deferred (it is not queued), when a heavy batch is formed, and at the
+deadline sweep. The light path is what every query's on-time answer then rests on; the heavy stage's
+tail costs quality (images served light), not SLO violations.
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ from ..errors import DiffsimError
 from ..plan import Role
 from ..profiles import Cascade
 from ..query import Query
+
+FALLBACKS = ("none", "light")  # what a deferred query that cannot be served heavy in time gets
 
 
 def service_time_s(cascade: Cascade, role: Role, batch_size: int, with_discriminator: bool) -> float:
@@ -191,3 +204,40 @@ def form_batch(
 def expired(query: Query, now: float, min_service_s: float, limit_s: float) -> bool:
     """Whether a query can no longer finish within the limit even if a batch of one started now."""
     return (now - query.arrival_s) + min_service_s > limit_s
+
+
+def finish_s(free_at_s: float, position: int, queued: int, batch_size: int, service_s: Callable[[int], float]) -> float:
+    """Predicted finish of the query at ``position`` (0-based) of a FIFO queue of ``queued`` queries that a
+    worker free at ``free_at_s`` serves in eager batches of up to ``batch_size``: ``position // b`` full
+    batches first, then its own batch of the queries queued now (at most ``b``)."""
+    if not 0 <= position < queued:
+        raise ValueError(f"position {position} outside a queue of {queued}")
+    b = max(1, batch_size)
+    rounds = position // b
+    return free_at_s + rounds * service_s(b) + service_s(min(b, queued - rounds * b))
+
+
+def late_deferred(queue: deque[Query], free_at_s: float, batch_size: int, service_s: Callable[[int], float],
+                  answer_s: float = 0.0) -> list[Query]:
+    """Remove from ``queue`` (mutated) the deferred queries whose heavy image would come after their SLO
+    deadline (:func:`finish_s` plus ``answer_s``, the time an answer takes beyond its batch), and return
+    them in queue order: the caller answers them with their light image. Positions are counted without
+    the queries removed before them (a query that falls back no longer delays those behind it); other
+    queries (not deferred) stay and keep their places."""
+    late: list[Query] = []
+    if not queue:
+        return late
+    kept: list[Query] = []
+    remaining = len(queue)
+    for q in queue:
+        remaining -= 1
+        position = len(kept)
+        if q.deferred and finish_s(free_at_s, position, position + 1 + remaining, batch_size,
+                                   service_s) + answer_s > q.arrival_s + q.slo_s:
+            late.append(q)
+        else:
+            kept.append(q)
+    if late:
+        queue.clear()
+        queue.extend(kept)
+    return late

@@ -20,6 +20,13 @@ this class composes them and keeps the per-query records (:class:`~diffsim.query
 Queries for a stage that has no worker wait in that stage's backlog (FIFO) until one exists, and are
 dropped from it once they could no longer finish in time -- never lost.
 
+With ``fallback="light"`` a deferred query is never left waiting for a heavy image it cannot have in time
+(:func:`~diffsim.runtime.batching.late_deferred`): it is answered with its light image, ``completed``
+and served by ``light`` (:attr:`Dispatcher.fallbacks` counts them), when it is deferred to a heavy
+worker (or a stage with no worker) that could not finish it by its SLO deadline, when a heavy batch is
+formed, and at the deadline sweep (:meth:`Dispatcher.expire_queued`). It is one rule in every placement
+of a deferred query, so a query moved by a new plan or a lost worker is judged the same way.
+
 Every query ends in exactly one outcome (``Query.finish`` refuses a second one); :attr:`finished`
 counts them so a driver knows when all its queries are done.
 """
@@ -30,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from .batching import ServiceTimes, batch_ready, expired, form_batch
+from .batching import FALLBACKS, ServiceTimes, batch_ready, expired, finish_s, form_batch, late_deferred
 from .confidence import Confidences
 from ..plan import Plan, Role
 from ..profiles import Cascade
@@ -83,7 +90,10 @@ class Dispatcher:
         swap_s: float = 0.0,
         answer_overhead_s: float | Callable[[], float] = 0.0,
         estimates_from: Optional[Cascade] = None,
+        fallback: str = "none",
     ):
+        if fallback not in FALLBACKS:
+            raise ValueError(f"unknown fallback {fallback!r} (choose from {', '.join(FALLBACKS)})")
         self.cascade = cascade
         self.gpus = gpus
         self.router = router
@@ -118,6 +128,9 @@ class Dispatcher:
         self.stage_workers: dict[str, list[int]] = {"light": [], "heavy": []}
         self.backlog: dict[str, deque[Query]] = {"light": deque(), "heavy": deque()}
         self.finished = 0
+        self.fallback = fallback
+        self._fallback = fallback == "light"
+        self.fallbacks = 0  # deferred queries answered with their light image (fallback "light")
         self._loads = _Loads(self.queues, self.inflight)
         # Least-loaded routing's index of worker loads; kept current by _load_changed and _stages_changed.
         self._index: Optional[LoadIndex] = LoadIndex(gpus) if router.kind == "least-loaded" else None
@@ -150,6 +163,10 @@ class Dispatcher:
 
     def _place(self, query: Query, role: Role, now: float, front: bool = False) -> Optional[int]:
         workers = self.stage_workers[role]
+        judge = self._fallback and query.deferred and role == "heavy"
+        if judge and not workers:  # no heavy worker now: its heavy image cannot be counted on in time
+            self._fall_back(query, now)
+            return None
         if not workers:
             if front:
                 self.backlog[role].appendleft(query)
@@ -157,6 +174,13 @@ class Dispatcher:
                 self.backlog[role].append(query)
             return None
         w = self._index.least_loaded(role) if self._index is not None else self.router.choose(workers, self._loads)
+        if judge and not front:
+            b, _, times = self._stage_settings[role]
+            queue = self.queues[w]
+            if finish_s(self._free_at(w, now), len(queue), len(queue) + 1, b, times.__getitem__) \
+                    + self.answer_overhead_s > query.deadline_s:
+                self._fall_back(query, now)
+                return None
         if front:
             self.queues[w].appendleft(query)
         else:
@@ -182,10 +206,15 @@ class Dispatcher:
             retry = batch_ready(len(queue), queue[0].enqueued_s, now, b, self.batch_timeout_s)
             if retry is not None:
                 return None, retry
+        late = ()
+        if self._fallback and role == "heavy":
+            late = late_deferred(queue, now, b, times.__getitem__, self.answer_overhead_s)
+            for q in late:
+                self._fall_back(q, now)
         batch, dropped = form_batch(queue, now, b, times.__getitem__, self.limit_s)
-        # Queued + in flight changes only by the drops (and any batch still marked in flight): taking
-        # queued queries into a batch moves them from one to the other.
-        load_changes = bool(dropped) or self.inflight[worker] > 0
+        # Queued + in flight changes only by the drops and fallbacks (and any batch still marked in flight):
+        # taking queued queries into a batch moves them from one to the other.
+        load_changes = bool(dropped) or bool(late) or self.inflight[worker] > 0
         if dropped:
             for q in dropped:
                 q.finish("dropped", now)
@@ -246,6 +275,23 @@ class Dispatcher:
                 q.finish("completed", answered if draw is None else now + draw(), role)
             self.finished += len(batch.queries)
         return woken
+
+    def _fall_back(self, query: Query, now: float) -> None:
+        """Answer deferred ``query`` with its light image now (fallback ``light``): completed, served light; the
+        time it waited for the heavy stage (none when it falls back as it is deferred) is queueing time."""
+        query.queue_s += now - query.enqueued_s
+        draw = self._draw_overhead
+        query.finish("completed", now + (self.answer_overhead_s if draw is None else draw()), "light")
+        self.finished += 1
+        self.fallbacks += 1
+
+    def _free_at(self, worker: int, now: float) -> float:
+        """When ``worker`` can next start a batch: after its running batch (by the current estimate) and any
+        model swap, not before ``now``."""
+        t = max(now, self.ready_at[worker])
+        if self.inflight[worker]:
+            t = max(t, self.busy_until[worker] + (self.swap_s if self.swap_pending[worker] else 0.0))
+        return t
 
     def fail_batch(self, batch: Batch, now: float, error: str, *, run_s: Optional[float] = None) -> None:
         """A batch raised: each of its queries ends ``failed`` with ``error``; the worker is freed as by
@@ -422,13 +468,25 @@ class Dispatcher:
 
     def expire_queued(self, now: float) -> int:
         """Drop queued queries (worker queues and backlogs) that could no longer finish in time even if a
-        batch of one started now; returns how many. The server runs this every fraction of a second so
-        that a hopeless request is answered when its time is up, not when it reaches a worker."""
+        batch of one started now, and with fallback ``light`` answer deferred ones whose heavy image would
+        come after their SLO deadline with their light image; returns how many queries it ended. The
+        server runs this every fraction of a second so that a hopeless request is answered when its time
+        is up, not when it reaches a worker."""
         count = self.expire_backlog(now)
         for w, queue in enumerate(self.queues):
             role = self.roles[w]
             if not queue or role is None:
                 continue
+            if self._fallback and role == "heavy":
+                b, _, times = self._stage_settings[role]
+                late = late_deferred(queue, self._free_at(w, now), b, times.__getitem__, self.answer_overhead_s)
+                for q in late:
+                    self._fall_back(q, now)
+                if late:
+                    count += len(late)
+                    self._load_changed(w)
+                if not queue:
+                    continue
             with_disc = role == "light" and self.plan.mode == "cascade"
             min_service = self.service(role, 1, with_disc)
             if not any(expired(q, now, min_service, self.limit_s) for q in queue):

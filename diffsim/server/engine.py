@@ -103,6 +103,9 @@ class Engine:
             drop_factor=config.drop_factor,
             batch_timeout_s=config.batch_timeout_s,
             swap_s=config.swap_s if config.swap else 0.0,
+            # fallback "light": a deferred query whose heavy image would be late ends completed, served light;
+            # the light image its light batch left in _images is the one answered (_finish)
+            fallback=config.fallback,
         )
         self.controller = Controller(policy, config.gpus, config.controller)
         self.health = WorkerHealth(config.gpus, config.health)
@@ -128,6 +131,7 @@ class Engine:
         self.outcomes = {"completed": 0, "dropped": 0, "failed": 0, "rejected": 0}
         self.late = 0
         self.violations = 0
+        self.fallback_light = 0  # deferred queries answered with their light image (fallback "light")
         self.batches = {"light": 0, "heavy": 0}
         self.failed_batches = 0
         self.lost_batches = 0  # batches handed back by a lost worker (served again elsewhere)
@@ -283,7 +287,7 @@ class Engine:
                 "batch_sizes": list(cfg.batch_sizes), "static_plan": cfg.static_plan,
                 "max_utilization": cfg.max_utilization, "batch_wait": cfg.batch_wait,
                 "admission": cfg.admission, "deadline_sweep_s": cfg.deadline_sweep_s,
-                "queue_model": cfg.queue_model, "tail_quantile": cfg.tail_quantile,
+                "queue_model": cfg.queue_model, "tail_quantile": cfg.tail_quantile, "fallback": cfg.fallback,
                 "controller": dataclasses.asdict(cfg.controller), "health": dataclasses.asdict(cfg.health),
             },
             "policy_name": getattr(self.policy, "name", cfg.policy),
@@ -317,6 +321,7 @@ class Engine:
         self.outcomes[q.outcome] += 1
         self.late += q.late
         self.violations += q.violation
+        self.fallback_light += q.deferred and q.served_by == "light" and q.outcome == "completed"
         for hook in self.on_query:
             hook(q)
 

@@ -68,6 +68,7 @@ class ServeOptions:
     fid_device: str = "cpu"  # where the Inception features are computed
     queue_model: Optional[str] = None  # the MILP's queueing delay (little | mean | tail), see RunConfig
     tail_quantile: float = 0.99
+    fallback: str = "none"  # late deferred requests get their light image ("light"), see RunConfig
     # Workers as Ray actors across a cluster (diffsim.server.ray_worker): "local", "auto" or "host:port".
     ray: Optional[str] = None
     ray_max_restarts: int = -1  # Ray restarts a dead worker actor this many times (-1: always)
@@ -260,7 +261,7 @@ async def build_engine(options: ServeOptions, *, executor_factory: Optional[Exec
             max_utilization=options.max_utilization,
             batch_sizes=usable, seed=options.seed, swap=options.swap, swap_s=swap_s,
             admission=options.admission, health=options.health,
-            queue_model=options.queue_model, tail_quantile=options.tail_quantile,
+            queue_model=options.queue_model, tail_quantile=options.tail_quantile, fallback=options.fallback,
         )
         engine = Engine(config, workers)
         monitor = None

@@ -1,0 +1,129 @@
+"""The dispatcher's light fallback: a deferred query whose heavy image could not be ready by its SLO
+deadline is answered with its light image (at deferral, at heavy batch formation, at the deadline sweep,
+and when a new plan moves it), counted completed, on time and served light; off by default."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sim_helpers import a100_cascade, fixed_plan
+
+from diffsim.query import Query
+from diffsim.runtime.admission import predict
+from diffsim.runtime.dispatcher import Dispatcher
+from diffsim.runtime.routing import Router
+
+# a100 sdturbo-sdv15: a light batch of 4 with the discriminator takes 0.24 s, a heavy batch of one 1.78 s.
+LIGHT_4 = 0.22 + 0.02
+HEAVY_1 = 1.78
+
+
+def deferring(fallback: str) -> tuple[Dispatcher, list[Query]]:
+    """One light worker (batches of 4), one heavy worker (batches of 1); four queries arrive at 0 and their
+    light batch ends at 0.24 s with every image below the threshold: all four are deferred. On the heavy
+    worker they would end at 2.02, 3.80, 5.58 and 7.36 s: the last two past their 5 s deadline."""
+    cascade = a100_cascade()
+    d = Dispatcher(cascade, 2, router=Router("random", np.random.default_rng(0)), seed=0, fallback=fallback)
+    d.apply_plan(fixed_plan(cascade, 1, 1, 4, 1, 0.5), 0.0, preloaded=True)
+    queries = [Query(i, i, 0.0, 5.0) for i in range(4)]
+    for query in queries:
+        d.admit(query, 0.0)
+    batch, _ = d.take_batch(0, 0.0)
+    assert batch is not None and len(batch.queries) == 4 and batch.service_s == pytest.approx(LIGHT_4)
+    d.complete_batch(batch, LIGHT_4, [0.0] * 4)
+    return d, queries
+
+
+def test_a_deferred_query_the_heavy_worker_cannot_finish_in_time_gets_its_light_image_at_once():
+    d, queries = deferring("light")
+    assert list(d.queues[1]) == queries[:2]
+    for query in queries[2:]:
+        assert query.outcome == "completed" and query.served_by == "light" and query.deferred
+        assert query.finished_s == pytest.approx(LIGHT_4) and not query.late and not query.violation
+    assert d.fallbacks == 2 and d.finished == 2
+    assert d.queue_lengths() == (0, 2)
+
+
+def test_without_fallback_every_deferred_query_waits_for_the_heavy_model():
+    d, queries = deferring("none")
+    assert list(d.queues[1]) == queries and d.fallbacks == 0 and d.finished == 0
+
+
+def test_a_heavy_batch_leaves_out_a_query_it_would_finish_late_and_answers_it_light():
+    """The first heavy batch runs slower than the profile (3.76 s): the estimate rises, and the second
+    query, due at 5 s, would now end after it; it is answered light when the worker is free (4.0 s), not
+    dropped, and no heavy batch is formed for it. Without the fallback it runs, and ends late."""
+    for fallback in ("light", "none"):
+        d, queries = deferring(fallback)
+        first, _ = d.take_batch(1, LIGHT_4)
+        assert first.queries == [queries[0]]
+        d.complete_batch(first, 4.0, run_s=4.0 - LIGHT_4)
+        assert queries[0].served_by == "heavy"
+        estimate = d.service("heavy", 1, False)
+        assert 4.0 + estimate > 5.0  # past the second query's deadline, within the drop limit (7.5 s)
+        second, retry = d.take_batch(1, 4.0)
+        if fallback == "light":
+            assert second is None and retry is None
+            assert queries[1].outcome == "completed" and queries[1].served_by == "light"
+            assert queries[1].finished_s == 4.0 and not queries[1].late
+            assert d.fallbacks == 3 and d.finished == 4 and d.holding() == 0
+        else:
+            assert second.queries == [queries[1]]
+            d.complete_batch(second, 4.0 + estimate)
+            assert queries[1].served_by == "heavy" and queries[1].late
+
+
+def test_the_deadline_sweep_answers_light_what_the_heavy_worker_can_no_longer_finish():
+    """The heavy worker runs the first query until 2.02 s (by its estimate); at 3.5 s (still running: a
+    slow batch) the second one could end at 3.5 + 1.78 = 5.28 s at the earliest: past its deadline."""
+    d, queries = deferring("light")
+    d.take_batch(1, LIGHT_4)
+    assert d.expire_queued(3.0) == 0  # 3.0 + 1.78 = 4.78 s: still in time
+    assert d.expire_queued(3.5) == 1
+    assert queries[1].outcome == "completed" and queries[1].served_by == "light" and queries[1].finished_s == 3.5
+    assert not d.queues[1] and d.fallbacks == 3
+
+
+def test_a_plan_without_heavy_workers_answers_the_queued_deferred_queries_light():
+    d, queries = deferring("light")
+    cascade = d.cascade
+    d.apply_plan(fixed_plan(cascade, 2, 0, 4, 1, 0.5), 1.0)
+    assert queries[0].served_by == "light" and queries[1].served_by == "light"
+    assert queries[0].finished_s == 1.0 and d.fallbacks == 4 and d.finished == 4
+    assert not d.backlog["heavy"] and d.holding() == 0
+    # and one deferred while the heavy stage has no worker is answered light at once
+    late = Query(9, 9, 1.0, 5.0)
+    d.admit(late, 1.0)
+    batch, _ = d.take_batch(0, 1.0) if d.queues[0] else d.take_batch(1, 1.0)
+    d.complete_batch(batch, 1.2, [0.0])
+    assert late.served_by == "light" and late.finished_s == 1.2 and d.fallbacks == 5
+
+
+def test_queries_that_are_not_deferred_are_never_answered_light_by_the_fallback():
+    """Split mode (Proteus): a query sent to the heavy stage has no light image; the fallback leaves it."""
+    cascade = a100_cascade()
+    d = Dispatcher(cascade, 1, router=Router("random", np.random.default_rng(0)), seed=0, fallback="light")
+    d.apply_plan(fixed_plan(cascade, 0, 1, 1, 1, mode="split", light_share=0.0), 0.0, preloaded=True)
+    queries = [Query(i, i, 0.0, 5.0) for i in range(4)]
+    for query in queries:
+        d.admit(query, 0.0)
+    assert len(d.queues[0]) == 4 and d.fallbacks == 0
+    assert d.expire_queued(4.0) == 0 and len(d.queues[0]) == 4  # 4.0 + 1.78 is within the drop limit
+
+
+def test_unknown_fallback_is_refused():
+    with pytest.raises(ValueError, match="unknown fallback 'heavy'"):
+        Dispatcher(a100_cascade(), 1, router=Router("random", np.random.default_rng(0)), fallback="heavy")
+
+
+def test_admission_with_the_fallback_predicts_the_light_path_only():
+    """A heavy queue of 40 (3.68 s batches of 4): without the fallback a new query that may be deferred is
+    refused (its heavy image could not come in time); with it, its answer rests on the light path alone."""
+    cascade = a100_cascade()
+    for fallback, accept in (("none", False), ("light", True)):
+        d = Dispatcher(cascade, 2, router=Router("least-loaded", np.random.default_rng(0)), seed=0, fallback=fallback)
+        d.apply_plan(fixed_plan(cascade, 1, 1, 4, 4, 0.5), 0.0, preloaded=True)
+        for i in range(40):
+            d._place(Query(i, i, 0.0, 5.0), "heavy", 0.0)  # not deferred: queued whatever the fallback
+        assert len(d.queues[1]) == 40
+        assert predict(d, ["light"], 0.0, 5.0, 1.5).accept is accept
