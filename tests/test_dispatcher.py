@@ -18,13 +18,14 @@ LIGHT_4 = 0.22 + 0.02
 HEAVY_1 = 1.78
 
 
-def deferring(fallback: str) -> tuple[Dispatcher, list[Query]]:
+def deferring(fallback: str, heavy_deviation: float = 0.0) -> tuple[Dispatcher, list[Query]]:
     """One light worker (batches of 4), one heavy worker (batches of 1); four queries arrive at 0 and their
     light batch ends at 0.24 s with every image below the threshold: all four are deferred. On the heavy
     worker they would end at 2.02, 3.80, 5.58 and 7.36 s: the last two past their 5 s deadline."""
     cascade = a100_cascade()
     d = Dispatcher(cascade, 2, router=Router("random", np.random.default_rng(0)), seed=0, fallback=fallback)
     d.apply_plan(fixed_plan(cascade, 1, 1, 4, 1, 0.5), 0.0, preloaded=True)
+    d.service.start_from({"heavy": 1.0}, {"heavy": heavy_deviation})
     queries = [Query(i, i, 0.0, 5.0) for i in range(4)]
     for query in queries:
         d.admit(query, 0.0)
@@ -42,6 +43,15 @@ def test_a_deferred_query_the_heavy_worker_cannot_finish_in_time_gets_its_light_
         assert query.finished_s == pytest.approx(LIGHT_4) and not query.late and not query.violation
     assert d.fallbacks == 2 and d.finished == 2
     assert d.queue_lengths() == (0, 2)
+
+
+def test_the_fallback_promises_on_the_cautious_batch_time():
+    """Measured heavy batch times that spread (a mean deviation of 0.2 of the profile's) widen the time a
+    heavy image is promised on to 1.4 x 1.78 s: the second query would end at 0.24 + 2 x 2.49 = 5.22 s by
+    it (3.80 s by the plain estimate) and is answered light as well."""
+    d, queries = deferring("light", heavy_deviation=0.2)
+    assert d.service("heavy", 1, False) == pytest.approx(HEAVY_1)
+    assert list(d.queues[1]) == queries[:1] and d.fallbacks == 3
 
 
 def test_without_fallback_every_deferred_query_waits_for_the_heavy_model():

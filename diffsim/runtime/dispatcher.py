@@ -25,7 +25,10 @@ With ``fallback="light"`` a deferred query is never left waiting for a heavy ima
 and served by ``light`` (:attr:`Dispatcher.fallbacks` counts them), when it is deferred to a heavy
 worker (or a stage with no worker) that could not finish it by its SLO deadline, when a heavy batch is
 formed, and at the deadline sweep (:meth:`Dispatcher.expire_queued`). It is one rule in every placement
-of a deferred query, so a query moved by a new plan or a lost worker is judged the same way.
+of a deferred query, so a query moved by a new plan or a lost worker is judged the same way. Heavy batch
+times are judged by the cautious estimate admission promises on
+(:meth:`~diffsim.runtime.batching.ServiceTimes.cautious`): a heavy image that comes late is a violation,
+one served light is not.
 
 Every query ends in exactly one outcome (``Query.finish`` refuses a second one); :attr:`finished`
 counts them so a driver knows when all its queries are done.
@@ -177,7 +180,7 @@ class Dispatcher:
         if judge and not front:
             b, _, times = self._stage_settings[role]
             queue = self.queues[w]
-            if finish_s(self._free_at(w, now), len(queue), len(queue) + 1, b, times.__getitem__) \
+            if finish_s(self._free_at(w, now), len(queue), len(queue) + 1, b, self._promise_s) \
                     + self.answer_overhead_s > query.deadline_s:
                 self._fall_back(query, now)
                 return None
@@ -208,7 +211,7 @@ class Dispatcher:
                 return None, retry
         late = ()
         if self._fallback and role == "heavy":
-            late = late_deferred(queue, now, b, times.__getitem__, self.answer_overhead_s)
+            late = late_deferred(queue, now, b, self._promise_s, self.answer_overhead_s)
             for q in late:
                 self._fall_back(q, now)
         batch, dropped = form_batch(queue, now, b, times.__getitem__, self.limit_s)
@@ -284,6 +287,12 @@ class Dispatcher:
         query.finish("completed", now + (self.answer_overhead_s if draw is None else draw()), "light")
         self.finished += 1
         self.fallbacks += 1
+
+    def _promise_s(self, n: int) -> float:
+        """The time of a heavy batch of ``n`` a deferred query is promised its heavy image on (fallback
+        ``light``): the cautious estimate, as admission promises (a late heavy image is a violation, an
+        image served light is not)."""
+        return self.service.cautious("heavy", n, False)
 
     def _free_at(self, worker: int, now: float) -> float:
         """When ``worker`` can next start a batch: after its running batch (by the current estimate) and any
@@ -479,7 +488,7 @@ class Dispatcher:
                 continue
             if self._fallback and role == "heavy":
                 b, _, times = self._stage_settings[role]
-                late = late_deferred(queue, self._free_at(w, now), b, times.__getitem__, self.answer_overhead_s)
+                late = late_deferred(queue, self._free_at(w, now), b, self._promise_s, self.answer_overhead_s)
                 for q in late:
                     self._fall_back(q, now)
                 if late:
