@@ -161,16 +161,9 @@ class BatchTimeContention(_Strict):
     event loop too, in one server process) slow each other down. ``factors[k - 1]``: the multiplier of
     the latency tables' times for a batch that starts while k workers (itself included) are running; a
     k past the list takes its last factor (``diffsim validate`` measures them from a run's batches,
-    normalised so that the run's own mix of k keeps the tables' times).
-
-    ``spreads[k - 1]`` (optional, one per factor): the multiplier of the tables' log-normal sigma for such
-    a batch -- contention moves the spread as well as the median: on a 2-core host a batch running alone
-    varied 1.1-1.8x as widely (in log terms) as one beside a busy neighbour (an idle host's frequency and
-    thread wake-ups), so one spread for all, fitted on the mix, overstates the tail of the loaded batches
-    that queues build behind (``diffsim validate`` measures them, normalised as the factors are)."""
+    normalised so that the run's own mix of k keeps the tables' times)."""
 
     factors: list[float] = Field(min_length=1, max_length=limits.JOBS.hi)
-    spreads: Optional[list[float]] = Field(default=None, min_length=1, max_length=limits.JOBS.hi)
 
     @field_validator("factors")
     @classmethod
@@ -179,45 +172,27 @@ class BatchTimeContention(_Strict):
             raise ValueError(f"factors must lie in (0, 100], got {v}")
         return v
 
-    @field_validator("spreads")
-    @classmethod
-    def _spreads(cls, v: Optional[list[float]], info) -> Optional[list[float]]:
-        if v is None:
-            return v
-        if not all(0 <= f <= 100 for f in v):
-            raise ValueError(f"spreads must lie in [0, 100], got {v}")
-        factors = info.data.get("factors")
-        if factors is not None and len(v) != len(factors):
-            raise ValueError(f"spreads must give one value per factor ({len(factors)}), got {len(v)}")
-        return v
-
-    # A batch that starts with no other worker running: factors (and spreads) by how long the host had
-    # been idle before it, from ``idle_gaps_s[i]`` on (ascending, the first 0), in place of the first
-    # factor and spread. A host kept busy runs faster than one woken from idle (CPU and GPU clocks,
-    # caches, thread pools that went to sleep): on a 2-core host one worker's back-to-back batches ran
-    # 0.63-0.84x the run's alone median, a batch after 0.2-1 s of idle 1.03-1.36x.
+    # A batch that starts with no other worker running: factors by how long the host had been idle
+    # before it, from ``idle_gaps_s[i]`` on (ascending, the first 0), in place of the first factor. A
+    # host kept busy runs faster than one woken from idle (CPU and GPU clocks, caches, thread pools that
+    # went to sleep): on a 2-core host back-to-back batches ran at 0.53-0.80x their profile time in
+    # bursty runs, batches after 0.1-0.5 s of idle at 1.01-1.38x.
     idle_gaps_s: Optional[list[float]] = Field(default=None, min_length=1, max_length=16)
     idle_factors: Optional[list[float]] = Field(default=None, min_length=1, max_length=16)
-    idle_spreads: Optional[list[float]] = Field(default=None, min_length=1, max_length=16)
 
     @model_validator(mode="after")
     def _idle(self) -> "BatchTimeContention":
-        gaps, factors, spreads = self.idle_gaps_s, self.idle_factors, self.idle_spreads
-        if gaps is None and factors is None and spreads is None:
+        gaps, factors = self.idle_gaps_s, self.idle_factors
+        if gaps is None and factors is None:
             return self
         if gaps is None or factors is None:
             raise ValueError("idle_gaps_s and idle_factors go together")
         if gaps[0] != 0 or any(b <= a for a, b in zip(gaps, gaps[1:])):
             raise ValueError(f"idle_gaps_s must start at 0 and increase, got {gaps}")
-        for name, values, zero in (("idle_factors", factors, False), ("idle_spreads", spreads, True)):
-            if values is None:
-                continue
-            if len(values) != len(gaps):
-                raise ValueError(f"{name} must give one value per idle gap ({len(gaps)}), got {len(values)}")
-            if not all((0 <= f if zero else 0 < f) and f <= 100 for f in values):
-                raise ValueError(f"{name} must lie in {'[0' if zero else '(0'}, 100], got {values}")
-        if spreads is not None and self.spreads is None:
-            raise ValueError("idle_spreads needs spreads")
+        if len(factors) != len(gaps):
+            raise ValueError(f"idle_factors must give one value per idle gap ({len(gaps)}), got {len(factors)}")
+        if not all(0 < f <= 100 for f in factors):
+            raise ValueError(f"idle_factors must lie in (0, 100], got {factors}")
         return self
 
     def _idle_bin(self, idle_s: float) -> int:
@@ -229,14 +204,6 @@ class BatchTimeContention(_Strict):
         if busy <= 1 and self.idle_gaps_s is not None:
             return self.idle_factors[self._idle_bin(idle_s)]
         return self.factors[min(max(busy, 1), len(self.factors)) - 1]
-
-    def spread_at(self, busy: int, idle_s: float = 0.0) -> float:
-        """The sigma multiplier for such a batch (1 without spreads)."""
-        if self.spreads is None:
-            return 1.0
-        if busy <= 1 and self.idle_spreads is not None:
-            return self.idle_spreads[self._idle_bin(idle_s)]
-        return self.spreads[min(max(busy, 1), len(self.spreads)) - 1]
 
 
 class GpuProfile(_Strict):

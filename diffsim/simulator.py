@@ -285,8 +285,7 @@ def simulate(
                 busy[0] += 1
                 k = busy[0]
                 idle_s = now - last_end[0] if k == 1 else 0.0
-                run_s = contention.at(k, idle_s) * times.draw(batch.role, len(batch.queries), batch.with_discriminator,
-                                                              contention.spread_at(k, idle_s))
+                run_s = contention.at(k, idle_s) * times.draw(batch.role, len(batch.queries), batch.with_discriminator)
             else:
                 run_s = times.draw(batch.role, len(batch.queries), batch.with_discriminator) if report_times else None
             if cold[w]:

@@ -201,11 +201,3 @@ def test_correlated_batch_times_keep_the_percentiles_and_come_in_spells():
     p50_mode = ServiceTimeModel(cascade, "p50", seed=2)
     assert p50_mode.draw("heavy", 4, False) == pytest.approx(3.68)  # p50 mode draws nothing
 
-
-def test_a_contention_spread_scales_the_fitted_sigma():
-    """draw(..., spread=s): the log-normal's sigma times s, the median kept (a host state's spread)."""
-    cascade = spread_cascade(p95_factor=np.exp(0.2 * Z95), p99_factor=np.exp(0.2 * Z99))
-    model = ServiceTimeModel(cascade, "sampled", seed=3)
-    draws = np.array([model.draw("heavy", 4, False, 2.0) for _ in range(40_000)])
-    assert_percentiles(draws, sigma=0.4, rel=(0.02, 0.03, 0.05))
-    assert ServiceTimeModel(cascade, "p50", seed=3).draw("heavy", 4, False, 2.0) == pytest.approx(3.68)

@@ -261,18 +261,15 @@ def test_idle_factors_are_measured_from_batches_that_ran_alone():
 def test_contention_profile_fields_are_validated():
     from diffsim.profiles import BatchTimeContention
 
-    ok = BatchTimeContention(factors=[0.8, 1.2], spreads=[1.5, 0.8], idle_gaps_s=[0.0, 0.1],
-                             idle_factors=[0.6, 1.1], idle_spreads=[1.0, 2.0])
-    assert (ok.at(1, 0.05), ok.spread_at(1, 0.05), ok.at(1, 0.1), ok.spread_at(1, 0.1)) == (0.6, 1.0, 1.1, 2.0)
-    assert (ok.at(3, 0.0), ok.spread_at(3, 0.0)) == (1.2, 0.8)
-    assert BatchTimeContention(factors=[1.0]).spread_at(1) == 1.0
+    ok = BatchTimeContention(factors=[0.8, 1.2], idle_gaps_s=[0.0, 0.1], idle_factors=[0.6, 1.1])
+    assert (ok.at(1, 0.05), ok.at(1, 0.1), ok.at(1, math.inf), ok.at(3, 0.0)) == (0.6, 1.1, 1.1, 1.2)
+    assert BatchTimeContention(factors=[0.8, 1.2]).at(1, 5.0) == 0.8  # no idle classes: the count's factor
     for bad, words in [
-        (dict(factors=[1.0, 1.0], spreads=[1.0]), "one value per factor"),
         (dict(factors=[1.0], idle_gaps_s=[0.0]), "go together"),
         (dict(factors=[1.0], idle_gaps_s=[0.1, 0.2], idle_factors=[1.0, 1.0]), "start at 0"),
+        (dict(factors=[1.0], idle_gaps_s=[0.0, 0.0], idle_factors=[1.0, 1.0]), "increase"),
         (dict(factors=[1.0], idle_gaps_s=[0.0, 0.2], idle_factors=[1.0]), "one value per idle gap"),
         (dict(factors=[1.0], idle_gaps_s=[0.0], idle_factors=[0.0]), "must lie in"),
-        (dict(factors=[1.0], idle_gaps_s=[0.0], idle_factors=[1.0], idle_spreads=[1.0]), "needs spreads"),
     ]:
         with pytest.raises(ValueError, match=words):
             BatchTimeContention(**bad)

@@ -22,8 +22,7 @@
      the profile as it is); batch times are drawn around
      p50 by p95 / p99 with ``--service-time sampled`` (the default), correlated from one batch to the
      next as the run's were (slow spells of a shared host: the profile's batch_time_correlation), and
-     scaled, and their spread widened or narrowed, by the host's state at each batch's start as the
-     run's were: the workers running at once, and for a batch that runs alone how long the host had been
+     scaled by the host's state at each batch's start as the run's were: the workers running at once, and for a batch that runs alone how long the host had been
      idle (batch_time_contention, :func:`measured_contention`);
    * with the run's request overhead (client latency minus the server's own time for the request: p50,
      p95 and p99, each request's drawn from a log-normal fitted to them with ``--service-time sampled``);
@@ -277,9 +276,7 @@ def rebuilt_batches(queries, cascade) -> dict:
 
 
 IDLE_GAPS_S = (0.0, 0.005, 0.02, 0.1, 0.5)  # idle-time classes of a batch that runs alone (lower edges)
-MIN_SIGMA = 0.01  # residuals spread less than this (1%) are not told apart by state
-MAX_SPREAD = 10.0  # a state's spread is taken as at most this many times the run's
-CONTENTION_FIELDS = ("factors", "spreads", "idle_gaps_s", "idle_factors", "idle_spreads")  # as the profile has them
+CONTENTION_FIELDS = ("factors", "idle_gaps_s", "idle_factors")  # as the profile has them
 
 
 def batch_contention(batches: dict, gpus: int) -> dict:
@@ -310,9 +307,8 @@ def measured_contention(queries, cascade, gpus: int) -> Optional[dict]:
     workers running, and for a batch that ran alone the class of the host's idle time before it
     (:data:`IDLE_GAPS_S`) -- by Tukey's median polish (batch size and state go together: batches grow
     when every worker is busy). States with fewer than :data:`MIN_BATCHES` batches take the nearest
-    count's factor below, else above (an idle class, the alone count's). The factors are the
-    exponentials of the state effects; the spreads each state's residual sigma over all residuals'.
-    :func:`measured_spread` and :func:`measured_correlation` then take the batches' times divided by
+    count's factor below, else above (an idle class, the alone count's); the factors are the
+    exponentials of the state effects. :func:`measured_spread` and :func:`measured_correlation` then take the batches' times divided by
     their factors, so that the simulator's draws, times the factor of the state, have the run's
     distribution. None where fewer than two states have enough batches (nothing to tell apart)."""
     import math
@@ -342,45 +338,39 @@ def measured_contention(queries, cascade, gpus: int) -> Optional[dict]:
             size_effect[j] = np.median((logs - state_effect[s_index])[g_index == j])
         for j in enough:
             state_effect[j] = np.median((logs - size_effect[g_index])[s_index == j])
-    residuals = logs - size_effect[g_index] - state_effect[s_index]
     alone = counts == 1
     levels = sorted({k for k in range(2, gpus + 1) if (counts == k).sum() >= MIN_BATCHES}
                     | ({1} if alone.sum() >= MIN_BATCHES else set()))
     if not levels:
         return None
 
-    def level_effect(k: int) -> tuple[float, np.ndarray]:
-        """The effect of k workers running and its residuals (k = 1: the alone batches together,
-        whatever their idle time)."""
+    def level_effect(k: int) -> float:
+        """The effect of k workers running (k = 1: the alone batches together, whatever their idle time)."""
         if k == 1:
-            alone_logs = (logs - size_effect[g_index])[alone]
-            effect = float(np.median(alone_logs))
-            return effect, alone_logs - effect
-        j = names.index((k, None))
-        return float(state_effect[j]), residuals[s_index == j]
+            return float(np.median((logs - size_effect[g_index])[alone]))
+        return float(state_effect[names.index((k, None))])
 
-    # The spread by state: each state's residuals' log-normal sigma (fitted to their p95 and p99 about
-    # their median, as the profile's are) over that of all residuals -- the spread the tables get
-    # (measured_spread pools the states) -- so that the run's own mix of states keeps the tables' spread.
-    pooled = _residual_sigma(residuals)
-    spread_of = lambda r: round(min(_residual_sigma(r) / pooled, MAX_SPREAD), 4)  # noqa: E731
     nearest = [max([j for j in levels if j <= k] or [min(levels)]) for k in range(1, max(levels) + 1)]
     effects = {k: level_effect(k) for k in set(nearest)}
-    out = {"factors": [round(math.exp(effects[k][0]), 4) for k in nearest],
+    out = {"factors": [round(math.exp(effects[k]), 4) for k in nearest],
            "batches": {k: int((counts == k).sum()) for k in levels}}
-    if pooled >= MIN_SIGMA:
-        out["spreads"] = [spread_of(effects[k][1]) for k in nearest]
     if 1 in levels:
         idle = [names.index((1, c)) if (1, c) in names else None for c in range(len(IDLE_GAPS_S))]
         fitted = [j if j is not None and j in enough else None for j in idle]
         if sum(j is not None for j in fitted) >= 2:
             out["idle_gaps_s"] = list(IDLE_GAPS_S)
-            out["idle_factors"] = [round(math.exp(state_effect[j] if j is not None else effects[1][0]), 4) for j in fitted]
+            out["idle_factors"] = [round(math.exp(state_effect[j] if j is not None else effects[1]), 4) for j in fitted]
             out["idle_batches"] = [int((s_index == j).sum()) if j is not None else 0 for j in idle]
-            if pooled >= MIN_SIGMA:
-                out["idle_spreads"] = [spread_of(residuals[s_index == j] if j is not None else effects[1][1])
-                                       for j in fitted]
     return out
+
+
+def _state(running: int, idle_s: float) -> tuple[int, Optional[int]]:
+    """A batch's start state for the fit: ``(running, None)``, or ``(1, idle class)`` when it ran alone."""
+    import bisect
+
+    if running > 1:
+        return running, None
+    return 1, bisect.bisect_right(IDLE_GAPS_S, idle_s) - 1
 
 
 def _state(running: int, idle_s: float) -> tuple[int, Optional[int]]:

@@ -104,13 +104,11 @@ class ServiceTimeModel:
             p = self._params[key] = (p50 / 1e3, sigma)
         return p
 
-    def draw(self, role: Role, n: int, with_disc: bool, spread: float = 1.0) -> float:
-        """Seconds one batch of n takes this time; ``spread`` multiplies the log-normal sigma (the
-        profile's contention spread for the workers running, :class:`~diffsim.profiles.BatchTimeContention`)."""
+    def draw(self, role: Role, n: int, with_disc: bool) -> float:
+        """Seconds one batch of n takes this time."""
         median, sigma = self.params(role, n, with_disc)
         if self.mode == "p50" or sigma == 0.0:
             return median
-        sigma *= spread
         if self._correlation is not None:
             return median * math.exp(sigma * self._correlated_z())
         return median * math.exp(sigma * self._normal())
