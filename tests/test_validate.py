@@ -551,6 +551,10 @@ def test_validate_end_to_end_on_a_fake_server(tmp_path, capsys):
     from diffsim.commands.validate import sim_config_from
 
     o = sim_config_from(described, service_time="sampled", overhead=overhead).cascade.overheads
+    # every run setting the server describes reaches the simulation (the light fallback too)
+    assert sim_config_from(described, service_time="p50").fallback == described["run"]["fallback"] == "none"
+    light = {**described, "run": {**described["run"], "fallback": "light"}}
+    assert sim_config_from(light, service_time="p50").fallback == "light"
     assert (o.request_ms, o.request_p95_ms, o.request_p99_ms) == tuple(overhead[k] for k in
                                                                        ("request_ms", "request_p95_ms", "request_p99_ms"))
     # The real runs are saved with what simulating them takes: --replay, with no server, makes the same

@@ -177,6 +177,7 @@ def sim_config_from(described: dict, *, service_time: str, overhead=None, ratio=
         batch_wait=float(run["batch_wait"]), admission=bool(run["admission"]),
         deadline_sweep_s=float(run["deadline_sweep_s"]), service_time=service_time,
         queue_model=run.get("queue_model"), tail_quantile=float(run.get("tail_quantile", 0.99)),
+        fallback=run.get("fallback", "none"),  # a server from before the light fallback had none
     )
 
 
