@@ -119,8 +119,9 @@ def test_help_states_the_bounds_and_points_to_the_config_format():
     assert "--images DIR folder of images to score" in " ".join(out.split())
     _, out, _ = run_cli_help("profile")
     assert "{cuda,cpu-tiny}" in out
-    _, out, _ = run_cli_help("serve")
-    assert "latency meets the SLO (> 0, < 1; default 0.99)" in " ".join(out.split())  # what --tail-quantile takes
+    for command in ("serve", "simulate"):  # what --tail-quantile takes
+        _, out, _ = run_cli_help(command)
+        assert "latency meets the SLO (> 0, < 1; default 0.99)" in " ".join(out.split()), command
 
 
 def run_cli_help(*argv) -> tuple[int, str, str]:

@@ -58,9 +58,9 @@ def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
                    help="queueing delay the MILP plans with: little = one delay measured under the plan in force "
                         "(the artifact's), mean / tail = computed per candidate plan from its workers, batch size, "
                         "load and the backlog (tail: --tail-quantile of latency meets the SLO); default: little")
-    p.add_argument("--tail-quantile", type=limits.FRACTION_ABOVE_0, metavar="Q",
+    p.add_argument("--tail-quantile", type=limits.QUANTILE, metavar="Q",
                    help=bounded("--queue-model tail plans so that this quantile of all queries' latency meets the SLO",
-                                limits.FRACTION_ABOVE_0, 0.99))
+                                limits.QUANTILE, 0.99))
     p.add_argument("--fallback", choices=("none", "light"),
                    help="what a deferred query whose heavy image could not be ready by its SLO deadline gets: "
                         "none = served late by the heavy model or dropped (default), light = its light image, on "
