@@ -13,6 +13,9 @@ prints one markdown row per run:
   ``slo_violation_ratio``, ``slo_violation_window_mean``);
 * ``FID`` / ``FID (overall mix)``: the completion-weighted mean of the windows' served-mix FIDs, and the
   FID at the run's overall light fraction (summary.json: ``mean_fid``, ``fid_overall_mix``);
+* ``FID (fallbacks at worst)``, with ``--fallback light`` only: ``FID`` with each window's fallbacks read
+  as a random share of its deferred queries' light images, an upper bound on the window's FID where
+  ``FID`` flatters them (summary.json: ``mean_fid_fallback_bound``; :func:`diffsim.reports.metrics.fallback_mix_fid`);
 * ``peak viol``: the violation ratio over the ``--window-s`` windows whose arrival rate exceeds
   ``--peak-qps`` (default 25 qps: on ``traces/dynamic.csv`` the eight 10 s windows of its peak, 2,392
   requests), counted by arrival time as timeseries.csv does;
@@ -136,6 +139,7 @@ def run(args_and_spec):
         "policy": policy, "gpus": gpus,
         "violations": summary["slo_violation_ratio"], "window_violations": summary["slo_violation_window_mean"],
         "fid": summary["mean_fid"], "fid_overall": summary["fid_overall_mix"],
+        "fid_bound": summary.get("mean_fid_fallback_bound"), "fallback": config.fallback,
         "peak_violations": sum(r["violations"] for r in peak) / peak_arrivals if peak_arrivals else None,
         "peak_requests": peak_arrivals, "peak_windows": len(peak),
         "switches_per_min": sum(n for _, n in switches) / minutes if minutes else 0.0,
@@ -165,9 +169,11 @@ def main(argv=None) -> int:
         results = list(pool.map(run, specs))
     peak = results[0]
     print(f"peak windows: {peak['peak_windows']} ({peak['peak_requests']} requests, > {args.peak_qps:g} qps)")
-    print("| policy | GPUs | viol | viol (window mean) | FID | FID (overall mix) | peak viol "
+    fallback = peak["fallback"] != "none"  # the same for every run: a scenario flag
+    bound_head = " FID (fallbacks at worst) |" if fallback else ""
+    print(f"| policy | GPUs | viol | viol (window mean) | FID |{bound_head} FID (overall mix) | peak viol "
           "| switches/min (max in 60 s) | stranded | FID (on time) | fallback |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if fallback else ""))
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}%"
@@ -176,8 +182,9 @@ def main(argv=None) -> int:
         return "-" if v is None else f"{v:.2f}"
 
     for r in results:
+        bound = f" {fid(r['fid_bound'])} |" if fallback else ""
         print(f"| {r['policy']} | {r['gpus']} | {pct(r['violations'])} | {pct(r['window_violations'])} | "
-              f"{fid(r['fid'])} | {fid(r['fid_overall'])} | {pct(r['peak_violations'])} | "
+              f"{fid(r['fid'])} |{bound} {fid(r['fid_overall'])} | {pct(r['peak_violations'])} | "
               f"{r['switches_per_min']:.1f} ({r['max_switches_60s']}) | {r['stranded']} | {fid(r['fid_on_time'])} | "
               f"{r['fallback_light']} ({pct(r['fallback_light'] / r['deferred'] if r['deferred'] else None)}) |")
     if edges:

@@ -183,3 +183,21 @@ def test_progress_bar_only_on_a_terminal():
     text = terminal.getvalue()
     assert "\r" in text and "runs" in text  # tqdm's bar, redrawn in place
     assert f"[1/2] {line}" in text
+
+
+def test_fallback_runs_carry_the_fallback_bound(tmp_path, short_trace, capsys):
+    """With --fallback light the table and comparison.csv give mean_fid_fallback_bound after mean_fid (and
+    how many fell back); without it neither has the column (test_jobs_do_not_change_results)."""
+    assert compare(tmp_path, short_trace, "--policies", "diffserve", "--gpus", "8", "--preset", "artifact",
+                   "--queue-model", "tail", "--fallback", "light", "--jobs", "1", "--no-plot") == 0
+    captured = capsys.readouterr()
+    header = captured.out.splitlines()[0].split()
+    assert header[header.index("mean_fid") + 1] == "mean_fid_fallback_bound" and header[-1] == "fallback_light"
+    assert "with fallbacks at worst" in captured.err
+    with open(tmp_path / "comparison.csv") as fh:
+        row = next(csv.DictReader(fh))
+    columns = list(row)
+    assert columns[columns.index("mean_fid") + 1] == "mean_fid_fallback_bound"
+    assert [c for c in columns if c != "mean_fid_fallback_bound"] == list(COMPARISON_COLUMNS)
+    run = json.loads((tmp_path / "runs" / "diffserve_g8" / "summary.json").read_text())
+    assert float(row["mean_fid_fallback_bound"]) == run["mean_fid_fallback_bound"] >= run["mean_fid"]

@@ -461,3 +461,92 @@ def test_numpy_floor_division_is_pythons(times, window_s):
 ))
 def test_float_cells_are_written_as_rounded_writes_them(v):
     assert metrics._float_text(v) == metrics._cell(v)
+
+
+# -- the light fallback's FID bound -----------------------------------------------------------------------
+
+
+def fallback_window(start, confident, heavy, fallbacks):
+    """One 10 s window of cascade-mode completions from ``start``: ``confident`` served light (not deferred),
+    ``heavy`` deferred and served heavy, ``fallbacks`` deferred and answered light."""
+    kinds = [("light", False)] * confident + [("heavy", True)] * heavy + [("light", True)] * fallbacks
+    return [q(start * 100 + i, start + 0.1 * i, served_by=s, deferred=d) for i, (s, d) in enumerate(kinds)]
+
+
+def test_fallback_bound_only_when_the_run_has_the_fallback(cascade):
+    queries = fallback_window(0.0, 6, 2, 2)
+    assert "mean_fid_fallback_bound" not in summarize(queries, [(0.0, make_plan())], cascade)
+    assert "mean_fid_fallback_bound" in summarize(queries, [(0.0, make_plan())], cascade, fallback=True)
+
+
+def test_fallback_bound_without_fallbacks_is_mean_fid_exactly(cascade):
+    # Windows at r = 0.25, 0.6 and 1: no deferred query was answered light, so nothing to correct.
+    queries = fallback_window(0.0, 1, 3, 0) + fallback_window(10.0, 6, 4, 0) + fallback_window(20.0, 5, 0, 0)
+    s = summarize(queries, [(0.0, make_plan())], cascade, fallback=True)
+    assert s["fallback_light"] == 0
+    assert s["mean_fid_fallback_bound"] == s["mean_fid"]  # the same floats, not approximately
+    assert s["mean_fid"] == pytest.approx((4 * 17.155 + 10 * 17.26 + 5 * 22.77) / 19)
+
+
+def test_fallback_bound_by_hand(cascade):
+    # Half the deferred fell back: 6 confident light, 2 heavy, 2 fallbacks. The threshold deferred
+    # d = 4/10, its mix (r = 0.6) reads 17.26; half of the deferred served light moves it halfway to the
+    # all-light 22.77: 20.015. mean_fid reads the curve at the served r = 0.8: 18.86.
+    half = fallback_window(0.0, 6, 2, 2)
+    s = summarize(half, [(0.0, make_plan())], cascade, fallback=True)
+    assert s["fallback_light"] == 2
+    assert s["mean_fid"] == pytest.approx(18.86)
+    assert s["mean_fid_fallback_bound"] == pytest.approx(17.26 + 0.5 * (22.77 - 17.26)) == pytest.approx(20.015)
+    # Every deferred query fell back: the all-light end, whatever the threshold deferred.
+    every = fallback_window(0.0, 7, 0, 3)
+    assert summarize(every, [(0.0, make_plan())], cascade, fallback=True)["mean_fid_fallback_bound"] == \
+        pytest.approx(cascade.fid(1.0)) == pytest.approx(22.77)
+    # A quarter: 2 confident light, 6 heavy, 2 fallbacks: d = 0.8 (r = 0.2, 17.33), w = 1/4.
+    quarter = fallback_window(0.0, 2, 6, 2)
+    assert summarize(quarter, [(0.0, make_plan())], cascade, fallback=True)["mean_fid_fallback_bound"] == \
+        pytest.approx(17.33 + 0.25 * (22.77 - 17.33))
+    # Windows weigh by completions, as in mean_fid: the half case (10) and a window without fallbacks
+    # at r = 0.5 (4: 16.95), and a split-mode window (2 light of 4: the random mix, untouched).
+    plans = [(0.0, make_plan()), (30.0, make_plan(mode="split", light_share=0.5))]
+    split = [q(900 + i, 30.0 + i, served_by="light" if i < 2 else "heavy") for i in range(4)]
+    mixed = half + fallback_window(10.0, 2, 2, 0) + split
+    s = summarize(mixed, plans, cascade, fallback=True)
+    assert s["mean_fid_fallback_bound"] == pytest.approx(
+        (10 * 20.015 + 4 * 16.95 + 4 * cascade.random_mix_fid(0.5)) / 18)
+    assert s["mean_fid"] == pytest.approx((10 * 18.86 + 4 * 16.95 + 4 * cascade.random_mix_fid(0.5)) / 18)
+
+
+def test_fallback_mix_fid_checks_its_counts(cascade):
+    assert metrics.fallback_mix_fid(cascade, 10, 4, 0) == float(cascade.fid(0.4))
+    with pytest.raises(ValueError, match="3 fallbacks among 2 served light of 10"):
+        metrics.fallback_mix_fid(cascade, 10, 2, 3)
+
+
+@pytest.mark.parametrize("name", ["sdturbo-sdv15", "sdxs-sdv15", "sdxlltn-sdxl"])
+def test_fallback_bound_is_never_below_the_curve_on_the_shipped_cascades(name):
+    """On a convex curve the chord from the threshold's mix to the all-light end lies above the curve, so
+    the bound never reads better than ``mean_fid`` (the shipped curves are convex)."""
+    c = load_cascade(name, resolve_profile("a100"), profiles_dir() / "cascades.yaml")
+    n = 40
+    for light in range(n + 1):
+        for fallbacks in range(1, light + 1):
+            bound = metrics.fallback_mix_fid(c, n, light, fallbacks)
+            assert bound >= float(c.fid(light / n)) - 1e-12
+            ends = float(c.fid((light - fallbacks) / n)), float(c.fid(1.0))  # the threshold's mix, all light
+            assert min(ends) - 1e-12 <= bound <= max(ends) + 1e-12
+
+
+def test_fallback_bound_in_a_simulated_run():
+    """traces/dynamic.csv on 8 GPUs with the artifact's settings, tail planning and the light fallback:
+    queries fall back, and the bound reads worse than mean_fid (as summary.json carries them both)."""
+    from diffsim.commands.simulate import load_scenario
+    from diffsim.reports.comparison import summarize_result
+    from diffsim.simulator import simulate
+
+    config, trace, name = load_scenario({"trace": "dynamic.csv", "preset": "artifact", "queue_model": "tail",
+                                         "gpus": 8, "fallback": "light"})
+    summary = summarize_result(simulate(config, trace), name)
+    assert summary["fallback_light"] > 0
+    assert summary["mean_fid_fallback_bound"] > summary["mean_fid"]
+    # A window's bound lies between its threshold's mix and all light; on this curve none is worse than all light.
+    assert summary["mean_fid_fallback_bound"] <= float(config.cascade.fid(1.0))

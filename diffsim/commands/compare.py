@@ -13,7 +13,8 @@ SLO-violation ratio, a point per run), ``sweep_gpus.png`` / ``sweep_thresholds.p
 Progress goes to stderr as runs finish: a tqdm bar with each run's line above it when stderr is a
 terminal, the plain lines otherwise (a log, a pipe), nothing with ``--quiet``. The table and the files
 carry the per-request violation ratio and its per-window mean, and the windowed FID and the FID of the
-overall mix (:mod:`diffsim.reports.metrics`).
+overall mix (:mod:`diffsim.reports.metrics`); with ``--fallback light`` also the windowed FID that does
+not flatter fallbacks (``mean_fid_fallback_bound``, after ``mean_fid``) and how many queries fell back.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import sys
 from pathlib import Path
 
 from ..reports import metrics
-from ..reports.comparison import COMPARISON_COLUMNS, RunSpec, Scenario, default_jobs, format_table, run_all
+from ..reports.comparison import (COMPARISON_COLUMNS, RunSpec, Scenario, default_jobs, format_table, run_all,
+                                  with_fallback_columns)
 from .. import limits
 from ..errors import DiffsimError
 from .args import bounded, name_list, nonempty, number_list
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise DiffsimError(f"{out}: cannot create the output folder: {e.strerror or e}") from None
     rows = [r.table_row() for r in results]
-    metrics.write_csv(out / "comparison.csv", rows, COMPARISON_COLUMNS)
+    metrics.write_csv(out / "comparison.csv", rows, with_fallback_columns(COMPARISON_COLUMNS, config.fallback))
     metrics.dump_json(
         out / "comparison.json",
         {
@@ -150,8 +152,8 @@ def run(args: argparse.Namespace) -> int:
         columns = CONSOLE_COLUMNS
         if args.sweep_thresholds:
             columns = columns[:2] + ("threshold", "pinned_share") + columns[2:]
-        if config.fallback != "none":  # deferred queries answered light, beside those not deferred
-            columns = columns + ("fallback_light",)
+        if config.fallback != "none":  # the FID that does not flatter fallbacks; how many there were
+            columns = with_fallback_columns(columns, config.fallback) + ("fallback_light",)
         print(format_table(rows, columns))
         print("wrote " + ", ".join(str(p) for p in written))
     return 0
@@ -168,9 +170,10 @@ def run_line(result) -> str:
     def fid(v) -> str:
         return "-" if v is None else f"{v:.2f}"
 
+    bound = f", with fallbacks at worst {fid(s['mean_fid_fallback_bound'])}" if "mean_fid_fallback_bound" in s else ""
     return (f"{result.spec.name}: violations {pct(s['slo_violation_ratio'])} (per-window mean "
             f"{pct(s.get('slo_violation_window_mean'))}), FID {fid(s['mean_fid'])} (overall mix "
-            f"{fid(s.get('fid_overall_mix'))}) ({s['wall_s']:.1f} s)")
+            f"{fid(s.get('fid_overall_mix'))}{bound}) ({s['wall_s']:.1f} s)")
 
 
 class Progress:

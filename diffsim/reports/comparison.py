@@ -46,6 +46,18 @@ COMPARISON_COLUMNS = (
     "plan_changes",
     "infeasible_plans",
 )
+FALLBACK_FID = "mean_fid_fallback_bound"  # runs with a light fallback only (metrics.summarize)
+
+
+def with_fallback_columns(columns: Sequence[str], fallback: str) -> tuple[str, ...]:
+    """``columns`` for a scenario whose ``fallback`` is the config's: with a light fallback, the FID
+    that does not flatter fallbacks (``mean_fid_fallback_bound``) follows ``mean_fid``; without one
+    they are unchanged (the files keep their bytes)."""
+    columns = tuple(columns)
+    if fallback == "none" or "mean_fid" not in columns:
+        return columns
+    i = columns.index("mean_fid") + 1
+    return columns[:i] + (FALLBACK_FID,) + columns[i:]
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,7 @@ def summarize_result(result, trace_name: str) -> dict:
         trace=trace_name,
         window_s=config.window_s,
         demand=result.demand,
+        fallback=config.fallback != "none",
     )
     summary["events"] = result.events
     summary["routing"] = config.routing

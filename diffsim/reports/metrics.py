@@ -21,6 +21,19 @@ Definitions
   threshold that moves, the FID of the run's overall light fraction flatters a policy whose deferral
   swings (the curve is U-shaped: windows at r = 0.2 and 0.6 do not average to the FID at 0.4); that
   figure is kept as ``fid_overall_mix``. Both are equal when one window holds every completion.
+* ``mean_fid_fallback_bound`` (only in runs with a light fallback, ``fallback: light``): ``mean_fid`` with
+  each window's fallbacks (deferred queries answered with their light image) read for what they are.
+  ``mean_fid`` reads the curve at the window's light fraction, as if the discriminator had picked every
+  light image; a fallback's light image is one it deferred, one of the *least* confident. In a window of
+  n completed cascade-mode queries, h served heavy and f fallbacks, the threshold in force deferred
+  d = (h + f) / n, whose mix has FID fid(1 - d) on the curve (r: light fraction). Which deferred queries
+  fall back depends on timing (queues, deadlines), not on their prompts, so the served images are the
+  mixture (1 - w) x [the threshold's mix] + w x [all light] with w = f / (h + f): the deferred share's
+  heavy images with a random w of them replaced by their light ones. The Frechet distance of such a
+  mixture is at most the same mixture of the two distances (proof in :func:`fallback_mix_fid`), so the
+  window reads fid(1 - d) + w x (fid(1) - fid(1 - d)): an upper bound on the FID of the mix served.
+  With no fallback in a window it is ``mean_fid``'s reading exactly; on a convex curve (every shipped
+  cascade's) it is never below it. Split-mode windows read as in ``mean_fid`` (nothing is deferred).
 * ``slo_violation_window_mean`` is the DiffServe artifact's figure: the unweighted mean over windows
   with arrivals of each window's violation ratio (by arrival time); ``slo_violation_ratio`` counts per
   request. A quiet window weighs as much as a peak one in the former.
@@ -247,11 +260,14 @@ def summarize(
     trace: str = "",
     window_s: float = 10.0,
     demand: Sequence[tuple[float, float, float]] = (),
+    fallback: bool = False,
 ) -> dict:
     """The run's headline numbers (see the module docstring for the definitions).
 
     ``window_s`` and ``demand`` (the controller's samples, which can extend the run's end) place the
     windows of ``mean_fid`` and ``slo_violation_window_mean`` exactly as :func:`timeseries` does.
+    ``fallback``: the run answered late deferred queries light (``fallback: light``); adds
+    ``mean_fid_fallback_bound`` (absent otherwise, so runs without it report what they did before).
     """
     if not window_s > 0:
         raise DiffsimError(f"window_s must be > 0, got {window_s}")
@@ -271,14 +287,15 @@ def summarize(
     cascade_mode = _cascade_mode(rec.arrival_s[done], rec.has(SCORED | DEFERRED)[done], plans)
     overall_fid, fid_source = _mix_fid(light[done], cascade_mode, cascade)
     n = window_count(rec, plans, demand, window_s)
-    fids, completions = _window_fids(_windows(rec.finished_s[done], window_s, n), light[done], cascade_mode, n, cascade)
+    finish_windows = _windows(rec.finished_s[done], window_s, n)
+    fids, completions = _window_fids(finish_windows, light[done], cascade_mode, n, cascade)
     a = _windows(rec.arrival_s, window_s, n)
     arrivals = np.bincount(a, minlength=n)
     window_violations = np.bincount(a[~done | rec.has(LATE)], minlength=n)
     busy_windows = arrivals > 0
     lat = rec.finished_s[done] - rec.arrival_s[done]  # in query order, as the mean's summation needs
     busy = float(sum(worker_busy_s))
-    return {
+    summary = {
         "cascade": cascade.name,
         "gpu": cascade.gpu,
         "slo_s": cascade.slo_s,
@@ -324,6 +341,11 @@ def summarize(
         "heavy_workers_mean": _time_weighted(plans, duration_s, lambda p: p.heavy.workers),
         "wall_s": wall_s,
     }
+    if fallback:
+        fell_back = (light & rec.has(DEFERRED))[done]
+        bound_fids, _ = _window_fids(finish_windows, light[done], cascade_mode, n, cascade, fell_back)
+        summary["mean_fid_fallback_bound"] = _weighted_mean(bound_fids, completions)
+    return summary
 
 
 def _cascade_mode(arrival_s: np.ndarray, scored: np.ndarray, plans: PlanTimeline) -> np.ndarray:
@@ -336,12 +358,47 @@ def _cascade_mode(arrival_s: np.ndarray, scored: np.ndarray, plans: PlanTimeline
     return np.array([p.mode == "cascade" for _, p in plans], dtype=bool)[at]
 
 
-def _mode_fids(light_c, n_c, light_s, n_s, cascade: Cascade) -> list[tuple[int, float, str]]:
+def fallback_mix_fid(cascade: Cascade, completed: int, light: int, fallbacks: int) -> float:
+    """An upper bound on the FID of a cascade-mode mix of ``completed`` queries, ``light`` of them served
+    light, ``fallbacks`` of those deferred queries answered with their light image (light fallback).
+
+    The model. The threshold deferred d = (completed - light + fallbacks) / completed. Its own mix (every
+    deferred query served heavy), P_0, has FID fid(1 - d) on the cascade's curve; all light, P_1, has
+    fid(1). Which deferred queries fall back depends on timing (queues, deadlines), not on their prompts,
+    so the images served are distributed as P_w = (1 - w) P_0 + w P_1, w = fallbacks / deferred: the
+    threshold's confident light images, and for the deferred prompts the heavy image or, for a random
+    share w of them, the light one.
+
+    Why it bounds the FID from above. With features of mean m and covariance S (m_R, S_R the
+    reference's), FID = |m - m_R|^2 + Tr S + Tr S_R - 2 Tr((S_R^1/2 S S_R^1/2)^1/2). For the mixture,
+    m_w = (1 - w) m_0 + w m_1 and S_w = (1 - w) S_0 + w S_1 + w (1 - w) D D^T with D = m_0 - m_1. The
+    mean term is convex in w, below its chord by exactly w (1 - w) |D|^2; Tr S_w is above its chord by
+    the same, so their sum is linear in w. The cross term is at most what it would be without the
+    w (1 - w) D D^T part (the trace of a matrix square root grows with the matrix), and that is convex
+    in w (the trace of a square root is concave), so below its chord. Hence
+    FID(P_w) <= (1 - w) fid(1 - d) + w fid(1), which is what this returns: pessimistic, for the
+    population statistics the curve was measured on (a window's few hundred images sample them, as for
+    ``mean_fid``) and for fallbacks that do not depend on the prompt. The same chord is what
+    :meth:`~diffsim.profiles.Cascade.random_mix_fid` reads for a random mix when no curve was measured.
+
+    With no fallback it is ``cascade.fid(light / completed)``, the curve at the light fraction, exactly.
+    """
+    if not fallbacks:
+        return float(cascade.fid(light / completed))
+    if not 0 < fallbacks <= light <= completed:
+        raise ValueError(f"{fallbacks} fallbacks among {light} served light of {completed} completed")
+    threshold_mix = float(cascade.fid((light - fallbacks) / completed))
+    share = fallbacks / (completed - light + fallbacks)  # of the deferred queries, those served light
+    return threshold_mix + share * (float(cascade.fid(1.0)) - threshold_mix)
+
+
+def _mode_fids(light_c, n_c, light_s, n_s, cascade: Cascade, fallback_c: int = 0) -> list[tuple[int, float, str]]:
     """(completed, FID, mode) of each mode that served something: cascade mode reads the cascade's curve
-    at its light fraction, split mode the random-mix line."""
+    at its light fraction (with ``fallback_c`` fallbacks among its light, :func:`fallback_mix_fid`'s
+    bound), split mode the random-mix line."""
     parts = []
     if n_c:
-        parts.append((n_c, float(cascade.fid(light_c / n_c)), "cascade"))
+        parts.append((n_c, fallback_mix_fid(cascade, n_c, light_c, fallback_c), "cascade"))
     if n_s:
         parts.append((n_s, float(cascade.random_mix_fid(light_s / n_s)), "split"))
     return parts
@@ -359,18 +416,20 @@ def _mix_fid(light: np.ndarray, cascade_mode: np.ndarray, cascade: Cascade) -> t
     return sum(n * fid for n, fid, _ in parts) / sum(n for n, _, _ in parts), "mixed"
 
 
-def _window_fids(window: np.ndarray, light: np.ndarray, cascade_mode: np.ndarray, n: int,
-                 cascade: Cascade) -> tuple[list[Optional[float]], list[int]]:
+def _window_fids(window: np.ndarray, light: np.ndarray, cascade_mode: np.ndarray, n: int, cascade: Cascade,
+                 fell_back: Optional[np.ndarray] = None) -> tuple[list[Optional[float]], list[int]]:
     """Each of ``n`` windows' served-mix FID (None: nothing completed) and completions, given each
-    completed query's window (by finish), served light, and cascade mode."""
+    completed query's window (by finish), served light, and cascade mode; with ``fell_back`` (which of
+    them were deferred and answered light), cascade mode's FID is :func:`fallback_mix_fid`'s bound."""
     def count(where: np.ndarray) -> list[int]:
         return np.bincount(window[where], minlength=n).tolist()
 
     light_c, n_c = count(light & cascade_mode), count(cascade_mode)
     light_s, n_s = count(light & ~cascade_mode), count(~cascade_mode)
+    fallback_c = count(fell_back & cascade_mode) if fell_back is not None else [0] * n
     fids: list[Optional[float]] = []
     for w in range(n):
-        parts = _mode_fids(light_c[w], n_c[w], light_s[w], n_s[w], cascade)
+        parts = _mode_fids(light_c[w], n_c[w], light_s[w], n_s[w], cascade, fallback_c[w])
         fids.append(sum(c * fid for c, fid, _ in parts) / (n_c[w] + n_s[w]) if parts else None)
     return fids, [c + s for c, s in zip(n_c, n_s)]
 
