@@ -40,6 +40,7 @@ def test_a_deferred_query_the_heavy_worker_would_finish_late_gets_its_light_imag
         held = workers[1].waiting
         gate.set()
         answers = await pending
+        assert engine.snapshot()["fallback"] == "light"  # what diffsim load reads (its summary's FID bound)
         await engine.stop()
         return engine, answers, now, held
 

@@ -141,6 +141,10 @@ def test_outcomes_and_deferrals_come_from_every_answer_and_client_errors_apart()
     assert summary["deferred"] == 10  # five served heavy, five dropped after deferral
     assert summary["dropped"] == 5 and summary["rejected"] == 5 and summary["failed"] == 0
     assert summary["unfinished"] == 5  # no answer: not a server outcome
+    assert "mean_fid_fallback_bound" not in summary  # a server without the light fallback (its /v1/plan says so)
+    result.server = {**result.server, "fallback": "light"}
+    with_fallback, _ = summary_and_rows(result, _cascade(), trace_name="mixed")
+    assert with_fallback["mean_fid_fallback_bound"] >= with_fallback["mean_fid"]
 
     report = client_report(result)
     assert report["requests"] == n and report["answered"] == 20

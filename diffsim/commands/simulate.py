@@ -224,6 +224,11 @@ def format_summary(s: dict) -> str:
         f"{_pct(s.get('slo_violation_window_mean'))} per window on average; SLO {s['slo_s']:g} s)",
         f"  FID of served mix   {_num(s['mean_fid'], '.2f')} per window, {_num(s.get('fid_overall_mix'), '.2f')} "
         f"at the run's overall light fraction  ({s['fid_source']})",
+    ]
+    if "mean_fid_fallback_bound" in s:  # runs with a light fallback: the reading that does not flatter it
+        lines.append(f"  FID, fallbacks      {_num(s['mean_fid_fallback_bound'], '.2f')} per window at most "
+                     f"({s.get('fallback_light', 0)} deferred queries answered light)")
+    lines += [
         f"  light-served        {_pct(s['light_fraction'])} of completed; deferred {_pct(s['deferral_fraction'])} of requests",
         f"  latency p50 / p99   {_num(s['latency_p50_s'])} s / {_num(s['latency_p99_s'])} s",
         f"  throughput          {_num(s['throughput_qps'], '.2f')} qps over {_num(s['duration_s'], '.1f')} s",

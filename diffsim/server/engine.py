@@ -539,6 +539,7 @@ class Engine:
             "routing": self.config.routing,
             "gpus": self.config.gpus,
             "swap": self.config.swap,
+            "fallback": self.config.fallback,
             "controller": {
                 "ticks": self.controller.ticks,
                 "rate_qps": self.controller.rate_qps,

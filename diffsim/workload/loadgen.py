@@ -416,6 +416,7 @@ def summary_and_rows(result: LoadResult, cascade: Cascade, *, trace_name: str, w
         trace=trace_name,
         window_s=window_s,
         demand=result.demand,
+        fallback=server.get("fallback", "none") != "none",  # the FID that does not flatter light fallbacks
     )
     summary["events"] = None  # a real run has no simulator events
     summary["routing"] = server.get("routing")
