@@ -213,8 +213,7 @@ class RunConfig:
             raise SettingError("fallback", f"must be one of {', '.join(FALLBACKS)}, got {self.fallback!r}")
         if self.queue_model is not None and self.queue_model not in QUEUE_MODELS:
             raise SettingError("queue_model", f"must be one of {', '.join(QUEUE_MODELS)}, got {self.queue_model!r}")
-        if not (isinstance(self.tail_quantile, float) and 0 < self.tail_quantile < 1):
-            raise SettingError("tail_quantile", f"must lie in (0, 1), got {self.tail_quantile!r}")
+        _within("tail_quantile", self.tail_quantile, limits.QUANTILE)
         _within("seed", self.seed, limits.SEED)
         if self.routing not in ROUTING_KINDS:
             raise SettingError("routing", f"must be one of {', '.join(ROUTING_KINDS)}, got {self.routing!r}")
@@ -347,7 +346,7 @@ class ConfigFile(_Strict):
     deadline_sweep_s: Optional[float] = _bounded(limits.SECONDS)
     preset: Optional[_Name] = None
     queue_model: Optional[Literal["little", "mean", "tail"]] = None
-    tail_quantile: Optional[float] = Field(default=None, gt=0, lt=1)
+    tail_quantile: Optional[float] = _bounded(limits.QUANTILE)
     fallback: Optional[Literal["none", "light"]] = None
     demand: Optional[Literal["arrival", "in-system"]] = None
 

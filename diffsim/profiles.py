@@ -161,7 +161,14 @@ class BatchTimeContention(_Strict):
     event loop too, in one server process) slow each other down. ``factors[k - 1]``: the multiplier of
     the latency tables' times for a batch that starts while k workers (itself included) are running; a
     k past the list takes its last factor (``diffsim validate`` measures them from a run's batches,
-    normalised so that the run's own mix of k keeps the tables' times)."""
+    normalised so that the run's own mix of k keeps the tables' times).
+
+    ``idle_gaps_s`` / ``idle_factors`` (optional, together): for a batch that starts with no other worker
+    running, the factor by how long the host had been idle before it -- ``idle_factors[i]`` from
+    ``idle_gaps_s[i]`` seconds on (ascending, the first 0) -- in place of the first factor. A host kept
+    busy runs faster than one woken from idle (CPU and GPU clocks, caches, thread pools that went to
+    sleep): on a 2-core host back-to-back batches ran at 0.53-0.80x their profile time in bursty runs,
+    batches after 0.1-0.5 s of idle at 1.01-1.38x."""
 
     factors: list[float] = Field(min_length=1, max_length=limits.JOBS.hi)
 
@@ -172,11 +179,6 @@ class BatchTimeContention(_Strict):
             raise ValueError(f"factors must lie in (0, 100], got {v}")
         return v
 
-    # A batch that starts with no other worker running: factors by how long the host had been idle
-    # before it, from ``idle_gaps_s[i]`` on (ascending, the first 0), in place of the first factor. A
-    # host kept busy runs faster than one woken from idle (CPU and GPU clocks, caches, thread pools that
-    # went to sleep): on a 2-core host back-to-back batches ran at 0.53-0.80x their profile time in
-    # bursty runs, batches after 0.1-0.5 s of idle at 1.01-1.38x.
     idle_gaps_s: Optional[list[float]] = Field(default=None, min_length=1, max_length=16)
     idle_factors: Optional[list[float]] = Field(default=None, min_length=1, max_length=16)
 

@@ -254,7 +254,8 @@ def simulate(
     times = ServiceTimeModel(cascade, config.service_time, config.seed)
     cold = [cascade.overheads.cold_start_s] * config.gpus  # each worker's first batch takes this much longer
     # With sampled times and a contention profile, a batch time is scaled by how many workers run batches
-    # at its start (as the profile's batch_time_contention says; the fixed-time simulator keeps p50s).
+    # at its start and, for a batch that runs alone, by how long the host had been idle (as the profile's
+    # batch_time_contention says; the fixed-time simulator keeps p50s).
     contention = cascade.batch_time_contention if config.service_time == "sampled" else None
     busy = [0]  # workers running a batch (counted only with a contention profile)
     last_end = [-math.inf]  # when the last batch ended (the host's idle time before a batch that runs alone)

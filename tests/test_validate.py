@@ -275,8 +275,19 @@ def test_contention_profile_fields_are_validated():
             BatchTimeContention(**bad)
 
 
+def _described_a100() -> dict:
+    """What GET /v1/config says of a 2-worker diffserve server on the A100 profile (no server started)."""
+    from test_engine import FakeWorker
+
+    from diffsim.server.engine import Engine, EngineConfig
+    from sim_helpers import a100_cascade
+
+    return Engine(EngineConfig(cascade=a100_cascade(), gpus=2, policy="diffserve"), [FakeWorker(0), FakeWorker(1)]).describe()
+
+
 def test_the_simulator_scales_batches_that_run_alone_by_the_host_s_idle_time():
-    """One worker: the first batch after idle (2x), the next back to back (0.5x), one after 9.75 s (2x)."""
+    """One worker: the first batch after idle (2x), the next back to back (0.5x), one after 9.75 s (2x);
+    and the idle classes reach the simulation validate makes of a run."""
     import dataclasses
 
     from diffsim.config import SimConfig
@@ -284,11 +295,20 @@ def test_the_simulator_scales_batches_that_run_alone_by_the_host_s_idle_time():
     from diffsim.simulator import simulate
     from sim_helpers import a100_cascade
 
-    contention = BatchTimeContention(factors=[1.0], idle_gaps_s=[0.0, 1.0], idle_factors=[0.5, 2.0])
+    # idle time counted from the last batch's end: the second batch starts 0 s after the first ended
+    # (0.2 s after it started, which would fall in the second class)
+    contention = BatchTimeContention(factors=[1.0], idle_gaps_s=[0.0, 0.15], idle_factors=[0.5, 2.0])
     cascade = dataclasses.replace(a100_cascade(), batch_time_contention=contention)
     trace = Trace(arrival_s=np.array([0.0, 0.15, 10.0]), prompt_id=np.arange(3))
     result = simulate(SimConfig(cascade=cascade, gpus=1, policy="clipper-light", seed=0, service_time="sampled"), trace)
     assert [q.service_s for q in result.queries] == pytest.approx([0.2, 0.05, 0.2], rel=1e-12)
+    # validate passes every fitted field on to the profile it simulates with
+    from diffsim.commands.validate import sim_config_from
+
+    described = json.loads(json.dumps(_described_a100()))
+    fitted = {"factors": [0.8, 1.2], "idle_gaps_s": [0.0, 0.15], "idle_factors": [0.5, 2.0], "batches": {1: 40, 2: 40}}
+    simulated = sim_config_from(described, service_time="sampled", contention=fitted).cascade.batch_time_contention
+    assert (simulated.factors, simulated.idle_gaps_s, simulated.idle_factors) == ([0.8, 1.2], [0.0, 0.15], [0.5, 2.0])
 
 
 def test_the_simulator_scales_drawn_batch_times_by_the_workers_running():
@@ -605,3 +625,12 @@ def test_validate_bad_arguments_give_one_line(tmp_path, capsys, argv, message):
     rc = cli.main(["validate", *argv, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_batch_overlapping_the_last_on_one_worker_is_not_idle():
+    """With one worker a batch that starts before the last one ended (on the client's clock) is counted
+    alone (at most gpus) but back to back: idle 0, not the time since the batch before."""
+    from diffsim.commands.validate import batch_contention
+
+    states = batch_contention({"light": [(1, 1.0, 0.1, 0.0), (1, 1.0, 0.1, 5.0), (1, 1.0, 0.1, 5.99)], "heavy": []}, 1)
+    assert states == {("light", 0): (1, math.inf), ("light", 1): (1, 4.0), ("light", 2): (1, 0.0)}

@@ -22,8 +22,9 @@
      the profile as it is); batch times are drawn around
      p50 by p95 / p99 with ``--service-time sampled`` (the default), correlated from one batch to the
      next as the run's were (slow spells of a shared host: the profile's batch_time_correlation), and
-     scaled by the host's state at each batch's start as the run's were: the workers running at once, and for a batch that runs alone how long the host had been
-     idle (batch_time_contention, :func:`measured_contention`);
+     scaled by the host's state at each batch's start as the run's were: the workers running at once,
+     and for a batch that runs alone how long the host had been idle (batch_time_contention,
+     :func:`measured_contention`);
    * with the run's request overhead (client latency minus the server's own time for the request: p50,
      p95 and p99, each request's drawn from a log-normal fitted to them with ``--service-time sampled``);
    * with the per-prompt confidences the server reported and every setting it described (admission and
@@ -137,7 +138,8 @@ def sim_config_from(described: dict, *, service_time: str, overhead=None, ratio=
     batch times as one run measured them (``spread``, see :func:`calibrated_profile`), or scaled by
     ``ratio`` per stage (:func:`scaled_profile`); its request overhead replaced by ``overhead``, the
     ``overheads`` fields of :func:`request_overhead_ms`; its ``batch_time_correlation`` set to
-    ``correlation`` (:func:`measured_correlation`) where given."""
+    ``correlation`` (:func:`measured_correlation`) and its ``batch_time_contention`` to ``contention``
+    (:func:`measured_contention`) where given."""
     from ..config import ControllerConfig, SimConfig
     from ..profiles import CascadesFile, GpuProfile, build_cascade
 
@@ -238,7 +240,7 @@ def request_overhead_ms(runs) -> dict:
 
 
 BATCH_WINDOW_S = 2.0  # batch-mates' (arrival + queueing) on the client's clock lie this close at most
-MIN_BATCHES = 20  # a stage's measured spread is used from this many rebuilt batches on
+MIN_BATCHES = 20  # a stage's measured spread, and a host state's factor, is fitted from this many rebuilt batches on
 
 
 def rebuilt_batches(queries, cascade) -> dict:
@@ -284,7 +286,9 @@ def batch_contention(batches: dict, gpus: int) -> dict:
     """Per rebuilt batch (``batches`` as :func:`rebuilt_batches` gives them; keyed ``(role, index)``),
     ``(running, idle_s)``: how many workers were running batches when it started, itself included (its
     run overlaps counted on the client's clock, at most ``gpus``), and, when it ran alone, how long
-    before its start the last batch had ended (the host's idle time; 0 otherwise)."""
+    before its start the last batch had ended (the host's idle time; 0 otherwise, inf for the first
+    batch). Batches that start at the same instant count each other, where the simulator, starting them
+    in turn, counts the first alone: on a real client's clock (microseconds) starts do not tie."""
     import math
 
     import numpy as np
@@ -295,9 +299,10 @@ def batch_contention(batches: dict, gpus: int) -> dict:
     for role, bs in batches.items():
         for i, (_, _, _, start) in enumerate(bs):
             ended = int(np.searchsorted(ends, start, side="right"))
-            running = min(max(int(np.searchsorted(starts, start, side="right")) - ended, 1), gpus)
-            idle_s = (max(float(start - ends[ended - 1]), 0.0) if ended else math.inf) if running == 1 else 0.0
-            out[(role, i)] = (running, idle_s)
+            # itself included; more than gpus where runs overlap on the client's clock
+            running = int(np.searchsorted(starts, start, side="right")) - ended
+            idle_s = (float(start - ends[ended - 1]) if ended else math.inf) if running <= 1 else 0.0
+            out[(role, i)] = (min(max(running, 1), gpus), idle_s)
     return out
 
 
@@ -308,10 +313,11 @@ def measured_contention(queries, cascade, gpus: int) -> Optional[dict]:
     workers running, and for a batch that ran alone the class of the host's idle time before it
     (:data:`IDLE_GAPS_S`) -- by Tukey's median polish (batch size and state go together: batches grow
     when every worker is busy). States with fewer than :data:`MIN_BATCHES` batches take the nearest
-    count's factor below, else above (an idle class, the alone count's); the factors are the
-    exponentials of the state effects. :func:`measured_spread` and :func:`measured_correlation` then take the batches' times divided by
-    their factors, so that the simulator's draws, times the factor of the state, have the run's
-    distribution. None where fewer than two states have enough batches (nothing to tell apart)."""
+    count's factor below, else above (an idle class, the alone count's), and their batches inform no
+    batch-size effect; the factors are the exponentials of the state effects. :func:`measured_spread`
+    and :func:`measured_correlation` then take the batches' times divided by their factors, so that the
+    simulator's draws, times the factor of the state, have the run's distribution. None where fewer
+    than two states have enough batches (nothing to tell apart)."""
     import math
 
     import numpy as np
@@ -334,16 +340,17 @@ def measured_contention(queries, cascade, gpus: int) -> Optional[dict]:
     groups = sorted(set(group))
     g_index = np.array([groups.index(g) for g in group])
     size_effect, state_effect = np.zeros(len(groups)), np.zeros(len(names))
+    fitted_state = np.isin(s_index, enough)  # a sparse state's batches (no effect of their own) inform no size
     for _ in range(20):
         for j in range(len(groups)):
-            size_effect[j] = np.median((logs - state_effect[s_index])[g_index == j])
+            in_group = g_index == j
+            use = in_group & fitted_state if (in_group & fitted_state).any() else in_group
+            size_effect[j] = np.median((logs - state_effect[s_index])[use])
         for j in enough:
             state_effect[j] = np.median((logs - size_effect[g_index])[s_index == j])
     alone = counts == 1
     levels = sorted({k for k in range(2, gpus + 1) if (counts == k).sum() >= MIN_BATCHES}
                     | ({1} if alone.sum() >= MIN_BATCHES else set()))
-    if not levels:
-        return None
 
     def level_effect(k: int) -> float:
         """The effect of k workers running (k = 1: the alone batches together, whatever their idle time)."""
@@ -372,27 +379,6 @@ def _state(running: int, idle_s: float) -> tuple[int, Optional[int]]:
     if running > 1:
         return running, None
     return 1, bisect.bisect_right(IDLE_GAPS_S, idle_s) - 1
-
-
-def _state(running: int, idle_s: float) -> tuple[int, Optional[int]]:
-    """A batch's start state for the fit: ``(running, None)``, or ``(1, idle class)`` when it ran alone."""
-    import bisect
-
-    if running > 1:
-        return running, None
-    return 1, bisect.bisect_right(IDLE_GAPS_S, idle_s) - 1
-
-
-def _residual_sigma(residuals) -> float:
-    """The log-normal sigma of log residuals, fitted to their p95 and p99 about their median."""
-    import math
-
-    import numpy as np
-
-    from ..runtime.service_time import lognormal_sigma
-
-    p50, p95, p99 = np.percentile(residuals, [50, 95, 99])
-    return lognormal_sigma(1.0, math.exp(p95 - p50), math.exp(p99 - p50))
 
 
 def _decontended(queries, cascade, contention: Optional[dict], gpus: int) -> dict:
