@@ -383,6 +383,7 @@ def simulate(
                 for target in dispatcher.remove_worker(w, now, batch):
                     if waiting[target] is not None:
                         wake(target)
+            check_done()  # with the light fallback a loss can answer the last queries
             fault_log.append((now, tuple(fault.workers), fault.recover))
         next_fault[0] = float("inf")
 

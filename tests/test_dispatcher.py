@@ -137,3 +137,50 @@ def test_admission_with_the_fallback_predicts_the_light_path_only():
             d._place(Query(i, i, 0.0, 5.0), "heavy", 0.0)  # not deferred: queued whatever the fallback
         assert len(d.queues[1]) == 40
         assert predict(d, ["light"], 0.0, 5.0, 1.5).accept is accept
+
+
+def test_a_lost_worker_s_deferred_queries_are_judged_where_they_are_put_back():
+    """Two heavy workers, SLO 3.5 s (the second query's 6 s). The deferred query running on the lost worker
+    goes back to the front of the other, whose own batch runs until 3.58 s: its heavy image could not come
+    before 5.36 s, so it is answered light when the worker is lost (1.9 s), on time -- not at 3.58 s, late,
+    when that worker frees."""
+    cascade = a100_cascade()
+    d = Dispatcher(cascade, 3, router=Router("least-loaded", np.random.default_rng(0)), seed=0, fallback="light")
+    d.apply_plan(fixed_plan(cascade, 1, 2, 4, 1, 0.5), 0.0, preloaded=True)
+    queries = [Query(i, i, 0.0, 6.0 if i == 1 else 3.5) for i in range(4)]
+    for query in queries:
+        d.admit(query, 0.0)
+    light, _ = d.take_batch(0, 0.0)
+    d.complete_batch(light, LIGHT_4, [0.0] * 4)
+    assert d.fallbacks == 2  # the third and fourth, second on a heavy worker, would end at 3.80 s
+    lost = next(w for w in (1, 2) if d.queues[w] and d.queues[w][0] is queries[0])
+    other = 3 - lost
+    running, _ = d.take_batch(lost, LIGHT_4)
+    assert running.queries == [queries[0]]
+    held, _ = d.take_batch(other, 1.8)  # ends at 3.58 s
+    assert held.queries == [queries[1]]
+    d.remove_worker(lost, 1.9, running=running)
+    assert queries[0].outcome == "completed" and queries[0].served_by == "light"
+    assert queries[0].finished_s == 1.9 and not queries[0].late and d.fallbacks == 3
+    assert not d.queues[other]
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_the_fallback_counts_the_answer_overhead_drawn_or_not(sampled):
+    """An answer takes 0.5 s beyond its batch (a constant, or drawn per answer with that median): with a
+    4 s SLO the second deferred query's heavy image would reach its client at 3.80 + 0.5 = 4.30 s, late, so
+    it is answered light at once either way."""
+    from diffsim.runtime.service_time import LogNormalDraws
+
+    overhead = LogNormalDraws(0.5, 0.2, np.random.default_rng(1)) if sampled else 0.5
+    cascade = a100_cascade()
+    d = Dispatcher(cascade, 2, router=Router("random", np.random.default_rng(0)), seed=0, fallback="light",
+                   answer_overhead_s=overhead)
+    d.apply_plan(fixed_plan(cascade, 1, 1, 4, 1, 0.5), 0.0, preloaded=True)
+    queries = [Query(i, i, 0.0, 4.0) for i in range(2)]
+    for query in queries:
+        d.admit(query, 0.0)
+    light, _ = d.take_batch(0, 0.0)
+    d.complete_batch(light, LIGHT_4, [0.0] * 2)
+    assert list(d.queues[1]) == queries[:1]
+    assert queries[1].served_by == "light" and d.fallbacks == 1

@@ -32,7 +32,10 @@ def test_a_deferred_query_the_heavy_worker_would_finish_late_gets_its_light_imag
     (before any deadline sweep, at 0.1 s). Then the gate opens and the first four get their heavy images."""
 
     async def scenario():
+        from diffsim.server.prometheus import ServerMetrics
+
         engine, gate, workers = engine_with_a_held_heavy_worker("light")
+        metrics = ServerMetrics(engine)
         await engine.start()
         pending = asyncio.ensure_future(engine.generate([f"p{i}" for i in range(6)], [0] * 6))
         await wait_until(lambda: engine.fallback_light == 2, "the two late deferred queries are answered")
@@ -40,7 +43,10 @@ def test_a_deferred_query_the_heavy_worker_would_finish_late_gets_its_light_imag
         held = workers[1].waiting
         gate.set()
         answers = await pending
-        assert engine.snapshot()["fallback"] == "light"  # what diffsim load reads (its summary's FID bound)
+        snapshot = engine.snapshot()
+        assert snapshot["fallback"] == "light"  # what diffsim load reads (its summary's FID bound)
+        assert snapshot["fallback_light"] == 2
+        assert "diffsim_fallback_light_total 2.0" in metrics.render().decode()
         await engine.stop()
         return engine, answers, now, held
 

@@ -221,6 +221,12 @@ def test_a_completed_answer_fills_the_record():
     assert _record(q, 200, body, 0.7) == pytest.approx(0.7)
     assert q.outcome == "completed" and q.late and q.served_by == "heavy" and q.deferred
     assert q.stages == ["light", "heavy"] and q.queue_s == pytest.approx(0.1) and q.service_s == pytest.approx(0.3)
+    # a deferred query answered with its light image (the light fallback) never ran on the heavy model
+    fallback = Query(1, 2, 0.0, 0.5)
+    body = {"data": [{"b64_json": "", "model": "sd-turbo", "served_by": "light", "confidence": 0.1,
+                      "deferred": True, "queue_ms": 10.0, "run_ms": 30.0, "total_ms": 60.0}]}
+    _record(fallback, 200, body, 0.06)
+    assert fallback.served_by == "light" and fallback.deferred and fallback.stages == ["light"]
 
 
 def test_an_error_answer_still_counts_what_the_server_says_of_the_query():

@@ -98,7 +98,7 @@ def predict(d: "Dispatcher", first_stages: Sequence[str], now: float, slo_s: flo
             continue
         ahead = queued[role] + extra[role] - 1
         done = _stage_completion(d, role, ahead, now)
-        if role == "light" and plan.mode == "cascade" and plan.deferral_fraction > 0 and d.fallback != "light":
+        if role == "light" and plan.mode == "cascade" and plan.deferral_fraction > 0 and not d.light_fallback:
             # A deferred query reaches the heavy stage when its light batch ends, behind the heavy queue
             # and the share of the light work ahead of it that will be deferred first.
             light_ahead = ahead + sum(d.inflight[w] for w in d.stage_workers["light"])

@@ -113,6 +113,10 @@ class Dispatcher:
             self.answer_overhead_s, self._draw_overhead = 0.0, answer_overhead_s
         else:
             self.answer_overhead_s, self._draw_overhead = answer_overhead_s, None
+        # The answer time the light fallback promises on: the constant, or the drawn overheads' median
+        # (a sampled overhead is drawn per answer, after the decision).
+        self._answer_promise_s = (getattr(answer_overhead_s, "median_s", 0.0) if callable(answer_overhead_s)
+                                  else answer_overhead_s)
         # The batch-time estimates batches, drops and admission are judged by: the cascade's profile (or
         # ``estimates_from``, another one: the server's, in validate), learnt from measured times.
         self.service = ServiceTimes(estimates_from or cascade, limit_s=self.limit_s)
@@ -131,8 +135,7 @@ class Dispatcher:
         self.stage_workers: dict[str, list[int]] = {"light": [], "heavy": []}
         self.backlog: dict[str, deque[Query]] = {"light": deque(), "heavy": deque()}
         self.finished = 0
-        self.fallback = fallback
-        self._fallback = fallback == "light"
+        self.light_fallback = fallback == "light"  # late deferred queries get their light image
         self.fallbacks = 0  # deferred queries answered with their light image (fallback "light")
         self._loads = _Loads(self.queues, self.inflight)
         # Least-loaded routing's index of worker loads; kept current by _load_changed and _stages_changed.
@@ -166,7 +169,7 @@ class Dispatcher:
 
     def _place(self, query: Query, role: Role, now: float, front: bool = False) -> Optional[int]:
         workers = self.stage_workers[role]
-        judge = self._fallback and query.deferred and role == "heavy"
+        judge = self.light_fallback and query.deferred and role == "heavy"
         if judge and not workers:  # no heavy worker now: its heavy image cannot be counted on in time
             self._fall_back(query, now)
             return None
@@ -177,11 +180,12 @@ class Dispatcher:
                 self.backlog[role].append(query)
             return None
         w = self._index.least_loaded(role) if self._index is not None else self.router.choose(workers, self._loads)
-        if judge and not front:
-            b, _, times = self._stage_settings[role]
-            queue = self.queues[w]
-            if finish_s(self._free_at(w, now), len(queue), len(queue) + 1, b, self._promise_s) \
-                    + self.answer_overhead_s > query.deadline_s:
+        if judge:
+            # its place: the back of the queue, or the front for a lost batch's queries put back
+            b, queue = self._stage_settings[role][0], self.queues[w]
+            position = 0 if front else len(queue)
+            if finish_s(self._free_at(w, now), position, len(queue) + 1, b, self._promise_s) \
+                    + self._answer_promise_s > query.deadline_s:
                 self._fall_back(query, now)
                 return None
         if front:
@@ -210,8 +214,8 @@ class Dispatcher:
             if retry is not None:
                 return None, retry
         late = ()
-        if self._fallback and role == "heavy":
-            late = late_deferred(queue, now, b, self._promise_s, self.answer_overhead_s)
+        if self.light_fallback and role == "heavy":
+            late = late_deferred(queue, now, b, self._promise_s, self._answer_promise_s)
             for q in late:
                 self._fall_back(q, now)
         batch, dropped = form_batch(queue, now, b, times.__getitem__, self.limit_s)
@@ -486,9 +490,9 @@ class Dispatcher:
             role = self.roles[w]
             if not queue or role is None:
                 continue
-            if self._fallback and role == "heavy":
-                b, _, times = self._stage_settings[role]
-                late = late_deferred(queue, self._free_at(w, now), b, self._promise_s, self.answer_overhead_s)
+            if self.light_fallback and role == "heavy":
+                b = self._stage_settings[role][0]
+                late = late_deferred(queue, self._free_at(w, now), b, self._promise_s, self._answer_promise_s)
                 for q in late:
                     self._fall_back(q, now)
                 if late:

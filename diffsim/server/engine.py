@@ -564,6 +564,7 @@ class Engine:
             "outcomes": dict(self.outcomes),
             "late": self.late,
             "violations": self.violations,
+            "fallback_light": self.fallback_light,  # deferred queries answered with their light image
             "draining": self.draining,
         }
 

@@ -37,6 +37,8 @@ class ServerMetrics:
         self.late = Counter("diffsim_late", "Queries completed after the SLO", registry=r)
         self.deferred = Counter("diffsim_deferred", "Queries deferred from the light to the heavy model",
                                 registry=r)
+        self.fallback_light = Counter("diffsim_fallback_light", "Deferred queries answered with their light "
+                                      "image (the light fallback: the heavy one would have been late)", registry=r)
         self.served = Counter("diffsim_served", "Completed queries by the stage that served them", ["stage"],
                               registry=r)
         self.latency = Histogram("diffsim_query_latency_seconds", "Arrival to answer of completed queries",
@@ -97,6 +99,8 @@ class ServerMetrics:
             self.late.inc()
         if q.deferred:
             self.deferred.inc()
+            if q.outcome == "completed" and q.served_by == "light":
+                self.fallback_light.inc()
         if q.outcome == "completed":
             stage = q.served_by or "light"
             self.served.labels(stage).inc()

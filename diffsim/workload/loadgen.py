@@ -343,7 +343,8 @@ def _record(q: Query, status: int, body, now: float, text: str = "") -> Optional
             q.finish("failed", now, error="HTTP 200 without an image in the body")
             return total_ms / 1e3 if total_ms is not None else None
         served_by = served_by or ("heavy" if q.deferred else "light")
-        q.stages = ["light", "heavy"] if q.deferred else [served_by]
+        # a deferred query served light (the light fallback) never ran on the heavy model
+        q.stages = ["light", "heavy"] if q.deferred and served_by != "light" else [served_by]
         q.finish("completed", now, served_by)
     else:
         q.stages = ["light", "heavy"] if q.deferred else ([served_by] if served_by else [])
