@@ -79,3 +79,29 @@ def test_without_the_fallback_the_same_queries_wait_for_the_heavy_model():
     assert fallbacks == 0 and engine.fallback_light == 0
     # the gate opens at once, and the batches (no time on the fake worker) finish every one in time
     assert [a.query.served_by for a in answers] == ["heavy"] * 6 and [a.model for a in answers] == ["sd-v1.5"] * 6
+
+
+def test_a_failed_heavy_batch_answers_its_deferred_queries_light_with_the_fallback():
+    """The heavy worker's executor raises: with the light fallback its deferred queries get the light images
+    their light batch made (completed, on time, not failed); without it they fail, as any failed batch's."""
+    from test_engine import FakeWorker, make_engine
+
+    def scenario(fallback):
+        async def go():
+            heavy_fails = lambda job: job.role == "heavy"  # noqa: E731
+            workers = [FakeWorker(0), FakeWorker(1, fail=heavy_fails)]
+            engine = make_engine(plan=static(1.0, 1, 1, lb=4, hb=4), workers=workers, gpus=2, fallback=fallback)
+            await engine.start()
+            answers = await engine.generate(["a", "b"], [1, 2])
+            await engine.stop()
+            return engine, answers
+        return run(go())
+
+    engine, answers = scenario("light")
+    for a in answers:
+        q = a.query
+        assert q.outcome == "completed" and q.deferred and q.served_by == "light" and not q.late
+        assert a.png == f"light:{q.prompt}".encode() and a.model == "sd-turbo"
+    assert engine.failed_batches == 1 and engine.fallback_light == 2 and engine.outcomes["failed"] == 0
+    engine, answers = scenario("none")
+    assert [a.query.outcome for a in answers] == ["failed"] * 2 and all(a.png is None for a in answers)

@@ -25,7 +25,8 @@ With ``fallback="light"`` a deferred query is never left waiting for a heavy ima
 and served by ``light`` (:attr:`Dispatcher.fallbacks` counts them), when it is deferred to a heavy
 worker (or a stage with no worker) that could not finish it by its SLO deadline, when a heavy batch is
 formed, and at the deadline sweep (:meth:`Dispatcher.expire_queued`). It is one rule in every placement
-of a deferred query, so a query moved by a new plan or a lost worker is judged the same way. Heavy batch
+of a deferred query, so a query moved by a new plan or a lost worker is judged the same way. A heavy
+batch whose executor raises answers its deferred queries light too (:meth:`Dispatcher.fail_batch`). Heavy batch
 times are judged by the cautious estimate admission promises on
 (:meth:`~diffsim.runtime.batching.ServiceTimes.cautious`): a heavy image that comes late is a violation,
 one served light is not.
@@ -307,12 +308,17 @@ class Dispatcher:
         return t
 
     def fail_batch(self, batch: Batch, now: float, error: str, *, run_s: Optional[float] = None) -> None:
-        """A batch raised: each of its queries ends ``failed`` with ``error``; the worker is freed as by
-        :meth:`complete_batch` (``run_s`` as there) and takes its next batch."""
+        """A batch raised: each of its queries ends ``failed`` with ``error`` -- but with fallback ``light``
+        a deferred query of a heavy batch is answered with the light image it has (it lost only its heavy
+        one); the worker is freed as by :meth:`complete_batch` (``run_s`` as there) and takes its next batch."""
         self._free(batch, now, batch.service_s if run_s is None else run_s)
         for q in batch.queries:
-            q.finish("failed", now, error=error)
-        self.finished += len(batch.queries)
+            if self.light_fallback and batch.role == "heavy" and q.deferred:
+                q.enqueued_s = now  # its wait and the failed batch are booked already (queue, service)
+                self._fall_back(q, now)
+            else:
+                q.finish("failed", now, error=error)
+                self.finished += 1
 
     def _free(self, batch: Batch, now: float, run_s: float) -> None:
         """The batch is over: book its time, free its worker, start a swap that waited for it."""
