@@ -121,7 +121,7 @@ def highest_deferring_demand(url: str, capacity: float, step: float = 0.25) -> f
     best = 0.0
     for k in range(1, int(capacity / step) + 1):
         plan = policy.plan(PolicyInput(demand_qps=k * step, queue_delay_s=(0.0, 0.0), gpus=config.gpus))
-        if plan.feasible and plan.heavy.workers > 0 and config.cascade.deferral(plan.threshold) > 0:
+        if plan.feasible and plan.heavy.workers > 0 and plan.deferral_fraction > 0:
             best = k * step
     return best
 

@@ -155,20 +155,27 @@ class BatchTimeCorrelation(_Strict):
     rho: float = Field(ge=0, le=0.999)
 
 
+def idle_class(gaps_s, idle_s: float) -> int:
+    """The class of a host idle time: the index of the last of ``gaps_s`` (ascending, the first 0) at or
+    below ``idle_s`` (:class:`BatchTimeContention`'s idle classes)."""
+    return bisect.bisect_right(gaps_s, idle_s) - 1
+
+
 class BatchTimeContention(_Strict):
     """How a host's batch times depend on how many workers are running batches at once, for
     ``--service-time sampled``: workers that share a host's CPU cores, memory bandwidth or PCIe (the
     event loop too, in one server process) slow each other down. ``factors[k - 1]``: the multiplier of
     the latency tables' times for a batch that starts while k workers (itself included) are running; a
-    k past the list takes its last factor (``diffsim validate`` measures them from a run's batches,
-    normalised so that the run's own mix of k keeps the tables' times).
+    k past the list takes its last factor. ``diffsim validate`` measures them from a run's batches and
+    calibrates the tables on the batch times divided by them, so that only the factors' ratios to one
+    another carry meaning there: the product keeps the run's times.
 
     ``idle_gaps_s`` / ``idle_factors`` (optional, together): for a batch that starts with no other worker
     running, the factor by how long the host had been idle before it -- ``idle_factors[i]`` from
     ``idle_gaps_s[i]`` seconds on (ascending, the first 0) -- in place of the first factor. A host kept
     busy runs faster than one woken from idle (CPU and GPU clocks, caches, thread pools that went to
-    sleep): on a 2-core host back-to-back batches ran at 0.53-0.80x their profile time in bursty runs,
-    batches after 0.1-0.5 s of idle at 1.01-1.38x."""
+    sleep): on a 2-core host a lone batch after 0.1-0.5 s of idle ran up to 2.3x as long as one started
+    back to back."""
 
     factors: list[float] = Field(min_length=1, max_length=limits.JOBS.hi)
 
@@ -197,14 +204,11 @@ class BatchTimeContention(_Strict):
             raise ValueError(f"idle_factors must lie in (0, 100], got {factors}")
         return self
 
-    def _idle_bin(self, idle_s: float) -> int:
-        return bisect.bisect_right(self.idle_gaps_s, idle_s) - 1
-
     def at(self, busy: int, idle_s: float = 0.0) -> float:
         """The factor for a batch starting while ``busy`` workers run (itself included), ``idle_s`` after
         the host's last batch ended (with no other running)."""
         if busy <= 1 and self.idle_gaps_s is not None:
-            return self.idle_factors[self._idle_bin(idle_s)]
+            return self.idle_factors[idle_class(self.idle_gaps_s, idle_s)]
         return self.factors[min(max(busy, 1), len(self.factors)) - 1]
 
 

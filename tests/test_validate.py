@@ -226,7 +226,7 @@ def test_idle_factors_are_measured_from_batches_that_ran_alone():
     """Batches that ran alone: back to back (1 ms after the last ended) at 0.7x their profile time, after
     10 s of idle at 1.3x; and pairs at 1.0x. The fitted idle factors stand 1.3 / 0.7 apart, each idle class
     with its batches counted, and dividing them out leaves the alone batches' spread to the calibration."""
-    from diffsim.commands.validate import IDLE_GAPS_S, measured_contention, measured_spread
+    from diffsim.commands.validate import IDLE_GAPS_S, contention_fields, measured_contention, measured_spread
     from diffsim.profiles import BatchTimeContention
     from diffsim.runtime.batching import service_time_s
     from sim_helpers import a100_cascade
@@ -252,7 +252,7 @@ def test_idle_factors_are_measured_from_batches_that_ran_alone():
     fast, slow = contention["idle_factors"][0], contention["idle_factors"][-1]
     assert slow / fast == pytest.approx(1.3 / 0.7, rel=1e-3)
     assert contention["idle_factors"][1:4] == [contention["factors"][0]] * 3  # classes with no batches
-    model = BatchTimeContention(**{k: contention[k] for k in ("factors", "idle_gaps_s", "idle_factors")})
+    model = BatchTimeContention(**contention_fields(contention))
     assert model.at(1, 0.001) == fast and model.at(1, 60.0) == slow and model.at(2, 0.0) == contention["factors"][1]
     spread = measured_spread(queries, cascade, contention, gpus=2)["light"]
     assert spread["p95"] / spread["p50"] < 1.05  # 1.3 / 0.7 would remain without the idle classes

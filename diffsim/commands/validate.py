@@ -152,7 +152,7 @@ def sim_config_from(described: dict, *, service_time: str, overhead=None, ratio=
     if correlation:
         profile_data["batch_time_correlation"] = {"share": correlation["share"], "rho": correlation["rho"]}
     if contention:
-        profile_data["batch_time_contention"] = {k: list(contention[k]) for k in CONTENTION_FIELDS if contention.get(k)}
+        profile_data["batch_time_contention"] = contention_fields(contention)
     if overhead is not None:
         kept = {k: v for k, v in profile_data.get("overheads", {}).items() if not k.startswith("request_")}
         profile_data["overheads"] = {**kept, **overhead}
@@ -374,11 +374,17 @@ def measured_contention(queries, cascade, gpus: int) -> Optional[dict]:
 
 def _state(running: int, idle_s: float) -> tuple[int, Optional[int]]:
     """A batch's start state for the fit: ``(running, None)``, or ``(1, idle class)`` when it ran alone."""
-    import bisect
+    from ..profiles import idle_class
 
     if running > 1:
         return running, None
-    return 1, bisect.bisect_right(IDLE_GAPS_S, idle_s) - 1
+    return 1, idle_class(IDLE_GAPS_S, idle_s)
+
+
+def contention_fields(contention: dict) -> dict:
+    """The profile's ``batch_time_contention`` of a :func:`measured_contention` result (its fitted fields,
+    without the batch counts)."""
+    return {k: list(contention[k]) for k in CONTENTION_FIELDS if contention.get(k)}
 
 
 def _decontended(queries, cascade, contention: Optional[dict], gpus: int) -> dict:
@@ -389,7 +395,7 @@ def _decontended(queries, cascade, contention: Optional[dict], gpus: int) -> dic
         return batches
     from ..profiles import BatchTimeContention
 
-    model = BatchTimeContention(**{k: contention[k] for k in CONTENTION_FIELDS if contention.get(k)})
+    model = BatchTimeContention(**contention_fields(contention))
     running = batch_contention(batches, gpus)
     return {role: [(n, run_s / model.at(*running[(role, i)]), profile_s, start)
                    for i, (n, run_s, profile_s, start) in enumerate(bs)] for role, bs in batches.items()}
@@ -471,7 +477,7 @@ def calibrated_profile(profile: dict, light_model: str, heavy_model: str, spread
         sizes = r.get("sizes") or {}
         base = table["p50_ms"]
         for key, q in (("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99")):
-            out[key] = [None if v is None else round(v * sizes.get(n, sizes.get(str(n), r))[q], 3)
+            out[key] = [None if v is None else round(v * sizes.get(n, r)[q], 3)
                         for n, v in zip(table["batch_sizes"], base)]
         return out
 
