@@ -48,9 +48,6 @@ from diffsim.reports import metrics  # noqa: E402
 from diffsim.reports.comparison import summarize_result  # noqa: E402
 from diffsim.runtime.roles import assign_roles, switched  # noqa: E402
 
-WINDOW_S = 10.0  # as summary.json's mean_fid
-
-
 class _Recorder:
     """Wraps a policy to remember the input each plan was made for (the backlog it saw)."""
 
@@ -77,23 +74,6 @@ def role_switches(plans, gpus: int) -> list[tuple[float, int]]:
     return out
 
 
-def fid_of_served(queries, cascade, on_time_only: bool) -> float | None:
-    """Completion-weighted mean over 10 s windows (by finish) of the FID at each window's light fraction,
-    of the completed queries (only those within the SLO with ``on_time_only``); None when a plan of the
-    run was not in cascade mode (the split modes' FID is another curve) or nothing counts."""
-    windows: dict[int, list[int]] = {}
-    for q in queries:
-        if q.outcome != "completed" or (on_time_only and q.late):
-            continue
-        counts = windows.setdefault(int(q.finished_s // WINDOW_S), [0, 0])
-        counts[0] += 1
-        counts[1] += q.served_by == "light"
-    total = sum(n for n, _ in windows.values())
-    if not total:
-        return None
-    return sum(n * float(cascade.fid(light / n)) for n, light in windows.values()) / total
-
-
 def by_rate(rows, edges):
     """(low, high, windows, completion-weighted FID, light fraction served, violation ratio) per group of
     windows whose arrival rate lies in [low, high)."""
@@ -103,7 +83,7 @@ def by_rate(rows, edges):
         group = [r for r in rows if lo <= r["arrival_qps"] < hi]
         done = sum(r["completions"] for r in group if r["fid"] is not None)
         arrivals = sum(r["arrivals"] for r in group)
-        fid = sum(r["fid"] * r["completions"] for r in group if r["fid"] is not None) / done if done else None
+        fid = metrics.weighted_mean([r["fid"] for r in group], [r["completions"] for r in group])
         light = sum(r["light_served"] for r in group) / done if done else None
         out.append((lo, hi, len(group), fid, light, sum(r["violations"] for r in group) / arrivals if arrivals else None))
     return out
@@ -116,9 +96,7 @@ def run(args_and_spec):
 
     config, trace, trace_name = load_scenario(settings)
     config = replace(config, policy=policy, gpus=gpus)
-    made = policy_for(config)
-    if switch_margin is not None and hasattr(made, "switch_margin"):
-        made.switch_margin = switch_margin
+    made = policy_for(config) if switch_margin is None else policy_for(config, switch_margin=switch_margin)
     recorder = _Recorder(made)
     result = simulate(config, trace, policy=recorder)
     summary = summarize_result(result, trace_name)
@@ -144,7 +122,11 @@ def run(args_and_spec):
         "peak_requests": peak_arrivals, "peak_windows": len(peak),
         "switches_per_min": sum(n for _, n in switches) / minutes if minutes else 0.0,
         "max_switches_60s": worst, "stranded": stranded,
-        "fid_on_time": fid_of_served(result.queries, config.cascade, True) if cascade_only else None,
+        # the FID of the images served within the SLO: summary.json's mean_fid over those alone
+        "fid_on_time": metrics.summarize(
+            [q for q in result.queries if not q.late], result.plans, cascade=config.cascade, gpus=gpus,
+            worker_busy_s=result.worker_busy_s, duration_s=result.duration_s, wall_s=0.0,
+            window_s=config.window_s)["mean_fid"] if cascade_only else None,
         "fallback_light": summary["fallback_light"], "deferred": summary["deferred"],
         "by_rate": by_rate(rows, edges) if edges else [],
     }
@@ -161,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--switch-margin", type=float, default=None,
                    help="the MILP policies' hysteresis margin (diffsim.policies.SWITCH_MARGIN unless given; 0: none)")
     args = p.parse_args(argv)
+    if args.switch_margin is not None and not 0 <= args.switch_margin < 1:
+        p.error(f"--switch-margin: must lie in [0, 1), got {args.switch_margin:g}")
     settings = scenario_settings(args)
     edges = [float(e) for e in args.rate_bins.split(",") if e.strip()]
     specs = [(settings, pol, int(g), args.peak_qps, args.switch_margin, edges) for pol in args.policies.split(",")

@@ -411,8 +411,10 @@ def make_policy(
     raise DiffsimError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
 
 
-def policy_for(config, *, thresholds: Optional[Sequence[float]] = None) -> Policy:
-    """The policy a run config names (a :class:`~diffsim.config.RunConfig`: the simulator's or the server's)."""
+def policy_for(config, *, thresholds: Optional[Sequence[float]] = None,
+               switch_margin: float = SWITCH_MARGIN) -> Policy:
+    """The policy a run config names (a :class:`~diffsim.config.RunConfig`: the simulator's or the server's);
+    ``thresholds`` and ``switch_margin`` as :func:`make_policy` takes them."""
     return make_policy(
         config.policy,
         config.cascade,
@@ -424,5 +426,6 @@ def policy_for(config, *, thresholds: Optional[Sequence[float]] = None) -> Polic
         queue_model=config.queue_model,
         routing=config.routing,
         tail_quantile=config.tail_quantile,
+        switch_margin=switch_margin,
         fallback=config.fallback,
     )

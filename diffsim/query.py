@@ -50,6 +50,11 @@ class Query:
         return self.outcome == "completed" and self.finished_s is not None and self.finished_s - self.arrival_s > self.slo_s
 
     @property
+    def fell_back(self) -> bool:
+        """Deferred and answered with its light image (the light fallback: the heavy one would have been late)."""
+        return self.outcome == "completed" and self.deferred and self.served_by == "light"
+
+    @property
     def violation(self) -> bool:
         """An SLO violation: late, or not served at all (dropped, failed, rejected)."""
         return self.outcome != "completed" or self.late

@@ -295,6 +295,7 @@ def summarize(
     busy_windows = arrivals > 0
     lat = rec.finished_s[done] - rec.arrival_s[done]  # in query order, as the mean's summation needs
     busy = float(sum(worker_busy_s))
+    fell_back = light & rec.has(DEFERRED)  # deferred queries answered with their light image
     summary = {
         "cascade": cascade.name,
         "gpu": cascade.gpu,
@@ -315,7 +316,7 @@ def summarize(
         "slo_violation_ratio": _ratio(violations, requests),
         "slo_violation_window_mean": (float(np.mean(window_violations[busy_windows] / arrivals[busy_windows]))
                                       if busy_windows.any() else None),
-        "mean_fid": _weighted_mean(fids, completions),
+        "mean_fid": weighted_mean(fids, completions),
         "fid_overall_mix": overall_fid,
         "fid_source": fid_source,
         "light_served": light_served,
@@ -323,7 +324,7 @@ def summarize(
         "deferred": deferred,
         "deferral_fraction": _ratio(deferred, requests),
         # deferred queries answered with their light image (the run's light fallback; 0 without it)
-        "fallback_light": int(np.count_nonzero(light & rec.has(DEFERRED))),
+        "fallback_light": int(np.count_nonzero(fell_back)),
         "latency_mean_s": float(lat.mean()) if lat.size else None,
         "latency_p50_s": float(np.percentile(lat, 50)) if lat.size else None,
         "latency_p99_s": float(np.percentile(lat, 99)) if lat.size else None,
@@ -342,9 +343,8 @@ def summarize(
         "wall_s": wall_s,
     }
     if fallback:
-        fell_back = (light & rec.has(DEFERRED))[done]
-        bound_fids, _ = _window_fids(finish_windows, light[done], cascade_mode, n, cascade, fell_back)
-        summary["mean_fid_fallback_bound"] = _weighted_mean(bound_fids, completions)
+        bound_fids, _ = _window_fids(finish_windows, light[done], cascade_mode, n, cascade, fell_back[done])
+        summary["mean_fid_fallback_bound"] = weighted_mean(bound_fids, completions)
     return summary
 
 
@@ -434,7 +434,7 @@ def _window_fids(window: np.ndarray, light: np.ndarray, cascade_mode: np.ndarray
     return fids, [c + s for c, s in zip(n_c, n_s)]
 
 
-def _weighted_mean(values: Sequence[Optional[float]], weights: Sequence[int]) -> Optional[float]:
+def weighted_mean(values: Sequence[Optional[float]], weights: Sequence[int]) -> Optional[float]:
     """Mean of the values that are not None, each weighted by its weight; None when the weights are 0."""
     total = sum(w for v, w in zip(values, weights) if v is not None)
     return sum(v * w for v, w in zip(values, weights) if v is not None) / total if total else None

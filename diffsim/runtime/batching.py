@@ -233,7 +233,7 @@ def late_deferred(queue: deque[Query], free_at_s: float, batch_size: int, servic
         remaining -= 1
         position = len(kept)
         if q.deferred and finish_s(free_at_s, position, position + 1 + remaining, batch_size,
-                                   service_s) + answer_s > q.arrival_s + q.slo_s:
+                                   service_s) + answer_s > q.deadline_s:
             late.append(q)
         else:
             kept.append(q)

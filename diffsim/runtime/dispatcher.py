@@ -48,6 +48,7 @@ from ..profiles import Cascade
 from ..query import Query
 from .roles import assign_roles, needs_swap, switched
 from .routing import LoadIndex, Router, defers, first_stage
+from .service_time import LogNormalDraws
 
 STAGES: tuple[Role, Role] = ("light", "heavy")
 
@@ -92,7 +93,7 @@ class Dispatcher:
         drop_factor: float = 1.5,
         batch_timeout_s: float = 0.0,
         swap_s: float = 0.0,
-        answer_overhead_s: float | Callable[[], float] = 0.0,
+        answer_overhead_s: float | LogNormalDraws = 0.0,
         estimates_from: Optional[Cascade] = None,
         fallback: str = "none",
     ):
@@ -115,9 +116,8 @@ class Dispatcher:
         else:
             self.answer_overhead_s, self._draw_overhead = answer_overhead_s, None
         # The answer time the light fallback promises on: the constant, or the drawn overheads' median
-        # (a sampled overhead is drawn per answer, after the decision).
-        self._answer_promise_s = (getattr(answer_overhead_s, "median_s", 0.0) if callable(answer_overhead_s)
-                                  else answer_overhead_s)
+        # (a sampled overhead is drawn per answer, after the decision: a LogNormalDraws, which says it).
+        self._answer_promise_s = answer_overhead_s.median_s if callable(answer_overhead_s) else answer_overhead_s
         # The batch-time estimates batches, drops and admission are judged by: the cascade's profile (or
         # ``estimates_from``, another one: the server's, in validate), learnt from measured times.
         self.service = ServiceTimes(estimates_from or cascade, limit_s=self.limit_s)

@@ -321,7 +321,7 @@ class Engine:
         self.outcomes[q.outcome] += 1
         self.late += q.late
         self.violations += q.violation
-        self.fallback_light += q.deferred and q.served_by == "light" and q.outcome == "completed"
+        self.fallback_light += q.fell_back
         for hook in self.on_query:
             hook(q)
 

@@ -99,8 +99,8 @@ class ServerMetrics:
             self.late.inc()
         if q.deferred:
             self.deferred.inc()
-            if q.outcome == "completed" and q.served_by == "light":
-                self.fallback_light.inc()
+        if q.fell_back:
+            self.fallback_light.inc()
         if q.outcome == "completed":
             stage = q.served_by or "light"
             self.served.labels(stage).inc()
