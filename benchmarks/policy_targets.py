@@ -43,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from diffsim import limits  # noqa: E402
 from diffsim.commands.simulate import add_scenario_arguments, load_scenario, scenario_settings  # noqa: E402
 from diffsim.reports import metrics  # noqa: E402
 from diffsim.reports.comparison import summarize_result  # noqa: E402
@@ -142,10 +143,17 @@ def main(argv=None) -> int:
     p.add_argument("--rate-bins", default="", help="edges (qps) of arrival-rate groups of windows, e.g. 10,15,20,25")
     p.add_argument("--switch-margin", type=float, default=None,
                    help="the MILP policies' hysteresis margin (diffsim.policies.SWITCH_MARGIN unless given; 0: none)")
+    p.add_argument("--stabilization-s", type=float, default=None, metavar="S",
+                   help="controller.stabilization_s: the window of past demand a role switch must carry "
+                        "(60 unless the config file or this gives it; 0: none)")
     args = p.parse_args(argv)
     if args.switch_margin is not None and not 0 <= args.switch_margin < 1:
         p.error(f"--switch-margin: must lie in [0, 1), got {args.switch_margin:g}")
+    if args.stabilization_s is not None and not limits.STABILIZATION_S.contains(args.stabilization_s):
+        p.error(f"--stabilization-s: must be {limits.STABILIZATION_S.describe()}, got {args.stabilization_s:g}")
     settings = scenario_settings(args)
+    if args.stabilization_s is not None:
+        settings["controller"] = {**(settings.get("controller") or {}), "stabilization_s": args.stabilization_s}
     edges = [float(e) for e in args.rate_bins.split(",") if e.strip()]
     specs = [(settings, pol, int(g), args.peak_qps, args.switch_margin, edges) for pol in args.policies.split(",")
              for g in args.sweep_gpus.split(",")]

@@ -97,6 +97,11 @@ class ControllerConfig:
     diffsim's default) or ``in-system`` (queries admitted and not yet ended, the DiffServe artifact's
     estimator, which it multiplies by 1.2: give ``headroom`` 1.2 with it, as ``--preset artifact`` does).
     See :mod:`diffsim.runtime.demand`.
+
+    ``stabilization_s``: each re-plan also tells the policy the highest demand it planned for over this
+    many seconds (this re-plan's included); with a plan-dependent delay the MILP policies move GPUs between
+    the stages only to a split that carries that demand too, while the split in force carries the present
+    one (:meth:`diffsim.policies.MilpPolicy._keep_split`). 0: the present demand only.
     """
 
     tick_s: float = 1.0
@@ -106,6 +111,7 @@ class ControllerConfig:
     ewma_window: int = 20
     initial_demand_qps: float = 10.0
     demand: str = "arrival"
+    stabilization_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.demand not in DEMAND_KINDS:
@@ -116,6 +122,7 @@ class ControllerConfig:
         _within("controller.headroom", self.headroom, limits.HEADROOM)
         _within("controller.ewma_window", self.ewma_window, limits.EWMA_WINDOW)
         _within("controller.initial_demand_qps", self.initial_demand_qps, limits.DEMAND_QPS)
+        _within("controller.stabilization_s", self.stabilization_s, limits.STABILIZATION_S)
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,7 @@ DELAY_S = Range(0, 3600)  # a wait inside a run: a batch timeout, a model swap (
 TICK_S = Range(0.01, 3600)  # the controller's tick and re-plan periods
 REPLAN_S = Range(0.01, 1e7)
 EWMA_WINDOW = Range(1, 100_000, integer=True)
+STABILIZATION_S = Range(0, 1e7)  # the window of past demand a role switch must carry
 JOBS = Range(1, 1024, integer=True)
 
 # Time series: windows of at least 10 ms, at most a million of them over a run

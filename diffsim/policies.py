@@ -26,9 +26,10 @@ sdturbo-sdv15's queries and nothing between (its deferral curve is steep near 0)
 delay sizes the heavy stage closely enough that at peak load 14.3% does not fit where 5% would: the
 plans fell back to deferring nothing (every image light) for whole peaks. They also re-plan with
 hysteresis (:meth:`MilpPolicy._keep_split`): a new plan that moves GPUs between the stages is taken
-only when the best plan on the worker split in force is infeasible or more than
-:data:`SWITCH_MARGIN` (0.5%) worse in expected FID; otherwise that plan is (new threshold and batch
-sizes, no role switch).
+only when the best plan on the worker split in force is infeasible, or more than
+:data:`SWITCH_MARGIN` (0.5%) worse in expected FID while the new split also carries the highest demand
+of the controller's stabilisation window (``controller.stabilization_s``, 60 s); otherwise that plan is
+(new threshold and batch sizes, no role switch).
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class PolicyInput:
     gpus: int
     queue_lengths: tuple[int, int] = (0, 0)  # (light, heavy) queued now: the backlog a new plan inherits
     current: Optional[Plan] = None  # the plan in force (None at the start)
+    # the highest demand planned for over the controller's stabilisation window, this one's included
+    # (None: no window): a role switch must carry it too (MilpPolicy._keep_split)
+    peak_demand_qps: Optional[float] = None
 
 
 class Policy(Protocol):
@@ -270,19 +274,39 @@ class MilpPolicy:
         0.5% is about 0.1 FID on sdturbo-sdv15, about the FID of one DEFERRAL_STEP of deferral there.
         ``diffserve-maxt`` compares expected FIDs too (a threshold has no scale of its own; the quality is
         what a lower one costs), and ``proteus`` its random-mix FID.
+
+        The stabilisation window (``inp.peak_demand_qps``, the highest demand the controller planned for
+        over ``controller.stabilization_s``): while the split in force carries the present demand, a split
+        that costs more than the margin is still kept unless the new split carries that peak too. Why: the
+        margin cannot hold back a switch the estimate itself undoes. With the artifact's estimator a plan
+        that serves queries fast (Proteus: nothing deferred, 0.35 s in the system) lowers the estimate to
+        under half the arrival rate; the next plan gives the light stage one worker, its queue builds, the
+        estimate jumps threefold and the plan after moves the GPUs back (13-20 role switches a minute on a
+        step trace). A split that could not have carried the last minute's demand waits until it could.
         """
         cur = inp.current
-        if (self.switch_margin <= 0 or cur is None or cur.mode != plan.mode or not plan.feasible
+        if (cur is None or cur.mode != plan.mode or not plan.feasible
                 or cur.gpus_used == 0 or cur.gpus_used > inp.gpus
                 or (plan.light.workers, plan.heavy.workers) == (cur.light.workers, cur.heavy.workers)):
             return plan
+        peak = inp.peak_demand_qps
+        held_back = peak is not None and peak > inp.demand_qps
+        if self.switch_margin <= 0 and not held_back:
+            return plan
         kept = self._allocate(inp, workers=(cur.light.workers, cur.heavy.workers))
-        if not kept.feasible or kept.expected_fid > plan.expected_fid * (1.0 + self.switch_margin):
+        if not kept.feasible:  # the split in force cannot carry the present demand: switch
+            return plan
+        within_margin = kept.expected_fid <= plan.expected_fid * (1.0 + self.switch_margin)
+        if not within_margin and (not held_back or self._carries(plan, replace(inp, demand_qps=peak))):
             return plan
         # A stage the kept plan leaves without load gets its workers back here (no switch either).
         kept = spread_spare_gpus(kept, cur)
         return replace(kept, extra={**kept.extra, "kept_split_over": (plan.light.workers, plan.heavy.workers,
                                                                        plan.expected_fid)})
+
+    def _carries(self, plan: Plan, inp: PolicyInput) -> bool:
+        """Whether some plan on ``plan``'s worker split is feasible for ``inp`` (its demand and backlog)."""
+        return self._allocate(inp, workers=(plan.light.workers, plan.heavy.workers)).feasible
 
 
 @dataclass

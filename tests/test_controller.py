@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from sim_helpers import FixedPolicy, ScriptedPolicy, a100_cascade, fixed_plan
 
@@ -111,10 +113,46 @@ class DemandPolicy:
             return self.idle
         light = 1 + min(int(inp.demand_qps) // 4, 10)
         return replace(fixed_plan(self.cascade, light, 16 - light - 1, 4, 2, 0.2), demand_qps=inp.demand_qps,
-                       predicted_latency_s=inp.queue_delay_s[0] + inp.queue_delay_s[1])
+                       predicted_latency_s=inp.queue_delay_s[0] + inp.queue_delay_s[1],
+                       extra={"peak_demand_qps": inp.peak_demand_qps})
 
 
 BUSY = [(12, (3, 1), (12.0, 5.0)), (30, (9, 4), (30.0, 11.0)), (7, (0, 2), (7.0, 2.0))]
+
+
+def test_the_policy_sees_the_peak_demand_of_the_stabilisation_window(cascade):
+    """Each re-plan hands the policy the highest demand planned for over the last ``stabilization_s``
+    (this one's included); older demands are forgotten; a resumed controller remembers what the one it
+    was taken from did (a state from before the window: nothing); a window of 0 is the present demand."""
+    policy = FixedPolicy(fixed_plan(cascade, 4, 12, 16, 4, 0.02))
+    cfg = ControllerConfig(tick_s=1.0, replan_s=1.0, ewma_window=1, headroom=1.0, initial_demand_qps=5.0,
+                           stabilization_s=3.0)
+    ctl = Controller(policy, 16, cfg)
+    ctl.initial_plan(0.0)
+    assert policy.inputs[-1].peak_demand_qps == 5.0
+    seen = []
+    for k, rate in enumerate([20, 8, 6, 4, 3, 9], start=1):
+        ctl.on_tick(float(k), rate, (0, 0), (float(rate), 0.0))
+        seen.append((policy.inputs[-1].demand_qps, policy.inputs[-1].peak_demand_qps))
+    # the window holds the re-plans of the last 3 s: at t=4 the 20 of t=1 is gone
+    assert seen == [(20, 20), (8, 20), (6, 20), (4, 8), (3, 6), (9, 9)]
+    other = Controller(policy, 16, cfg)
+    other.resume(ctl.state(6.0), 50.0)
+    ctl.on_tick(7.0, 2, (0, 0), (2.0, 0.0))
+    other.on_tick(51.0, 2, (0, 0), (2.0, 0.0))
+    assert policy.inputs[-1] == policy.inputs[-2] and policy.inputs[-1].peak_demand_qps == 9
+    old = {k: v for k, v in ctl.state(7.0).items() if k != "demands"}
+    fresh = Controller(policy, 16, cfg)
+    fresh.resume(old, 7.0)
+    fresh.on_tick(8.0, 1, (0, 0), (1.0, 0.0))
+    assert policy.inputs[-1].peak_demand_qps == 1
+    none = Controller(policy, 16, replace(cfg, stabilization_s=0.0))
+    none.initial_plan(0.0)
+    none.on_tick(1.0, 20, (0, 0), (20.0, 0.0))
+    none.on_tick(2.0, 8, (0, 0), (8.0, 0.0))
+    assert policy.inputs[-1].peak_demand_qps == 8
+    with pytest.raises(Exception, match="controller.stabilization_s"):
+        ControllerConfig(stabilization_s=-1.0)
 
 
 @pytest.mark.parametrize("tick_s, replan_s, window, idle_ticks", [
@@ -150,7 +188,7 @@ def test_idle_ticks_taken_at_once_equal_ticking_them_one_by_one(cascade, tick_s,
         for ctl in (a, b):
             tick(ctl, arrivals, queues, rates, in_system=sum(queues) + 3)
     assert not b.idle_steady()
-    end = k + idle_ticks
+    end = k + idle_ticks + round(cfg.stabilization_s / tick_s)  # the busy demands leave the window first
     while k < end and not b.idle_steady():
         k += 1
         tick(a)
@@ -169,7 +207,7 @@ def test_idle_ticks_taken_at_once_equal_ticking_them_one_by_one(cascade, tick_s,
     assert rows[id(a)] == rows[id(b)]
     assert any(plan is not None for *_, plan in rows[id(a)][steady_at:]) == (not idle_plan)
     for attr in ("ticks", "last_plan_s", "plan", "queue_delay_s", "queue_lengths", "rate_qps", "demand_qps",
-                 "_window_ticks", "_queue_sum", "_rate_sum"):
+                 "_window_ticks", "_queue_sum", "_rate_sum", "_demands"):
         assert getattr(a, attr) == getattr(b, attr), attr
     assert a.estimator.estimate_qps == b.estimator.estimate_qps
     assert a.estimator.samples == b.estimator.samples

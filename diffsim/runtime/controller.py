@@ -17,6 +17,11 @@ what it measured over that tick. The controller
   :mod:`diffsim.runtime.queueing`, plans for it and never leaves it without a worker);
 * re-plans at once, whatever the period, when the number of workers in service changed (a worker was
   lost, taken out, or came back: :mod:`diffsim.runtime.health`), for the workers that remain;
+* remembers the demand of each plan it asked for over the last ``stabilization_s`` (default 60 s) and
+  hands the policy the highest of them with this re-plan's (``PolicyInput.peak_demand_qps``): a policy
+  with re-planning hysteresis moves GPUs between the stages only to a split that carries that demand too,
+  as a Kubernetes autoscaler scales down only to the highest recommendation of its stabilisation window
+  (:meth:`diffsim.policies.MilpPolicy._keep_split`);
 * returns the plan to apply, or None.
 
 The initial plan (:meth:`Controller.initial_plan`, at the start, before any arrival) is made for
@@ -33,13 +38,15 @@ late every time, and ``now - last >= replan_s`` alone would then re-plan every `
 
 Idle time (the simulator's long gaps between arrivals): once the controller is :meth:`~Controller.idle_steady`
 -- the EWMA holds only zero samples and the policy was last asked exactly what an idle re-plan would ask
--- further idle ticks change nothing but the clock, and :meth:`Controller.on_idle_ticks` takes any number
+-- and every demand it remembers is 0 too,
+further idle ticks change nothing but the clock, and :meth:`Controller.on_idle_ticks` takes any number
 of them at once without asking the policy again. Policies are pure (:mod:`diffsim.policies`): the same
 input gives the same plan, so the result is the one ticking one by one would give.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Optional, Sequence
 
 from ..config import ControllerConfig
@@ -74,6 +81,7 @@ class Controller:
         self._rate_sum = [0.0, 0.0]  # arrival rates per stage
         self._asked: Optional[PolicyInput] = None  # the policy's last input, and its answer
         self._answer: Optional[Plan] = None
+        self._demands: deque[tuple[float, float]] = deque()  # (time, demand) of the plans asked for, oldest first
 
     @property
     def demand_qps(self) -> float:
@@ -82,7 +90,7 @@ class Controller:
 
     def initial_plan(self, now: float = 0.0) -> Plan:
         """The plan to start with; always applied (even if it uses no worker)."""
-        plan = self._ask(self.demand_qps, (0.0, 0.0))
+        plan = self._ask(self.demand_qps, (0.0, 0.0), now=now)
         self.plan = plan
         self.last_plan_s = now
         return plan
@@ -104,6 +112,7 @@ class Controller:
             "window_ticks": self._window_ticks,
             "queue_sum": list(self._queue_sum),
             "rate_sum": list(self._rate_sum),
+            "demands": [[now - t, d] for t, d in self._demands],
         }
 
     def resume(self, state: dict, now: float = 0.0) -> Plan:
@@ -121,6 +130,7 @@ class Controller:
             rate = float(state["rate_qps"])
             delay = (float(state["queue_delay_s"][0]), float(state["queue_delay_s"][1]))
             lengths = (int(state["queue_lengths"][0]), int(state["queue_lengths"][1]))
+            demands = [(now - float(age), float(d)) for age, d in state.get("demands", ())]  # older states: none
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a controller state: {type(e).__name__}: {e}") from None
         if len(queue_sum) != 2 or len(rate_sum) != 2 or ticks < 0 or window < 0:
@@ -129,6 +139,7 @@ class Controller:
         self.plan, self.last_plan_s, self.ticks = plan, now - since, ticks
         self._window_ticks, self._queue_sum, self._rate_sum = window, queue_sum, rate_sum
         self.rate_qps, self.queue_delay_s, self.queue_lengths = rate, delay, lengths
+        self._demands = deque(demands)
         self._asked = self._answer = None  # the policy has not been asked here yet
         return plan
 
@@ -178,7 +189,7 @@ class Controller:
         self._rate_sum = [0.0, 0.0]
         if self.gpus < 1:
             return None
-        plan = self._ask(self.demand_qps, self.queue_delay_s, self.queue_lengths)
+        plan = self._ask(self.demand_qps, self.queue_delay_s, self.queue_lengths, now=now)
         if plan.gpus_used == 0:
             return None
         self.plan = plan
@@ -198,6 +209,8 @@ class Controller:
         zeros), and every re-plan asks the policy what it was last asked (zero demand and queueing delay, an
         empty queue, the plan in force), so it returns the same plan."""
         if self._asked is None or self.ticks == 0 or not self.estimator.all_zero:
+            return False
+        if any(d for _, d in self._demands):  # a remembered demand would still reach a re-plan
             return False
         if any(self._queue_sum) or any(self._rate_sum):  # the next re-plan's delay would not be 0
             return False
@@ -233,6 +246,9 @@ class Controller:
         if not replans:
             return []
         self.queue_delay_s = (little_delay_s(0.0, 0.0), little_delay_s(0.0, 0.0))
+        if self.gpus >= 1:  # each re-plan's demand (0) remembered, as on_tick would ask it
+            for t in replans:
+                self._remember(t, self.demand_qps)
         if self.gpus < 1 or self._answer.gpus_used == 0:
             return []
         self.plan = self._answer
@@ -241,11 +257,21 @@ class Controller:
     def _idle_input(self) -> PolicyInput:
         """What a re-plan at an idle tick asks the policy, once the EWMA and the delay sums are at zero."""
         return PolicyInput(demand_qps=self.demand_qps, queue_delay_s=(0.0, 0.0), gpus=self.gpus,
-                           queue_lengths=(0, 0), current=self.plan)
+                           queue_lengths=(0, 0), current=self.plan, peak_demand_qps=self.demand_qps)
+
+    def _remember(self, now: float, demand_qps: float) -> float:
+        """Remember ``demand_qps`` as asked for at ``now``, forget what is older than the window, and
+        return the highest demand remembered."""
+        demands = self._demands
+        while demands and demands[0][0] <= now - self.config.stabilization_s:
+            demands.popleft()
+        demands.append((now, demand_qps))
+        return max(d for _, d in demands)
 
     def _ask(self, demand_qps: float, queue_delay_s: tuple[float, float],
-             queue_lengths: tuple[int, int] = (0, 0)) -> Plan:
+             queue_lengths: tuple[int, int] = (0, 0), *, now: float) -> Plan:
         inp = PolicyInput(demand_qps=demand_qps, queue_delay_s=queue_delay_s, gpus=self.gpus,
-                          queue_lengths=queue_lengths, current=self.plan)
+                          queue_lengths=queue_lengths, current=self.plan,
+                          peak_demand_qps=self._remember(now, demand_qps))
         self._asked, self._answer = inp, self.policy.plan(inp)
         return self._answer
