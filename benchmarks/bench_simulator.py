@@ -92,6 +92,7 @@ class CpuTimedPolicy:
     def __init__(self, policy):
         self.policy = policy
         self.name = policy.name
+        self.reads_peak_demand = policy.reads_peak_demand
         self.cpu_s = 0.0
 
     def plan(self, inp):

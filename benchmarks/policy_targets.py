@@ -55,6 +55,7 @@ class _Recorder:
     def __init__(self, policy):
         self.policy = policy
         self.name = policy.name
+        self.reads_peak_demand = policy.reads_peak_demand
         self.inputs = {}
 
     def plan(self, inp):

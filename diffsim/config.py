@@ -30,7 +30,7 @@ types and bounds, from :mod:`diffsim.limits`, are tabled in README.md, section "
     static_plan: {threshold: 0.02, light_workers: 4, heavy_workers: 12, light_batch: 16, heavy_batch: 4}
     window_s: 10
     controller: {tick_s: 1, replan_s: 5, ewma_alpha: 0.3226, ewma_window: 20, headroom: 1.05,
-                 initial_demand_qps: 10}
+                 initial_demand_qps: 10, stabilization_s: 60}
     service_time: p50            # or sampled: batch times drawn around p50 from the profile's p95/p99
     admission: false             # true: refuse at the door what cannot finish in time, as diffsim serve does
     deadline_sweep_s: 0          # > 0: drop queued queries whose time is up this often (the server: 0.1)
@@ -300,6 +300,7 @@ class ControllerSection(_Strict):
     ewma_window: Optional[int] = _bounded(limits.EWMA_WINDOW)
     headroom: Optional[float] = _bounded(limits.HEADROOM)
     initial_demand_qps: Optional[float] = _bounded(limits.DEMAND_QPS)
+    stabilization_s: Optional[float] = _bounded(limits.STABILIZATION_S)
 
 
 class FaultSection(_Strict):

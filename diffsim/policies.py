@@ -88,6 +88,9 @@ class PolicyInput:
 
 class Policy(Protocol):
     name: str
+    # whether plan() reads PolicyInput.peak_demand_qps: the controller remembers past demands only for a
+    # policy that does (and its idle re-plans then wait for them to leave the window; see the controller)
+    reads_peak_demand: bool
 
     def plan(self, inp: PolicyInput) -> Plan: ...
 
@@ -228,6 +231,11 @@ class MilpPolicy:
         if self.grid is None and self.mode == "cascade" and self.queue_model != "little":
             self.grid = deferral_grid(self.cascade)
 
+    @property
+    def reads_peak_demand(self) -> bool:
+        """The hysteresis (and with it the stabilisation window) applies with a plan-dependent delay."""
+        return self.queue_model != "little"
+
     def plan(self, inp: PolicyInput) -> Plan:
         plan = self._allocate(inp)
         if self.queue_model == "little":
@@ -314,6 +322,7 @@ class FixedPolicy:
     """static / clipper-light / clipper-heavy: the same plan at any demand (its feasibility is reported)."""
 
     name: str
+    reads_peak_demand = False  # the same plan at any demand
     cascade: Cascade
     mode: str  # "cascade" or "split"
     threshold: float

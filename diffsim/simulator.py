@@ -17,6 +17,8 @@ Processes (all rules live in the pure layer; this module only advances simulated
   as ticking would give (:meth:`~diffsim.runtime.controller.Controller.on_idle_ticks`), and sleeps until
   then: a gap of any length costs a few ticks and policy calls and one event (a few on a fractional
   tick), plus a demand row per tick and a plan row per re-plan in the result. Not with deadline sweeps.
+  A policy that reads the controller's stabilisation window (tail or mean planning) ticks through the
+  first ``controller.stabilization_s`` of a gap, until the busy demands have left the window.
 
 The run ends when every query has its outcome. Same config + trace (+ seed) -> identical results: the
 router's randomness comes from ``numpy.random.default_rng(seed)``, confidences and split decisions from
@@ -84,6 +86,7 @@ class _TimedPolicy:
     def __init__(self, policy):
         self.policy = policy
         self.name = getattr(policy, "name", type(policy).__name__)
+        self.reads_peak_demand = policy.reads_peak_demand
         self.seconds = 0.0
         self.calls = 0
 

@@ -43,6 +43,7 @@ class FixedPolicy:
     """Returns the same plan every time; records the inputs it was asked with."""
 
     name = "fixed"
+    reads_peak_demand = False
 
     def __init__(self, plan: Plan):
         self._plan = plan
@@ -57,6 +58,7 @@ class ScriptedPolicy:
     """Returns the plans of a list in turn (the last one repeats): drives role switches in tests."""
 
     name = "scripted"
+    reads_peak_demand = False
 
     def __init__(self, plans: list[Plan]):
         self._plans = list(plans)

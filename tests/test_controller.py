@@ -99,6 +99,7 @@ class DemandPolicy:
     demand it answers ``idle`` (e.g. a plan without workers). Counts its calls."""
 
     name = "demand"
+    reads_peak_demand = True  # its plans carry the peak, so the idle fast path must get it right too
 
     def __init__(self, cascade, idle=None):
         self.cascade = cascade
@@ -125,6 +126,7 @@ def test_the_policy_sees_the_peak_demand_of_the_stabilisation_window(cascade):
     (this one's included); older demands are forgotten; a resumed controller remembers what the one it
     was taken from did (a state from before the window: nothing); a window of 0 is the present demand."""
     policy = FixedPolicy(fixed_plan(cascade, 4, 12, 16, 4, 0.02))
+    policy.reads_peak_demand = True
     cfg = ControllerConfig(tick_s=1.0, replan_s=1.0, ewma_window=1, headroom=1.0, initial_demand_qps=5.0,
                            stabilization_s=3.0)
     ctl = Controller(policy, 16, cfg)
@@ -153,6 +155,14 @@ def test_the_policy_sees_the_peak_demand_of_the_stabilisation_window(cascade):
     assert policy.inputs[-1].peak_demand_qps == 8
     with pytest.raises(Exception, match="controller.stabilization_s"):
         ControllerConfig(stabilization_s=-1.0)
+    # a policy that reads no window is handed none, and nothing is remembered for it (nor resumed)
+    blind = FixedPolicy(fixed_plan(cascade, 4, 12, 16, 4, 0.02))
+    ctl = Controller(blind, 16, cfg)
+    ctl.initial_plan(0.0)
+    ctl.on_tick(1.0, 20, (0, 0), (20.0, 0.0))
+    assert [inp.peak_demand_qps for inp in blind.inputs] == [None, None] and ctl.state(1.0)["demands"] == []
+    ctl.resume(other.state(51.0), 1.0)
+    assert ctl.state(1.0)["demands"] == []
 
 
 @pytest.mark.parametrize("tick_s, replan_s, window, idle_ticks", [

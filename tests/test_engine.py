@@ -168,6 +168,8 @@ class SwitchablePolicy:
     def set(self, plan_spec):
         self.inner = make_policy("static", self.cascade, static_plan=plan_spec, batch_sizes=(1, 2, 4))
 
+    reads_peak_demand = False  # a static plan
+
     def plan(self, inp):
         return self.inner.plan(inp)
 

@@ -373,7 +373,8 @@ PLAUSIBLE = {
     "controller": st.fixed_dictionaries(
         {}, optional={"tick_s": st.floats(0.0, 5), "replan_s": st.floats(0.0, 20), "ewma_alpha": st.floats(-0.5, 1.5),
                       "ewma_window": st.integers(-1, 50), "headroom": st.floats(-1, 3),
-                      "initial_demand_qps": st.floats(-1, 100), "speed": st.integers()}),
+                      "initial_demand_qps": st.floats(-1, 100), "stabilization_s": st.floats(-5, 100),
+                      "speed": st.integers()}),
     "faults": st.lists(st.fixed_dictionaries({"at_s": st.floats(-1, 5), "workers": st.lists(st.integers(-1, 30),
                                                                                              max_size=3)},
                                              optional={"recover": st.booleans()}), max_size=3),
@@ -406,13 +407,15 @@ VALID = {
     "controller": st.fixed_dictionaries(
         {}, optional={"tick_s": st.floats(0.1, 5), "replan_s": st.floats(0.5, 20), "ewma_alpha": st.floats(0.01, 1),
                       "ewma_window": st.integers(1, 50), "headroom": st.floats(0.5, 3),
-                      "initial_demand_qps": st.floats(0, 100)}),
+                      "initial_demand_qps": st.floats(0, 100), "stabilization_s": st.floats(0, 100)}),
     "faults": st.lists(st.fixed_dictionaries({"at_s": st.floats(0, 5), "workers": st.lists(st.integers(0, 3), min_size=1,
                                                                                             max_size=2)},
                                              optional={"recover": st.booleans()}), max_size=3),
     "service_time": st.sampled_from(["p50", "sampled"]),
     "admission": st.booleans(),
     "deadline_sweep_s": st.sampled_from([0, 0.1, 0.5]),
+    "queue_model": st.sampled_from(["little", "mean", "tail"]),
+    "fallback": st.sampled_from(["none", "light"]),
 }
 
 

@@ -60,6 +60,23 @@ def test_config_file_round_trip(tmp_path: Path):
     assert config.controller.tick_s == 1.0
 
 
+def test_a_config_file_sets_every_controller_field(tmp_path: Path):
+    """Each ControllerConfig field but ``demand`` (a top-level key) can be given in a config file's
+    ``controller`` mapping, and a value out of range is one line naming the file and the field."""
+    from dataclasses import fields
+
+    given = {"tick_s": 0.5, "replan_s": 2.0, "ewma_alpha": 0.5, "ewma_window": 7, "headroom": 1.2,
+             "initial_demand_qps": 3.0, "stabilization_s": 30.0}
+    assert set(given) == {f.name for f in fields(ControllerConfig)} - {"demand"}
+    path = tmp_path / "run.yaml"
+    path.write_text("controller: {" + ", ".join(f"{k}: {v}" for k, v in given.items()) + "}\n")
+    config = build_sim_config(read_config_file(path))
+    assert {k: getattr(config.controller, k) for k in given} == given
+    path.write_text("controller: {stabilization_s: -1}\n")
+    with pytest.raises(InputError, match=r"run.yaml.*controller.stabilization_s"):
+        read_config_file(path)
+
+
 def test_empty_config_file_gives_defaults(tmp_path: Path):
     path = tmp_path / "empty.yaml"
     path.write_text("")

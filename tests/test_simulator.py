@@ -489,6 +489,7 @@ class CountingPolicy:
         from diffsim.policies import make_policy
 
         self.inner = make_policy("diffserve", cascade)
+        self.reads_peak_demand = self.inner.reads_peak_demand
         self.calls = 0
 
     def plan(self, inp):
@@ -536,6 +537,21 @@ def test_skipping_idle_ticks_gives_what_ticking_through_them_gives(case):
     ticking = simulate(config, trace, policy=CountingPolicy(), skip_idle=False)
     assert outputs(skipping) == outputs(ticking)
     assert len(skipping.demand) == len(ticking.demand) > 600
+    assert skipping.events < ticking.events - 300
+
+
+def test_idle_ticks_taken_at_once_with_a_policy_that_reads_the_stabilisation_window():
+    """Tail planning with its hysteresis reads the controller's window of past demand: idle re-plans are
+    taken at once only after the busy demands left it, and the run is the one ticking through gives."""
+    from diffsim.policies import policy_for
+
+    trace = bursts_with_gaps([120.0, 33.3, 0.9, 400.0, 61.7])
+    config = SimConfig(cascade=CASCADE, gpus=8, queue_model="tail", routing="random", max_utilization=1.0,
+                       controller=ControllerConfig(stabilization_s=20.0))
+    assert policy_for(config).reads_peak_demand
+    skipping = simulate(config, trace)
+    ticking = simulate(config, trace, skip_idle=False)
+    assert outputs(skipping) == outputs(ticking)
     assert skipping.events < ticking.events - 300
 
 

@@ -772,9 +772,9 @@ def start_state(config, trace, confidences, snapshot: dict, policy=None):
             phase = float(snapshot["now_s"]) - float(controller["state_at_s"])  # the run starts this long after
         except (KeyError, TypeError, ValueError) as e:  # the tick that left the state
             raise DiffsimError(f"the server's state at the run's start lacks a time ({type(e).__name__}: {e})") from None
-        from ..runtime.controller import Controller
+        from ..runtime.controller import read_state
 
-        Controller(policy, config.gpus, config.controller).resume(state)  # a state it can take up, or ValueError
+        read_state(state)  # a state a controller can take up, or ValueError
         return config, max(0.0, phase), "the server's controller state", state
     lead = lead_in_s(snapshot, config.controller)
     server_plan = snapshot.get("plan")

@@ -17,11 +17,12 @@ what it measured over that tick. The controller
   :mod:`diffsim.runtime.queueing`, plans for it and never leaves it without a worker);
 * re-plans at once, whatever the period, when the number of workers in service changed (a worker was
   lost, taken out, or came back: :mod:`diffsim.runtime.health`), for the workers that remain;
-* remembers the demand of each plan it asked for over the last ``stabilization_s`` (default 60 s) and
-  hands the policy the highest of them with this re-plan's (``PolicyInput.peak_demand_qps``): a policy
-  with re-planning hysteresis moves GPUs between the stages only to a split that carries that demand too,
-  as a Kubernetes autoscaler scales down only to the highest recommendation of its stabilisation window
-  (:meth:`diffsim.policies.MilpPolicy._keep_split`);
+* for a policy that reads it (``policy.reads_peak_demand``: the MILP policies with a plan-dependent
+  delay), remembers the demand of each plan it asked for over the last ``stabilization_s`` (default 60 s)
+  and hands the policy the highest of them with this re-plan's (``PolicyInput.peak_demand_qps``; None for
+  other policies): a policy with re-planning hysteresis moves GPUs between the stages only to a split that
+  carries that demand too, as a Kubernetes autoscaler scales down only to the highest recommendation of
+  its stabilisation window (:meth:`diffsim.policies.MilpPolicy._keep_split`);
 * returns the plan to apply, or None.
 
 The initial plan (:meth:`Controller.initial_plan`, at the start, before any arrival) is made for
@@ -38,8 +39,8 @@ late every time, and ``now - last >= replan_s`` alone would then re-plan every `
 
 Idle time (the simulator's long gaps between arrivals): once the controller is :meth:`~Controller.idle_steady`
 -- the EWMA holds only zero samples and the policy was last asked exactly what an idle re-plan would ask
--- and every demand it remembers is 0 too,
-further idle ticks change nothing but the clock, and :meth:`Controller.on_idle_ticks` takes any number
+-- and every demand it remembers is 0 too (for a policy that reads them, idle re-plans wait up to
+``stabilization_s`` for that), further idle ticks change nothing but the clock, and :meth:`Controller.on_idle_ticks` takes any number
 of them at once without asking the policy again. Policies are pure (:mod:`diffsim.policies`): the same
 input gives the same plan, so the result is the one ticking one by one would give.
 """
@@ -62,6 +63,31 @@ def little_delay_s(queue_length: float, arrival_rate_qps: float) -> float:
     return queue_length / arrival_rate_qps
 
 
+def read_state(state: dict, now: float = 0.0) -> tuple:
+    """The fields of a :meth:`Controller.state` taken at ``now`` on the reader's clock, checked (ValueError
+    with one line otherwise): plan in force, seconds since it, ticks, window ticks, queue and rate sums,
+    demand samples, last rate, delays, queue lengths, remembered demands as (time, demand)."""
+    try:
+        plan = Plan.from_dict(state["plan"])
+        since = float(state["since_plan_s"])
+        ticks = int(state["ticks"])
+        window = int(state["window_ticks"])
+        queue_sum = [float(x) for x in state["queue_sum"]]
+        rate_sum = [float(x) for x in state["rate_sum"]]
+        samples = [float(x) for x in state["samples"]]
+        rate = float(state["rate_qps"])
+        delay = (float(state["queue_delay_s"][0]), float(state["queue_delay_s"][1]))
+        lengths = (int(state["queue_lengths"][0]), int(state["queue_lengths"][1]))
+        demands = [(now - float(age), float(d)) for age, d in state.get("demands", ())]  # older states: none
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"not a controller state: {type(e).__name__}: {e}") from None
+    if len(queue_sum) != 2 or len(rate_sum) != 2 or ticks < 0 or window < 0:
+        raise ValueError("not a controller state: two stages' sums and counts >= 0")
+    if any(not x >= 0 for x in samples):
+        raise ValueError(f"not a controller state: demand samples must be >= 0, got {samples!r}")
+    return plan, since, ticks, window, queue_sum, rate_sum, samples, rate, delay, lengths, demands
+
+
 class Controller:
     """Demand estimate and re-plan schedule around one policy (anything with ``plan(PolicyInput)``)."""
 
@@ -81,7 +107,9 @@ class Controller:
         self._rate_sum = [0.0, 0.0]  # arrival rates per stage
         self._asked: Optional[PolicyInput] = None  # the policy's last input, and its answer
         self._answer: Optional[Plan] = None
-        self._demands: deque[tuple[float, float]] = deque()  # (time, demand) of the plans asked for, oldest first
+        # (time, demand) of the plans asked for within the stabilisation window, oldest first
+        self._window_s = config.stabilization_s if policy.reads_peak_demand else None
+        self._demands: deque[tuple[float, float]] = deque()
 
     @property
     def demand_qps(self) -> float:
@@ -119,27 +147,13 @@ class Controller:
         """Take up where :meth:`state` left another controller, at ``now`` on this one's clock; returns the
         plan in force (to apply, as :meth:`initial_plan`'s). The next re-plan falls where it would have
         (``replan_s`` after that plan was made), not at the first tick."""
-        try:
-            plan = Plan.from_dict(state["plan"])
-            since = float(state["since_plan_s"])
-            ticks = int(state["ticks"])
-            window = int(state["window_ticks"])
-            queue_sum = [float(x) for x in state["queue_sum"]]
-            rate_sum = [float(x) for x in state["rate_sum"]]
-            samples = list(state["samples"])
-            rate = float(state["rate_qps"])
-            delay = (float(state["queue_delay_s"][0]), float(state["queue_delay_s"][1]))
-            lengths = (int(state["queue_lengths"][0]), int(state["queue_lengths"][1]))
-            demands = [(now - float(age), float(d)) for age, d in state.get("demands", ())]  # older states: none
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"not a controller state: {type(e).__name__}: {e}") from None
-        if len(queue_sum) != 2 or len(rate_sum) != 2 or ticks < 0 or window < 0:
-            raise ValueError("not a controller state: two stages' sums and counts >= 0")
+        (plan, since, ticks, window, queue_sum, rate_sum, samples, rate, delay, lengths,
+         demands) = read_state(state, now)
         self.estimator.restore(samples)
         self.plan, self.last_plan_s, self.ticks = plan, now - since, ticks
         self._window_ticks, self._queue_sum, self._rate_sum = window, queue_sum, rate_sum
         self.rate_qps, self.queue_delay_s, self.queue_lengths = rate, delay, lengths
-        self._demands = deque(demands)
+        self._demands = deque(demands if self._window_s is not None else ())
         self._asked = self._answer = None  # the policy has not been asked here yet
         return plan
 
@@ -257,13 +271,16 @@ class Controller:
     def _idle_input(self) -> PolicyInput:
         """What a re-plan at an idle tick asks the policy, once the EWMA and the delay sums are at zero."""
         return PolicyInput(demand_qps=self.demand_qps, queue_delay_s=(0.0, 0.0), gpus=self.gpus,
-                           queue_lengths=(0, 0), current=self.plan, peak_demand_qps=self.demand_qps)
+                           queue_lengths=(0, 0), current=self.plan,
+                           peak_demand_qps=None if self._window_s is None else self.demand_qps)
 
-    def _remember(self, now: float, demand_qps: float) -> float:
+    def _remember(self, now: float, demand_qps: float) -> Optional[float]:
         """Remember ``demand_qps`` as asked for at ``now``, forget what is older than the window, and
-        return the highest demand remembered."""
+        return the highest demand remembered (None: the policy reads no window, nothing is remembered)."""
+        if self._window_s is None:
+            return None
         demands = self._demands
-        while demands and demands[0][0] <= now - self.config.stabilization_s:
+        while demands and demands[0][0] <= now - self._window_s:
             demands.popleft()
         demands.append((now, demand_qps))
         return max(d for _, d in demands)
