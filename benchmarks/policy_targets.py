@@ -145,8 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--switch-margin", type=float, default=None,
                    help="the MILP policies' hysteresis margin (diffsim.policies.SWITCH_MARGIN unless given; 0: none)")
     p.add_argument("--stabilization-s", type=float, default=None, metavar="S",
-                   help="controller.stabilization_s: the window of past demand a role switch must carry "
-                        "(60 unless the config file or this gives it; 0: none)")
+                   help="controller.stabilization_s: with --queue-model mean or tail, the window of past demand "
+                        "a role switch must carry (60 unless the config file or this gives it; 0: none)")
     args = p.parse_args(argv)
     if args.switch_margin is not None and not 0 <= args.switch_margin < 1:
         p.error(f"--switch-margin: must lie in [0, 1), got {args.switch_margin:g}")

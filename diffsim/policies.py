@@ -290,7 +290,8 @@ class MilpPolicy:
         that serves queries fast (Proteus: nothing deferred, 0.35 s in the system) lowers the estimate to
         under half the arrival rate; the next plan gives the light stage one worker, its queue builds, the
         estimate jumps threefold and the plan after moves the GPUs back (13-20 role switches a minute on a
-        step trace). A split that could not have carried the last minute's demand waits until it could.
+        step trace). A split that could not have carried the last minute's demand waits until it could. The
+        split in force need not carry that peak itself: the window only holds back moves away from it.
         """
         cur = inp.current
         if (cur is None or cur.mode != plan.mode or not plan.feasible
@@ -322,7 +323,6 @@ class FixedPolicy:
     """static / clipper-light / clipper-heavy: the same plan at any demand (its feasibility is reported)."""
 
     name: str
-    reads_peak_demand = False  # the same plan at any demand
     cascade: Cascade
     mode: str  # "cascade" or "split"
     threshold: float
@@ -333,6 +333,7 @@ class FixedPolicy:
     light_batch: int = 1
     heavy_batch: int = 1
     spec_gpus: int = PAPER_STATIC_GPUS
+    reads_peak_demand = False  # not a field: the same plan at any demand, no window read
 
     def _workers(self, gpus: int) -> tuple[int, int]:
         if self.light_fraction_of_gpus is not None:

@@ -8,6 +8,7 @@ import pytest
 from sim_helpers import FixedPolicy, ScriptedPolicy, a100_cascade, fixed_plan
 
 from diffsim.config import ControllerConfig
+from diffsim.errors import InputError
 from diffsim.runtime.controller import Controller, little_delay_s
 
 
@@ -105,6 +106,7 @@ class DemandPolicy:
         self.cascade = cascade
         self.idle = idle
         self.calls = 0
+        self.answers = []
 
     def plan(self, inp):
         from dataclasses import replace
@@ -113,9 +115,11 @@ class DemandPolicy:
         if inp.demand_qps == 0 and self.idle is not None:
             return self.idle
         light = 1 + min(int(inp.demand_qps) // 4, 10)
-        return replace(fixed_plan(self.cascade, light, 16 - light - 1, 4, 2, 0.2), demand_qps=inp.demand_qps,
+        plan = replace(fixed_plan(self.cascade, light, 16 - light - 1, 4, 2, 0.2), demand_qps=inp.demand_qps,
                        predicted_latency_s=inp.queue_delay_s[0] + inp.queue_delay_s[1],
                        extra={"peak_demand_qps": inp.peak_demand_qps})
+        self.answers.append(plan)
+        return plan
 
 
 BUSY = [(12, (3, 1), (12.0, 5.0)), (30, (9, 4), (30.0, 11.0)), (7, (0, 2), (7.0, 2.0))]
@@ -153,7 +157,7 @@ def test_the_policy_sees_the_peak_demand_of_the_stabilisation_window(cascade):
     none.on_tick(1.0, 20, (0, 0), (20.0, 0.0))
     none.on_tick(2.0, 8, (0, 0), (8.0, 0.0))
     assert policy.inputs[-1].peak_demand_qps == 8
-    with pytest.raises(Exception, match="controller.stabilization_s"):
+    with pytest.raises(InputError, match="controller.stabilization_s"):
         ControllerConfig(stabilization_s=-1.0)
     # a policy that reads no window is handed none, and nothing is remembered for it (nor resumed)
     blind = FixedPolicy(fixed_plan(cascade, 4, 12, 16, 4, 0.02))
@@ -163,6 +167,46 @@ def test_the_policy_sees_the_peak_demand_of_the_stabilisation_window(cascade):
     assert [inp.peak_demand_qps for inp in blind.inputs] == [None, None] and ctl.state(1.0)["demands"] == []
     ctl.resume(other.state(51.0), 1.0)
     assert ctl.state(1.0)["demands"] == []
+
+
+@pytest.mark.parametrize("offset", [1234.56789, 1e6 / 3])
+@pytest.mark.parametrize("tick_s, replan_s, window_s", [(0.3, 0.9, 2.7), (0.3, 0.6, 6.0)])
+def test_a_resumed_window_goes_on_as_the_one_it_was_taken_from(cascade, offset, tick_s, replan_s, window_s):
+    """On another clock (a server's state taken up by a simulation: ``diffsim validate``), with fractional
+    ticks and a window a whole number of re-plans long, the resumed controller hands the policy the same
+    peaks: a demand a whole window old leaves the window on both clocks, however their times round."""
+    import numpy as np
+
+    cfg = ControllerConfig(tick_s=tick_s, replan_s=replan_s, ewma_window=3, stabilization_s=window_s)
+    a_policy, b_policy = DemandPolicy(cascade), DemandPolicy(cascade)
+    a = Controller(a_policy, 16, cfg)
+    a.initial_plan(0.0)
+    feed = [int(x) for x in np.random.default_rng(3).integers(0, 60, 200)]
+    for k in range(1, 41):
+        a.on_tick(k * tick_s, feed[k], (0, 0), (1.0, 0.0))
+    b = Controller(b_policy, 16, cfg)
+    b.resume(a.state(40 * tick_s), 40 * tick_s + offset)
+    for k in range(41, 200):
+        pa = a.on_tick(k * tick_s, feed[k], (0, 0), (1.0, 0.0))
+        pb = b.on_tick(k * tick_s + offset, feed[k], (0, 0), (1.0, 0.0))
+        assert pa == pb, k
+    peaks = [p.extra["peak_demand_qps"] for p in b_policy.answers]  # each answer records its input's peak
+    assert peaks == [p.extra["peak_demand_qps"] for p in a_policy.answers[-len(peaks):]]
+    assert len(set(peaks)) > 5  # the window's peak moved: a window that always held one demand tests nothing
+
+
+def test_read_state_checks_the_remembered_demands(cascade):
+    from diffsim.runtime.controller import read_state
+
+    policy = FixedPolicy(fixed_plan(cascade, 4, 12, 16, 4, 0.02))
+    policy.reads_peak_demand = True
+    ctl = Controller(policy, 16, ControllerConfig(tick_s=1.0, replan_s=1.0))
+    ctl.initial_plan(0.0)
+    state = ctl.state(0.5)
+    assert read_state(state)[-1] == [(-0.5, 10.0 * 1.05)]
+    for bad in ([[0.5, -1.0]], [[float("nan"), 1.0]], [[1.0, float("inf")]], [[1.0, 2.0], [2.0, 1.0]], [[1.0]]):
+        with pytest.raises(ValueError, match="not a controller state"):
+            read_state({**state, "demands": bad})
 
 
 @pytest.mark.parametrize("tick_s, replan_s, window, idle_ticks", [
@@ -215,6 +259,8 @@ def test_idle_ticks_taken_at_once_equal_ticking_them_one_by_one(cascade, tick_s,
     for t, plan in replans:
         rows[id(b)][-len(times) + times.index(t)] = (t, b.rate_qps, b.demand_qps, plan)
     assert rows[id(a)] == rows[id(b)]
+    # a plan's extra (here: the peak it was made with) is not part of its equality: compare it too
+    assert [p.extra for *_, p in rows[id(a)] if p] == [p.extra for *_, p in rows[id(b)] if p]
     assert any(plan is not None for *_, plan in rows[id(a)][steady_at:]) == (not idle_plan)
     for attr in ("ticks", "last_plan_s", "plan", "queue_delay_s", "queue_lengths", "rate_qps", "demand_qps",
                  "_window_ticks", "_queue_sum", "_rate_sum", "_demands"):

@@ -108,3 +108,6 @@ def test_serve_takes_the_preset_under_its_flags():
     assert (artifact.routing, artifact.max_utilization) == ("least-loaded", 1.0)
     assert (artifact.controller.demand, artifact.controller.headroom) == ("in-system", 1.2)
     assert artifact.admission  # the server's own promise stays
+    assert plain.controller.stabilization_s == artifact.controller.stabilization_s == 60.0
+    windowless = serve.options_from_args(parser.parse_args(base + ["--preset", "artifact", "--stabilization-s", "0"]))
+    assert (windowless.controller.stabilization_s, windowless.controller.headroom) == (0.0, 1.2)

@@ -555,6 +555,20 @@ def test_idle_ticks_taken_at_once_with_a_policy_that_reads_the_stabilisation_win
     assert skipping.events < ticking.events - 300
 
 
+def test_idle_ticks_taken_at_once_with_no_worker_in_service_inside_the_window():
+    """Every worker lost right after a burst, while its demands are still in the stabilisation window,
+    and back just before the next: with no worker the controller asks nothing (so forgets nothing) and
+    idle ticks are still taken at once, with the run ticking through them gives."""
+    trace = bursts_with_gaps([3000.0], per_burst=40)
+    faults = (WorkerFault(4.0, (0, 1)), WorkerFault(2900.0, (0, 1), recover=True))
+    config = SimConfig(cascade=CASCADE, gpus=2, queue_model="tail", routing="random", max_utilization=1.0,
+                       faults=faults)
+    skipping = simulate(config, trace)
+    ticking = simulate(config, trace, skip_idle=False)
+    assert outputs(skipping) == outputs(ticking)
+    assert skipping.events < ticking.events / 5
+
+
 def test_idle_time_costs_the_same_events_and_policy_calls_however_long():
     """Two requests 10^3 s or 10^6 s apart: the same SimPy events and policy calls (the demand rows and
     re-plans of the gap are still all there)."""

@@ -575,6 +575,12 @@ def test_validate_end_to_end_on_a_fake_server(tmp_path, capsys):
     assert sim_config_from(described, service_time="p50").fallback == described["run"]["fallback"] == "none"
     light = {**described, "run": {**described["run"], "fallback": "light"}}
     assert sim_config_from(light, service_time="p50").fallback == "light"
+    # its controller's stabilisation window too; a server from before the window planned without one
+    assert sim_config_from(described, service_time="p50").controller.stabilization_s == \
+        described["run"]["controller"]["stabilization_s"] == 60.0
+    older = {**described, "run": {**described["run"], "controller": {
+        k: v for k, v in described["run"]["controller"].items() if k != "stabilization_s"}}}
+    assert sim_config_from(older, service_time="p50").controller.stabilization_s == 0.0
     assert (o.request_ms, o.request_p95_ms, o.request_p99_ms) == tuple(overhead[k] for k in
                                                                        ("request_ms", "request_p95_ms", "request_p99_ms"))
     # The real runs are saved with what simulating them takes: --replay, with no server, makes the same

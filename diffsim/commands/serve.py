@@ -76,6 +76,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--demand", choices=("arrival", "in-system"),
                    help="what the demand EWMA is taken of: arrival rate (default) or queries in the system "
                         "(the artifact's)")
+    p.add_argument("--stabilization-s", type=limits.STABILIZATION_S, metavar="S",
+                   help=bounded("with --queue-model mean or tail: a role switch must carry the highest demand "
+                                "planned for over this many seconds", limits.STABILIZATION_S, 60))
     p.add_argument("--fallback", choices=("none", "light"), default="none",
                    help="what a deferred request whose heavy image could not be ready by its SLO deadline gets: "
                         "none = served late by the heavy model or dropped (default), light = the light image "
@@ -188,7 +191,10 @@ def _planning(args: argparse.Namespace) -> dict:
     given = {key: value for key, value in (("routing", args.routing), ("max_utilization", args.max_utilization),
                                            ("demand", args.demand)) if value is not None}
     chosen = apply_preset(args.preset, given)
-    controller = ControllerConfig(**{**chosen.get("controller", {}), "demand": chosen.get("demand", "arrival")})
+    controller = {**chosen.get("controller", {}), "demand": chosen.get("demand", "arrival")}
+    if args.stabilization_s is not None:
+        controller["stabilization_s"] = args.stabilization_s
+    controller = ControllerConfig(**controller)
     return {"routing": chosen.get("routing", "least-loaded"),
             "max_utilization": chosen.get("max_utilization", DEFAULT_MAX_UTILIZATION), "controller": controller}
 

@@ -172,7 +172,8 @@ def sim_config_from(described: dict, *, service_time: str, overhead=None, ratio=
     static_plan = run.get("static_plan")
     return SimConfig(
         cascade=cascade, gpus=int(run["gpus"]), policy=run["policy"], seed=int(run["seed"]),
-        controller=ControllerConfig(**run["controller"]), routing=run["routing"],
+        # a server from before the stabilisation window (no such key) planned without one
+        controller=ControllerConfig(**{"stabilization_s": 0.0, **run["controller"]}), routing=run["routing"],
         drop_factor=float(run["drop_factor"]), batch_timeout_s=float(run["batch_timeout_s"]),
         swap_s=float(run["swap_s"]), batch_sizes=tuple(run["batch_sizes"]),
         static_plan=dict(static_plan) if static_plan else None, max_utilization=float(run["max_utilization"]),

@@ -39,14 +39,15 @@ late every time, and ``now - last >= replan_s`` alone would then re-plan every `
 
 Idle time (the simulator's long gaps between arrivals): once the controller is :meth:`~Controller.idle_steady`
 -- the EWMA holds only zero samples and the policy was last asked exactly what an idle re-plan would ask
--- and every demand it remembers is 0 too (for a policy that reads them, idle re-plans wait up to
-``stabilization_s`` for that), further idle ticks change nothing but the clock, and :meth:`Controller.on_idle_ticks` takes any number
-of them at once without asking the policy again. Policies are pure (:mod:`diffsim.policies`): the same
+(for a policy that reads the window, a peak of 0 too: up to ``stabilization_s`` of idle re-plans first)
+-- further idle ticks change nothing but the clock, and :meth:`Controller.on_idle_ticks` takes any
+number of them at once without asking the policy again. Policies are pure (:mod:`diffsim.policies`): the same
 input gives the same plan, so the result is the one ticking one by one would give.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Optional, Sequence
 
@@ -78,9 +79,13 @@ def read_state(state: dict, now: float = 0.0) -> tuple:
         rate = float(state["rate_qps"])
         delay = (float(state["queue_delay_s"][0]), float(state["queue_delay_s"][1]))
         lengths = (int(state["queue_lengths"][0]), int(state["queue_lengths"][1]))
-        demands = [(now - float(age), float(d)) for age, d in state.get("demands", ())]  # older states: none
+        ages = [(float(age), float(d)) for age, d in state.get("demands", ())]  # older states: none
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"not a controller state: {type(e).__name__}: {e}") from None
+    if any(not (math.isfinite(age) and 0 <= d < math.inf) for age, d in ages) \
+            or any(a < b for (a, _), (b, _) in zip(ages, ages[1:])):
+        raise ValueError("not a controller state: remembered demands must be finite, >= 0 and oldest first")
+    demands = [(now - age, d) for age, d in ages]
     if len(queue_sum) != 2 or len(rate_sum) != 2 or ticks < 0 or window < 0:
         raise ValueError("not a controller state: two stages' sums and counts >= 0")
     if any(not x >= 0 for x in samples):
@@ -89,7 +94,8 @@ def read_state(state: dict, now: float = 0.0) -> tuple:
 
 
 class Controller:
-    """Demand estimate and re-plan schedule around one policy (anything with ``plan(PolicyInput)``)."""
+    """Demand estimate and re-plan schedule around one policy (anything with ``plan(PolicyInput)`` and
+    ``reads_peak_demand``: :class:`diffsim.policies.Policy`)."""
 
     def __init__(self, policy, gpus: int, config: ControllerConfig = ControllerConfig()):
         self.policy = policy
@@ -107,7 +113,8 @@ class Controller:
         self._rate_sum = [0.0, 0.0]  # arrival rates per stage
         self._asked: Optional[PolicyInput] = None  # the policy's last input, and its answer
         self._answer: Optional[Plan] = None
-        # (time, demand) of the plans asked for within the stabilisation window, oldest first
+        # (time, demand) of the plans asked for within the stabilisation window that no later one has
+        # matched or exceeded: oldest first, demands decreasing, so the first is the window's peak
         self._window_s = config.stabilization_s if policy.reads_peak_demand else None
         self._demands: deque[tuple[float, float]] = deque()
 
@@ -126,7 +133,8 @@ class Controller:
     def state(self, now: float) -> dict:
         """Everything the next ticks depend on, times relative to ``now``: the plan in force, how long ago
         it was made, the tick count, the demand samples held (oldest first), the last tick's measurements
-        and delay estimate, and the sums the next re-plan's queueing delay is taken from. A server reports
+        and delay estimate, the sums the next re-plan's queueing delay is taken from, and the demands its
+        stabilisation window remembers (as ages, oldest first). A server reports
         it (``GET /v1/plan``) so that ``diffsim validate`` can start a simulation where the server stood
         (:meth:`resume`)."""
         return {
@@ -153,7 +161,10 @@ class Controller:
         self.plan, self.last_plan_s, self.ticks = plan, now - since, ticks
         self._window_ticks, self._queue_sum, self._rate_sum = window, queue_sum, rate_sum
         self.rate_qps, self.queue_delay_s, self.queue_lengths = rate, delay, lengths
-        self._demands = deque(demands if self._window_s is not None else ())
+        self._demands = deque()
+        if self._window_s is not None:
+            for t, d in demands:
+                self._push(t, d)
         self._asked = self._answer = None  # the policy has not been asked here yet
         return plan
 
@@ -224,12 +235,12 @@ class Controller:
         empty queue, the plan in force), so it returns the same plan."""
         if self._asked is None or self.ticks == 0 or not self.estimator.all_zero:
             return False
-        if any(d for _, d in self._demands):  # a remembered demand would still reach a re-plan
-            return False
         if any(self._queue_sum) or any(self._rate_sum):  # the next re-plan's delay would not be 0
             return False
         if self.gpus < 1:  # re-plans ask nothing
             return True
+        # With a stabilisation window this also waits for the busy demands to leave it: the last input's
+        # peak is 0 (as an idle re-plan's) only once every demand remembered is 0.
         return self._asked == self._idle_input()
 
     def on_idle_ticks(self, times: Sequence[float]) -> list[tuple[float, Plan]]:
@@ -280,10 +291,21 @@ class Controller:
         if self._window_s is None:
             return None
         demands = self._demands
-        while demands and demands[0][0] <= now - self._window_s:
+        # half a tick of tolerance, as replan_due: a demand a whole window old leaves it, whatever the
+        # rounding of float tick times (or of times taken over from another clock, resume)
+        edge = now - self._window_s + 0.5 * self.config.tick_s
+        while demands and demands[0][0] <= edge:
             demands.popleft()
-        demands.append((now, demand_qps))
-        return max(d for _, d in demands)
+        self._push(now, demand_qps)
+        return demands[0][1]
+
+    def _push(self, t: float, demand_qps: float) -> None:
+        """Remember ``demand_qps`` at ``t``, forgetting the earlier demands it matches or exceeds (they can
+        no longer be the window's peak)."""
+        demands = self._demands
+        while demands and demands[-1][1] <= demand_qps:
+            demands.pop()
+        demands.append((t, demand_qps))
 
     def _ask(self, demand_qps: float, queue_delay_s: tuple[float, float],
              queue_lengths: tuple[int, int] = (0, 0), *, now: float) -> Plan:
