@@ -127,7 +127,8 @@ def simulate(
 ) -> SimResult:
     """Simulate ``trace`` under ``config``.
 
-    ``policy`` overrides ``make_policy(config.policy, ...)`` (anything with ``plan(PolicyInput)``);
+    ``policy`` overrides ``make_policy(config.policy, ...)`` (a :class:`~diffsim.policies.Policy`:
+    ``plan(PolicyInput)`` and ``reads_peak_demand``);
     ``confidences`` overrides the per-prompt confidences of :func:`make_confidences`;
     ``on_batch(batch)`` and ``on_enqueue(worker, query, now)`` are debug hooks called as batches start
     and as queries enter worker queues. ``keep_queries=False``: ``result.queries`` is the queries'
@@ -254,14 +255,10 @@ def simulate(
     # Batch times reported to the dispatcher's estimate: drawn ones, and profile ones where the estimate
     # is not on the profile the batches run at (it would otherwise stay where it started).
     report_times = config.service_time == "sampled" or estimates_from is not None or service_estimate is not None
+    # With sampled times and a contention profile the model also scales each batch by the host's state at
+    # its start (ServiceTimeModel.start / end; the fixed-time simulator keeps p50s).
     times = ServiceTimeModel(cascade, config.service_time, config.seed)
     cold = [cascade.overheads.cold_start_s] * config.gpus  # each worker's first batch takes this much longer
-    # With sampled times and a contention profile, a batch time is scaled by how many workers run batches
-    # at its start and, for a batch that runs alone, by how long the host had been idle (as the profile's
-    # batch_time_contention says; the fixed-time simulator keeps p50s).
-    contention = cascade.batch_time_contention if config.service_time == "sampled" else None
-    busy = [0]  # workers running a batch (counted only with a contention profile)
-    last_end = [-math.inf]  # when the last batch ended (the host's idle time before a batch that runs alone)
 
     def worker(w: int):
         take = dispatcher.take_batch
@@ -285,13 +282,7 @@ def simulate(
             if on_batch is not None:
                 on_batch(batch)
             running[w] = batch
-            if contention is not None:
-                busy[0] += 1
-                k = busy[0]
-                idle_s = now - last_end[0] if k == 1 else 0.0
-                run_s = contention.at(k, idle_s) * times.draw(batch.role, len(batch.queries), batch.with_discriminator)
-            else:
-                run_s = times.draw(batch.role, len(batch.queries), batch.with_discriminator) if report_times else None
+            run_s = times.start(batch.role, len(batch.queries), batch.with_discriminator, now) if report_times else None
             if cold[w]:
                 run_s = (batch.service_s if run_s is None else run_s) + cold[w]
                 cold[w] = 0.0
@@ -299,14 +290,10 @@ def simulate(
                 yield timeout(batch.service_s if run_s is None else run_s)
             except simpy.Interrupt:  # lost with this batch: the fault process has handed it back
                 now = env.now
-                if contention is not None:
-                    busy[0] -= 1
-                    last_end[0] = now
+                times.end(now)
                 continue
             now = env.now
-            if contention is not None:
-                busy[0] -= 1
-                last_end[0] = now
+            times.end(now)
             running[w] = None
             for target in complete(batch, now, run_s=run_s):
                 if waiting[target] is not None:

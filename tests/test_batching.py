@@ -215,4 +215,12 @@ def test_late_deferred_properties(free_at, b, arrivals):
     for i, x in enumerate(kept):
         if x.deferred:
             assert finish_s(free_at, i, len(kept), b, HEAVY) <= x.deadline_s + 1e-9
+    # each removed query was late where it stood when judged: behind the kept ones before it, ahead of
+    # every query after it
+    kept_ids, before = {x.id for x in kept}, 0
+    for i, x in enumerate(queries):
+        if x.id in kept_ids:
+            before += 1
+        else:
+            assert finish_s(free_at, before, before + len(queries) - i, b, HEAVY) > x.deadline_s
     event(f"{len(late)} late")

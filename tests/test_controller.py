@@ -203,7 +203,7 @@ def test_read_state_checks_the_remembered_demands(cascade):
     ctl = Controller(policy, 16, ControllerConfig(tick_s=1.0, replan_s=1.0))
     ctl.initial_plan(0.0)
     state = ctl.state(0.5)
-    assert read_state(state)[-1] == [(-0.5, 10.0 * 1.05)]
+    assert read_state(state).demands == [(-0.5, 10.0 * 1.05)]
     for bad in ([[0.5, -1.0]], [[float("nan"), 1.0]], [[1.0, float("inf")]], [[1.0, 2.0], [2.0, 1.0]], [[1.0]]):
         with pytest.raises(ValueError, match="not a controller state"):
             read_state({**state, "demands": bad})

@@ -7,6 +7,7 @@ import json
 
 from .. import limits
 from ..errors import DiffsimError
+from ..runtime.batching import FALLBACKS
 from .args import bounded, nonempty, number_list
 
 DEFAULT_PORT = 8000
@@ -79,7 +80,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stabilization-s", type=limits.STABILIZATION_S, metavar="S",
                    help=bounded("with --queue-model mean or tail: a role switch must carry the highest demand "
                                 "planned for over this many seconds", limits.STABILIZATION_S, 60))
-    p.add_argument("--fallback", choices=("none", "light"), default="none",
+    p.add_argument("--fallback", choices=FALLBACKS, default="none",
                    help="what a deferred request whose heavy image could not be ready by its SLO deadline gets: "
                         "none = served late by the heavy model or dropped (default), light = the light image "
                         "already made for it, on time (with --queue-model mean or tail the heavy stage is then "

@@ -20,6 +20,7 @@ from typing import Optional
 from .. import limits
 from ..reports import metrics
 from ..errors import DiffsimError
+from ..runtime.batching import FALLBACKS
 from .args import bounded, nonempty
 
 DEFAULT_TRACE = "dynamic.csv"
@@ -61,7 +62,7 @@ def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tail-quantile", type=limits.QUANTILE, metavar="Q",
                    help=bounded("--queue-model tail plans so that this quantile of all queries' latency meets the SLO",
                                 limits.QUANTILE, 0.99))
-    p.add_argument("--fallback", choices=("none", "light"),
+    p.add_argument("--fallback", choices=FALLBACKS,
                    help="what a deferred query whose heavy image could not be ready by its SLO deadline gets: "
                         "none = served late by the heavy model or dropped (default), light = its light image, on "
                         "time (with --queue-model mean or tail the heavy stage is then planned to its capacity)")

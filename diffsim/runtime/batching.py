@@ -217,6 +217,14 @@ def finish_s(free_at_s: float, position: int, queued: int, batch_size: int, serv
     return free_at_s + rounds * service_s(b) + service_s(min(b, queued - rounds * b))
 
 
+def misses_deadline(query: Query, free_at_s: float, position: int, queued: int, batch_size: int,
+                    service_s: Callable[[int], float], answer_s: float = 0.0) -> bool:
+    """Whether ``query``, at ``position`` of a FIFO queue of ``queued`` that a worker free at
+    ``free_at_s`` serves (:func:`finish_s`), would be answered (``answer_s`` after its batch) after its SLO
+    deadline."""
+    return finish_s(free_at_s, position, queued, batch_size, service_s) + answer_s > query.deadline_s
+
+
 def late_deferred(queue: deque[Query], free_at_s: float, batch_size: int, service_s: Callable[[int], float],
                   answer_s: float = 0.0) -> list[Query]:
     """Remove from ``queue`` (mutated) the deferred queries whose heavy image would come after their SLO
@@ -232,8 +240,8 @@ def late_deferred(queue: deque[Query], free_at_s: float, batch_size: int, servic
     for q in queue:
         remaining -= 1
         position = len(kept)
-        if q.deferred and finish_s(free_at_s, position, position + 1 + remaining, batch_size,
-                                   service_s) + answer_s > q.deadline_s:
+        if q.deferred and misses_deadline(q, free_at_s, position, position + 1 + remaining, batch_size, service_s,
+                                          answer_s):
             late.append(q)
         else:
             kept.append(q)

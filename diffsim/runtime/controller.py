@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from ..config import ControllerConfig
 from .demand import DemandEstimator
@@ -64,10 +64,25 @@ def little_delay_s(queue_length: float, arrival_rate_qps: float) -> float:
     return queue_length / arrival_rate_qps
 
 
-def read_state(state: dict, now: float = 0.0) -> tuple:
-    """The fields of a :meth:`Controller.state` taken at ``now`` on the reader's clock, checked (ValueError
-    with one line otherwise): plan in force, seconds since it, ticks, window ticks, queue and rate sums,
-    demand samples, last rate, delays, queue lengths, remembered demands as (time, demand)."""
+class SavedState(NamedTuple):
+    """A :meth:`Controller.state`, read (:func:`read_state`), its times on the reader's clock."""
+
+    plan: Plan
+    since_plan_s: float
+    ticks: int
+    window_ticks: int
+    queue_sum: list[float]
+    rate_sum: list[float]
+    samples: list[float]  # the demand EWMA's, oldest first
+    rate_qps: float
+    queue_delay_s: tuple[float, float]
+    queue_lengths: tuple[int, int]
+    demands: list[tuple[float, float]]  # the stabilisation window's (time, demand), oldest first
+
+
+def read_state(state: dict, now: float = 0.0) -> SavedState:
+    """A :meth:`Controller.state` taken at ``now`` on the reader's clock, checked (ValueError with one line
+    otherwise)."""
     try:
         plan = Plan.from_dict(state["plan"])
         since = float(state["since_plan_s"])
@@ -90,7 +105,7 @@ def read_state(state: dict, now: float = 0.0) -> tuple:
         raise ValueError("not a controller state: two stages' sums and counts >= 0")
     if any(not x >= 0 for x in samples):
         raise ValueError(f"not a controller state: demand samples must be >= 0, got {samples!r}")
-    return plan, since, ticks, window, queue_sum, rate_sum, samples, rate, delay, lengths, demands
+    return SavedState(plan, since, ticks, window, queue_sum, rate_sum, samples, rate, delay, lengths, demands)
 
 
 class Controller:
@@ -155,18 +170,17 @@ class Controller:
         """Take up where :meth:`state` left another controller, at ``now`` on this one's clock; returns the
         plan in force (to apply, as :meth:`initial_plan`'s). The next re-plan falls where it would have
         (``replan_s`` after that plan was made), not at the first tick."""
-        (plan, since, ticks, window, queue_sum, rate_sum, samples, rate, delay, lengths,
-         demands) = read_state(state, now)
-        self.estimator.restore(samples)
-        self.plan, self.last_plan_s, self.ticks = plan, now - since, ticks
-        self._window_ticks, self._queue_sum, self._rate_sum = window, queue_sum, rate_sum
-        self.rate_qps, self.queue_delay_s, self.queue_lengths = rate, delay, lengths
+        saved = read_state(state, now)
+        self.estimator.restore(saved.samples)
+        self.plan, self.last_plan_s, self.ticks = saved.plan, now - saved.since_plan_s, saved.ticks
+        self._window_ticks, self._queue_sum, self._rate_sum = saved.window_ticks, saved.queue_sum, saved.rate_sum
+        self.rate_qps, self.queue_delay_s, self.queue_lengths = saved.rate_qps, saved.queue_delay_s, saved.queue_lengths
         self._demands = deque()
         if self._window_s is not None:
-            for t, d in demands:
+            for t, d in saved.demands:
                 self._push(t, d)
         self._asked = self._answer = None  # the policy has not been asked here yet
-        return plan
+        return saved.plan
 
     def on_tick(
         self,
@@ -271,9 +285,8 @@ class Controller:
         if not replans:
             return []
         self.queue_delay_s = (little_delay_s(0.0, 0.0), little_delay_s(0.0, 0.0))
-        if self.gpus >= 1:  # each re-plan's demand (0) remembered, as on_tick would ask it
-            for t in replans:
-                self._remember(t, self.demand_qps)
+        if self.gpus >= 1:  # the re-plans' demand (0) remembered, as on_tick would ask it: every demand held
+            self._remember(replans[-1], self.demand_qps)  # is 0 here, so the last re-plan's 0 replaces them all
         if self.gpus < 1 or self._answer.gpus_used == 0:
             return []
         self.plan = self._answer

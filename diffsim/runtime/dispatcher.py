@@ -22,7 +22,7 @@ dropped from it once they could no longer finish in time -- never lost.
 
 With ``fallback="light"`` a deferred query is never left waiting for a heavy image it cannot have in time
 (:func:`~diffsim.runtime.batching.late_deferred`): it is answered with its light image, ``completed``
-and served by ``light`` (:attr:`Dispatcher.fallbacks` counts them), when it is deferred to a heavy
+and served by ``light`` (:attr:`Query.fell_back`), when it is deferred to a heavy
 worker (or a stage with no worker) that could not finish it by its SLO deadline, when a heavy batch is
 formed, and at the deadline sweep (:meth:`Dispatcher.expire_queued`). It is one rule in every placement
 of a deferred query, so a query moved by a new plan or a lost worker is judged the same way. A heavy
@@ -41,7 +41,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from .batching import FALLBACKS, ServiceTimes, batch_ready, expired, finish_s, form_batch, late_deferred
+from .batching import (FALLBACKS, ServiceTimes, batch_ready, expired, form_batch, late_deferred,
+                       misses_deadline)
 from .confidence import Confidences
 from ..plan import Plan, Role
 from ..profiles import Cascade
@@ -111,13 +112,14 @@ class Dispatcher:
         # encoding). The simulator models it from the profile -- a constant, or a callable drawing one
         # query's overhead (:func:`~diffsim.runtime.service_time.request_overhead`); the server measures it
         # for real (0 here).
-        if callable(answer_overhead_s):
+        # The light fallback promises on the constant, or on the drawn overheads' median (a sampled overhead
+        # is drawn per answer, after the decision).
+        if isinstance(answer_overhead_s, LogNormalDraws):
             self.answer_overhead_s, self._draw_overhead = 0.0, answer_overhead_s
+            self._answer_promise_s = answer_overhead_s.median_s
         else:
             self.answer_overhead_s, self._draw_overhead = answer_overhead_s, None
-        # The answer time the light fallback promises on: the constant, or the drawn overheads' median
-        # (a sampled overhead is drawn per answer, after the decision: a LogNormalDraws, which says it).
-        self._answer_promise_s = answer_overhead_s.median_s if callable(answer_overhead_s) else answer_overhead_s
+            self._answer_promise_s = answer_overhead_s
         # The batch-time estimates batches, drops and admission are judged by: the cascade's profile (or
         # ``estimates_from``, another one: the server's, in validate), learnt from measured times.
         self.service = ServiceTimes(estimates_from or cascade, limit_s=self.limit_s)
@@ -137,7 +139,6 @@ class Dispatcher:
         self.backlog: dict[str, deque[Query]] = {"light": deque(), "heavy": deque()}
         self.finished = 0
         self.light_fallback = fallback == "light"  # late deferred queries get their light image
-        self.fallbacks = 0  # deferred queries answered with their light image (fallback "light")
         self._loads = _Loads(self.queues, self.inflight)
         # Least-loaded routing's index of worker loads; kept current by _load_changed and _stages_changed.
         self._index: Optional[LoadIndex] = LoadIndex(gpus) if router.kind == "least-loaded" else None
@@ -185,8 +186,8 @@ class Dispatcher:
             # its place: the back of the queue, or the front for a lost batch's queries put back
             b, queue = self._stage_settings[role][0], self.queues[w]
             position = 0 if front else len(queue)
-            if finish_s(self._free_at(w, now), position, len(queue) + 1, b, self._promise_s) \
-                    + self._answer_promise_s > query.deadline_s:
+            if misses_deadline(query, self._free_at(w, now), position, len(queue) + 1, b, self._promise_s,
+                               self._answer_promise_s):
                 self._fall_back(query, now)
                 return None
         if front:
@@ -214,11 +215,7 @@ class Dispatcher:
             retry = batch_ready(len(queue), queue[0].enqueued_s, now, b, self.batch_timeout_s)
             if retry is not None:
                 return None, retry
-        late = ()
-        if self.light_fallback and role == "heavy":
-            late = late_deferred(queue, now, b, self._promise_s, self._answer_promise_s)
-            for q in late:
-                self._fall_back(q, now)
+        late = self._fall_back_late(worker, now, now) if self.light_fallback and role == "heavy" else 0
         batch, dropped = form_batch(queue, now, b, times.__getitem__, self.limit_s)
         # Queued + in flight changes only by the drops and fallbacks (and any batch still marked in flight):
         # taking queued queries into a batch moves them from one to the other.
@@ -284,14 +281,24 @@ class Dispatcher:
             self.finished += len(batch.queries)
         return woken
 
-    def _fall_back(self, query: Query, now: float) -> None:
-        """Answer deferred ``query`` with its light image now (fallback ``light``): completed, served light; the
-        time it waited for the heavy stage (none when it falls back as it is deferred) is queueing time."""
-        query.queue_s += now - query.enqueued_s
+    def _fall_back(self, query: Query, now: float, *, queued: bool = True) -> None:
+        """Answer deferred ``query`` with its light image now (fallback ``light``): completed, served light.
+        ``queued``: it is in a queue, and the time it waited there for the heavy stage (none when it falls
+        back as it is deferred) is queueing time."""
+        if queued:
+            query.queue_s += now - query.enqueued_s
         draw = self._draw_overhead
         query.finish("completed", now + (self.answer_overhead_s if draw is None else draw()), "light")
         self.finished += 1
-        self.fallbacks += 1
+
+    def _fall_back_late(self, worker: int, free_at_s: float, now: float) -> int:
+        """Answer light the deferred queries of heavy ``worker``'s queue whose heavy image would be late
+        (:func:`late_deferred`, the worker next free at ``free_at_s``); returns how many."""
+        late = late_deferred(self.queues[worker], free_at_s, self._stage_settings["heavy"][0], self._promise_s,
+                             self._answer_promise_s)
+        for q in late:
+            self._fall_back(q, now)
+        return len(late)
 
     def _promise_s(self, n: int) -> float:
         """The time of a heavy batch of ``n`` a deferred query is promised its heavy image on (fallback
@@ -314,8 +321,7 @@ class Dispatcher:
         self._free(batch, now, batch.service_s if run_s is None else run_s)
         for q in batch.queries:
             if self.light_fallback and batch.role == "heavy" and q.deferred:
-                q.enqueued_s = now  # its wait and the failed batch are booked already (queue, service)
-                self._fall_back(q, now)
+                self._fall_back(q, now, queued=False)  # its wait and the failed batch are booked already
             else:
                 q.finish("failed", now, error=error)
                 self.finished += 1
@@ -497,12 +503,9 @@ class Dispatcher:
             if not queue or role is None:
                 continue
             if self.light_fallback and role == "heavy":
-                b = self._stage_settings[role][0]
-                late = late_deferred(queue, self._free_at(w, now), b, self._promise_s, self._answer_promise_s)
-                for q in late:
-                    self._fall_back(q, now)
+                late = self._fall_back_late(w, self._free_at(w, now), now)
                 if late:
-                    count += len(late)
+                    count += late
                     self._load_changed(w)
                 if not queue:
                     continue

@@ -90,6 +90,11 @@ class ServiceTimeModel:
         self._correlation = None if c is None or c.share == 0.0 else (
             math.sqrt(c.share), math.sqrt(1.0 - c.share), c.rho, math.sqrt(1.0 - c.rho * c.rho))
         self._slow: Optional[float] = None
+        # The host's state when the profile has batch_time_contention (sampled times only): workers running
+        # a batch, and when the last batch ended (how long the host had been idle before one that runs alone).
+        self._contention = cascade.batch_time_contention if mode == "sampled" else None
+        self._busy = 0
+        self._last_end = -math.inf
 
     def params(self, role: Role, n: int, with_disc: bool) -> tuple[float, float]:
         """(median in s, log-normal sigma) of a batch of n at this stage."""
@@ -112,6 +117,23 @@ class ServiceTimeModel:
         if self._correlation is not None:
             return median * math.exp(sigma * self._correlated_z())
         return median * math.exp(sigma * self._normal())
+
+    def start(self, role: Role, n: int, with_disc: bool, now: float) -> float:
+        """Seconds a batch of n starting at ``now`` takes: :meth:`draw`, scaled by the profile's
+        batch_time_contention at the host's state then (workers running a batch, this one included, and
+        for one that runs alone the host's idle time before it). Each start is followed by :meth:`end`."""
+        t = self.draw(role, n, with_disc)
+        if self._contention is None:
+            return t
+        self._busy += 1
+        idle_s = now - self._last_end if self._busy == 1 else 0.0
+        return self._contention.at(self._busy, idle_s) * t
+
+    def end(self, now: float) -> None:
+        """A batch started with :meth:`start` ended (or was lost) at ``now``."""
+        if self._contention is not None:
+            self._busy -= 1
+            self._last_end = now
 
     def _normal(self) -> float:
         i = self._next
@@ -156,7 +178,7 @@ class LogNormalDraws:
         return self._values[i]
 
 
-def request_overhead(cascade: Cascade, mode: str = "p50", seed: int = 0) -> "float | Callable[[], float]":
+def request_overhead(cascade: Cascade, mode: str = "p50", seed: int = 0) -> "float | LogNormalDraws":
     """What a completed query waits beyond its batches (HTTP, encoding, the event loop), in seconds, for
     the dispatcher: the profile's ``overheads.request_ms`` as a constant with ``p50`` (or where the profile
     gives no spread); with ``sampled`` a :class:`LogNormalDraws` of that median, its sigma fitted to

@@ -396,9 +396,6 @@ class Engine:
         message = f"worker {batch.worker} failed running a {batch.role} batch: {type(error).__name__}: {error}"
         log.error("%s", message)
         self.dispatcher.fail_batch(batch, now, message, run_s=run_s)
-        for q in batch.queries:
-            if q.outcome == "failed":  # a deferred one answered light (light fallback) keeps its light image
-                self._images.pop(q.id, None)
         self.failed_batches += 1
         for hook in self.on_batch:
             hook(batch.role, len(batch.queries), run_s, True)
