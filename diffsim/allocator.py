@@ -931,8 +931,9 @@ def _stage_paths(stage: _Stage, ok: list[int], loads: np.ndarray, backlog: float
     """``path[k, j, i]``: the latency of stage option ``ok[j]`` on ``n = first + i`` workers (a window of
     ``width`` worker counts; the full table is ``first`` 0 and ``width`` gpus + 1) for load ``loads[k]``
     queries/s: batch time x (1 + batch_wait) + the plan-dependent delay
-    (:func:`diffsim.runtime.queueing.stage_delay`: the mean, or the quantile ``quantiles[k]``), capped at
-    :func:`_cap_s`.
+    (:func:`diffsim.runtime.queueing.stage_delay`: the mean, or candidate k's quantile in
+    ``rule.quantiles``; none where ``rule.wait`` is False), capped at :func:`_cap_s`, and at the cap
+    where ``rule.gate`` is given and the path with the delay at that quantile exceeds the SLO.
 
     The cap also marks the worker counts a plan cannot have: none (a stage that runs has a worker), and
     fewer than the load needs at the utilisation cap, :func:`_queued_need` (the rounding of the little

@@ -6,6 +6,8 @@ minute under ``--preset artifact --queue-model tail``, where alternate re-plans 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from diffsim.allocator import allocate
@@ -78,7 +80,8 @@ def test_a_switch_must_carry_the_peak_of_the_stabilisation_window(turbo):
         return policy.plan(PolicyInput(13.12, (0.0, 0.0), 8, (2, 0), current, peak_demand_qps=peak))
 
     for peak in (None, 13.12, 20.0):
-        assert split(plan(peak)) == (1, 7) and "kept_split_over" not in plan(peak).extra
+        moved = plan(peak)
+        assert split(moved) == (1, 7) and "kept_split_over" not in moved.extra
     held = plan(25.0)
     assert split(held) == (2, 6) and held.feasible and held.extra["kept_split_over"][:2] == (1, 7)
     grid = policy.grid
@@ -99,7 +102,6 @@ def test_no_hysteresis_with_the_little_model(turbo):
     plan = make_policy("diffserve", turbo, max_utilization=1.0, switch_margin=0.5).plan(inp)
     assert split(plan) == (1, 7)
     assert plan == make_policy("diffserve", turbo, max_utilization=1.0, switch_margin=0.0).plan(inp)
-    from dataclasses import replace
     assert plan == make_policy("diffserve", turbo, max_utilization=1.0).plan(replace(inp, peak_demand_qps=40.0))
 
 
@@ -116,7 +118,7 @@ def test_plan_dependent_delay_plans_on_a_grid_of_small_deferral_steps():
 
     from diffsim.allocator import DEFAULT_THRESHOLDS
     from diffsim.config import build_sim_config
-    from diffsim.policies import DEFERRAL_STEP, deferral_grid, make_policy
+    from diffsim.policies import DEFERRAL_STEP, deferral_grid
 
     config = build_sim_config({})
     cascade = config.cascade
@@ -136,8 +138,6 @@ def test_plan_dependent_delay_plans_on_a_grid_of_small_deferral_steps():
     assert make_policy("diffserve", cascade, queue_model="tail", thresholds=[0.05]).grid == (0.05,)
     # At 8 GPUs and 28 qps the tail-aware plan defers a little rather than nothing.
     policy = make_policy("diffserve", cascade, queue_model="tail", routing="random", max_utilization=1.0)
-    from diffsim.policies import PolicyInput
-
     plan = policy.plan(PolicyInput(demand_qps=28.0, queue_delay_s=(0.0, 0.0), gpus=8))
     coarse = make_policy("diffserve", cascade, queue_model="tail", routing="random", max_utilization=1.0,
                          thresholds=DEFAULT_THRESHOLDS).plan(PolicyInput(demand_qps=28.0, queue_delay_s=(0.0, 0.0), gpus=8))
@@ -164,7 +164,6 @@ def test_the_stabilisation_window_ends_proteus_thrashing_on_a_step_trace():
     --hi 30 --intervals 360 --seed 4`) at 8 GPUs. Without the window its plans thrash: serving queries
     fast lowers the estimate (queries in the system) below the arrival rate, one light worker is planned,
     the queue builds, the estimate jumps and the GPUs move back."""
-    from dataclasses import replace
 
     from diffsim.config import build_sim_config
     from diffsim.simulator import simulate

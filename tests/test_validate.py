@@ -102,7 +102,7 @@ def test_batches_are_rebuilt_from_the_answers_and_give_the_measured_spread():
     batches = rebuilt_batches(queries, cascade)
     assert sorted(n for n, _, _, _ in batches["light"]) == sorted((1, 2, 4)[i % 3] for i in range(40))
     assert [n for n, _, _, _ in batches["heavy"]] == [1]
-    spread = measured_spread(queries, cascade)
+    spread = measured_spread(rebuilt_batches(queries, cascade))
     assert set(spread) == {"light"}  # one heavy batch is too few
     light = spread["light"]
     assert light["batches"] == 40
@@ -112,7 +112,7 @@ def test_batches_are_rebuilt_from_the_answers_and_give_the_measured_spread():
     assert light["sizes"] == {}
     more = [answered_query(500.0 + 10.0 * i, 0.1, round(r * service_time_s(cascade, "light", 1, True), 6))
             for i, r in enumerate(np.linspace(0.5, 0.7, 10))]  # 24 batches of 1 now
-    by_size = measured_spread(queries + more, cascade)["light"]["sizes"]
+    by_size = measured_spread(rebuilt_batches(queries + more, cascade))["light"]["sizes"]
     ones = np.concatenate([ratios[0::3], np.linspace(0.5, 0.7, 10)])
     assert set(by_size) == {1} and by_size[1]["batches"] == 24
     assert by_size[1]["p50"] == pytest.approx(np.percentile(ones, 50), rel=1e-4)
@@ -195,7 +195,8 @@ def test_contention_factors_are_measured_from_batches_that_ran_together():
     """Batches that ran alone at 0.8x their profile time and, in pairs (two workers at once), at 1.2x:
     the fitted factors for one and two workers running stand 1.5 apart, and dividing them out leaves
     the batches' spread to the per-size calibration."""
-    from diffsim.commands.validate import batch_contention, measured_contention, measured_spread, rebuilt_batches
+    from diffsim.commands.validate import (batch_contention, decontended, measured_contention, measured_spread,
+                                          rebuilt_batches)
     from diffsim.runtime.batching import service_time_s
     from sim_helpers import a100_cascade
 
@@ -210,15 +211,15 @@ def test_contention_factors_are_measured_from_batches_that_ran_together():
     running = batch_contention(rebuilt_batches(queries, cascade), gpus=2)
     counts = [k for k, _ in running.values()]
     assert counts.count(1) == 30 and counts.count(2) == 60  # pairs start together
-    assert all(idle == (9.0 if i else math.inf) or abs(idle - (10.0 - 0.8 * base)) < 1e-3
-               for i, (k, idle) in enumerate(running.values()) if k == 1)  # alone: the host idle before each
-    contention = measured_contention(queries, cascade, gpus=2)
+    alone = [idle for k, idle in running.values() if k == 1]  # the host idle before each
+    assert alone[0] == math.inf and alone[1:] == pytest.approx([10.0 - 0.8 * base] * 29, abs=1e-3)
+    contention = measured_contention(rebuilt_batches(queries, cascade), gpus=2)
     f1, f2 = contention["factors"]
     assert f2 / f1 == pytest.approx(1.5, rel=1e-3)
     assert contention["batches"] == {1: 30, 2: 60}
-    assert measured_contention(queries[:30], cascade, gpus=2) is None  # one count only: nothing to fit
+    assert measured_contention(rebuilt_batches(queries[:30], cascade), gpus=2) is None  # one count only: nothing to fit
     # de-contended, the ratios of the batches that ran alone equal those that ran in pairs
-    spread = measured_spread(queries, cascade, contention, gpus=2)["light"]
+    spread = measured_spread(decontended(rebuilt_batches(queries, cascade), contention, gpus=2))["light"]
     assert spread["p95"] / spread["p50"] < 1.6  # 1.2 / 0.8 = 1.5 would remain without it
 
 
@@ -226,7 +227,8 @@ def test_idle_factors_are_measured_from_batches_that_ran_alone():
     """Batches that ran alone: back to back (1 ms after the last ended) at 0.7x their profile time, after
     10 s of idle at 1.3x; and pairs at 1.0x. The fitted idle factors stand 1.3 / 0.7 apart, each idle class
     with its batches counted, and dividing them out leaves the alone batches' spread to the calibration."""
-    from diffsim.commands.validate import IDLE_GAPS_S, contention_fields, measured_contention, measured_spread
+    from diffsim.commands.validate import (IDLE_GAPS_S, contention_fields, decontended, measured_contention,
+                                          measured_spread, rebuilt_batches)
     from diffsim.profiles import BatchTimeContention
     from diffsim.runtime.batching import service_time_s
     from sim_helpers import a100_cascade
@@ -246,7 +248,7 @@ def test_idle_factors_are_measured_from_batches_that_ran_alone():
         for j in range(2):
             queries.append(answered_query(t, 0.0, round(base, 6) + (2 * i + j) * 1e-6))
         t += 10.0
-    contention = measured_contention(queries, cascade, gpus=2)
+    contention = measured_contention(rebuilt_batches(queries, cascade), gpus=2)
     assert contention["idle_gaps_s"] == list(IDLE_GAPS_S)
     assert contention["idle_batches"] == [29, 0, 0, 0, 31]  # the first back-to-back batch came after idle
     fast, slow = contention["idle_factors"][0], contention["idle_factors"][-1]
@@ -254,7 +256,7 @@ def test_idle_factors_are_measured_from_batches_that_ran_alone():
     assert contention["idle_factors"][1:4] == [contention["factors"][0]] * 3  # classes with no batches
     model = BatchTimeContention(**contention_fields(contention))
     assert model.at(1, 0.001) == fast and model.at(1, 60.0) == slow and model.at(2, 0.0) == contention["factors"][1]
-    spread = measured_spread(queries, cascade, contention, gpus=2)["light"]
+    spread = measured_spread(decontended(rebuilt_batches(queries, cascade), contention, gpus=2))["light"]
     assert spread["p95"] / spread["p50"] < 1.05  # 1.3 / 0.7 would remain without the idle classes
 
 
@@ -333,7 +335,7 @@ def test_the_simulator_scales_drawn_batch_times_by_the_workers_running():
 def test_the_correlation_of_batch_times_is_fitted_from_the_rebuilt_batches():
     """Batches whose log time follows sqrt(share) x AR(1, rho) + sqrt(1 - share) x noise, one after the
     other: the fit finds share and rho back (loosely: a run has hundreds of batches, not millions)."""
-    from diffsim.commands.validate import measured_correlation
+    from diffsim.commands.validate import measured_correlation, rebuilt_batches
     from diffsim.runtime.batching import service_time_s
     from sim_helpers import a100_cascade
 
@@ -346,13 +348,13 @@ def test_the_correlation_of_batch_times_is_fitted_from_the_rebuilt_batches():
             slow = rho * slow + np.sqrt(1 - rho * rho) * rng.standard_normal()
             z = np.sqrt(share) * slow + np.sqrt(1 - share) * rng.standard_normal()
             queries.append(answered_query(3.0 * i, 0.0, round(base * np.exp(0.3 * z), 6) + i * 1e-6))
-        fit = measured_correlation(queries, cascade)
+        fit = measured_correlation(rebuilt_batches(queries, cascade))
         assert fit["batches"] == 3000
         if share:
             assert fit["share"] == pytest.approx(share, abs=0.1) and fit["rho"] == pytest.approx(rho, abs=0.03)
         else:
             assert fit["share"] < 0.1  # nothing correlated: no slow spells to speak of
-    assert measured_correlation(queries[:50], cascade) is None  # too few batches to fit
+    assert measured_correlation(rebuilt_batches(queries[:50], cascade)) is None  # too few batches to fit
     # batch sizes in runs (as the load goes) with a profile whose shape across sizes is off: no slow spell
     queries = []
     for i in range(3000):
@@ -360,7 +362,7 @@ def test_the_correlation_of_batch_times_is_fitted_from_the_rebuilt_batches():
         ratio = (0.5 if n == 4 else 1.0) * np.exp(0.3 * rng.standard_normal())
         run_s = round(ratio * service_time_s(cascade, "light", n, True), 6) + i * 1e-6
         queries += [answered_query(3.0 * i, 0.0, run_s) for _ in range(n)]
-    assert measured_correlation(queries, cascade)["share"] < 0.1
+    assert measured_correlation(rebuilt_batches(queries, cascade))["share"] < 0.1
 
 
 def test_a_run_s_mean_ratio_from_the_server_s_running_means_and_counts():

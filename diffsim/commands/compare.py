@@ -152,8 +152,7 @@ def run(args: argparse.Namespace) -> int:
         columns = CONSOLE_COLUMNS
         if args.sweep_thresholds:
             columns = columns[:2] + ("threshold", "pinned_share") + columns[2:]
-        if config.fallback != "none":  # the FID that does not flatter fallbacks; how many there were
-            columns = with_fallback_columns(columns, config.fallback) + ("fallback_light",)
+        columns = with_fallback_columns(columns, config.fallback)  # with the fallback: its FID bound, its count
         print(format_table(rows, columns))
         print("wrote " + ", ".join(str(p) for p in written))
     return 0

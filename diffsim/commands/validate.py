@@ -307,8 +307,8 @@ def batch_contention(batches: dict, gpus: int) -> dict:
     return out
 
 
-def measured_contention(queries, cascade, gpus: int) -> Optional[dict]:
-    """How one run's batch times depended on the host's state at their start (the profile's
+def measured_contention(batches: dict, gpus: int) -> Optional[dict]:
+    """How one run's batch times (its :func:`rebuilt_batches`) depended on the host's state at their start (the profile's
     ``batch_time_contention``): ``log(measured / profile)`` per rebuilt batch fitted as an effect of its
     stage and batch size plus an effect of its start state (:func:`batch_contention`) -- the number of
     workers running, and for a batch that ran alone the class of the host's idle time before it
@@ -316,14 +316,14 @@ def measured_contention(queries, cascade, gpus: int) -> Optional[dict]:
     when every worker is busy). States with fewer than :data:`MIN_BATCHES` batches take the nearest
     count's factor below, else above (an idle class, the alone count's), and their batches inform no
     batch-size effect; the factors are the exponentials of the state effects. :func:`measured_spread`
-    and :func:`measured_correlation` then take the batches' times divided by their factors, so that the
+    and :func:`measured_correlation` then take the batches' times divided by their factors
+    (:func:`decontended`), so that the
     simulator's draws, times the factor of the state, have the run's distribution. None where fewer
     than two states have enough batches (nothing to tell apart)."""
     import math
 
     import numpy as np
 
-    batches = rebuilt_batches(queries, cascade)
     state_of = batch_contention(batches, gpus)
     logs, group, states = [], [], []
     for role, bs in batches.items():
@@ -388,10 +388,9 @@ def contention_fields(contention: dict) -> dict:
     return {k: list(contention[k]) for k in CONTENTION_FIELDS if contention.get(k)}
 
 
-def _decontended(queries, cascade, contention: Optional[dict], gpus: int) -> dict:
-    """:func:`rebuilt_batches` with each batch's run time divided by its contention factor (unchanged
-    without one)."""
-    batches = rebuilt_batches(queries, cascade)
+def decontended(batches: dict, contention: Optional[dict], gpus: int) -> dict:
+    """``batches`` (:func:`rebuilt_batches`) with each batch's run time divided by its factor in the
+    run's :func:`measured_contention` (unchanged without one)."""
     if not contention:
         return batches
     from ..profiles import BatchTimeContention
@@ -402,9 +401,9 @@ def _decontended(queries, cascade, contention: Optional[dict], gpus: int) -> dic
                    for i, (n, run_s, profile_s, start) in enumerate(bs)] for role, bs in batches.items()}
 
 
-def measured_spread(queries, cascade, contention: Optional[dict] = None, gpus: int = 1) -> dict:
-    """Per stage, the p50 / p95 / p99 of measured over profile batch time in one run (from
-    :func:`rebuilt_batches`), with the number of batches, and the same per batch size under ``"sizes"``
+def measured_spread(batches: dict) -> dict:
+    """Per stage, the p50 / p95 / p99 of measured over profile batch time in one run (its
+    :func:`rebuilt_batches`, :func:`decontended` where the run has a contention fit), with the number of batches, and the same per batch size under ``"sizes"``
     for the sizes with at least :data:`MIN_BATCHES` batches of their own (a profile's shape across batch
     sizes is itself off on a loaded host: one run here had batches of 1 at 0.89x their profile time and
     batches of 4 at 1.47x). A stage with fewer than :data:`MIN_BATCHES` batches is left out."""
@@ -415,11 +414,11 @@ def measured_spread(queries, cascade, contention: Optional[dict] = None, gpus: i
         return {"p50": p50, "p95": p95, "p99": p99, "batches": len(ratios)}
 
     spread = {}
-    for role, batches in _decontended(queries, cascade, contention, gpus).items():
-        if len(batches) < MIN_BATCHES:
+    for role, stage in batches.items():
+        if len(stage) < MIN_BATCHES:
             continue
         by_size: dict[int, list] = {}
-        for n, run_s, profile_s, _ in batches:
+        for n, run_s, profile_s, _ in stage:
             by_size.setdefault(n, []).append(run_s / profile_s)
         spread[role] = {**percentiles([r for ratios in by_size.values() for r in ratios]),
                         "sizes": {n: percentiles(ratios) for n, ratios in sorted(by_size.items())
@@ -431,9 +430,10 @@ MIN_CORRELATED_BATCHES = 60  # the correlation of batch times is fitted from thi
 CORRELATION_LAGS = 15  # over lags 1 .. this many batches
 
 
-def measured_correlation(queries, cascade, contention: Optional[dict] = None, gpus: int = 1) -> Optional[dict]:
-    """How one run's batch times hung together in time (the profile's ``batch_time_correlation``): the
-    rebuilt batches of both stages in start order, each one's log(measured / profile) standardised per
+def measured_correlation(batches: dict) -> Optional[dict]:
+    """How one run's batch times hung together in time (the profile's ``batch_time_correlation``): its
+    rebuilt batches (:func:`rebuilt_batches`, :func:`decontended` as for :func:`measured_spread`) of both
+    stages in start order, each one's log(measured / profile) standardised per
     stage and batch size; their autocorrelation at lag k fitted as ``share x rho^k`` (least squares on
     its log over the lags 1 .. :data:`CORRELATION_LAGS` where it is positive). None with fewer than
     :data:`MIN_CORRELATED_BATCHES` batches; share 0 where no lag is correlated."""
@@ -442,9 +442,9 @@ def measured_correlation(queries, cascade, contention: Optional[dict] = None, gp
     import numpy as np
 
     merged = []
-    for batches in _decontended(queries, cascade, contention, gpus).values():
+    for stage in batches.values():
         by_size: dict[int, list] = {}
-        for n, run_s, profile_s, start in batches:
+        for n, run_s, profile_s, start in stage:
             by_size.setdefault(n, []).append((start, math.log(run_s / profile_s)))
         for group in by_size.values():  # per batch size: the profile's shape across sizes may be off,
             if len(group) < 2:          # and sizes follow the load, which would read as slow spells
@@ -676,11 +676,14 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
     gpus = sim_config.gpus
     for k, queries in enumerate(runs):
         overhead = request_overhead_ms([queries])
-        contention = None if args.no_calibrate else measured_contention(queries, cascade, gpus)
-        spread = {} if args.no_calibrate else measured_spread(queries, cascade, contention, gpus)
-        correlation = None if args.no_calibrate else measured_correlation(queries, cascade, contention, gpus)
-        fallback = {} if args.no_calibrate else dict(starts[k].get("server_mean_ratio") or {})
-        config_k = sim_config_from(described, service_time=args.service_time, overhead=overhead, ratio=fallback,
+        contention, spread, correlation = None, {}, None
+        if not args.no_calibrate:
+            batches = rebuilt_batches(queries, cascade)
+            contention = measured_contention(batches, gpus)
+            batches = decontended(batches, contention, gpus)
+            spread, correlation = measured_spread(batches), measured_correlation(batches)
+        mean_ratio = {} if args.no_calibrate else dict(starts[k].get("server_mean_ratio") or {})
+        config_k = sim_config_from(described, service_time=args.service_time, overhead=overhead, ratio=mean_ratio,
                                    spread=spread, correlation=correlation, contention=contention)
         # The server's allocator plans with the server's profile (its batch estimates are corrected by
         # measured times only for batching, drops and admission): so does the simulated one.
@@ -715,8 +718,8 @@ def simulate_runs(src: Path, out: Path, args: argparse.Namespace) -> int:
         per_run.append({"lead_in_s": round(lead, 3), "start": how, "request_overhead_ms": overhead,
                         "batch_time_ratio": spread, "batch_time_correlation": correlation,
                         "batch_time_contention": contention,
-                        "scaled_by_server_mean": {r: v for r, v in fallback.items() if r not in spread},
-                        "server_mean_ratio": fallback, "start_estimate": estimate,
+                        "scaled_by_server_mean": {r: v for r, v in mean_ratio.items() if r not in spread},
+                        "server_mean_ratio": mean_ratio, "start_estimate": estimate,
                         "start_controller": controller_state,
                         "outcomes": outcome_pairs(sim.queries, queries)})
     comparison = compare(mean_figures(sim_figures), real_figures, sim_runs=sim_figures)

@@ -38,7 +38,6 @@ COMPARISON_COLUMNS = (
     "latency_p99_s",
     "light_fraction",
     "deferral_fraction",
-    "fallback_light",
     "gpu_utilization",
     "threshold_mean",
     "light_workers_mean",
@@ -51,13 +50,16 @@ FALLBACK_FID = "mean_fid_fallback_bound"  # runs with a light fallback only (met
 
 def with_fallback_columns(columns: Sequence[str], fallback: str) -> tuple[str, ...]:
     """``columns`` for a scenario whose ``fallback`` is the config's: with a light fallback, the FID
-    that does not flatter fallbacks (``mean_fid_fallback_bound``) follows ``mean_fid``; without one
-    they are unchanged (the files keep their bytes)."""
+    that does not flatter fallbacks (``mean_fid_fallback_bound``) follows ``mean_fid`` and how many
+    queries fell back (``fallback_light``) comes last; without one they are unchanged (the files keep
+    their bytes)."""
     columns = tuple(columns)
-    if fallback == "none" or "mean_fid" not in columns:
+    if fallback == "none":
         return columns
-    i = columns.index("mean_fid") + 1
-    return columns[:i] + (FALLBACK_FID,) + columns[i:]
+    if "mean_fid" in columns:
+        i = columns.index("mean_fid") + 1
+        columns = columns[:i] + (FALLBACK_FID,) + columns[i:]
+    return columns + ("fallback_light",)
 
 
 @dataclass(frozen=True)

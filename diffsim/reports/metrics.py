@@ -267,7 +267,8 @@ def summarize(
     ``window_s`` and ``demand`` (the controller's samples, which can extend the run's end) place the
     windows of ``mean_fid`` and ``slo_violation_window_mean`` exactly as :func:`timeseries` does.
     ``fallback``: the run answered late deferred queries light (``fallback: light``); adds
-    ``mean_fid_fallback_bound`` (absent otherwise, so runs without it report what they did before).
+    ``mean_fid_fallback_bound`` (absent otherwise). ``fallback_light`` (how many fell back) is always
+    there, 0 without the fallback.
     """
     if not window_s > 0:
         raise DiffsimError(f"window_s must be > 0, got {window_s}")
