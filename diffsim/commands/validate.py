@@ -404,9 +404,9 @@ def decontended(batches: dict, contention: Optional[dict], gpus: int) -> dict:
 def measured_spread(batches: dict) -> dict:
     """Per stage, the p50 / p95 / p99 of measured over profile batch time in one run (its
     :func:`rebuilt_batches`, :func:`decontended` where the run has a contention fit), with the number of batches, and the same per batch size under ``"sizes"``
-    for the sizes with at least :data:`MIN_BATCHES` batches of their own (a profile's shape across batch
-    sizes is itself off on a loaded host: one run here had batches of 1 at 0.89x their profile time and
-    batches of 4 at 1.47x). A stage with fewer than :data:`MIN_BATCHES` batches is left out."""
+    for the sizes with at least :data:`MIN_BATCHES` batches of their own (on a loaded host a profile's
+    shape across batch sizes can itself be off). A stage with fewer than :data:`MIN_BATCHES` batches is
+    left out."""
     import numpy as np
 
     def percentiles(ratios) -> dict:
